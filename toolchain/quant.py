@@ -1,0 +1,193 @@
+"""Quantizer registry: which Brevitas quantizers a layer gets is decided by the *method*.
+
+Model code never names a quantizer. It asks a :class:`LayerBuilder` for ``conv``/``linear``
+layers and ``act`` sites; the builder asks the selected :class:`QuantMethod` for the Brevitas
+keyword arguments of each layer at its bit-width. New methods (AdaQAT's learnable fractional
+widths, MEBQAT's switchable widths, ADQ codebooks, ASQ's adaptive step / POST levels) register a
+subclass here and plug in without touching any model.
+
+Activation *sites*: every quantized activation is created for the layer(s) it feeds, and takes
+its width from their ``a`` entry of the bit map (several layers reading the same tensor, e.g. a
+residual block's first conv and its projection shortcut, must agree).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .bitmap import LayerBits
+from .errors import BitfoldError
+
+METHODS: dict[str, type["QuantMethod"]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str, **options) -> "QuantMethod":
+    if name not in METHODS:
+        raise BitfoldError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)
+
+
+class QuantMethod:
+    """Base class. A method supplies Brevitas kwargs per layer and optional training hooks."""
+
+    name = "base"
+    #: bit-widths this method can represent for weights / activations
+    weight_bits_range = (1, 8)
+    act_bits_range = (1, 8)
+
+    def __init__(self, per_channel: bool = False, **options):
+        if options:
+            raise BitfoldError(f"method {self.name!r} does not take option(s) {', '.join(options)}")
+        self.per_channel = per_channel
+
+    def options(self) -> dict:
+        """JSON-serialisable options, stored in run configs so a run can be rebuilt."""
+        return {"per_channel": self.per_channel}
+
+    # -- quantizer choice ------------------------------------------------------------------
+    def weight_kwargs(self, layer: str, bits: int) -> dict:
+        raise NotImplementedError
+
+    def act_kwargs(self, site: str, bits: int, signed: bool) -> dict:
+        raise NotImplementedError
+
+    # -- training hooks (defaults: nothing extra) -------------------------------------------
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        return None
+
+
+@register_method("fixed")
+class FixedMethod(QuantMethod):
+    """Brevitas uniform integer quantizers at fixed per-layer widths.
+
+    Weights: signed, narrow-range, scale from the max-abs statistic (per tensor or per output
+    channel); 1-bit weights are bipolar {-s, +s} with s the mean absolute weight.
+    Activations: unsigned after ReLU, signed otherwise; learned scale initialised from runtime
+    statistics (collected during the calibration pass at the start of training).
+    """
+
+    def weight_kwargs(self, layer, bits):
+        from brevitas.quant.scaled_int import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
+        if bits == 1:
+            return {"weight_quant": _binary_weight_quant()}
+        quant = Int8WeightPerChannelFloat if self.per_channel else Int8WeightPerTensorFloat
+        return {"weight_quant": quant, "weight_bit_width": bits}
+
+    def act_kwargs(self, site, bits, signed):
+        from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+        if signed and bits == 1:
+            raise BitfoldError(f"activation site {site!r}: a signed 1-bit activation has no zero",
+                               "use a >= 2 for layers whose input is signed (e.g. the first layer)")
+        return {"act_quant": Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat, "bit_width": bits}
+
+
+def _binary_weight_quant():
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.core.stats import StatsOp
+    from brevitas.quant.binary import SignedBinaryWeightPerTensorConst
+
+    class BinaryWeightPerTensorMeanAbs(SignedBinaryWeightPerTensorConst):
+        scaling_impl_type = ScalingImplType.STATS
+        scaling_stats_op = StatsOp.AVE
+
+    return BinaryWeightPerTensorMeanAbs
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer builders
+# ---------------------------------------------------------------------------------------------
+def _as_tuple(feeds) -> tuple[str, ...]:
+    return (feeds,) if isinstance(feeds, str) else tuple(feeds)
+
+
+class FloatBuilder:
+    """Builds the plain-torch twin of a model and records its compute-layer names in order."""
+
+    quantized = False
+
+    def __init__(self):
+        self.layer_names: list[str] = []
+
+    def _record(self, name: str, module: nn.Module) -> nn.Module:
+        if name in self.layer_names:
+            raise ValueError(f"duplicate layer name {name}")
+        self.layer_names.append(name)
+        module._bitfold_layer = name
+        return module
+
+    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False):
+        return self._record(name, nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias))
+
+    def linear(self, name, in_f, out_f, bias=True):
+        return self._record(name, nn.Linear(in_f, out_f, bias=bias))
+
+    def act(self, feeds, relu=True):
+        m = nn.ReLU() if relu else nn.Identity()
+        m._bitfold_feeds = _as_tuple(feeds)
+        return m
+
+
+class LayerBuilder(FloatBuilder):
+    """Builds Brevitas layers whose quantizers come from ``method`` at the widths of ``bits``."""
+
+    quantized = True
+
+    def __init__(self, method: QuantMethod, bits: Mapping[str, LayerBits]):
+        super().__init__()
+        self.method = method
+        self.bits = dict(bits)
+
+    def _w(self, name):
+        return self.method.weight_kwargs(name, self.bits[name].w)
+
+    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False):
+        import brevitas.nn as qnn
+        return self._record(name, qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding,
+                                                  bias=bias, return_quant_tensor=False, **self._w(name)))
+
+    def linear(self, name, in_f, out_f, bias=True):
+        import brevitas.nn as qnn
+        return self._record(name, qnn.QuantLinear(in_f, out_f, bias=bias, return_quant_tensor=False,
+                                                  **self._w(name)))
+
+    def site_bits(self, feeds: Iterable[str]) -> int:
+        feeds = _as_tuple(feeds)
+        widths = {f: self.bits[f].a for f in feeds}
+        if len(set(widths.values())) > 1:
+            raise BitfoldError(
+                "layers " + ", ".join(f"{k} (a={v})" for k, v in widths.items())
+                + " read the same activation tensor but ask for different widths",
+                "give them the same 'a' in the bit map")
+        return widths[feeds[0]]
+
+    def act(self, feeds, relu=True):
+        import brevitas.nn as qnn
+        feeds = _as_tuple(feeds)
+        kw = self.method.act_kwargs(feeds[0], self.site_bits(feeds), signed=not relu)
+        cls = qnn.QuantReLU if relu else qnn.QuantIdentity
+        m = cls(return_quant_tensor=False, **kw)
+        m._bitfold_feeds = feeds
+        return m
+
+
+def compute_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's compute layers (Conv/Linear) by bit-map name, in model order."""
+    return {m._bitfold_layer: m for m in model.modules() if hasattr(m, "_bitfold_layer")}
+
+
+def act_sites(model: nn.Module) -> dict[tuple[str, ...], nn.Module]:
+    """The model's activation sites, keyed by the layers they feed."""
+    return {m._bitfold_feeds: m for m in model.modules() if hasattr(m, "_bitfold_feeds")}
