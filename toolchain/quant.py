@@ -22,6 +22,11 @@ from .errors import BitfoldError
 
 METHODS: dict[str, type["QuantMethod"]] = {}
 
+#: forward passes over which activation quantizers collect their initial scale statistics; the
+#: trainer runs them (``calibrate``) before the first optimizer step, so every checkpoint holds
+#: finished scales and a resumed run is bit-identical to an uninterrupted one.
+CALIB_STEPS = 16
+
 
 def register_method(name: str) -> Callable[[type], type]:
     def deco(cls):
@@ -61,6 +66,12 @@ class QuantMethod:
     def act_kwargs(self, site: str, bits: int, signed: bool) -> dict:
         raise NotImplementedError
 
+    def act_module(self, site: str, bits: int, relu: bool) -> nn.Module:
+        """The activation-site module: quantized ReLU (unsigned) or quantized identity (signed)."""
+        import brevitas.nn as qnn
+        cls = qnn.QuantReLU if relu else qnn.QuantIdentity
+        return cls(return_quant_tensor=False, **self.act_kwargs(site, bits, signed=not relu))
+
     # -- training hooks (defaults: nothing extra) -------------------------------------------
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
@@ -74,7 +85,7 @@ class FixedMethod(QuantMethod):
     """Brevitas uniform integer quantizers at fixed per-layer widths.
 
     Weights: signed, narrow-range, scale from the max-abs statistic (per tensor or per output
-    channel); 1-bit weights are bipolar {-s, +s} with s the mean absolute weight.
+    channel); 1-bit weights are bipolar {-s, +s}, s learned, initialised to the mean absolute weight.
     Activations: unsigned after ReLU, signed otherwise; learned scale initialised from runtime
     statistics (collected during the calibration pass at the start of training).
     """
@@ -86,12 +97,30 @@ class FixedMethod(QuantMethod):
         quant = Int8WeightPerChannelFloat if self.per_channel else Int8WeightPerTensorFloat
         return {"weight_quant": quant, "weight_bit_width": bits}
 
+    def act_module(self, site, bits, relu):
+        if bits == 1:
+            # 1-bit activations are bipolar sign activations {-s, +s} as in BNNs (FINN's CNV-W1A1);
+            # a ReLU in front would make them constant. (Brevitas also exports unsigned 1-bit
+            # activations as BipolarQuant, i.e. wrongly - caught by our verification.)
+            import brevitas.nn as qnn
+            return qnn.QuantIdentity(act_quant=_binary_act_quant(), return_quant_tensor=False)
+        return super().act_module(site, bits, relu)
+
     def act_kwargs(self, site, bits, signed):
         from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
-        if signed and bits == 1:
-            raise BitfoldError(f"activation site {site!r}: a signed 1-bit activation has no zero",
-                               "use a >= 2 for layers whose input is signed (e.g. the first layer)")
-        return {"act_quant": Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat, "bit_width": bits}
+        return {"act_quant": Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat, "bit_width": bits,
+                "collect_stats_steps": CALIB_STEPS}
+
+
+def _binary_act_quant():
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.quant.binary import SignedBinaryActPerTensorConst
+
+    class BinaryActPerTensorLearned(SignedBinaryActPerTensorConst):
+        scaling_impl_type = ScalingImplType.PARAMETER
+        scaling_init = 1.0
+
+    return BinaryActPerTensorLearned
 
 
 def _binary_weight_quant():
@@ -100,7 +129,7 @@ def _binary_weight_quant():
     from brevitas.quant.binary import SignedBinaryWeightPerTensorConst
 
     class BinaryWeightPerTensorMeanAbs(SignedBinaryWeightPerTensorConst):
-        scaling_impl_type = ScalingImplType.STATS
+        scaling_impl_type = ScalingImplType.PARAMETER_FROM_STATS  # (STATS breaks autograd in-place)
         scaling_stats_op = StatsOp.AVE
 
     return BinaryWeightPerTensorMeanAbs
@@ -174,11 +203,8 @@ class LayerBuilder(FloatBuilder):
         return widths[feeds[0]]
 
     def act(self, feeds, relu=True):
-        import brevitas.nn as qnn
         feeds = _as_tuple(feeds)
-        kw = self.method.act_kwargs(feeds[0], self.site_bits(feeds), signed=not relu)
-        cls = qnn.QuantReLU if relu else qnn.QuantIdentity
-        m = cls(return_quant_tensor=False, **kw)
+        m = self.method.act_module(feeds[0], self.site_bits(feeds), relu)
         m._bitfold_feeds = feeds
         return m
 

@@ -1,0 +1,155 @@
+"""Mixed-precision export of Brevitas models to QONNX and to standard ONNX QCDQ, verified.
+
+QONNX (``Quant`` / ``BipolarQuant`` nodes, any width 1..8 per layer, batch size 1 as FINN
+expects) is the input of the FPGA backends. QCDQ (QuantizeLinear -> Clip -> DequantizeLinear,
+opset 13, dynamic batch) runs in onnxruntime and TVM. Both are produced by Brevitas' exporters
+(TorchScript path: one self-contained file, no ``.onnx.data`` side file), post-processed with
+qonnx's cleanup (QONNX) or initializer hygiene (QCDQ), annotated with the bit map in
+``metadata_props``, and *verified* (:mod:`bitfold.export.verify`) before they are moved onto
+the output path. A file that fails verification is never left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bitfold.toolchain.atomic import atomic_path, write_json
+from bitfold.toolchain.errors import BitfoldError
+from bitfold.toolchain.quant import act_sites, compute_layers
+
+from .verify import VerifyReport, prepare_qonnx, verify_file
+
+FORMATS = ("qonnx", "qcdq")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    report: VerifyReport
+    bit_map: dict
+
+
+def quant_bit_widths(model: nn.Module) -> dict[str, float]:
+    """Every quantizer's current bit-width, by module name (weights: ``layer.w``; activations: site)."""
+    out = {}
+    for name, layer in compute_layers(model).items():
+        wq = getattr(layer, "weight_quant", None)
+        if wq is not None and wq.is_quant_enabled:
+            out[f"{name}.w"] = float(wq.bit_width())
+    for feeds, site in act_sites(model).items():
+        aq = getattr(site, "act_quant", None)
+        if aq is not None and aq.is_quant_enabled:
+            out[f"{'+'.join(feeds)}.a"] = float(aq.bit_width())
+    return out
+
+
+def check_exportable(model: nn.Module, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise BitfoldError(f"unknown export format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
+    if getattr(model, "bit_map", None) is None:
+        raise BitfoldError("this is a float model; only quantized models are exported",
+                           "train with --method fixed (or another quantization method)")
+    widths = quant_bit_widths(model)
+    frac = {k: v for k, v in widths.items() if not float(v).is_integer()}
+    if frac:
+        raise BitfoldError("non-integer bit-widths cannot be exported (they export silently wrong): "
+                           + ", ".join(f"{k}={v:.3f}" for k, v in frac.items()),
+                           "freeze the learned widths to integers first (AdaQAT does this at the end of training)")
+    bad = {k: v for k, v in widths.items() if not 1 <= v <= 8}
+    if bad:
+        raise BitfoldError("bit-widths outside 1..8: " + ", ".join(f"{k}={v:g}" for k, v in bad.items()))
+    if fmt == "qcdq":
+        one = [k for k, v in widths.items() if v == 1]
+        if one:
+            raise BitfoldError(f"QCDQ cannot represent 1-bit (bipolar) quantizers: {', '.join(one)}",
+                               "export --format qonnx (BipolarQuant), or use >= 2 bits for these")
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _raw_export(model: nn.Module, fmt: str, input_shape, path: Path) -> None:
+    from brevitas.export import export_onnx_qcdq, export_qonnx
+    names = dict(input_names=["input"], output_names=["logits"])
+    with _quiet(), torch.no_grad():
+        if fmt == "qonnx":
+            export_qonnx(model, torch.zeros((1, *input_shape)), export_path=str(path), dynamo=False, **names)
+        else:
+            export_onnx_qcdq(model, torch.zeros((1, *input_shape)), export_path=str(path), dynamo=False,
+                             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **names)
+
+
+def _finish(fmt: str, path: Path, bit_map: dict) -> None:
+    """Post-process in place: qonnx cleanup (QONNX) / no initializers as inputs (QCDQ), metadata."""
+    import onnx
+    if fmt == "qonnx":
+        with _quiet():
+            mw = prepare_qonnx(str(path))
+        m = mw.model
+    else:
+        m = onnx.load(str(path))
+        inits = {i.name for i in m.graph.initializer}
+        keep = [i for i in m.graph.input if i.name not in inits]
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+    del m.metadata_props[:]
+    for k, v in (("bitfold.bit_map", json.dumps(bit_map)), ("bitfold.format", fmt)):
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    m.producer_name = "bitfold"
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: torch.Tensor,
+                 input_shape=None, **tol) -> ExportResult:
+    """Export ``model`` to ``out_path`` and verify it on ``x_verify``; nothing is written on failure."""
+    check_exportable(model, fmt)
+    model = model.cpu().eval()
+    input_shape = tuple(input_shape or x_verify.shape[1:])
+    bit_map = {k: v.as_dict() for k, v in model.bit_map.items()}
+    out_path = Path(out_path)
+    with torch.no_grad():
+        ref = model(x_verify).numpy()
+    with atomic_path(out_path, suffix=".onnx") as tmp:
+        try:
+            _raw_export(model, fmt, input_shape, tmp)
+            _finish(fmt, tmp, bit_map)
+        except BitfoldError:
+            raise
+        except Exception as e:  # an exporter failure is a refusal, with the reason
+            raise BitfoldError(f"{fmt} export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                               "this layer or bit-width combination is not supported by the exporter") from e
+        with _quiet():
+            report = verify_file(fmt, str(tmp), x_verify.numpy(), ref, **tol)
+        if not report.passed:
+            raise BitfoldError(f"exported {fmt} does not match the torch model - {report.summary()}",
+                               "nothing was written; please report this model as a bitfold bug")
+    write_json(out_path.with_name(out_path.name + ".verify.json"),
+               {"format": fmt, "bit_map": bit_map, **report.as_dict()})
+    return ExportResult(out_path, fmt, report, bit_map)
+
+
+def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | None = None,
+               max_samples: int | None = None, **tol) -> ExportResult:
+    """Export a training run's final model, verified on its data set's held-out test split."""
+    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import load_run
+    cfg, model, ck = load_run(run_dir)
+    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    x = ds.x_test if max_samples is None else ds.x_test[:max_samples]
+    out_path = Path(out_path) if out_path else Path(run_dir) / f"model.{fmt}.onnx"
+    return export_model(model, fmt, out_path, x, ds.input_shape, **tol)

@@ -1,0 +1,120 @@
+"""Numerical verification of an exported ONNX file against the torch model.
+
+* QONNX files run in qonnx's reference executor (``execute_onnx``) after qonnx's cleanup,
+  shape and datatype inference and constant folding.
+* QCDQ files run in onnxruntime with its QDQ fusions *off*
+  (``session.disable_quant_qdq=1``): the fused int8 kernels round differently, so they are
+  not a check of the file. A default (fused) session's argmax agreement is reported beside it,
+  because that is what users' own onnxruntime sessions will do.
+
+Gate: argmax agreement >= ``min_agreement`` (default 1.0) and
+``max|onnx - torch| <= atol + rtol * max|torch|`` (defaults 1e-3, 1e-3).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+ATOL, RTOL, MIN_AGREEMENT = 1e-3, 1e-3, 1.0
+
+
+@dataclass
+class VerifyReport:
+    format: str
+    executor: str
+    samples: int
+    max_abs_diff: float
+    tolerance: float
+    argmax_agreement: float
+    default_ort_argmax_agreement: float | None = None
+    default_ort_max_abs_diff: float | None = None
+    passed: bool = False
+
+    def as_dict(self):
+        return asdict(self)
+
+    def summary(self) -> str:
+        s = (f"{self.format}: {self.executor} on {self.samples} held-out samples: max |diff| "
+             f"{self.max_abs_diff:.3g} (tol {self.tolerance:.3g}), argmax agreement {self.argmax_agreement:.2%}")
+        if self.default_ort_argmax_agreement is not None:
+            s += (f"; default onnxruntime session (QDQ fusions on): argmax {self.default_ort_argmax_agreement:.2%},"
+                  f" max |diff| {self.default_ort_max_abs_diff:.3g}")
+        return s
+
+
+def ort_session(path: str, exact: bool = True):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if exact:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(path: str, x: np.ndarray, exact: bool = True) -> np.ndarray:
+    s = ort_session(path, exact)
+    return s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def prepare_qonnx(path_or_model):
+    """qonnx's standard preparation: cleanup, shapes, constant folding, datatypes."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.fold_constants import FoldConstants
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.cleanup import cleanup_model
+    mw = path_or_model if isinstance(path_or_model, ModelWrapper) else ModelWrapper(str(path_or_model))
+    mw = cleanup_model(mw)
+    return mw.transform(InferShapes()).transform(FoldConstants()).transform(InferDataTypes())
+
+
+def with_batch(mw, n: int):
+    """A copy of a (batch-1) QONNX model re-shaped to batch ``n`` for fast batched execution."""
+    import copy
+
+    from qonnx.transformation.infer_shapes import InferShapes
+    m2 = copy.deepcopy(mw)
+    del m2.graph.value_info[:]
+    for vi in list(m2.graph.input) + list(m2.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = n
+    return m2.transform(InferShapes())
+
+
+def run_qonnx(path_or_model, x: np.ndarray) -> np.ndarray:
+    """Execute a QONNX model on a batch with qonnx's reference executor.
+
+    The graph is re-shaped to the whole batch (100x faster than sample by sample); a graph whose
+    shapes are baked in (constant Reshape targets) falls back to one sample at a time.
+    """
+    from qonnx.core.onnx_exec import execute_onnx
+    mw = prepare_qonnx(path_or_model)
+    iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
+    x = x.astype(np.float32)
+    try:
+        out = execute_onnx(with_batch(mw, len(x)), {iname: x})[oname]
+        if out.shape[0] == len(x):
+            return out
+    except Exception:  # noqa: BLE001 - any failure of the batched graph: use the batch-1 graph
+        pass
+    batch = mw.get_tensor_shape(iname)[0]
+    return np.concatenate([execute_onnx(mw, {iname: x[i:i + batch]})[oname] for i in range(0, len(x), batch)])
+
+
+def compare(fmt: str, executor: str, ref: np.ndarray, out: np.ndarray, atol=ATOL, rtol=RTOL,
+            min_agreement=MIN_AGREEMENT) -> VerifyReport:
+    diff = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf")
+    tol = atol + rtol * float(np.abs(ref).max())
+    agree = float((out.argmax(1) == ref.argmax(1)).mean()) if out.shape == ref.shape else 0.0
+    return VerifyReport(fmt, executor, len(ref), diff, tol, agree,
+                        passed=bool(diff <= tol and agree >= min_agreement))
+
+
+def verify_file(fmt: str, path: str, x: np.ndarray, ref: np.ndarray, **tol) -> VerifyReport:
+    if fmt == "qonnx":
+        return compare(fmt, "qonnx.execute_onnx", ref, run_qonnx(path, x), **tol)
+    rep = compare(fmt, "onnxruntime (QDQ fusions off)", ref, run_ort(path, x, exact=True), **tol)
+    default = run_ort(path, x, exact=False)
+    rep.default_ort_argmax_agreement = float((default.argmax(1) == ref.argmax(1)).mean())
+    rep.default_ort_max_abs_diff = float(np.abs(default - ref).max())
+    return rep

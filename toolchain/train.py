@@ -1,0 +1,219 @@
+"""Quantization-aware training loop: seeded, resumable bit-for-bit, optionally distributed.
+
+* Determinism: the initial weights come from ``seed``; the sample order of epoch ``e`` is a
+  permutation drawn from ``seed`` and ``e`` alone, so a resumed run sees exactly the batches an
+  uninterrupted run sees.
+* Checkpoints: atomic, every epoch (weights, optimizer, scheduler, history, bit map).
+* Activation scales are calibrated (``CALIB_STEPS`` forward passes) before the first step.
+* Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (gloo on CPU,
+  nccl on CUDA); each rank takes a disjoint shard of every epoch's permutation; rank 0 writes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .atomic import ensure_writable_dir, write_json
+from .bitmap import bitmap_to_json
+from .data import Dataset, load_dataset
+from .describe import describe_layers
+from .errors import BitfoldError
+from .models import build_model
+from .quant import CALIB_STEPS
+from .runs import (BITMAP, CHECKPOINT, CONFIG, TrainConfig, load_checkpoint, read_config,
+                   save_checkpoint, write_metrics)
+
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BitfoldError("--device cuda was asked for but torch sees no CUDA device",
+                           "use --device cpu, or install bitfold where a GPU and a CUDA torch exist")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size].to(dev))
+        correct += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = CALIB_STEPS + 1) -> None:
+    """Run ``steps`` forward passes in training mode so activation quantizers finish their statistics."""
+    model.train()
+    dev = next(model.parameters()).device
+    for i in range(steps):
+        lo = (i * batch_size) % max(1, len(x) - batch_size + 1)
+        model(x[lo:lo + batch_size].to(dev))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          dataset: Dataset | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``cfg`` into ``out_dir`` and return the final metrics (also written to metrics.json)."""
+    world, rank = _dist_info()
+    out = Path(out_dir)
+    device = _resolve_device(cfg.device if world == 1 or not cfg.device.startswith("cuda")
+                             else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    ck = None
+    if (out / CHECKPOINT).exists() or (out / CONFIG).exists():
+        if not resume:
+            raise BitfoldError(f"{out} already holds a run",
+                               "pass --resume to continue it, or choose a new --out directory")
+        saved = read_config(out)
+        if {**saved.to_json(), "epochs": 0, "device": ""} != {**cfg.to_json(), "epochs": 0, "device": ""}:
+            raise BitfoldError(f"--resume: the options differ from the run saved in {out}",
+                               "resume with the same options (only --epochs and --device may change)")
+        if (out / CHECKPOINT).exists():
+            ck = load_checkpoint(out / CHECKPOINT)
+    elif resume:
+        raise BitfoldError(f"--resume: {out} holds no run to resume", "drop --resume to start a new run")
+
+    torch.manual_seed(cfg.seed)
+    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    model = build_model(cfg.model, ds.input_shape, ds.num_classes, bits=cfg.bits, method=cfg.method,
+                        **cfg.method_options).to(device)
+    method = getattr(model, "quant_method", None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
+    history: list[dict] = []
+    start_epoch = 0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sched.T_max = max(1, cfg.epochs)
+        history = list(ck["history"])
+        start_epoch = int(ck["epoch"])
+    elif method is not None:
+        # each rank calibrates on its own shard; DDP then broadcasts rank 0's parameters
+        calibrate(model, ds.x_train[rank::world], cfg.batch_size)
+
+    if rank == 0:
+        ensure_writable_dir(out)
+        if ck is None:
+            write_json(out / CONFIG, cfg.to_json())
+    net: nn.Module = model
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n = len(ds.x_train)
+    steps_per_epoch = math.ceil(n / world / cfg.batch_size)
+    layers = describe_layers(model, ds.input_shape)
+    t0 = time.perf_counter()
+    with _progress(progress and rank == 0) as bar:
+        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch) if bar else None
+        for epoch in range(start_epoch, cfg.epochs):
+            net.train()
+            order = _epoch_order(n, cfg.seed, epoch)[rank::world]
+            tot_loss, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                if len(idx) == 0:
+                    continue
+                xb, yb = ds.x_train[idx].to(device), ds.y_train[idx].to(device)
+                loss = F.cross_entropy(net(xb), yb)
+                extra = method.extra_loss(model, epoch * steps_per_epoch + step) if method else None
+                total = loss if extra is None else loss + extra
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                if method:
+                    method.after_step(model, epoch * steps_per_epoch + step)
+                tot_loss += float(loss) * len(idx)
+                seen += len(idx)
+                if bar:
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.3f}")
+            sched.step()
+            acc = evaluate(model, ds.x_test, ds.y_test)
+            history.append({"epoch": epoch + 1, "loss": tot_loss / max(1, seen), "test_acc": acc})
+            if rank == 0:
+                save_checkpoint(out, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1, "history": history, "input_shape": list(ds.input_shape),
+                    "num_classes": ds.num_classes,
+                    "bit_map": bitmap_to_json(model.bit_map) if model.bit_map else None})
+            if on_epoch:
+                on_epoch(epoch + 1, history[-1])
+    metrics = run_metrics(model, layers, history)
+    metrics["train_seconds"] = time.perf_counter() - t0
+    metrics["world_size"] = world
+    if rank == 0:
+        if model.bit_map:
+            write_json(out / BITMAP, bitmap_to_json(model.bit_map))
+        write_metrics(out, metrics)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return metrics
+
+
+def run_metrics(model: nn.Module, layers, history) -> dict:
+    from bitfold.hw_models.cost import bitops, weight_bits
+    bm = model.bit_map
+    if bm:
+        bits = {k: (v.w, v.a) for k, v in bm.items()}
+    else:  # float model: 32-bit everywhere
+        bits = {d.name: (32, 32) for d in layers}
+    bo, wb = bitops(layers, bits), weight_bits(layers, bits)
+    return {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "method": getattr(getattr(model, "quant_method", None), "name", "float"),
+        "accuracy": history[-1]["test_acc"] if history else None,
+        "bitops": float(bo.total),
+        "weight_bits": float(wb.total),
+        "layers": [{"name": d.name, "kind": d.kind, "macs": d.macs, "weights": d.weight_count,
+                    "w": bits[d.name][0], "a": bits[d.name][1],
+                    "bitops": float(bo.per_layer[d.name]), "weight_bits": float(wb.per_layer[d.name])}
+                   for d in layers],
+        "history": history,
+    }
+
+
+class _progress:
+    """A rich progress bar, or nothing (``bar`` is None) when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), transient=False)
+        self.bar.__enter__()
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
