@@ -1,1 +1,149 @@
-def main(): print("ok")
+"""The ``bitfold`` command line. Each command is a thin wrapper over the documented Python API."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bitfold.toolchain.errors import BitfoldError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="bitfold: hardware-aware quantization-aware training and deployment.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _method_options(per_channel: bool) -> dict:
+    return {"per_channel": True} if per_channel else {}
+
+
+@app.command()
+def train(
+    model: str = typer.Option("cnn", help="registered model: mlp, cnn, resnet20"),
+    bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
+    bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
+    method: str = typer.Option("fixed", help="quantization method (fixed), or float"),
+    per_channel: bool = typer.Option(False, help="per-output-channel weight scales"),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    data: str = typer.Option("digits", help="digits | mnist | cifar10 | synthetic"),
+    data_dir: Optional[Path] = typer.Option(None, help="local files for mnist / cifar10"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    """Quantization-aware training on Brevitas layers; writes a run directory."""
+    from bitfold.toolchain.bitmap import BitMap
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train as run_train
+    # validate before any work; a map file is stored in the run config by value
+    spec = BitMap.parse(str(bits_map)).to_json() if bits_map else BitMap.parse(bits).text
+    cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
+                      method=method, method_options=_method_options(per_channel), epochs=epochs,
+                      batch_size=batch_size, lr=lr, seed=seed, device=device)
+    m = run_train(cfg, out, resume=resume, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"test accuracy {m['accuracy']:.2%}  BitOPs {m['bitops']:.3g}  "
+                      f"weight memory {m['weight_bits'] / 8192:.1f} KiB  -> {out}")
+        _layer_table(m["layers"])
+
+
+def _layer_table(layers):
+    t = Table(title="per-layer bits")
+    for c in ("layer", "kind", "MACs", "w", "a", "BitOPs", "weight bits"):
+        t.add_column(c, justify="right" if c not in ("layer", "kind") else "left")
+    for r in layers:
+        t.add_row(r["name"], r["kind"], f"{r['macs']:,}", str(r["w"]), str(r["a"]), f"{r['bitops']:.3g}",
+                  f"{r['weight_bits']:.3g}")
+    console.print(t)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="run directory from `bitfold train`"),
+    format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .onnx (default: RUN/model.FORMAT.onnx)"),
+):
+    """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
+    from bitfold.export.onnx_export import export_run
+    r = export_run(run, format, output)
+    console.print(r.report.summary())
+    console.print(f"wrote {r.path}")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="an .onnx file")):
+    """Show an ONNX file's format, quantizer widths and bitfold bit map."""
+    from bitfold.export.onnx_io import describe_onnx, load_onnx
+    info = describe_onnx(load_onnx(path))
+    console.print_json(json.dumps(info))
+
+
+@app.command()
+def boards(name: Optional[str] = typer.Argument(None, help="a board name or .toml path to show")):
+    """List the known boards, or show one."""
+    from dataclasses import asdict
+
+    from bitfold.boards import known_boards, load_board
+    if name:
+        console.print_json(json.dumps(asdict(load_board(name))))
+        return
+    t = Table(title="boards")
+    for c in ("name", "kind", "backend", "part / cpu", "clock MHz", "budget"):
+        t.add_column(c)
+    for n in known_boards():
+        b = load_board(n)
+        budget = ", ".join(f"{k} {v:,}" for k, v in b.resources.items()) if b.kind == "fpga" else f"{b.cores} cores"
+        t.add_row(b.name, b.kind, b.backend, b.part or f"{b.triple} {b.cpu}",
+                  f"{b.clock_mhz:g}" if b.clock_mhz else "-", budget)
+    console.print(t)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="where the demo's runs go (a fresh directory)"),
+    epochs: int = typer.Option(15, min=1),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    """Train the digits CNN in FP32 and at a mixed-precision map, export both formats, verify, report."""
+    from bitfold.toolchain.demo import run_demo
+    run_demo(out, epochs=epochs, progress=not quiet, console=console)
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        app(args=argv, standalone_mode=False)
+    except BitfoldError as e:
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        if e.hint:
+            err.print(f"[yellow]  what to do:[/] {e.hint}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
