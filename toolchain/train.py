@@ -67,6 +67,10 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = C
         model(x[lo:lo + batch_size].to(dev))
 
 
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     return torch.randperm(n, generator=g)
@@ -98,20 +102,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, bits=cfg.bits, method=cfg.method,
                         **cfg.method_options).to(device)
     method = getattr(model, "quant_method", None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
     history: list[dict] = []
     start_epoch = 0
     if ck is not None:
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sched.T_max = max(1, cfg.epochs)
         history = list(ck["history"])
         start_epoch = int(ck["epoch"])
     elif method is not None:
         # each rank calibrates on its own shard; DDP then broadcasts rank 0's parameters
         calibrate(model, ds.x_train[rank::world], cfg.batch_size)
+    # The optimizer is made only now: Brevitas replaces some quantizer parameters (activation
+    # scales) when a state dict is loaded, and an optimizer made earlier would hold stale ones.
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if ck is not None:
+        opt.load_state_dict(ck["optimizer"])
 
     if rank == 0:
         ensure_writable_dir(out)
@@ -131,6 +135,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     with _progress(progress and rank == 0) as bar:
         task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch) if bar else None
         for epoch in range(start_epoch, cfg.epochs):
+            for group in opt.param_groups:  # closed-form cosine schedule: a function of the epoch only
+                group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs)
             net.train()
             order = _epoch_order(n, cfg.seed, epoch)[rank::world]
             tot_loss, seen = 0.0, 0
@@ -151,12 +157,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 seen += len(idx)
                 if bar:
                     bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.3f}")
-            sched.step()
             acc = evaluate(model, ds.x_test, ds.y_test)
             history.append({"epoch": epoch + 1, "loss": tot_loss / max(1, seen), "test_acc": acc})
             if rank == 0:
                 save_checkpoint(out, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch + 1, "history": history, "input_shape": list(ds.input_shape),
                     "num_classes": ds.num_classes,
                     "bit_map": bitmap_to_json(model.bit_map) if model.bit_map else None})

@@ -17,7 +17,7 @@ from bitfold.toolchain.errors import BitfoldError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="bitfold: hardware-aware quantization-aware training and deployment.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _method_options(per_channel: bool) -> dict:
