@@ -117,6 +117,9 @@ def _finish(fmt: str, path: Path, bit_map: dict) -> None:
 def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: torch.Tensor,
                  input_shape=None, **tol) -> ExportResult:
     """Export ``model`` to ``out_path`` and verify it on ``x_verify``; nothing is written on failure."""
+    method = getattr(model, "quant_method", None)
+    if method is not None:
+        model = method.for_export(model)
     check_exportable(model, fmt)
     model = model.cpu().eval()
     input_shape = tuple(input_shape or x_verify.shape[1:])

@@ -36,7 +36,12 @@ def register_method(name: str) -> Callable[[type], type]:
     return deco
 
 
+def _load_builtin_methods() -> None:
+    from . import adaqat  # noqa: F401  (registers "adaqat")
+
+
 def get_method(name: str, **options) -> "QuantMethod":
+    _load_builtin_methods()
     if name not in METHODS:
         raise BitfoldError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)
@@ -72,12 +77,44 @@ class QuantMethod:
         cls = qnn.QuantReLU if relu else qnn.QuantIdentity
         return cls(return_quant_tensor=False, **self.act_kwargs(site, bits, signed=not relu))
 
+    def prepare_layer(self, name: str, layer: nn.Module) -> nn.Module:
+        """Last touch on a freshly built compute layer (e.g. a weight re-parametrisation)."""
+        return layer
+
     # -- training hooks (defaults: nothing extra) -------------------------------------------
-    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+    def setup(self, model: nn.Module, layers: list) -> None:
+        """Called once by the trainer with the model's layer descriptions."""
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        return [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
+
+    def extra_loss(self, model: nn.Module, step: int, batch=None, task_loss=None) -> torch.Tensor | None:
         return None
 
     def after_step(self, model: nn.Module, step: int) -> None:
         return None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        return None
+
+    def state(self) -> dict:
+        """Method state that must survive a resume (plain Python / tensors only)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        return None
+
+    def finalize(self, model: nn.Module, out_dir) -> dict:
+        """Write method artefacts into the run directory; return extra metrics."""
+        return {}
+
+    def bit_map(self, model: nn.Module) -> dict:
+        """The model's current integer bit map ({layer: LayerBits})."""
+        return dict(model.bit_map)
+
+    def for_export(self, model: nn.Module) -> nn.Module:
+        """A model whose graph the exporters can take (default: the model itself)."""
+        return model
 
 
 @register_method("fixed")
@@ -184,13 +221,14 @@ class LayerBuilder(FloatBuilder):
 
     def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False):
         import brevitas.nn as qnn
-        return self._record(name, qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding,
-                                                  bias=bias, return_quant_tensor=False, **self._w(name)))
+        layer = qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=bias,
+                                return_quant_tensor=False, **self._w(name))
+        return self._record(name, self.method.prepare_layer(name, layer))
 
     def linear(self, name, in_f, out_f, bias=True):
         import brevitas.nn as qnn
-        return self._record(name, qnn.QuantLinear(in_f, out_f, bias=bias, return_quant_tensor=False,
-                                                  **self._w(name)))
+        layer = qnn.QuantLinear(in_f, out_f, bias=bias, return_quant_tensor=False, **self._w(name))
+        return self._record(name, self.method.prepare_layer(name, layer))
 
     def site_bits(self, feeds: Iterable[str]) -> int:
         feeds = _as_tuple(feeds)

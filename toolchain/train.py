@@ -113,7 +113,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         calibrate(model, ds.x_train[rank::world], cfg.batch_size)
     # The optimizer is made only now: Brevitas replaces some quantizer parameters (activation
     # scales) when a state dict is loaded, and an optimizer made earlier would hold stale ones.
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    layers = describe_layers(model, ds.input_shape)
+    if method is not None:
+        method.setup(model, layers)
+        if ck is not None:
+            method.load_state(ck.get("method_state") or {})
+    groups = (method.param_groups(model, cfg.lr, cfg.weight_decay) if method is not None
+              else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.Adam(groups)
     if ck is not None:
         opt.load_state_dict(ck["optimizer"])
 
@@ -130,13 +139,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
 
     n = len(ds.x_train)
     steps_per_epoch = math.ceil(n / world / cfg.batch_size)
-    layers = describe_layers(model, ds.input_shape)
     t0 = time.perf_counter()
     with _progress(progress and rank == 0) as bar:
         task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch) if bar else None
         for epoch in range(start_epoch, cfg.epochs):
             for group in opt.param_groups:  # closed-form cosine schedule: a function of the epoch only
-                group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs)
+                group["lr"] = cosine_lr(group["base_lr"], epoch, cfg.epochs)
             net.train()
             order = _epoch_order(n, cfg.seed, epoch)[rank::world]
             tot_loss, seen = 0.0, 0
@@ -146,7 +154,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                     continue
                 xb, yb = ds.x_train[idx].to(device), ds.y_train[idx].to(device)
                 loss = F.cross_entropy(net(xb), yb)
-                extra = method.extra_loss(model, epoch * steps_per_epoch + step) if method else None
+                extra = (method.extra_loss(model, epoch * steps_per_epoch + step, (xb, yb), loss)
+                         if method else None)
                 total = loss if extra is None else loss + extra
                 opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -157,6 +166,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 seen += len(idx)
                 if bar:
                     bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.3f}")
+            if method:
+                method.on_epoch_end(model, epoch + 1, cfg.epochs)
             acc = evaluate(model, ds.x_test, ds.y_test)
             history.append({"epoch": epoch + 1, "loss": tot_loss / max(1, seen), "test_acc": acc})
             if rank == 0:
@@ -164,14 +175,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch + 1, "history": history, "input_shape": list(ds.input_shape),
                     "num_classes": ds.num_classes,
-                    "bit_map": bitmap_to_json(model.bit_map) if model.bit_map else None})
+                    "bit_map": bitmap_to_json(method.bit_map(model)) if method else None,
+                    "method_state": method.state() if method else {}})
             if on_epoch:
                 on_epoch(epoch + 1, history[-1])
+    if method:
+        model.bit_map = method.bit_map(model)
     metrics = run_metrics(model, layers, history)
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["world_size"] = world
     if rank == 0:
-        if model.bit_map:
+        if method:
+            metrics.update(method.finalize(model, out))
             write_json(out / BITMAP, bitmap_to_json(model.bit_map))
         write_metrics(out, metrics)
     if world > 1:

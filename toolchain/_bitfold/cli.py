@@ -20,8 +20,15 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _method_options(per_channel: bool) -> dict:
-    return {"per_channel": True} if per_channel else {}
+def _method_options(method: str, per_channel: bool, **adaqat) -> dict:
+    opts = {"per_channel": True} if per_channel else {}
+    given = {k: v for k, v in adaqat.items() if v is not None}
+    if method == "adaqat":
+        opts.update(given)
+    elif given:
+        raise BitfoldError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in given)} "
+                           f"only apply to --method adaqat")
+    return opts
 
 
 @app.command()
@@ -29,8 +36,14 @@ def train(
     model: str = typer.Option("cnn", help="registered model: mlp, cnn, resnet20"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
-    method: str = typer.Option("fixed", help="quantization method (fixed), or float"),
+    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat, or float"),
     per_channel: bool = typer.Option(False, help="per-output-channel weight scales"),
+    cost: Optional[str] = typer.Option(None, help="adaqat: cost model - bitops | weight_bits | <board>"),
+    lam: Optional[float] = typer.Option(None, help="adaqat: weight of the cost term (default 0.1)"),
+    budget: Optional[float] = typer.Option(None, help="adaqat: budget mode - penalise only cost above this"),
+    estimator: Optional[str] = typer.Option(None, help="adaqat: bit-width gradient estimator, ste | fd"),
+    finetune_epochs: Optional[int] = typer.Option(None, help="adaqat: epochs at frozen widths (default 2)"),
+    bit_lr: Optional[float] = typer.Option(None, help="adaqat: learning rate of the widths (default 0.05)"),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3),
@@ -49,7 +62,9 @@ def train(
     # validate before any work; a map file is stored in the run config by value
     spec = BitMap.parse(str(bits_map)).to_json() if bits_map else BitMap.parse(bits).text
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
-                      method=method, method_options=_method_options(per_channel), epochs=epochs,
+                      method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
+                                                     estimator=estimator, finetune_epochs=finetune_epochs,
+                                                     bit_lr=bit_lr), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device)
     m = run_train(cfg, out, resume=resume, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:

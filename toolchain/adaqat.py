@@ -1,0 +1,360 @@
+"""AdaQAT: learned fractional per-layer bit-widths with a pluggable hardware-cost loss.
+
+After Gernigon et al., "AdaQAT: Adaptive Bit-Width Quantization-Aware Training" (arXiv 2404.16876),
+extended per layer and to any :class:`~bitfold.hw_models.cost.CostModel`.
+
+Choices made here (and tested):
+
+* Every compute layer owns a real-valued weight width ``N_w`` and every activation site a
+  real-valued ``N_a`` (shared by the layers it feeds), clamped to ``[min_bits, max_bits]`` in the
+  forward pass and after every optimizer step. First and last layer stay at their initial widths
+  unless ``learn_edges`` (the paper keeps them at 8 bit).
+* Discretisation: **nearest** integer, ``round(clamp(N))``.
+* Weights, DoReFa-style: the layer's weight is re-parametrised as ``tanh(w) / max|tanh(w)|``
+  (a torch parametrization) and quantized on the symmetric narrow-range grid of ``2^k - 1`` levels
+  with constant scale ``1 / (2^(k-1) - 1)`` - the exportable integer variant of DoReFa's grid
+  (DoReFa's own 2^k levels have no zero and would need k+1 signed bits).
+* Activations, PACT: the learned Brevitas scale is the clipping level alpha; the step is
+  ``alpha / (2^k - 1)``, so changing k keeps alpha and refines the grid.
+* Bit-width gradient estimators (``estimator``):
+  - ``"ste"``: straight-through ``round`` (``N + (round(N) - N).detach()``); the task-loss gradient
+    reaches N through Brevitas' scale/clamp expressions.
+  - ``"fd"``: finite differences of the task loss between the two neighbouring integer widths
+    (our reading of the paper), made affordable per layer by a simultaneous random perturbation:
+    each step draws a sign s_i per width, evaluates the batch loss with every width at its upper
+    (s_i=+1) or lower (s_i=-1) neighbour and then at the opposite one, and uses
+    ``g_i = (L_+ - L_-) * s_i`` (an unbiased estimate for losses additive over layers); two extra
+    no-grad forward passes per step.
+  ``benchmarks/adaqat_pareto.py --estimators`` compares both on digits; ``ste`` is the default
+  (see the module note at ``DEFAULT_ESTIMATOR``).
+* Cost: the cost model sees the *continuous* clamped N (smooth in N, so the penalty always has a
+  gradient). ``penalty``: ``lam * C / C_ref`` with C_ref the cost at the initial widths;
+  ``budget``: ``lam * max(0, C - B) / B``.
+* After ``epochs - finetune_epochs`` epochs the widths are frozen to integers (in budget mode the
+  rounding is repaired so that the frozen map fits the budget) and the last epochs fine-tune the
+  weights at those widths. The frozen model exports like a fixed-width one.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+from .bitmap import LayerBits
+from .errors import BitfoldError
+from .quant import QuantMethod, act_sites, compute_layers, register_method
+
+#: measured on digits (benchmarks/adaqat_pareto.py --estimators): see the closing note of the
+#: AdaQAT issue; "ste" reached the same accuracy/cost trade-off at no extra forward passes.
+DEFAULT_ESTIMATOR = "ste"
+ESTIMATORS = ("ste", "fd")
+
+
+class LearnedBitWidth(nn.Module):
+    """A real-valued, trainable bit-width, discretised by nearest rounding.
+
+    Injected into Brevitas quantizers as their ``bit_width_impl``; Brevitas passes ``bit_width``
+    (the initial width) and the ``adaqat_*`` settings from the quantizer's injector.
+    """
+
+    def __init__(self, bit_width, adaqat_min_bits: float, adaqat_max_bits: float, adaqat_estimator: str):
+        super().__init__()
+        self.n = nn.Parameter(torch.tensor(float(bit_width)))
+        self.lo, self.hi = float(adaqat_min_bits), float(adaqat_max_bits)
+        self.estimator = adaqat_estimator
+        self.register_buffer("frozen", torch.tensor(0.0))  # > 0: the frozen integer width
+        self.override: torch.Tensor | None = None  # set by the finite-difference estimator
+
+    def clamped(self) -> torch.Tensor:
+        return self.n.clamp(self.lo, self.hi)
+
+    def forward(self) -> torch.Tensor:
+        if self.frozen > 0:
+            return self.frozen
+        if self.override is not None:
+            return self.override
+        n = self.clamped()
+        if self.estimator == "ste":
+            return n + (torch.round(n) - n).detach()
+        return torch.round(n).detach()
+
+    def integer(self) -> int:
+        return int(self.frozen) if self.frozen > 0 else int(torch.round(self.clamped()))
+
+
+class TanhNormalize(nn.Module):
+    """DoReFa's weight normalisation onto [-1, 1]: tanh(w) / max|tanh(w)|."""
+
+    def forward(self, w):
+        t = torch.tanh(w)
+        return t / t.abs().max().clamp_min(1e-8)
+
+
+def _quantizers(lo, hi, estimator):
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+    common = {"bit_width_impl": LearnedBitWidth, "adaqat_min_bits": lo, "adaqat_max_bits": hi,
+              "adaqat_estimator": estimator}
+    weight = type("AdaQATWeight", (Int8WeightPerTensorFloat,),
+                  {"scaling_impl_type": ScalingImplType.CONST, "scaling_init": 1.0, **common})
+    act_u = type("AdaQATActPACT", (Uint8ActPerTensorFloat,), dict(common))
+    act_s = type("AdaQATActSigned", (Int8ActPerTensorFloat,), dict(common))
+    return weight, act_u, act_s
+
+
+def _bw_module(quant_proxy) -> LearnedBitWidth | None:
+    return next((m for m in quant_proxy.modules() if isinstance(m, LearnedBitWidth)), None)
+
+
+@register_method("adaqat")
+class AdaQATMethod(QuantMethod):
+    def __init__(self, per_channel: bool = False, cost: str = "bitops", lam: float = 0.1,
+                 budget: float | None = None, estimator: str = DEFAULT_ESTIMATOR, min_bits: float = 2.0,
+                 max_bits: float = 8.0, bit_lr: float = 0.05, finetune_epochs: int = 2,
+                 learn_edges: bool = False):
+        if per_channel:
+            raise BitfoldError("adaqat uses DoReFa-normalised weights with one constant scale",
+                               "drop --per-channel for --method adaqat")
+        super().__init__(per_channel=False)
+        if estimator not in ESTIMATORS:
+            raise BitfoldError(f"unknown AdaQAT estimator {estimator!r}", f"choose one of: {', '.join(ESTIMATORS)}")
+        if not 1 <= min_bits < max_bits <= 8:
+            raise BitfoldError(f"AdaQAT bit range [{min_bits}, {max_bits}] is invalid",
+                               "use 1 <= min_bits < max_bits <= 8")
+        if lam < 0 or (budget is not None and budget <= 0):
+            raise BitfoldError("--lam must be >= 0 and --budget > 0")
+        self.cost_name, self.lam, self.budget, self.estimator = cost, float(lam), budget, estimator
+        self.min_bits, self.max_bits, self.bit_lr = float(min_bits), float(max_bits), float(bit_lr)
+        self.finetune_epochs, self.learn_edges = int(finetune_epochs), bool(learn_edges)
+        from bitfold.hw_models.cost import get_cost_model
+        self.cost_model = get_cost_model(cost)  # fails early, with a clear message, on a bad name
+        self._wq, self._aq_u, self._aq_s = _quantizers(self.min_bits, self.max_bits, estimator)
+        self.trajectory: list[list] = []  # [step, layer or site, "w"|"a", N]
+        self.layers = None
+        self.c_ref = None
+        self.edges: set[str] = set()
+
+    def options(self) -> dict:
+        return {"cost": self.cost_name, "lam": self.lam, "budget": self.budget, "estimator": self.estimator,
+                "min_bits": self.min_bits, "max_bits": self.max_bits, "bit_lr": self.bit_lr,
+                "finetune_epochs": self.finetune_epochs, "learn_edges": self.learn_edges}
+
+    # -- quantizers --------------------------------------------------------------------------
+    def weight_kwargs(self, layer, bits):
+        return {"weight_quant": self._wq, "weight_bit_width": bits}
+
+    def act_kwargs(self, site, bits, signed):
+        return {"act_quant": self._aq_s if signed else self._aq_u, "bit_width": bits,
+                "collect_stats_steps": 16}
+
+    def prepare_layer(self, name, layer):
+        parametrize.register_parametrization(layer, "weight", TanhNormalize())
+        return layer
+
+    # -- access to the learnable widths ---------------------------------------------------------
+    def weight_widths(self, model) -> dict[str, LearnedBitWidth]:
+        return {n: _bw_module(l.weight_quant) for n, l in compute_layers(model).items()}
+
+    def site_widths(self, model) -> dict[tuple, LearnedBitWidth]:
+        return {k: _bw_module(s.act_quant) for k, s in act_sites(model).items()}
+
+    def _all_widths(self, model):
+        return list(self.weight_widths(model).values()) + list(self.site_widths(model).values())
+
+    def _learnable(self, model) -> list[LearnedBitWidth]:
+        w = [m for n, m in self.weight_widths(model).items() if n not in self.edges]
+        a = [m for k, m in self.site_widths(model).items() if not set(k) & self.edges]
+        return w + a
+
+    def layer_bits(self, model, continuous=True) -> dict[str, tuple]:
+        """Per layer (b_w, b_a): continuous clamped N (differentiable) or the current integers."""
+        ww = self.weight_widths(model)
+        site_of = {layer: m for key, m in self.site_widths(model).items() for layer in key}
+        def val(m):
+            if m.frozen > 0 or not continuous:
+                return torch.tensor(float(m.integer()))
+            return m.clamped()
+        return {n: (val(ww[n]), val(site_of[n])) for n in ww}
+
+    def bit_map(self, model):
+        return {n: LayerBits(int(w), int(a)) for n, (w, a) in self.layer_bits(model, continuous=False).items()}
+
+    # -- training hooks -------------------------------------------------------------------------
+    def setup(self, model, layers):
+        self.layers = layers
+        names = [d.name for d in layers]
+        self.edges = set() if self.learn_edges else {names[0], names[-1]}
+        for m in self._all_widths(model):
+            if m not in self._learnable(model):
+                m.n.requires_grad_(False)
+        with torch.no_grad():
+            self.c_ref = float(self.cost_model(layers, self.layer_bits(model)).total)
+        if self.budget is not None and self.c_ref <= 0:
+            raise BitfoldError("the cost model gives zero cost at the initial widths")
+
+    def param_groups(self, model, lr, weight_decay):
+        bits = {id(m.n) for m in self._all_widths(model)}
+        rest = [p for p in model.parameters() if id(p) not in bits]
+        learn = [m.n for m in self._learnable(model)]
+        return [{"params": rest, "lr": lr, "weight_decay": weight_decay},
+                {"params": learn, "lr": self.bit_lr, "weight_decay": 0.0}]
+
+    def cost(self, model):
+        return self.cost_model(self.layers, self.layer_bits(model))
+
+    def cost_loss(self, model) -> torch.Tensor:
+        c = self.cost(model).total
+        if self.budget is not None:
+            return self.lam * torch.relu(c - self.budget) / self.budget
+        return self.lam * c / self.c_ref
+
+    def frozen(self, model) -> bool:
+        return all(m.frozen > 0 for m in self._all_widths(model))
+
+    def extra_loss(self, model, step, batch=None, task_loss=None):
+        if self.frozen(model):
+            return None
+        learn = self._learnable(model)
+        if step % 5 == 0:
+            for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
+                name = "+".join(key) if isinstance(key, tuple) else key
+                self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped())])
+        loss = self.cost_loss(model)
+        if self.estimator == "fd" and batch is not None and learn:
+            loss = loss + self._fd_surrogate(model, learn, batch, step)
+        return loss
+
+    @torch.no_grad()
+    def _fd_losses(self, model, learn, batch, signs):
+        import torch.nn.functional as F
+        xb, yb = batch
+        lows = [m.clamped().floor().clamp(max=self.max_bits - 1) for m in learn]
+        out = []
+        for direction in (1, -1):
+            for m, lo, s in zip(learn, lows, signs):
+                m.override = lo + (1.0 if s * direction > 0 else 0.0)
+            out.append(float(F.cross_entropy(model(xb), yb)))
+        for m in learn:
+            m.override = None
+        return out
+
+    def _fd_surrogate(self, model, learn, batch, step):
+        g = torch.Generator().manual_seed(step)
+        signs = (torch.randint(0, 2, (len(learn),), generator=g) * 2 - 1).tolist()
+        was = model.training
+        model.eval()  # no BN-statistics / scale updates from the probe passes
+        l_plus, l_minus = self._fd_losses(model, learn, batch, signs)
+        model.train(was)
+        return sum((l_plus - l_minus) * s * m.n for m, s in zip(learn, signs))
+
+    def after_step(self, model, step):
+        with torch.no_grad():
+            for m in self._all_widths(model):
+                m.n.clamp_(self.min_bits, self.max_bits)
+
+    def on_epoch_end(self, model, epoch, epochs):
+        if epoch >= epochs - self.finetune_epochs and not self.frozen(model):
+            self.freeze(model)
+
+    def freeze(self, model) -> dict[str, LayerBits]:
+        """Fix every width to an integer (budget-aware rounding in budget mode)."""
+        learn = self._learnable(model)
+        ints = {id(m): float(torch.round(m.clamped())) for m in self._all_widths(model)}
+        if self.budget is not None:
+            ints = self._repair_to_budget(model, learn, ints)
+        for m in self._all_widths(model):
+            m.frozen.fill_(ints[id(m)])
+            m.n.requires_grad_(False)
+        return self.bit_map(model)
+
+    def _cost_of(self, model, ints) -> float:
+        ww = self.weight_widths(model)
+        site_of = {layer: m for key, m in self.site_widths(model).items() for layer in key}
+        bits = {n: (ints[id(ww[n])], ints[id(site_of[n])]) for n in ww}
+        return float(self.cost_model(self.layers, bits).total)
+
+    def _repair_to_budget(self, model, learn, ints):
+        """Lower the widths rounded up the most until the map fits; then raise while it still fits."""
+        ints = dict(ints)
+        frac = {id(m): float(m.clamped()) for m in learn}
+        while self._cost_of(model, ints) > self.budget:
+            cand = [m for m in learn if ints[id(m)] > self.min_bits]
+            if not cand:
+                break
+            m = max(cand, key=lambda m: ints[id(m)] - frac[id(m)])
+            ints[id(m)] -= 1
+        improved = True
+        while improved:
+            improved = False
+            for m in sorted(learn, key=lambda m: ints[id(m)] - frac[id(m)]):
+                if ints[id(m)] < self.max_bits:
+                    ints[id(m)] += 1
+                    if self._cost_of(model, ints) <= self.budget:
+                        improved = True
+                        break
+                    ints[id(m)] -= 1
+        return ints
+
+    def state(self):
+        return {"trajectory": self.trajectory}
+
+    def load_state(self, state):
+        self.trajectory = list(state.get("trajectory", []))
+
+    def finalize(self, model, out_dir):
+        if not self.frozen(model):
+            self.freeze(model)
+        out_dir = Path(out_dir)
+        from .atomic import atomic_path, write_json
+        with atomic_path(out_dir / "bit_trajectory.csv") as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["step", "name", "kind", "bits"])
+                w.writerows(self.trajectory)
+        self._plot(out_dir / "bit_trajectory.png")
+        bm = {k: v.as_dict() for k, v in self.bit_map(model).items()}
+        write_json(out_dir / "learned_bitmap.json", bm)
+        with torch.no_grad():
+            final = float(self.cost_model(self.layers, self.layer_bits(model, continuous=False)).total)
+        return {"adaqat": {**self.options(), "cost_ref": self.c_ref, "final_cost": final,
+                           "cost_unit": self.cost_model.unit}}
+
+    def _plot(self, path):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .atomic import atomic_path
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        series: dict[tuple, list] = {}
+        for step, name, kind, bits in self.trajectory:
+            series.setdefault((kind, name), []).append((step, bits))
+        for (kind, name), pts in sorted(series.items()):
+            ax = axes[0 if kind == "w" else 1]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+        for ax, t in zip(axes, ("weight widths N_w", "activation widths N_a")):
+            ax.set_title(t)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("bits")
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
+
+    def for_export(self, model):
+        """A copy with the DoReFa normalisation baked into plain weights (widths must be frozen)."""
+        import copy
+        if not self.frozen(model):
+            raise BitfoldError("AdaQAT widths are not frozen yet; export the run after training finished")
+        m = copy.deepcopy(model)
+        for layer in compute_layers(m).values():
+            if parametrize.is_parametrized(layer, "weight"):
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        return m
+
