@@ -156,14 +156,27 @@ class AdaQATMethod(QuantMethod):
         return layer
 
     # -- access to the learnable widths ---------------------------------------------------------
+    # (module walks are cached per model: they would otherwise dominate a small model's step time)
+    def _cached(self, model, key, build):
+        cache = model.__dict__.setdefault("_adaqat_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def weight_widths(self, model) -> dict[str, LearnedBitWidth]:
-        return {n: _bw_module(l.weight_quant) for n, l in compute_layers(model).items()}
+        return self._cached(model, "w", lambda: {n: _bw_module(l.weight_quant)
+                                                for n, l in compute_layers(model).items()})
 
     def site_widths(self, model) -> dict[tuple, LearnedBitWidth]:
-        return {k: _bw_module(s.act_quant) for k, s in act_sites(model).items()}
+        return self._cached(model, "a", lambda: {k: _bw_module(s.act_quant) for k, s in act_sites(model).items()})
+
+    def _site_of(self, model) -> dict[str, LearnedBitWidth]:
+        return self._cached(model, "site_of", lambda: {layer: m for key, m in self.site_widths(model).items()
+                                                      for layer in key})
 
     def _all_widths(self, model):
-        return list(self.weight_widths(model).values()) + list(self.site_widths(model).values())
+        return self._cached(model, "all", lambda: list(self.weight_widths(model).values())
+                            + list(self.site_widths(model).values()))
 
     def _learnable(self, model) -> list[LearnedBitWidth]:
         w = [m for n, m in self.weight_widths(model).items() if n not in self.edges]
@@ -172,8 +185,8 @@ class AdaQATMethod(QuantMethod):
 
     def layer_bits(self, model, continuous=True) -> dict[str, tuple]:
         """Per layer (b_w, b_a): continuous clamped N (differentiable) or the current integers."""
-        ww = self.weight_widths(model)
-        site_of = {layer: m for key, m in self.site_widths(model).items() for layer in key}
+        ww, site_of = self.weight_widths(model), self._site_of(model)
+
         def val(m):
             if m.frozen > 0 or not continuous:
                 return torch.tensor(float(m.integer()))
@@ -213,12 +226,12 @@ class AdaQATMethod(QuantMethod):
         return self.lam * c / self.c_ref
 
     def frozen(self, model) -> bool:
-        return all(m.frozen > 0 for m in self._all_widths(model))
+        return bool(torch.stack([m.frozen for m in self._all_widths(model)]).gt(0).all())
 
     def extra_loss(self, model, step, batch=None, task_loss=None):
         if self.frozen(model):
             return None
-        learn = self._learnable(model)
+        learn = self._cached(model, "learn", lambda: self._learnable(model))
         if step % 5 == 0:
             for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
                 name = "+".join(key) if isinstance(key, tuple) else key
@@ -272,8 +285,7 @@ class AdaQATMethod(QuantMethod):
         return self.bit_map(model)
 
     def _cost_of(self, model, ints) -> float:
-        ww = self.weight_widths(model)
-        site_of = {layer: m for key, m in self.site_widths(model).items() for layer in key}
+        ww, site_of = self.weight_widths(model), self._site_of(model)
         bits = {n: (ints[id(ww[n])], ints[id(site_of[n])]) for n in ww}
         return float(self.cost_model(self.layers, bits).total)
 
@@ -353,6 +365,7 @@ class AdaQATMethod(QuantMethod):
         if not self.frozen(model):
             raise BitfoldError("AdaQAT widths are not frozen yet; export the run after training finished")
         m = copy.deepcopy(model)
+        m.__dict__.pop("_adaqat_cache", None)  # it points at the original's modules
         for layer in compute_layers(m).values():
             if parametrize.is_parametrized(layer, "weight"):
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
