@@ -39,26 +39,38 @@ class ExportResult:
 
 
 def quant_bit_widths(model: nn.Module) -> dict[str, float]:
-    """Every quantizer's current bit-width, by module name (weights: ``layer.w``; activations: site)."""
+    """Every enabled quantizer's bit-width: ``layer.w`` for weights, ``site.a`` for activations.
+
+    bitfold models are read through their layer/site tags; any other Brevitas model by a walk
+    over modules that own a ``weight_quant`` / ``act_quant`` proxy.
+    """
     out = {}
-    for name, layer in compute_layers(model).items():
-        wq = getattr(layer, "weight_quant", None)
-        if wq is not None and wq.is_quant_enabled:
-            out[f"{name}.w"] = float(wq.bit_width())
-    for feeds, site in act_sites(model).items():
-        aq = getattr(site, "act_quant", None)
-        if aq is not None and aq.is_quant_enabled:
-            out[f"{'+'.join(feeds)}.a"] = float(aq.bit_width())
+    tagged = compute_layers(model)
+    if tagged:
+        for name, layer in tagged.items():
+            wq = getattr(layer, "weight_quant", None)
+            if wq is not None and wq.is_quant_enabled:
+                out[f"{name}.w"] = float(wq.bit_width())
+        for feeds, site in act_sites(model).items():
+            aq = getattr(site, "act_quant", None)
+            if aq is not None and aq.is_quant_enabled:
+                out[f"{'+'.join(feeds)}.a"] = float(aq.bit_width())
+        return out
+    for name, mod in model.named_modules():
+        for attr, suffix in (("weight_quant", "w"), ("act_quant", "a")):
+            q = getattr(mod, attr, None)
+            if q is not None and getattr(q, "is_quant_enabled", False):
+                out[f"{name}.{suffix}"] = float(q.bit_width())
     return out
 
 
 def check_exportable(model: nn.Module, fmt: str) -> None:
     if fmt not in FORMATS:
         raise BitfoldError(f"unknown export format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
-    if getattr(model, "bit_map", None) is None:
-        raise BitfoldError("this is a float model; only quantized models are exported",
-                           "train with --method fixed (or another quantization method)")
     widths = quant_bit_widths(model)
+    if not widths:
+        raise BitfoldError("this is a float model (no enabled Brevitas quantizer); only quantized models are exported",
+                           "train with --method fixed (or another quantization method), or bitfold.quantize() it")
     frac = {k: v for k, v in widths.items() if not float(v).is_integer()}
     if frac:
         raise BitfoldError("non-integer bit-widths cannot be exported (they export silently wrong): "
@@ -123,7 +135,10 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
     check_exportable(model, fmt)
     model = model.cpu().eval()
     input_shape = tuple(input_shape or x_verify.shape[1:])
-    bit_map = {k: v.as_dict() for k, v in model.bit_map.items()}
+    if getattr(model, "bit_map", None):
+        bit_map = {k: v.as_dict() for k, v in model.bit_map.items()}
+    else:  # a Brevitas model bitfold did not build: record its quantizers' widths instead
+        bit_map = {k: int(v) for k, v in quant_bit_widths(model).items()}
     out_path = Path(out_path)
     with torch.no_grad():
         ref = model(x_verify).numpy()
@@ -144,6 +159,20 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
     write_json(out_path.with_name(out_path.name + ".verify.json"),
                {"format": fmt, "bit_map": bit_map, **report.as_dict()})
     return ExportResult(out_path, fmt, report, bit_map)
+
+
+def export_brevitas(model: nn.Module, example_input: torch.Tensor, fmt: str = "qonnx",
+                    out_path: str | Path = "model.onnx", x_verify: torch.Tensor | None = None, **tol) -> ExportResult:
+    """Export *any* Brevitas model (bitfold-built or not), verified on ``x_verify``.
+
+    Without ``x_verify``, 64 inputs are drawn around ``example_input`` (same shape, seeded) - pass
+    real held-out data where you have it: random inputs exercise the graph but not your data range.
+    """
+    if x_verify is None:
+        g = torch.Generator().manual_seed(0)
+        base = example_input[:1]
+        x_verify = base + torch.randn((64, *base.shape[1:]), generator=g) * (base.std() + 1.0)
+    return export_model(model, fmt, out_path, x_verify, tuple(example_input.shape[1:]), **tol)
 
 
 def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | None = None,

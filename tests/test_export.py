@@ -125,3 +125,10 @@ def test_compare_gate():
     ref = np.array([[0.0, 1.0], [1.0, 0.0]])
     assert compare("qcdq", "x", ref, ref + 1e-6).passed
     assert not compare("qcdq", "x", ref, ref[:, ::-1]).passed
+    many = np.tile(np.array([[0.0, 5.0]]), (100, 1))
+    flipped = many.copy()
+    flipped[:3, 1] += 0.1  # 3 % one-step outliers, argmax kept: accepted
+    assert compare("qcdq", "x", many, flipped).passed
+    flipped[:10, 1] += 0.1  # 10 %: refused
+    assert not compare("qcdq", "x", many, flipped).passed
+    assert not compare("qcdq", "x", many, many[:50]).passed

@@ -162,15 +162,30 @@ def _factory(name):
 
 
 def build_model(name: str, input_shape, num_classes: int, bits="w8a8",
-                method: str | QuantMethod = "fixed", **method_options) -> nn.Module:
+                method: str | QuantMethod = "fixed", weights: str | None = None, **method_options) -> nn.Module:
     """Build a registered model.
 
     ``method="float"`` gives the plain-torch twin; otherwise ``bits`` (shorthand, dict, JSON path
     or :class:`BitMap`) is resolved against the model's layers and the method's quantizers are used.
     The resolved map is kept on the model as ``model.bit_map`` (``{layer: LayerBits}``).
+    ``name`` may also be a user model ``path/to/file.py:factory`` (converted by
+    :func:`bitfold.toolchain.convert.quantize`), optionally started from float ``weights``.
     """
-    factory = _factory(name)
     input_shape = tuple(input_shape)
+    from .convert import build_user_float, is_user_model, quantize
+    if is_user_model(name):
+        float_model = build_user_float(name, input_shape, num_classes, weights)
+        if method == "float":
+            float_model.bit_map = None
+            float_model.model_name = name
+            return float_model
+        model = quantize(float_model, method, bits, torch.zeros((1, *input_shape)), **method_options)
+        model.model_name = name
+        return model
+    if weights:
+        raise BitfoldError("--weights applies to user models (--model file.py:factory)",
+                           "zoo models start from random initialisation")
+    factory = _factory(name)
     if method == "float":
         fb = FloatBuilder()
         model = factory(fb, input_shape, num_classes)

@@ -194,8 +194,9 @@ class FloatBuilder:
         module._bitfold_layer = name
         return module
 
-    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False):
-        return self._record(name, nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias))
+    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False, groups=1, dilation=1):
+        return self._record(name, nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias, groups=groups,
+                                            dilation=dilation))
 
     def linear(self, name, in_f, out_f, bias=True):
         return self._record(name, nn.Linear(in_f, out_f, bias=bias))
@@ -219,10 +220,10 @@ class LayerBuilder(FloatBuilder):
     def _w(self, name):
         return self.method.weight_kwargs(name, self.bits[name].w)
 
-    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False):
+    def conv(self, name, in_ch, out_ch, kernel, stride=1, padding=0, bias=False, groups=1, dilation=1):
         import brevitas.nn as qnn
-        layer = qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=bias,
-                                return_quant_tensor=False, **self._w(name))
+        layer = qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=bias, groups=groups,
+                                dilation=dilation, return_quant_tensor=False, **self._w(name))
         return self._record(name, self.method.prepare_layer(name, layer))
 
     def linear(self, name, in_f, out_f, bias=True):

@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    weights: str | None = None       # float state dict to start from (user models: file.py:factory)
     synthetic_shape: tuple = (3, 32, 32)
 
     def to_json(self) -> dict:
@@ -93,6 +94,26 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ck
 
 
+def load_state_dict_file(path: str | Path) -> dict:
+    """A float model's state dict from a ``.pt`` file (a bare state dict, or under 'state_dict'/'model')."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitfoldError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise BitfoldError(f"weights file {path} cannot be read safely ({str(e).splitlines()[0][:160]})",
+                           "save it with torch.save(model.state_dict(), path); files are loaded with "
+                           "weights_only=True and never unpickled") from e
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    if not isinstance(obj, dict):
+        raise BitfoldError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
 def load_run(run_dir: Path | str, map_location="cpu"):
     """Rebuild a run's model from its config and load its latest weights (eval mode).
 
@@ -105,7 +126,7 @@ def load_run(run_dir: Path | str, map_location="cpu"):
     ck = load_checkpoint(run_dir / CHECKPOINT, map_location)
     bits = ck.get("bit_map") or cfg.bits
     model = build_model(cfg.model, tuple(ck["input_shape"]), ck["num_classes"], bits=bits,
-                        method=cfg.method, **cfg.method_options)
+                        method=cfg.method, **cfg.method_options)  # the checkpoint replaces any float weights
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:

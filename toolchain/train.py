@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     torch.manual_seed(cfg.seed)
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, bits=cfg.bits, method=cfg.method,
-                        **cfg.method_options).to(device)
+                        weights=cfg.weights if ck is None else None, **cfg.method_options).to(device)
     method = getattr(model, "quant_method", None)
     history: list[dict] = []
     start_epoch = 0

@@ -11,7 +11,7 @@ Heavy imports (torch, brevitas) happen lazily, so ``import bitfold`` is cheap.
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_model", "train", "export_run", "load_board"]
+__all__ = ["__version__", "build_model", "train", "quantize", "export", "export_run", "load_board"]
 
 
 def __getattr__(name):  # lazy re-exports of the documented Python API
@@ -21,6 +21,12 @@ def __getattr__(name):  # lazy re-exports of the documented Python API
     if name == "train":
         from bitfold.toolchain.train import train
         return train
+    if name == "quantize":
+        from bitfold.toolchain.convert import quantize
+        return quantize
+    if name == "export":  # the subpackage, which is callable: bitfold.export(model, example_input, fmt, path)
+        import importlib
+        return importlib.import_module("bitfold.export")
     if name == "export_run":
         from bitfold.export.onnx_export import export_run
         return export_run

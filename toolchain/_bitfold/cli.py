@@ -33,7 +33,8 @@ def _method_options(method: str, per_channel: bool, **adaqat) -> dict:
 
 @app.command()
 def train(
-    model: str = typer.Option("cnn", help="registered model: mlp, cnn, resnet20"),
+    model: str = typer.Option("cnn", help="registered model (mlp, cnn, resnet20) or your own: path/to/file.py:factory"),
+    weights: Optional[Path] = typer.Option(None, help="float state dict to start from (with a file.py:factory model)"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
     method: str = typer.Option("fixed", help="quantization method: fixed | adaqat, or float"),
@@ -65,7 +66,8 @@ def train(
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
                                                      bit_lr=bit_lr), epochs=epochs,
-                      batch_size=batch_size, lr=lr, seed=seed, device=device)
+                      batch_size=batch_size, lr=lr, seed=seed, device=device,
+                      weights=str(weights) if weights else None)
     m = run_train(cfg, out, resume=resume, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"test accuracy {m['accuracy']:.2%}  BitOPs {m['bitops']:.3g}  "
