@@ -16,7 +16,7 @@ from bitfold.toolchain.errors import BitfoldError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="bitfold: hardware-aware quantization-aware training and deployment.")
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
