@@ -42,7 +42,7 @@ class VerifyReport:
         return asdict(self)
 
     def summary(self) -> str:
-        s = (f"{self.format}: {self.executor} on {self.samples} held-out samples: max |diff| "
+        s = (f"{self.format}: {self.executor} on {self.samples} samples: max |diff| "
              f"{self.max_abs_diff:.3g} (median {self.median_abs_diff:.2g}; tol {self.tolerance:.3g}, exceeded by "
              f"{self.outlier_fraction:.1%} of samples), argmax agreement {self.argmax_agreement:.2%}")
         if self.default_ort_argmax_agreement is not None:

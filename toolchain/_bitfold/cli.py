@@ -99,6 +99,23 @@ def export(
 
 
 @app.command()
+def build(
+    onnx_file: Path = typer.Argument(..., help="a verified export (QCDQ for CPU boards)"),
+    board: str = typer.Option(..., "--board", "-b", help="board name (bitfold boards) or .toml path"),
+    out: Path = typer.Option(..., "-o", "--out", help="build directory (replaced only when the build succeeds)"),
+):
+    """Build an exported model for a board with the board's backend (TVM for CPU boards)."""
+    from bitfold.export.backends import build as run_build
+    r = run_build(onnx_file, board, out)
+    console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
+    if r.verification:
+        from bitfold.export.verify import VerifyReport
+        console.print("verified " + VerifyReport(**r.verification).summary())
+    for n in r.notes:
+        console.print(f"note: {n}")
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="an .onnx file")):
     """Show an ONNX file's format, quantizer widths and bitfold bit map."""
     from bitfold.export.onnx_io import describe_onnx, load_onnx
