@@ -176,12 +176,19 @@ def export_brevitas(model: nn.Module, example_input: torch.Tensor, fmt: str = "q
 
 
 def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | None = None,
-               max_samples: int | None = None, **tol) -> ExportResult:
-    """Export a training run's final model, verified on its data set's held-out test split."""
+               max_samples: int | None = None, bits_map=None, **tol) -> ExportResult:
+    """Export a training run's final model, verified on its data set's held-out test split.
+
+    ``bits_map`` (MEBQAT runs) sets the switchable model to those widths first - no retraining.
+    """
     from bitfold.toolchain.data import load_dataset
     from bitfold.toolchain.runs import load_run
-    cfg, model, ck = load_run(run_dir)
-    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    if bits_map is not None:
+        from bitfold.toolchain.select_bits import deploy_run
+        cfg, model, ds = deploy_run(run_dir, bits_map)
+    else:
+        cfg, model, ck = load_run(run_dir)
+        ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
     x = ds.x_test if max_samples is None else ds.x_test[:max_samples]
     out_path = Path(out_path) if out_path else Path(run_dir) / f"model.{fmt}.onnx"
     return export_model(model, fmt, out_path, x, ds.input_shape, **tol)

@@ -37,7 +37,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_methods() -> None:
-    from . import adaqat  # noqa: F401  (registers "adaqat")
+    from . import adaqat, mebqat  # noqa: F401  (register "adaqat", "mebqat")
 
 
 def get_method(name: str, **options) -> "QuantMethod":
@@ -90,6 +90,15 @@ class QuantMethod:
 
     def extra_loss(self, model: nn.Module, step: int, batch=None, task_loss=None) -> torch.Tensor | None:
         return None
+
+    def backward_step(self, net: nn.Module, model: nn.Module, x, y, step: int):
+        """Run this step's forward/backward(s) and return the task loss, or None for the default."""
+        return None
+
+    def deploy(self, model: nn.Module, bit_map, x_calib) -> nn.Module:
+        """Set a model trained once to a new integer bit map without retraining (switchable methods)."""
+        raise BitfoldError(f"method {self.name!r} cannot change bit-widths after training",
+                           "train a --method mebqat run to switch bit-widths at deploy time")
 
     def after_step(self, model: nn.Module, step: int) -> None:
         return None

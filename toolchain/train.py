@@ -153,15 +153,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 if len(idx) == 0:
                     continue
                 xb, yb = ds.x_train[idx].to(device), ds.y_train[idx].to(device)
-                loss = F.cross_entropy(net(xb), yb)
-                extra = (method.extra_loss(model, epoch * steps_per_epoch + step, (xb, yb), loss)
-                         if method else None)
-                total = loss if extra is None else loss + extra
+                gstep = epoch * steps_per_epoch + step
                 opt.zero_grad(set_to_none=True)
-                total.backward()
+                # a method may run its own forward/backward (e.g. MEBQAT's several bit-width tasks)
+                loss = method.backward_step(net, model, xb, yb, gstep) if method else None
+                if loss is None:
+                    loss = F.cross_entropy(net(xb), yb)
+                    extra = method.extra_loss(model, gstep, (xb, yb), loss) if method else None
+                    (loss if extra is None else loss + extra).backward()
                 opt.step()
                 if method:
-                    method.after_step(model, epoch * steps_per_epoch + step)
+                    method.after_step(model, gstep)
                 tot_loss += float(loss) * len(idx)
                 seen += len(idx)
                 if bar:

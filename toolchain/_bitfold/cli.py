@@ -37,7 +37,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="float state dict to start from (with a file.py:factory model)"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
-    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat, or float"),
+    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat | mebqat, or float"),
     per_channel: bool = typer.Option(False, help="per-output-channel weight scales"),
     cost: Optional[str] = typer.Option(None, help="adaqat: cost model - bitops | weight_bits | <board>"),
     lam: Optional[float] = typer.Option(None, help="adaqat: weight of the cost term (default 0.1)"),
@@ -90,12 +90,58 @@ def export(
     run: Path = typer.Argument(..., help="run directory from `bitfold train`"),
     format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .onnx (default: RUN/model.FORMAT.onnx)"),
+    bits_map: Optional[str] = typer.Option(None, "--bits-map", help="mebqat runs: export at this bit map / shorthand"),
 ):
     """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
     from bitfold.export.onnx_export import export_run
-    r = export_run(run, format, output)
+    r = export_run(run, format, output, bits_map=bits_map)
     console.print(r.report.summary())
     console.print(f"wrote {r.path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    bits: str = typer.Option("all", help="'all' candidate (w, a) pairs, or one shorthand like w4a4"),
+):
+    """Accuracy of a switchable (mebqat) run over bit-widths: table, bits_table.csv and .png in the run."""
+    from bitfold.toolchain.select_bits import eval_table
+    pairs = "all"
+    if bits != "all":
+        import re
+        m = re.fullmatch(r"w(\d)a(\d)", bits)
+        if not m:
+            raise BitfoldError(f"--bits {bits!r} is not understood", "use 'all' or a shorthand like w4a4")
+        pairs = [(int(m.group(1)), int(m.group(2)))]
+    rows = eval_table(run, pairs)
+    t = Table(title=f"test accuracy per (w, a) - {run}")
+    ws, as_ = sorted({r["w"] for r in rows}), sorted({r["a"] for r in rows})
+    t.add_column("w \\ a")
+    for a in as_:
+        t.add_column(str(a), justify="right")
+    for w in ws:
+        t.add_row(str(w), *[f"{next(r['accuracy'] for r in rows if r['w'] == w and r['a'] == a):.2%}" for a in as_])
+    console.print(t)
+    console.print(f"wrote {run / 'bits_table.csv'} and {run / 'bits_table.png'}")
+
+
+@app.command("select")
+def select_cmd(
+    run: Path = typer.Argument(..., help="a mebqat run directory"),
+    budget: str = typer.Option(..., help='"metric<=value": bitops<=5e6, weight_bits<=64kib, latency<=2ms, lut<=20000'),
+    board: Optional[str] = typer.Option(None, help="board whose cost table measures the metric"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="bit map JSON (default: in the run)"),
+):
+    """Pick per-layer widths of a meta-trained run that fit a budget (no retraining); writes the bit map."""
+    from bitfold.toolchain.select_bits import select
+    if board:
+        from bitfold.boards import load_board
+        load_board(board)
+    r = select(run, budget, board, output)
+    console.print(f"selected {r['bit_map']}")
+    console.print(f"cost {r['cost']:.4g} {r['cost_unit']} (budget {r['limit']:.4g}); accuracy: selection set "
+                  f"{r['selection_accuracy']:.2%}, test {r['test_accuracy']:.2%}")
+    console.print(f"wrote {r['path']} - export it with: bitfold export {run} --bits-map {r['path']}")
 
 
 @app.command()

@@ -1,0 +1,182 @@
+"""MEBQAT: one meta-trained model that runs at any bit-width (after arXiv 2207.10188).
+
+Choices made here:
+
+* Every quantizer's width is a :class:`SwitchableBitWidth` buffer, so the *same weights* run at
+  any width by writing buffers (:meth:`MEBQATMethod.set_map`) - per layer, at run time.
+* Meta-training: each optimizer step samples ``tasks_per_step`` uniform (w, a) pairs from the
+  candidate set plus the high-precision task (``high_bits``, default 16 bit: the stand-in for FP,
+  which keeps every task on the same quantizer path), runs the batch under each and averages
+  the gradients into the shared weights (one step). First and last layer stay at their widths
+  in the run's bit map (8 bit by default), as in the dedicated-QAT baseline.
+* Quantizers (``quantizer``): ``"lsq"`` - learned weight threshold (initialised from max |w|) and
+  learned activation clipping; ``"dorefa"`` - tanh-normalised weights on a constant grid (as
+  AdaQAT) with PACT activations. A learned threshold is bit-width independent; the step is
+  threshold / (2^(b-1) - 1), so switching widths needs no other state.
+* BatchNorm is shared across widths; before evaluating or exporting at a width, its running
+  statistics are re-estimated on a few training batches at that width (``bn_recalibrate``) -
+  the usual practice for any-precision networks, cheap, and no retraining.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+
+from .bitmap import LayerBits
+from .errors import BitfoldError
+from .quant import QuantMethod, act_sites, compute_layers, register_method
+
+DEFAULT_CANDIDATES = (2, 3, 4, 5, 6, 8)
+
+
+class SwitchableBitWidth(nn.Module):
+    """An integer bit-width held in a buffer; written at run time to switch the quantizer."""
+
+    def __init__(self, bit_width):
+        super().__init__()
+        self.register_buffer("bits", torch.tensor(float(bit_width)))
+
+    def forward(self):
+        return self.bits
+
+
+def _bw(proxy) -> SwitchableBitWidth:
+    return next(m for m in proxy.modules() if isinstance(m, SwitchableBitWidth))
+
+
+def _quantizers(kind: str):
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+    w_attrs = {"bit_width_impl": SwitchableBitWidth}
+    if kind == "lsq":
+        w_attrs["scaling_impl_type"] = ScalingImplType.PARAMETER_FROM_STATS
+    else:
+        w_attrs.update(scaling_impl_type=ScalingImplType.CONST, scaling_init=1.0)
+    weight = type(f"MEBQAT{kind}Weight", (Int8WeightPerTensorFloat,), w_attrs)
+    act_u = type("MEBQATActU", (Uint8ActPerTensorFloat,), {"bit_width_impl": SwitchableBitWidth})
+    act_s = type("MEBQATActS", (Int8ActPerTensorFloat,), {"bit_width_impl": SwitchableBitWidth})
+    return weight, act_u, act_s
+
+
+@torch.no_grad()
+def bn_recalibrate(model: nn.Module, x: torch.Tensor, batches: int = 8, batch_size: int = 128) -> None:
+    """Re-estimate BatchNorm running statistics (cumulative average) at the current widths."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    dev = next(model.parameters()).device
+    for i in range(batches):
+        xb = x[(i * batch_size) % len(x):][:batch_size]
+        model(xb.to(dev))
+    for bn, m in zip(bns, saved):
+        bn.momentum = m
+    model.eval()
+
+
+@register_method("mebqat")
+class MEBQATMethod(QuantMethod):
+    weight_bits_range = (2, 8)
+    act_bits_range = (2, 8)
+
+    def __init__(self, per_channel: bool = False, quantizer: str = "lsq", candidates=DEFAULT_CANDIDATES,
+                 tasks_per_step: int = 3, high_bits: int = 16):
+        if per_channel:
+            raise BitfoldError("mebqat uses per-tensor learned thresholds", "drop --per-channel")
+        super().__init__(per_channel=False)
+        if quantizer not in ("lsq", "dorefa"):
+            raise BitfoldError(f"unknown MEBQAT quantizer {quantizer!r}", "choose lsq or dorefa")
+        cands = sorted({int(c) for c in candidates})
+        if not cands or any(not 2 <= c <= 8 for c in cands):
+            raise BitfoldError(f"MEBQAT candidates {candidates} must be integers in 2..8")
+        if tasks_per_step < 1:
+            raise BitfoldError("tasks_per_step must be >= 1")
+        self.quantizer, self.candidates, self.tasks_per_step = quantizer, cands, int(tasks_per_step)
+        self.high_bits = int(high_bits)
+        self._wq, self._aq_u, self._aq_s = _quantizers(quantizer)
+        self.edges: set[str] = set()
+
+    def options(self) -> dict:
+        return {"quantizer": self.quantizer, "candidates": self.candidates, "tasks_per_step": self.tasks_per_step,
+                "high_bits": self.high_bits}
+
+    def weight_kwargs(self, layer, bits):
+        return {"weight_quant": self._wq, "weight_bit_width": bits}
+
+    def act_kwargs(self, site, bits, signed):
+        return {"act_quant": self._aq_s if signed else self._aq_u, "bit_width": bits, "collect_stats_steps": 16}
+
+    def prepare_layer(self, name, layer):
+        if self.quantizer == "dorefa":
+            from .adaqat import TanhNormalize
+            parametrize.register_parametrization(layer, "weight", TanhNormalize())
+        return layer
+
+    # -- switching -------------------------------------------------------------------------------
+    def _edges(self, model) -> set[str]:
+        names = list(compute_layers(model))
+        return {names[0], names[-1]}
+
+    def set_map(self, model, bit_map) -> None:
+        """Write every layer's weight width and every site's width from ``{layer: LayerBits}``."""
+        for name, layer in compute_layers(model).items():
+            _bw(layer.weight_quant).bits.fill_(float(bit_map[name].w))
+        for feeds, site in act_sites(model).items():
+            _bw(site.act_quant).bits.fill_(float(bit_map[feeds[0]].a))
+
+    def uniform_map(self, model, w: int, a: int) -> dict:
+        """(w, a) on every layer except the first/last, which keep the run's widths."""
+        base = model.bit_map
+        return {n: (base[n] if n in self._edges(model) else LayerBits(w, a)) for n in base}
+
+    def bit_map(self, model):
+        out = {}
+        sites = {f: s for k, s in act_sites(model).items() for f in k}
+        for name, layer in compute_layers(model).items():
+            out[name] = LayerBits(int(_bw(layer.weight_quant).bits), int(_bw(sites[name].act_quant).bits))
+        return out
+
+    # -- meta-training ---------------------------------------------------------------------------
+    def tasks(self, step: int) -> list[tuple[int, int]]:
+        g = torch.Generator().manual_seed(1000003 + step)
+        pool = [(w, a) for w in self.candidates for a in self.candidates] + [(self.high_bits, self.high_bits)]
+        idx = torch.randperm(len(pool), generator=g)[: self.tasks_per_step].tolist()
+        return [pool[i] for i in idx]
+
+    def backward_step(self, net, model, x, y, step):
+        base = model.bit_map
+        total = 0.0
+        for w, a in self.tasks(step):
+            m = {n: (base[n] if n in self._edges(model) else LayerBits(w, a)) for n in base}
+            self._set_raw(model, m)
+            loss = F.cross_entropy(net(x), y) / self.tasks_per_step
+            loss.backward()
+            total += float(loss)
+        self.set_map(model, base)
+        return torch.tensor(total)
+
+    def _set_raw(self, model, m):  # like set_map, but allows the high-precision task's 16 bit
+        for name, layer in compute_layers(model).items():
+            _bw(layer.weight_quant).bits.fill_(float(m[name].w))
+        for feeds, site in act_sites(model).items():
+            _bw(site.act_quant).bits.fill_(float(m[feeds[0]].a))
+
+    def deploy(self, model, bit_map, x_calib):
+        self.set_map(model, bit_map)
+        model.bit_map = dict(bit_map)
+        bn_recalibrate(model, x_calib)
+        return model
+
+    def for_export(self, model):
+        import copy
+        m = copy.deepcopy(model)
+        for layer in compute_layers(m).values():
+            if parametrize.is_parametrized(layer, "weight"):
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        return m
