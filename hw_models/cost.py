@@ -73,8 +73,13 @@ def get_cost_model(name: str) -> CostModel:
         return COST_MODELS[name]
     from bitfold.boards import known_boards
     if name in known_boards():
+        from .table import find_table
+        table = find_table(name)
+        if table is not None:
+            return table
         raise BitfoldError(f"no cost table for board {name!r} yet",
-                           f"use one of: {', '.join(COST_MODELS)} (measured board tables come with hw_models)")
+                           f"measure one with `bitfold hw measure --board {name}` (then `bitfold hw fit`), "
+                           f"or use one of: {', '.join(COST_MODELS)}")
     raise BitfoldError(f"unknown cost model {name!r}",
                        f"choose one of: {', '.join(COST_MODELS)}, or a board name")
 

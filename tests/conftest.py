@@ -7,6 +7,10 @@ import pytest
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# hermetic: measurement databases and fitted tables of this test session live in a temp dir
+import tempfile  # noqa: E402
+
+os.environ["BITFOLD_HOME"] = tempfile.mkdtemp(prefix="bitfold-home-")
 
 
 def digest(path: Path) -> str:

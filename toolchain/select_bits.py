@@ -39,7 +39,11 @@ def budget_cost_model(metric: str, board: str | None):
         return COST_MODELS[metric]
     if board is None:
         raise BitfoldError(f"budget metric {metric!r} needs a board's cost table", "pass --board, or use bitops / weight_bits")
-    return get_cost_model(board)  # raises "no cost table for board X yet" until hw_models ships it
+    cm = get_cost_model(board)  # raises "no cost table for board X yet" until one is measured
+    if getattr(cm, "table", {}).get("metric") != metric:
+        raise BitfoldError(f"the cost table of {board} measures {getattr(cm, 'table', {}).get('metric', cm.name)!r}, "
+                           f"not {metric!r}", f"budget on {getattr(cm, 'table', {}).get('metric', 'bitops')} instead")
+    return cm
 
 
 def _load(run_dir):

@@ -200,6 +200,72 @@ def demo(
     run_demo(out, epochs=epochs, progress=not quiet, console=console)
 
 
+hw_app = typer.Typer(no_args_is_help=True, help="hardware cost tables: measure, fit, show")
+app.add_typer(hw_app, name="hw")
+
+
+@hw_app.command("measure")
+def hw_measure(
+    board: str = typer.Option(..., "--board", "-b"),
+    full: bool = typer.Option(False, help="the full grid (3 shapes x bits 2/4/8 per kind) instead of the quick one"),
+    db: Optional[Path] = typer.Option(None, help="measurement database (default $BITFOLD_HOME/measurements.sqlite)"),
+):
+    """Measure per-layer costs on a board and record them (with provenance) in the measurement database."""
+    from rich.progress import Progress
+
+    from bitfold.boards import load_board
+    from bitfold.hw_models.store import MeasurementStore
+    from bitfold.hw_models.tvm_latency import FULL_GRID, QUICK_GRID, measure
+    b = load_board(board)
+    if b.backend != "tvm":
+        raise BitfoldError(f"board {b.name} ({b.backend}) has no measurement driver in this version",
+                           "measure a CPU board (host-cpu)")
+    store = MeasurementStore(db)
+    with Progress(transient=True) as p:
+        task = p.add_task("measuring", total=None)
+        rows = measure(b, FULL_GRID if full else QUICK_GRID,
+                       progress=lambda i, n: p.update(task, completed=i, total=n))
+    store.add(rows)
+    console.print(f"recorded {len(rows)} {rows[0].metric} rows for {b.name} in {store.path}")
+
+
+@hw_app.command("fit")
+def hw_fit(board: str = typer.Option(..., "--board", "-b"), metric: str = typer.Option("latency"),
+           db: Optional[Path] = typer.Option(None)):
+    """Fit the board's cost table from its measurements; AdaQAT/select then accept --cost BOARD."""
+    from bitfold.hw_models.store import MeasurementStore
+    from bitfold.hw_models.table import fit_table, table_path
+    from bitfold.toolchain.atomic import write_json
+    store = MeasurementStore(db)
+    table = fit_table(store.query(board, metric), board, metric)
+    write_json(table_path(board), table)
+    console.print(f"wrote {table_path(board)} ({table['provenance']['rows']} rows)")
+    _show_table(table)
+
+
+def _show_table(table):
+    for kind, k in table["kinds"].items():
+        t = Table(title=f"{table['board']} {table['metric']} per MAC ({table['unit']}) - {kind}, "
+                        f"overhead {k['overhead']:.3g}")
+        t.add_column("w \\ a")
+        for a in k["a"]:
+            t.add_column(str(a), justify="right")
+        for w, row in zip(k["w"], k["per_mac"]):
+            t.add_row(str(w), *[f"{v:.3g}" for v in row])
+        console.print(t)
+
+
+@hw_app.command("show")
+def hw_show(board: str = typer.Option(..., "--board", "-b")):
+    """Show a board's fitted cost table."""
+    from bitfold.hw_models.table import find_table
+    t = find_table(board)
+    if t is None:
+        raise BitfoldError(f"no cost table for board {board!r} yet", f"run `bitfold hw measure --board {board}` and `bitfold hw fit`")
+    console.print(f"{t.source}")
+    _show_table(t.table)
+
+
 def main(argv=None):
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")

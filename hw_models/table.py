@@ -1,0 +1,134 @@
+"""Fitted per-board cost tables and their differentiable interpolation (a ``CostModel``).
+
+A table gives, per layer kind, a grid over (b_w, b_a) of the *marginal cost per MAC* plus a fixed
+per-layer overhead, fitted by least squares over the measured layer shapes at each grid point:
+
+    cost(layer) = overhead[kind] + macs * f_kind(b_w, b_a)
+
+``f`` is interpolated bilinearly between grid points (clamped outside), so the fractional
+widths of AdaQAT get a gradient; where the measurements say cost does not change with bits
+(float kernels), the gradient is honestly zero.
+
+Tables are JSON with provenance, looked up in ``$BITFOLD_HOME/tables/<board>.json`` (written by
+``bitfold hw fit``) and then in the package's own ``hw_models/tables/``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitfold.toolchain.errors import BitfoldError
+
+from .cost import CostResult
+from .store import Measurement, bitfold_home
+
+
+def fit_table(rows: list[Measurement], board: str, metric: str) -> dict:
+    rows = [r for r in rows if r.metric == metric and r.kind in ("conv", "linear")]
+    if not rows:
+        raise BitfoldError(f"no {metric!r} measurements for board {board!r}",
+                           f"run `bitfold hw measure --board {board}` first")
+    table = {"board": board, "metric": metric, "unit": rows[0].unit, "model": "overhead + macs * f(b_w, b_a)",
+             "kinds": {}, "provenance": {
+                 "sources": sorted({r.source for r in rows}), "tools": sorted({f"{r.tool} {r.tool_version}".strip() for r in rows}),
+                 "devices": sorted({r.device_id for r in rows}), "rows": len(rows),
+                 "dates": [min(r.date for r in rows), max(r.date for r in rows)]}}
+    for kind in sorted({r.kind for r in rows}):
+        kr = [r for r in rows if r.kind == kind]
+        ws, as_ = sorted({r.b_w for r in kr}), sorted({r.b_a for r in kr})
+        slope = np.full((len(ws), len(as_)), np.nan)
+        overheads = []
+        for i, w in enumerate(ws):
+            for j, a in enumerate(as_):
+                pts = [(r.macs, r.value) for r in kr if r.b_w == w and r.b_a == a]
+                if not pts:
+                    continue
+                macs = np.array([p[0] for p in pts], float)
+                val = np.array([p[1] for p in pts], float)
+                if len(set(macs)) >= 2:
+                    c1, c0 = np.polyfit(macs, val, 1)
+                    c1 = max(c1, 0.0)
+                    overheads.append(max(c0, 0.0))
+                else:
+                    c1 = float(val.mean() / macs.mean())
+                slope[i, j] = c1
+        if np.isnan(slope).any():  # fill holes from the nearest measured point along b_a, then b_w
+            for i in range(len(ws)):
+                row = slope[i]
+                if np.isnan(row).all():
+                    continue
+                idx = np.flatnonzero(~np.isnan(row))
+                slope[i] = np.interp(range(len(as_)), idx, row[idx])
+            for j in range(len(as_)):
+                col = slope[:, j]
+                idx = np.flatnonzero(~np.isnan(col))
+                slope[:, j] = np.interp(range(len(ws)), idx, col[idx])
+        table["kinds"][kind] = {"w": ws, "a": as_, "per_mac": slope.tolist(),
+                                "overhead": statistics.median(overheads) if overheads else 0.0}
+    return table
+
+
+def _interp1(grid: torch.Tensor, x: torch.Tensor):
+    """Bracket index and weight for linear interpolation of x on a sorted grid (clamped)."""
+    xc = x.clamp(float(grid[0]), float(grid[-1]))
+    if len(grid) == 1:
+        return torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), xc * 0
+    i = torch.searchsorted(grid, xc.detach().reshape(1), right=True).clamp(1, len(grid) - 1)[0]
+    lo, hi = grid[i - 1], grid[i]
+    return i - 1, i, (xc - lo) / (hi - lo)
+
+
+@dataclass
+class TableCostModel:
+    table: dict
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.table["board"]
+
+    @property
+    def unit(self) -> str:
+        return self.table["unit"]
+
+    def per_mac(self, kind: str, bw, ba) -> torch.Tensor:
+        k = self.table["kinds"].get(kind) or next(iter(self.table["kinds"].values()))
+        gw = torch.tensor(k["w"], dtype=torch.float32)
+        ga = torch.tensor(k["a"], dtype=torch.float32)
+        v = torch.tensor(k["per_mac"], dtype=torch.float32)
+        bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
+        ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
+        i0, i1, tw = _interp1(gw, bw)
+        j0, j1, ta = _interp1(ga, ba)
+        top = v[i0, j0] * (1 - ta) + v[i0, j1] * ta
+        bot = v[i1, j0] * (1 - ta) + v[i1, j1] * ta
+        return top * (1 - tw) + bot * tw
+
+    def __call__(self, layers, bits) -> CostResult:
+        per = {}
+        for d in layers:
+            bw, ba = bits[d.name]
+            k = self.table["kinds"].get(d.kind) or next(iter(self.table["kinds"].values()))
+            per[d.name] = k["overhead"] + d.macs * self.per_mac(d.kind, bw, ba)
+        total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
+        return CostResult(total, per, self.unit)
+
+
+def table_path(board: str) -> Path:
+    return bitfold_home() / "tables" / f"{board}.json"
+
+
+def find_table(board: str) -> TableCostModel | None:
+    for p in (table_path(board), Path(str(resources.files("bitfold.hw_models"))) / "tables" / f"{board}.json"):
+        if p.is_file():
+            try:
+                return TableCostModel(json.loads(p.read_text()), str(p))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise BitfoldError(f"cost table {p} is corrupt ({e})", f"re-run `bitfold hw fit --board {board}`") from e
+    return None

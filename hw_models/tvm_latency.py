@@ -1,0 +1,106 @@
+"""Measurement driver: per-layer latency on a CPU board, compiled and timed by TVM.
+
+For each (layer kind, shape, b_w, b_a) of a grid, a one-layer bitfold model (input quantizer +
+Conv/Linear) is exported to QCDQ (verified like every export), compiled with the TVM backend for
+the board's target, and timed with TVM's ``time_evaluator``; median / p10 / p90 go into the
+measurement store as ``latency`` rows (seconds) with tool and device provenance.
+
+Here only the host is measured (``host-cpu``); remote boards are timed through TVM's RPC
+tracker, which this driver does not drive yet.
+"""
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bitfold.toolchain.errors import BitfoldError
+
+from .store import Measurement
+
+QUICK_GRID = {"conv": [(8, 8, 8), (16, 16, 8)], "linear": [(64, 32), (256, 64)], "bits": [2, 8]}
+FULL_GRID = {"conv": [(16, 16, 8), (32, 32, 8), (16, 32, 16)], "linear": [(64, 64), (256, 128), (512, 256)],
+             "bits": [2, 4, 8]}
+
+
+class OneLayer(nn.Module):
+    def __init__(self, qb, kind, shape):
+        super().__init__()
+        self.inp = qb.act("layer", relu=False)
+        if kind == "conv":
+            cin, cout, _ = shape
+            self.layer = qb.conv("layer", cin, cout, 3, padding=1)
+        else:
+            self.layer = qb.linear("layer", shape[0], shape[1])
+
+    def forward(self, x):
+        return self.layer(self.inp(x))
+
+
+def one_layer_model(kind, shape, b_w, b_a):
+    from bitfold.toolchain.bitmap import LayerBits
+    from bitfold.toolchain.quant import LayerBuilder, get_method
+    from bitfold.toolchain.train import calibrate
+    torch.manual_seed(0)
+    qm = get_method("fixed")
+    m = OneLayer(LayerBuilder(qm, {"layer": LayerBits(b_w, b_a)}), kind, shape)
+    m.bit_map, m.quant_method = {"layer": LayerBits(b_w, b_a)}, qm
+    in_shape = (shape[0], shape[2], shape[2]) if kind == "conv" else (shape[0],)
+    calibrate(m, torch.randn(64, *in_shape), 64)
+    return m.eval(), in_shape
+
+
+def device_id() -> str:
+    import os
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}|{cpu or platform.processor()}|{os.cpu_count()} cpus"
+
+
+def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=None) -> list[Measurement]:
+    from bitfold.export import tvm_backend
+    from bitfold.export.onnx_export import export_model
+    from bitfold.export.onnx_io import load_onnx
+    if not tvm_backend.is_host(board):
+        raise BitfoldError(f"measuring {board.name} needs the board itself (TVM RPC tracker), which this "
+                           "version's driver does not use yet", "measure --board host-cpu on this machine")
+    tvm = tvm_backend._import_tvm()
+    from tvm import relax
+    rows = []
+    jobs = [(k, s, w, a) for k in ("conv", "linear") for s in grid[k] for w in grid["bits"] for a in grid["bits"]]
+    with tempfile.TemporaryDirectory() as td:
+        for n, (kind, shape, b_w, b_a) in enumerate(jobs):
+            model, in_shape = one_layer_model(kind, shape, b_w, b_a)
+            path = Path(td) / f"l{n}.onnx"
+            export_model(model, "qcdq", path, torch.randn(16, *in_shape))
+            onnx_model = load_onnx(path)
+            name, ishape = tvm_backend._input_spec(onnx_model)
+            ex = tvm.compile(tvm_backend.import_relax(onnx_model, name, ishape), tvm_backend.target_for(board, True))
+            vm = relax.VirtualMachine(ex, tvm.cpu())
+            x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(ishape).astype("float32"), tvm.cpu())
+            res = np.array(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(x).results)
+            if kind == "conv":
+                d = dict(macs=shape[0] * 9 * shape[1] * shape[2] ** 2, weights=shape[0] * 9 * shape[1],
+                         in_features=shape[0], out_features=shape[1], kernel=3, spatial=shape[2])
+            else:
+                d = dict(macs=shape[0] * shape[1], weights=shape[0] * shape[1], in_features=shape[0],
+                         out_features=shape[1])
+            rows.append(Measurement(board=board.name, kind=kind, b_w=b_w, b_a=b_a, metric="latency",
+                                    value=float(np.median(res)), unit="s", source="measured", tool="tvm",
+                                    tool_version=tvm.__version__, device_id=device_id(),
+                                    extra={"p10": float(np.percentile(res, 10)), "p90": float(np.percentile(res, 90)),
+                                           "number": number, "repeat": repeat, "target": str(tvm_backend.target_for(board, True)),
+                                           "executor": "relax VM, QCDQ fake-quant"}, **d))
+            if progress:
+                progress(n + 1, len(jobs))
+    return rows
