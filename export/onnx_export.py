@@ -36,6 +36,7 @@ class ExportResult:
     format: str
     report: VerifyReport
     bit_map: dict
+    accuracy: dict | None = None  # torch test accuracy: as trained / as exported (e.g. ADQ grid snapping)
 
 
 def quant_bit_widths(model: nn.Module) -> dict[str, float]:
@@ -191,4 +192,11 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
         ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
     x = ds.x_test if max_samples is None else ds.x_test[:max_samples]
     out_path = Path(out_path) if out_path else Path(run_dir) / f"model.{fmt}.onnx"
-    return export_model(model, fmt, out_path, x, ds.input_shape, **tol)
+    res = export_model(model, fmt, out_path, x, ds.input_shape, **tol)
+    method = getattr(model, "quant_method", None)
+    if method is not None:  # what the export-form conversion (snapping, baking) costs in accuracy
+        y = ds.y_test if max_samples is None else ds.y_test[:max_samples]
+        with torch.no_grad():
+            acc = lambda m: float((m.eval()(x).argmax(1) == y).float().mean())  # noqa: E731
+            res.accuracy = {"trained": acc(model), "exported": acc(method.for_export(model))}
+    return res

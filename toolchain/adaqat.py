@@ -156,7 +156,7 @@ class AdaQATMethod(QuantMethod):
         return {"act_quant": self._aq_s if signed else self._aq_u, "bit_width": bits,
                 "collect_stats_steps": 16}
 
-    def prepare_layer(self, name, layer):
+    def prepare_layer(self, name, layer, bits):
         parametrize.register_parametrization(layer, "weight", TanhNormalize())
         return layer
 

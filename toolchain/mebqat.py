@@ -112,7 +112,7 @@ class MEBQATMethod(QuantMethod):
     def act_kwargs(self, site, bits, signed):
         return {"act_quant": self._aq_s if signed else self._aq_u, "bit_width": bits, "collect_stats_steps": 16}
 
-    def prepare_layer(self, name, layer):
+    def prepare_layer(self, name, layer, bits):
         if self.quantizer == "dorefa":
             from .adaqat import TanhNormalize
             parametrize.register_parametrization(layer, "weight", TanhNormalize())

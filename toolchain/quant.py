@@ -37,7 +37,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_methods() -> None:
-    from . import adaqat, mebqat  # noqa: F401  (register "adaqat", "mebqat")
+    from . import adaqat, adq, mebqat  # noqa: F401  (register "adaqat", "adq", "mebqat")
 
 
 def get_method(name: str, **options) -> "QuantMethod":
@@ -77,9 +77,13 @@ class QuantMethod:
         cls = qnn.QuantReLU if relu else qnn.QuantIdentity
         return cls(return_quant_tensor=False, **self.act_kwargs(site, bits, signed=not relu))
 
-    def prepare_layer(self, name: str, layer: nn.Module) -> nn.Module:
+    def prepare_layer(self, name: str, layer: nn.Module, bits: LayerBits) -> nn.Module:
         """Last touch on a freshly built compute layer (e.g. a weight re-parametrisation)."""
         return layer
+
+    def cost_bits(self, model: nn.Module) -> dict:
+        """Per layer (b_w, b_a) that compute-cost models should count (default: the bit map)."""
+        return {n: (b.w, b.a) for n, b in model.bit_map.items()}
 
     # -- training hooks (defaults: nothing extra) -------------------------------------------
     def setup(self, model: nn.Module, layers: list) -> None:
@@ -233,12 +237,12 @@ class LayerBuilder(FloatBuilder):
         import brevitas.nn as qnn
         layer = qnn.QuantConv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=bias, groups=groups,
                                 dilation=dilation, return_quant_tensor=False, **self._w(name))
-        return self._record(name, self.method.prepare_layer(name, layer))
+        return self._record(name, self.method.prepare_layer(name, layer, self.bits[name]))
 
     def linear(self, name, in_f, out_f, bias=True):
         import brevitas.nn as qnn
         layer = qnn.QuantLinear(in_f, out_f, bias=bias, return_quant_tensor=False, **self._w(name))
-        return self._record(name, self.method.prepare_layer(name, layer))
+        return self._record(name, self.method.prepare_layer(name, layer, self.bits[name]))
 
     def site_bits(self, feeds: Iterable[str]) -> int:
         feeds = _as_tuple(feeds)

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     weights: str | None = None       # float state dict to start from (user models: file.py:factory)
+    init_from: str | None = None     # a run directory whose weights start this run (e.g. after allocate)
     synthetic_shape: tuple = (3, 32, 32)
 
     def to_json(self) -> dict:

@@ -67,6 +67,18 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = C
         model(x[lo:lo + batch_size].to(dev))
 
 
+def init_from_run(model: nn.Module, run_dir) -> None:
+    """Start from another run's weights; tensors whose shape changed (e.g. codebooks) start fresh."""
+    src = load_checkpoint(Path(run_dir) / CHECKPOINT)["model"]
+    own = model.state_dict()
+    keep = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    fresh = {k.rsplit(".", 1)[0] for k in own if k in src and own[k].shape != src[k].shape}
+    keep = {k: v for k, v in keep.items() if k.rsplit(".", 1)[0] not in fresh}  # e.g. a resized codebook's flag
+    if not keep:
+        raise BitfoldError(f"--init-from {run_dir}: no weights fit this model", "use a run of the same model")
+    model.load_state_dict(keep, strict=False)
+
+
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
 
@@ -108,7 +120,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         model.load_state_dict(ck["model"])
         history = list(ck["history"])
         start_epoch = int(ck["epoch"])
-    elif method is not None:
+    elif cfg.init_from:
+        init_from_run(model, cfg.init_from)
+    if ck is None and method is not None:
         # each rank calibrates on its own shard; DDP then broadcasts rank 0's parameters
         calibrate(model, ds.x_train[rank::world], cfg.batch_size)
     # The optimizer is made only now: Brevitas replaces some quantizer parameters (activation
@@ -200,11 +214,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
 def run_metrics(model: nn.Module, layers, history) -> dict:
     from bitfold.hw_models.cost import bitops, weight_bits
     bm = model.bit_map
+    method = getattr(model, "quant_method", None)
     if bm:
-        bits = {k: (v.w, v.a) for k, v in bm.items()}
+        bits = {k: (v.w, v.a) for k, v in bm.items()}          # storage: the bit map's widths
+        arith = method.cost_bits(model) if method else bits  # arithmetic (e.g. ADQ's snapped grid)
     else:  # float model: 32-bit everywhere
-        bits = {d.name: (32, 32) for d in layers}
-    bo, wb = bitops(layers, bits), weight_bits(layers, bits)
+        bits = arith = {d.name: (32, 32) for d in layers}
+    bo, wb = bitops(layers, arith), weight_bits(layers, bits)
     return {
         "model": getattr(model, "model_name", type(model).__name__),
         "method": getattr(getattr(model, "quant_method", None), "name", "float"),
@@ -212,7 +228,7 @@ def run_metrics(model: nn.Module, layers, history) -> dict:
         "bitops": float(bo.total),
         "weight_bits": float(wb.total),
         "layers": [{"name": d.name, "kind": d.kind, "macs": d.macs, "weights": d.weight_count,
-                    "w": bits[d.name][0], "a": bits[d.name][1],
+                    "w": bits[d.name][0], "a": bits[d.name][1], "arith_w": arith[d.name][0],
                     "bitops": float(bo.per_layer[d.name]), "weight_bits": float(wb.per_layer[d.name])}
                    for d in layers],
         "history": history,

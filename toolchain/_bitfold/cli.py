@@ -37,7 +37,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="float state dict to start from (with a file.py:factory model)"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
-    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat | mebqat, or float"),
+    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat | mebqat | adq, or float"),
     per_channel: bool = typer.Option(False, help="per-output-channel weight scales"),
     cost: Optional[str] = typer.Option(None, help="adaqat: cost model - bitops | weight_bits | <board>"),
     lam: Optional[float] = typer.Option(None, help="adaqat: weight of the cost term (default 0.1)"),
@@ -54,6 +54,7 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    init_from: Optional[Path] = typer.Option(None, help="start from another run's weights (e.g. after `bitfold allocate`)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Quantization-aware training on Brevitas layers; writes a run directory."""
@@ -61,13 +62,14 @@ def train(
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.train import train as run_train
     # validate before any work; a map file is stored in the run config by value
-    spec = BitMap.parse(str(bits_map)).to_json() if bits_map else BitMap.parse(bits).text
+    bm = BitMap.parse(str(bits_map) if bits_map else bits)
+    spec = bm.text or bm.to_json()
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
                                                      bit_lr=bit_lr), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      weights=str(weights) if weights else None)
+                      weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
     m = run_train(cfg, out, resume=resume, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"test accuracy {m['accuracy']:.2%}  BitOPs {m['bitops']:.3g}  "
@@ -88,14 +90,23 @@ def _layer_table(layers):
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="run directory from `bitfold train`"),
-    format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq"),
+    format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq | qcdq-index (adq codebooks)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .onnx (default: RUN/model.FORMAT.onnx)"),
     bits_map: Optional[str] = typer.Option(None, "--bits-map", help="mebqat runs: export at this bit map / shorthand"),
 ):
     """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
+    if format == "qcdq-index":
+        from bitfold.export.index_form import export_index_run
+        path, report, stats = export_index_run(run, output)
+        console.print(report.summary())
+        console.print("layers: " + ", ".join(f"{k}: {v['index_bits']}-bit index x {v['weights']}" for k, v in stats.items()))
+        console.print(f"wrote {path}")
+        return
     from bitfold.export.onnx_export import export_run
     r = export_run(run, format, output, bits_map=bits_map)
     console.print(r.report.summary())
+    if r.accuracy:
+        console.print("torch test accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in r.accuracy.items()))
     console.print(f"wrote {r.path}")
 
 
@@ -142,6 +153,22 @@ def select_cmd(
     console.print(f"cost {r['cost']:.4g} {r['cost_unit']} (budget {r['limit']:.4g}); accuracy: selection set "
                   f"{r['selection_accuracy']:.2%}, test {r['test_accuracy']:.2%}")
     console.print(f"wrote {r['path']} - export it with: bitfold export {run} --bits-map {r['path']}")
+
+
+@app.command()
+def allocate(
+    run: Path = typer.Argument(..., help="an adq run directory"),
+    cost: str = typer.Option("weight_bits", help="cost model: weight_bits | bitops | <board with a table>"),
+    budget: float = typer.Option(..., help="budget in the cost model's unit (weight_bits: bits)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output"),
+):
+    """ADQ: allocate per-layer codebook widths by Fisher sensitivity under a cost budget; writes the bit map."""
+    from bitfold.toolchain.adq import allocate_run
+    r = allocate_run(run, cost, budget, out_path=output)
+    console.print(f"allocated {r['bit_map']}  ({cost} {r['final_cost']:.4g} <= {budget:.4g})")
+    console.print("Fisher sensitivity: " + ", ".join(f"{k} {v:.3g}" for k, v in r["sensitivity"].items()))
+    console.print(f"wrote {r['path']} - continue training at it with: bitfold train --method adq "
+                  f"--bits-map {r['path']} --init-from {run} -o RUN2")
 
 
 @app.command()
