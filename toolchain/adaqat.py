@@ -45,7 +45,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from .bitmap import LayerBits
 from .errors import BitfoldError
-from .quant import QuantMethod, act_sites, compute_layers, register_method
+from .quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
 
 #: Measured on digits, CNN, 15 epochs, seed 0 (``benchmarks/adaqat_pareto.py --estimators``):
 #: at equal BitOPs the finite-difference estimator was about one point more accurate
@@ -371,8 +371,5 @@ class AdaQATMethod(QuantMethod):
             raise BitfoldError("AdaQAT widths are not frozen yet; export the run after training finished")
         m = copy.deepcopy(model)
         m.__dict__.pop("_adaqat_cache", None)  # it points at the original's modules
-        for layer in compute_layers(m).values():
-            if parametrize.is_parametrized(layer, "weight"):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-        return m
+        return bake_parametrizations(m)
 

@@ -26,7 +26,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from .bitmap import LayerBits
 from .errors import BitfoldError
-from .quant import QuantMethod, act_sites, compute_layers, register_method
+from .quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
 
 DEFAULT_CANDIDATES = (2, 3, 4, 5, 6, 8)
 
@@ -176,7 +176,4 @@ class MEBQATMethod(QuantMethod):
     def for_export(self, model):
         import copy
         m = copy.deepcopy(model)
-        for layer in compute_layers(m).values():
-            if parametrize.is_parametrized(layer, "weight"):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-        return m
+        return bake_parametrizations(m)

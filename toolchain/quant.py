@@ -261,6 +261,24 @@ class LayerBuilder(FloatBuilder):
         return m
 
 
+def bake_parametrizations(model: nn.Module) -> nn.Module:
+    """Replace every parametrized weight by a plain Parameter holding its current value, in place.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the property from the module's
+    (dynamically created) class - which a ``copy.deepcopy`` of the model *shares* with the original,
+    so it would break the original. This swaps the copy's class back to the plain layer class instead.
+    """
+    import torch.nn.utils.parametrize as parametrize
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            values = {name: getattr(mod, name).detach().clone() for name in mod.parametrizations}
+            mod.__class__ = mod.__class__.__bases__[0]
+            del mod._modules["parametrizations"]
+            for name, v in values.items():
+                mod.register_parameter(name, nn.Parameter(v))
+    return model
+
+
 def compute_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's compute layers (Conv/Linear) by bit-map name, in model order."""
     return {m._bitfold_layer: m for m in model.modules() if hasattr(m, "_bitfold_layer")}
