@@ -76,6 +76,17 @@ def _unsupported(gm, modules) -> list[str]:
     return bad
 
 
+def _relu_calls_to_modules(gm) -> None:
+    """torch.relu(x) / x.relu() (which Brevitas' functional pass leaves alone) -> nn.ReLU modules."""
+    fns = {torch.relu, torch.relu_, F.relu}
+    for i, n in enumerate(list(gm.graph.nodes)):
+        if (n.op == "call_function" and n.target in fns) or (n.op == "call_method" and n.target in ("relu", "relu_")):
+            name = f"bitfold_relu_{i}"
+            gm.add_submodule(name, nn.ReLU())
+            n.op, n.target, n.args, n.kwargs = "call_module", name, (n.args[0],), {}
+    gm.recompile()
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -110,6 +121,7 @@ def quantize(model: nn.Module, method: str | QuantMethod = "fixed", bits="w8a8",
         raise BitfoldError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]})",
                            "data-dependent control flow is not traceable; move it out of forward()") from e
+    _relu_calls_to_modules(gm)
     modules = dict(gm.named_modules())
     bad = _unsupported(gm, modules)
     if bad and not keep_float:
