@@ -54,7 +54,7 @@ def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
         stats[name] = {"index_bits": int(np.ceil(np.log2(len(cb_int)))), "entries": len(cb_int),
                        "weights": int(ints.size)}
     if not stats:
-        raise BitfoldError("this model has no codebook layers", "the index form is for --method adq runs")
+        raise BitfoldError("this model has no codebook layers", "the index form is for --method adq / asq runs")
     nodes = new_nodes + list(m.graph.node)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
@@ -72,8 +72,9 @@ def export_index_run(run_dir, out_path=None):
     cfg, model, _ = load_run(run_dir)
     if not hasattr(model.quant_method, "snapped_codebooks"):
         raise BitfoldError(f"run {run_dir} (--method {cfg.method}) has no codebook weights",
-                           "the index form is for --method adq runs")
+                           "the index form is for --method adq / asq runs")
     ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    model.quant_method.prepare_export(model, ds.x_train)
     snapped = model.quant_method.for_export(model).eval()
     out_path = Path(out_path or Path(run_dir) / "model.index.onnx")
     with torch.no_grad():

@@ -192,8 +192,10 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
         ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
     x = ds.x_test if max_samples is None else ds.x_test[:max_samples]
     out_path = Path(out_path) if out_path else Path(run_dir) / f"model.{fmt}.onnx"
-    res = export_model(model, fmt, out_path, x, ds.input_shape, **tol)
     method = getattr(model, "quant_method", None)
+    if method is not None:
+        method.prepare_export(model, ds.x_train)
+    res = export_model(model, fmt, out_path, x, ds.input_shape, **tol)
     if method is not None:  # what the export-form conversion (snapping, baking) costs in accuracy
         y = ds.y_test if max_samples is None else ds.y_test[:max_samples]
         with torch.no_grad():

@@ -37,7 +37,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_methods() -> None:
-    from . import adaqat, adq, mebqat  # noqa: F401  (register "adaqat", "adq", "mebqat")
+    from . import adaqat, adq, asq, mebqat  # noqa: F401  (register "adaqat", "adq", "asq", "mebqat")
 
 
 def get_method(name: str, **options) -> "QuantMethod":
@@ -128,6 +128,13 @@ class QuantMethod:
     def for_export(self, model: nn.Module) -> nn.Module:
         """A model whose graph the exporters can take (default: the model itself)."""
         return model
+
+    def prepare_export(self, model: nn.Module, x_calib) -> None:
+        """Calibrate whatever ``for_export`` needs from data (e.g. ASQ's folded step factors)."""
+
+    def layer_extras(self, model: nn.Module) -> dict:
+        """Extra per-layer cost facts for metrics (e.g. ASQ adapter MACs): {layer: {key: value}}."""
+        return {}
 
 
 @register_method("fixed")

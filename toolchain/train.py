@@ -221,6 +221,7 @@ def run_metrics(model: nn.Module, layers, history) -> dict:
     else:  # float model: 32-bit everywhere
         bits = arith = {d.name: (32, 32) for d in layers}
     bo, wb = bitops(layers, arith), weight_bits(layers, bits)
+    extras = method.layer_extras(model) if method else {}
     return {
         "model": getattr(model, "model_name", type(model).__name__),
         "method": getattr(getattr(model, "quant_method", None), "name", "float"),
@@ -229,7 +230,8 @@ def run_metrics(model: nn.Module, layers, history) -> dict:
         "weight_bits": float(wb.total),
         "layers": [{"name": d.name, "kind": d.kind, "macs": d.macs, "weights": d.weight_count,
                     "w": bits[d.name][0], "a": bits[d.name][1], "arith_w": arith[d.name][0],
-                    "bitops": float(bo.per_layer[d.name]), "weight_bits": float(wb.per_layer[d.name])}
+                    "bitops": float(bo.per_layer[d.name]), "weight_bits": float(wb.per_layer[d.name]),
+                    **extras.get(d.name, {})}
                    for d in layers],
         "history": history,
     }

@@ -37,7 +37,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="float state dict to start from (with a file.py:factory model)"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer 8 bit) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
-    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat | mebqat | adq, or float"),
+    method: str = typer.Option("fixed", help="quantization method: fixed | adaqat | mebqat | adq | asq, or float"),
     per_channel: bool = typer.Option(False, help="per-output-channel weight scales"),
     cost: Optional[str] = typer.Option(None, help="adaqat: cost model - bitops | weight_bits | <board>"),
     lam: Optional[float] = typer.Option(None, help="adaqat: weight of the cost term (default 0.1)"),
@@ -90,11 +90,18 @@ def _layer_table(layers):
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="run directory from `bitfold train`"),
-    format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq | qcdq-index (adq codebooks)"),
+    format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq | qcdq-index (adq/asq codebooks) | onnx-dynamic (asq adapters)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .onnx (default: RUN/model.FORMAT.onnx)"),
     bits_map: Optional[str] = typer.Option(None, "--bits-map", help="mebqat runs: export at this bit map / shorthand"),
 ):
     """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
+    if format == "onnx-dynamic":
+        from bitfold.export.dynamic import export_dynamic_run
+        path, report, acc = export_dynamic_run(run, output)
+        console.print(report.summary())
+        console.print(f"torch test accuracy (dynamic steps) {acc:.2%}")
+        console.print(f"wrote {path}")
+        return
     if format == "qcdq-index":
         from bitfold.export.index_form import export_index_run
         path, report, stats = export_index_run(run, output)

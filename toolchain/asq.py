@@ -1,0 +1,218 @@
+"""ASQ: adaptive activation step + POST (power-of-sqrt(2)) weights (after arXiv 2504.17263).
+
+Choices made here (and tested):
+
+* Activation sites are :class:`ASQAct` modules: ``s_a = s * beta(x)``,
+  ``x_int = clamp(round(x / s_a), n, p)``, output ``x_int * s`` (METHODS.md), with ``round``
+  straight-through so s, beta and the adapter learn. ``beta = 2 * sigmoid(adapter(stats))`` where
+  ``stats`` = per-sample (mean |x|, std x) of the incoming activation and the adapter is
+  Linear(2, 8) - ReLU - Linear(8, 1), last layer zero-initialised (beta = 1 at the start).
+  ``adapter=False`` fixes beta = 1 (ablation). ``s`` starts at max|x| / p of the first batch.
+  ReLU sites are unsigned (n = 0, p = 2^b - 1), others signed narrow (+-(2^(b-1) - 1)).
+* Weights, POST: levels ``alpha * {0, +-sqrt(2)^-k, k = 0..2^(b-1) - 2}`` - b bits including sign
+  and zero; ``alpha`` learned (init max|w|); nearest level, straight-through to the latent weight,
+  ``alpha`` gets its gradient through the level values.
+* Deployment: the POST levels are a codebook, exported like ADQ's (snapped to an 8-bit grid; the
+  index + LUT form via ``--format qcdq-index``). Activations: ``folded`` replaces beta(x) by its
+  mean over calibration data, per site - a plain Brevitas quantizer with scale s * beta followed by
+  a constant multiply by 1 / beta, so the graph is ordinary QONNX/QCDQ; ``dynamic`` exports the
+  adapter as ONNX ops (ReduceMean, Gemm, Sigmoid, Div, Round, Clip) that onnxruntime runs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+from .adq import ADQMethod, assign
+from .errors import BitfoldError
+from .quant import act_sites, register_method
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def symbolic(g, x):  # ONNX: a plain Round in the dynamic export
+        return g.op("Round", x)
+
+
+class ASQAct(nn.Module):
+    def __init__(self, bits: int, signed: bool, adapter: bool = True):
+        super().__init__()
+        self.bits, self.signed, self.use_adapter = int(bits), bool(signed), bool(adapter)
+        self.p = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+        self.n = -self.p if signed else 0
+        self.log_s = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.adapter = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        nn.init.zeros_(self.adapter[2].weight)
+        nn.init.zeros_(self.adapter[2].bias)
+
+    def beta(self, x):
+        if not self.use_adapter:
+            return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype)
+        flat = x.flatten(1)
+        stats = torch.stack([flat.abs().mean(1), flat.std(1)], 1)
+        return (2 * torch.sigmoid(self.adapter(stats))).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+    def forward(self, x):
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.log_s.fill_(math.log(float(x.detach().abs().max().clamp_min(1e-6)) / self.p))
+                self.initialized.fill_(True)
+        s = self.log_s.exp()
+        x_int = torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p)
+        return x_int * s
+
+
+class POSTWeight(nn.Module):
+    """Parametrization: weight -> nearest signed power-of-sqrt(2) level times a learned alpha."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        if bits < 2:
+            raise BitfoldError("POST weights need >= 2 bits (sign + zero + one level)")
+        self.bits = int(bits)
+        k = 2 ** (bits - 1) - 1
+        mags = torch.tensor([math.sqrt(2) ** -i for i in range(k)])
+        self.register_buffer("unit_levels", torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values)
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return (self.alpha * self.unit_levels).detach()
+
+    def forward(self, w):
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.alpha.fill_(float(w.detach().abs().max().clamp_min(1e-8)))
+                self.initialized.fill_(True)
+        levels = self.alpha * self.unit_levels
+        q = levels[assign(w, levels.detach())]
+        return q + (w - w.detach())
+
+
+class FoldedScale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@register_method("asq")
+class ASQMethod(ADQMethod):
+    weight_bits_range = (2, 8)
+
+    def __init__(self, per_channel: bool = False, adapter: bool = True, grid_bits: int = 8, deploy: str = "folded"):
+        super().__init__(per_channel=per_channel, grid_bits=grid_bits)
+        if deploy not in ("folded", "dynamic"):
+            raise BitfoldError(f"ASQ deploy mode {deploy!r}", "choose folded or dynamic")
+        self.adapter, self.deploy_mode = bool(adapter), deploy
+        self.beta_consts: dict = {}
+
+    def options(self):
+        return {"adapter": self.adapter, "grid_bits": self.grid_bits}
+
+    def act_module(self, site, bits, relu):
+        return ASQAct(bits, signed=not relu, adapter=self.adapter)  # unsigned clamp at 0 is the ReLU
+
+    def prepare_layer(self, name, layer, bits):
+        parametrize.register_parametrization(layer, "weight", POSTWeight(bits.w))
+        return layer
+
+    def after_step(self, model, step):  # POST levels are fixed: no codebook EMA
+        return None
+
+    def prepare_export(self, model, x_calib):
+        if self.adapter:
+            self.calibrate_beta(model, x_calib)
+
+    def layer_extras(self, model):
+        """Per layer: the adapter MACs of the ASQ site feeding it (extra work beside the layer)."""
+        return {k: {"adapter_macs": v} for k, v in count_adapter_ops(model).items()}
+
+    # -- folded deployment -------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_beta(self, model, x, batch_size=128) -> dict:
+        """Mean beta per site over ``x`` (the folded constants)."""
+        sums, n = {}, 0
+        hooks = []
+        for key, site in act_sites(model).items():
+            act = _asq(site)
+
+            def hook(mod, inp, out, key=key, act=act):
+                sums[key] = sums.get(key, 0.0) + float(act.beta(inp[0]).sum())
+            hooks.append(act.register_forward_hook(hook))
+        model.eval()
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+            n += len(x[i:i + batch_size])
+        for h in hooks:
+            h.remove()
+        self.beta_consts = {k: v / n for k, v in sums.items()}
+        return self.beta_consts
+
+    def for_export(self, model):
+        """ADQ's snapped-codebook layers + each ASQ site folded into a Brevitas quantizer and a scale."""
+        if not self.beta_consts and self.adapter:
+            raise BitfoldError("ASQ export needs the folded beta constants",
+                               "export through bitfold export / export_run, which calibrates them")
+        import brevitas.nn as qnn
+        from brevitas.core.scaling import ScalingImplType
+        from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+
+        from .convert import _set_module
+        m = super().for_export(model)
+        for path, mod in list(m.named_modules()):
+            if not hasattr(mod, "_bitfold_feeds"):
+                continue
+            act = _asq(mod)
+            beta = self.beta_consts.get(mod._bitfold_feeds, 1.0)
+            base = Int8ActPerTensorFloat if act.signed else Uint8ActPerTensorFloat
+            quant = type("ASQFolded", (base,), {"scaling_impl_type": ScalingImplType.CONST,
+                                               "scaling_init": float(act.log_s.exp()) * beta * act.p})
+            cls = qnn.QuantIdentity if act.signed else qnn.QuantReLU
+            folded = nn.Sequential(cls(act_quant=quant, bit_width=act.bits, return_quant_tensor=False),
+                                   FoldedScale(1.0 / beta))
+            folded._bitfold_feeds = mod._bitfold_feeds
+            _set_module(m, path, folded)
+        return m
+
+
+def _asq(site) -> ASQAct:
+    return next(x for x in site.modules() if isinstance(x, ASQAct))
+
+
+def dynamic_export(model, example_input, path) -> None:
+    """Export with the adapters as ONNX ops (float graph that onnxruntime runs)."""
+    import copy
+
+    from .quant import bake_parametrizations
+    m = bake_parametrizations(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        torch.onnx.export(m, example_input, str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+
+
+def count_adapter_ops(model) -> dict:
+    """Per layer feeding from an ASQ site: the adapter's MACs per sample (visible to cost reports)."""
+    out = {}
+    for key, site in act_sites(model).items():
+        act = _asq(site)
+        macs = sum(l.in_features * l.out_features for l in act.adapter if isinstance(l, nn.Linear)) if act.use_adapter else 0
+        for layer in key:
+            out[layer] = macs
+    return out
+
