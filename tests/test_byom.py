@@ -103,3 +103,11 @@ def test_bad_user_model_specs(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(BitfoldError, match="cannot be read safely"):
         build_model(RESNET, (1, 8, 8), 10, weights=str(bad))
+
+
+@pytest.mark.parametrize("method, bits", [("mebqat", "w8a8"), ("adq", "w3a4"), ("asq", "w4a4")])
+def test_user_resnet_with_the_other_methods(tmp_path, method, bits):
+    m = train(TrainConfig(model=RESNET, bits=bits, method=method, epochs=1), tmp_path / "run", progress=False)
+    assert m["accuracy"] > 0.2
+    res = bitfold.export_run(tmp_path / "run", "qcdq", tmp_path / "m.onnx")
+    assert res.report.passed

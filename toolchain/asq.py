@@ -7,7 +7,7 @@ Choices made here (and tested):
   straight-through so s, beta and the adapter learn. ``beta = 2 * sigmoid(adapter(stats))`` where
   ``stats`` = per-sample (mean |x|, std x) of the incoming activation and the adapter is
   Linear(2, 8) - ReLU - Linear(8, 1), last layer zero-initialised (beta = 1 at the start).
-  ``adapter=False`` fixes beta = 1 (ablation). ``s`` starts at max|x| / p of the first batch.
+  ``adapter=False`` fixes beta = 1 (ablation). ``s`` starts at max|x| / p of the first *training* batch.
   ReLU sites are unsigned (n = 0, p = 2^b - 1), others signed narrow (+-(2^(b-1) - 1)).
 * Weights, POST: levels ``alpha * {0, +-sqrt(2)^-k, k = 0..2^(b-1) - 2}`` - b bits including sign
   and zero; ``alpha`` learned (init max|w|); nearest level, straight-through to the latent weight,
@@ -66,8 +66,12 @@ class ASQAct(nn.Module):
 
     def forward(self, x):
         if not bool(self.initialized):
+            first = math.log(float(x.detach().abs().max().clamp_min(1e-6)) / self.p)
+            if not self.training:  # e.g. a shape probe on zeros: do not fix the step from it
+                s = torch.tensor(math.exp(first))
+                return torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p) * s
             with torch.no_grad():
-                self.log_s.fill_(math.log(float(x.detach().abs().max().clamp_min(1e-6)) / self.p))
+                self.log_s.fill_(first)
                 self.initialized.fill_(True)
         s = self.log_s.exp()
         x_int = torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p)
