@@ -157,8 +157,9 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
         if not report.passed:
             raise BitfoldError(f"exported {fmt} does not match the torch model - {report.summary()}",
                                "nothing was written; please report this model as a bitfold bug")
-    write_json(out_path.with_name(out_path.name + ".verify.json"),
-               {"format": fmt, "bit_map": bit_map, **report.as_dict()})
+        # the report lands first: an .onnx under its final name always has its verification beside it
+        write_json(out_path.with_name(out_path.name + ".verify.json"),
+                   {"format": fmt, "bit_map": bit_map, **report.as_dict()})
     return ExportResult(out_path, fmt, report, bit_map)
 
 
