@@ -9,8 +9,6 @@ Target: AdaQAT(ste) <= 1.25x fixed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -55,17 +53,8 @@ def main():
     fns = {"fixed": make_step("cnn", shape, batch, "fixed"),
            "adaqat-ste": make_step("cnn", shape, batch, "adaqat", estimator="ste"),
            "adaqat-fd": make_step("cnn", shape, batch, "adaqat", estimator="fd")}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / args.steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    from _timing import interleaved
+    med = interleaved(fns, args.rounds, args.steps)
     print(f"digits CNN, batch {batch}, {args.threads} threads, median of {args.rounds} interleaved rounds")
     for k, v in med.items():
         print(f"{k:<12} {v * 1e3:8.2f} ms/step   {v / med['fixed']:.2f}x fixed")

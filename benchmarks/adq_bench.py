@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -42,15 +40,8 @@ def step_ratio(rounds=7, steps=15):
             opt.step()
             qm.after_step(m, 0)
         fns[method] = fn
-    t = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            s = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            t[k].append((time.perf_counter() - s) / steps)
-    med = {k: statistics.median(v) for k, v in t.items()}
-    return med
+    from _timing import interleaved
+    return interleaved(fns, rounds, steps)
 
 
 def main():

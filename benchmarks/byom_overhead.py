@@ -46,14 +46,8 @@ def main():
             F.cross_entropy(m(x), y).backward()
             opt.step()
         fns[name] = fn
-    times = {k: [] for k in fns}
-    for _ in range(7):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / args.steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    from _timing import interleaved
+    med = interleaved(fns, 7, args.steps)
     print(f"conversion (torch.fx trace + rewrite), digits CNN: median {statistics.median(conv_t) * 1e3:.0f} ms")
     print(f"QAT step: hand-built {med['hand-built'] * 1e3:.2f} ms, converted {med['converted'] * 1e3:.2f} ms -> "
           f"{med['converted'] / med['hand-built']:.2f}x")

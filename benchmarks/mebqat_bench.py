@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -44,14 +42,8 @@ def step_times(rounds=5, steps=10):
             opt.step()
             state["s"] += 1
         fns[name] = (fn, qm)
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, (fn, _) in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    from _timing import interleaved
+    med = interleaved({k: fn for k, (fn, _) in fns.items()}, rounds, steps)
     k = fns["mebqat"][1].tasks_per_step
     return med, k
 

@@ -8,8 +8,6 @@ interleaved in rounds so machine noise hits both alike; the ratio of medians is 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -30,6 +28,8 @@ def step_fn(model, x, y):
 
 
 def measure(builds, batch, steps, rounds=5):
+    from _timing import interleaved
+
     from bitfold.toolchain.train import calibrate
     fns = {}
     for name, (model, shape) in builds.items():
@@ -39,16 +39,7 @@ def measure(builds, batch, steps, rounds=5):
             calibrate(model, x, batch)
         model.train()
         fns[name] = step_fn(model, x, y)
-        for _ in range(3):
-            fns[name]()  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved(fns, rounds, steps)
 
 
 def main():

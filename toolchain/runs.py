@@ -120,7 +120,6 @@ def load_run(run_dir: Path | str, map_location="cpu"):
 
     Returns ``(config, model, checkpoint)``.
     """
-    from .data import load_dataset  # noqa: F401  (dataset shape comes from the checkpoint)
     from .models import build_model
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
