@@ -142,3 +142,16 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32) -> BuildResu
         (tmp / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
     return BuildResult(Path(out_dir), board.name, "tvm", {"library": str(Path(out_dir) / "model.so")},
                        verified=True, verification=report.as_dict(), notes=notes)
+
+
+def measure_local(build_dir: Path, number: int = 20, repeat: int = 7) -> dict:
+    """Time a host build's whole model with TVM's time_evaluator: median / p10 / p90 seconds."""
+    tvm = _import_tvm()
+    from tvm import relax
+    build_dir = Path(build_dir)
+    meta = json.loads((build_dir / "build.json").read_text())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(build_dir / "model.so")), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), tvm.cpu())
+    res = np.array(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(x).results)
+    return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)), "p90": float(np.percentile(res, 90)),
+            "number": number, "repeat": repeat, "tvm": tvm.__version__}

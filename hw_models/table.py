@@ -29,7 +29,13 @@ from .cost import CostResult
 from .store import Measurement, bitfold_home
 
 
-def fit_table(rows: list[Measurement], board: str, metric: str) -> dict:
+#: per-MAC costs of one layer kind that differ by less than this fraction across widths are treated
+#: as equal: timing noise would otherwise hand an optimiser (Adam normalises gradient magnitudes) a
+#: consistent but meaningless slope.
+NOISE_FLOOR = 0.05
+
+
+def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: float = NOISE_FLOOR) -> dict:
     rows = [r for r in rows if r.metric == metric and r.kind in ("conv", "linear")]
     if not rows:
         raise BitfoldError(f"no {metric!r} measurements for board {board!r}",
@@ -69,7 +75,12 @@ def fit_table(rows: list[Measurement], board: str, metric: str) -> dict:
                 col = slope[:, j]
                 idx = np.flatnonzero(~np.isnan(col))
                 slope[:, j] = np.interp(range(len(ws)), idx, col[idx])
-        table["kinds"][kind] = {"w": ws, "a": as_, "per_mac": slope.tolist(),
+        spread = (slope.max() - slope.min()) / max(abs(slope.mean()), 1e-30)
+        flat = bool(spread < noise_floor)
+        if flat:
+            slope[:] = slope.mean()
+        table["kinds"][kind] = {"w": ws, "a": as_, "per_mac": slope.tolist(), "flat_in_bits": flat,
+                                "spread": float(spread),
                                 "overhead": statistics.median(overheads) if overheads else 0.0}
     return table
 

@@ -234,6 +234,29 @@ def demo(
     run_demo(out, epochs=epochs, progress=not quiet, console=console)
 
 
+@app.command("run")
+def run_cmd(
+    board: str = typer.Option(..., "--board", "-b"),
+    out: Path = typer.Option(..., "-o", "--out"),
+    method: str = typer.Option("adaqat", help="adaqat learns widths against the board table; others train --bits"),
+    budget: Optional[str] = typer.Option(None, help='"latency<=2ms" (adaqat budget mode); default: penalty mode'),
+    rounds: int = typer.Option(1, min=1),
+    model: str = typer.Option("cnn"),
+    data: str = typer.Option("digits"),
+    epochs: int = typer.Option(10, min=1),
+    bits: str = typer.Option("w8a8", help="initial (adaqat) or fixed widths"),
+    lam: float = typer.Option(1.0),
+):
+    """Closed loop: measure the board's cost table, train against it, export, build, measure, recalibrate."""
+    from bitfold.toolchain.loop import run_loop
+    r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, log=console.print)
+    for h in r["history"]:
+        pred = f"{h['predicted_latency'] * 1e3:.3f} ms" if h["predicted_latency"] else "-"
+        console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {pred}, "
+                      f"measured {h['measured_latency'] * 1e3:.3f} ms")
+    console.print(f"report: {r['report']}")
+
+
 hw_app = typer.Typer(no_args_is_help=True, help="hardware cost tables: measure, fit, show")
 app.add_typer(hw_app, name="hw")
 

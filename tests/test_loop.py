@@ -1,0 +1,34 @@
+"""bitfold run: the closed loop on the host CPU, and its resumability."""
+import json
+
+import pytest
+
+from bitfold.toolchain.errors import BitfoldError
+from bitfold.toolchain.loop import run_loop
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed")
+
+
+def test_closed_loop_runs_records_and_resumes(tmp_path):
+    logs = []
+    r = run_loop(tmp_path / "exp", "host-cpu", "adaqat", "latency<=5ms", rounds=1, model="mlp", epochs=2,
+                 log=logs.append)
+    h = r["history"][0]
+    assert h["accuracy"] > 0.5 and h["measured_latency"] > 0 and h["predicted_latency"] > 0
+    assert (tmp_path / "exp" / "report.md").read_text().count("| 1 |") == 1
+    assert (tmp_path / "exp" / "report.png").stat().st_size > 1000
+    from bitfold.hw_models.store import MeasurementStore
+    rows = MeasurementStore(tmp_path / "exp" / "measurements.sqlite").query("host-cpu", "latency")
+    assert any(x.kind == "model" for x in rows) and sum(x.kind != "model" for x in rows) >= 8
+    table = json.loads((tmp_path / "exp" / "round1" / "recalibrate" / "table.json").read_text())
+    assert table["provenance"]["rows"] > 16  # refitted with the model's own layer measurements
+    logs.clear()
+    run_loop(tmp_path / "exp", "host-cpu", "adaqat", "latency<=5ms", rounds=1, model="mlp", epochs=2, log=logs.append)
+    assert sum("skipped" in x for x in logs) == 6  # nothing changed: every stage skipped
+
+
+def test_loop_refuses_boards_it_cannot_measure(tmp_path):
+    with pytest.raises(BitfoldError, match="needs its own measurement driver"):
+        run_loop(tmp_path / "x", "pynq-z2")
+    with pytest.raises(BitfoldError, match="measure latency"):
+        run_loop(tmp_path / "x", "host-cpu", budget="lut<=100")
