@@ -129,3 +129,18 @@ def test_learned_bit_width_module_clamps_and_rounds():
     with torch.no_grad():
         m.n.fill_(3.4)
     assert float(m()) == 3.0 and m.integer() == 3
+
+
+def test_budget_repair_does_not_narrow_when_narrowing_cannot_help():
+    """A flat cost table (latency independent of bits): an unreachable budget must not drive widths down."""
+    from bitfold.hw_models.table import TableCostModel
+    from bitfold.toolchain.models import build_model
+    flat = {"board": "flat", "metric": "latency", "unit": "s",
+            "kinds": {k: {"w": [2, 8], "a": [2, 8], "per_mac": [[1e-9, 1e-9], [1e-9, 1e-9]], "overhead": 0.0}
+                      for k in ("conv", "linear")}}
+    method = AdaQATMethod(budget=1e-9, lam=1.0)
+    method.cost_model = TableCostModel(flat)
+    model = build_model("cnn", (1, 8, 8), 10, bits="w8a8", method=method)
+    method.setup(model, describe_layers(model, (1, 8, 8)))
+    bm = method.freeze(model)
+    assert all(b.w == 8 and b.a == 8 for b in bm.values())

@@ -298,11 +298,19 @@ class AdaQATMethod(QuantMethod):
         """Lower the widths rounded up the most until the map fits; then raise while it still fits."""
         ints = dict(ints)
         frac = {id(m): float(m.clamped()) for m in learn}
-        while self._cost_of(model, ints) > self.budget:
-            cand = [m for m in learn if ints[id(m)] > self.min_bits]
-            if not cand:
-                break
-            m = max(cand, key=lambda m: ints[id(m)] - frac[id(m)])
+        cur = self._cost_of(model, ints)
+        while cur > self.budget:
+            helps = []  # only narrowings that actually lower the cost (a flat table has none)
+            for m in learn:
+                if ints[id(m)] > self.min_bits:
+                    ints[id(m)] -= 1
+                    c = self._cost_of(model, ints)
+                    ints[id(m)] += 1
+                    if c < cur:
+                        helps.append((ints[id(m)] - frac[id(m)], m, c))
+            if not helps:
+                break  # the budget cannot be reached by narrowing: keep the widths (finalize reports it)
+            _, m, cur = max(helps, key=lambda t: t[0])
             ints[id(m)] -= 1
         improved = True
         while improved:
@@ -338,7 +346,8 @@ class AdaQATMethod(QuantMethod):
         with torch.no_grad():
             final = float(self.cost_model(self.layers, self.layer_bits(model, continuous=False)).total)
         return {"adaqat": {**self.options(), "cost_ref": self.c_ref, "final_cost": final,
-                           "cost_unit": self.cost_model.unit}}
+                           "cost_unit": self.cost_model.unit,
+                           "budget_met": None if self.budget is None else bool(final <= self.budget)}}
 
     def _plot(self, path):
         import matplotlib
