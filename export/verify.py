@@ -62,7 +62,10 @@ def ort_session(path: str, exact: bool = True):
 
 def run_ort(path: str, x: np.ndarray, exact: bool = True) -> np.ndarray:
     s = ort_session(path, exact)
-    return s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
+    inp = s.get_inputs()[0]
+    batch = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else len(x)  # fixed-batch graphs
+    x = x.astype(np.float32)
+    return np.concatenate([s.run(None, {inp.name: x[i:i + batch]})[0] for i in range(0, len(x), max(1, batch))])
 
 
 def prepare_qonnx(path_or_model):

@@ -67,3 +67,12 @@ def test_bad_inputs_leave_an_existing_build_intact(qcdq, tmp_path):
 def test_fpga_board_without_backend(qcdq, tmp_path):
     with pytest.raises(BitfoldError, match="'finn' backend"):
         build(qcdq / "m.qcdq.onnx", "pynq-z2", tmp_path / "b")
+
+
+def test_fixed_batch_float_onnx_builds(tmp_path):
+    import torch
+
+    from bitfold.toolchain.models import build_model
+    m = build_model("cnn", (1, 8, 8), 10, method="float").eval()
+    torch.onnx.export(m, torch.zeros(1, 1, 8, 8), str(tmp_path / "fp.onnx"), input_names=["input"], dynamo=False)
+    assert build(tmp_path / "fp.onnx", "host-cpu", tmp_path / "b").verified
