@@ -19,7 +19,7 @@ def ensure_writable_dir(path: Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except (OSError, FileExistsError) as e:
         raise BitfoldError(f"cannot create output directory {path}: {e.strerror}",
                            "choose a writable location with -o/--out") from e
     if not os.access(path, os.W_OK):
@@ -47,9 +47,12 @@ def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and not isinstance(e, BitfoldError):
+            raise BitfoldError(f"writing {final} failed: {e.strerror or e}",
+                               "free disk space or choose a writable location; the previous file is untouched") from e
         raise
 
 
