@@ -257,6 +257,55 @@ def run_cmd(
     console.print(f"report: {r['report']}")
 
 
+@app.command()
+def measure(
+    build_dir: Path = typer.Argument(..., help="a TVM build directory (bitfold build)"),
+    board: str = typer.Option(..., "--board", "-b"),
+    tracker: Optional[str] = typer.Option(None, help="TVM RPC tracker HOST:PORT (board farm)"),
+    key: Optional[str] = typer.Option(None, help="device key on the tracker (default: the board's rpc_key)"),
+    local: bool = typer.Option(False, help="time on this host instead"),
+    repeat: int = typer.Option(7, min=1),
+    db: Optional[Path] = typer.Option(None, help="measurement database (default $BITFOLD_HOME/measurements.sqlite)"),
+):
+    """Time a build on its device (RPC tracker) or locally; record median/p10/p90 in the measurement database."""
+    from bitfold.boards import load_board
+    from bitfold.hw_models.store import Measurement, MeasurementStore
+    b = load_board(board)
+    if local == bool(tracker):
+        raise BitfoldError("pass exactly one of --tracker HOST:PORT or --local")
+    if local:
+        from bitfold.export.tvm_backend import is_host, measure_local
+        if not is_host(b):
+            raise BitfoldError(f"--local times this host, but board {b.name} is {b.triple}", "use --tracker")
+        t = measure_local(build_dir, repeat=repeat)
+        device = "local"
+    else:
+        from bitfold.export.tvm_rpc import measure_rpc
+        device = key or b.rpc_key or b.name
+        t = measure_rpc(build_dir, tracker, device, repeat=repeat)
+    from bitfold.hw_models.tvm_latency import device_id
+    store = MeasurementStore(db)
+    store.add([Measurement(board=b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
+                           value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
+                           device_id=device if not local else device_id(), extra={"build": str(build_dir), **t})])
+    console.print(f"{b.name}: median {t['median'] * 1e3:.3f} ms (p10 {t['p10'] * 1e3:.3f}, p90 {t['p90'] * 1e3:.3f}) "
+                  f"-> {store.path}")
+
+
+@app.command("rpc-server")
+def rpc_server(
+    key: str = typer.Option(..., help="the key this device registers under"),
+    tracker: str = typer.Option(..., help="tracker HOST:PORT"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1 unless you mean to expose it)"),
+    port: int = typer.Option(9200),
+):
+    """Run a TVM RPC server for this device, registered with a tracker."""
+    from bitfold.export.tvm_rpc import rpc_server_command
+    cmd = rpc_server_command(key, tracker, host, port)
+    console.print("exec " + " ".join(cmd))
+    os.execv(cmd[0], cmd)
+
+
 hw_app = typer.Typer(no_args_is_help=True, help="hardware cost tables: measure, fit, show")
 app.add_typer(hw_app, name="hw")
 

@@ -1,0 +1,79 @@
+"""TVM RPC on loopback: a tracker, a server standing in for the board, a real `bitfold measure`."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed")
+pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado")
+
+from bitfold.cli import main  # noqa: E402
+from bitfold.export.tvm_rpc import free_devices, measure_rpc, rpc_server_command  # noqa: E402
+from bitfold.hw_models.store import MeasurementStore  # noqa: E402
+from bitfold.toolchain.errors import BitfoldError  # noqa: E402
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tracker():
+    port = _port()
+    p = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                          "--port-end", str(port + 1)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    addr = f"127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            free_devices(addr, "x")
+            break
+        except BitfoldError:
+            time.sleep(0.3)
+    yield addr
+    p.kill()
+
+
+@pytest.fixture(scope="module")
+def host_build(trained_run, tmp_path_factory):
+    from bitfold.export.backends import build
+    from bitfold.export.onnx_export import export_run
+    d = tmp_path_factory.mktemp("rpc")
+    export_run(trained_run[0], "qcdq", d / "m.onnx")
+    build(d / "m.onnx", "host-cpu", d / "b")
+    return d / "b"
+
+
+def test_measure_over_a_loopback_tracker_records_rows(tracker, host_build, tmp_path, capsys):
+    server = subprocess.Popen(rpc_server_command("loopback", tracker, port=_port()), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while free_devices(tracker, "loopback") == 0 and time.time() < deadline:
+            time.sleep(0.3)
+        with pytest.raises(SystemExit) as e:
+            main(["measure", str(host_build), "--board", "host-cpu", "--tracker", tracker, "--key", "loopback",
+                  "--repeat", "3", "--db", str(tmp_path / "m.sqlite")])
+            raise SystemExit(0)
+        assert e.value.code == 0, capsys.readouterr().err
+    finally:
+        server.kill()
+    rows = MeasurementStore(tmp_path / "m.sqlite").query("host-cpu", "latency")
+    assert len(rows) == 1 and rows[0].value > 0 and rows[0].device_id == "loopback"
+    assert rows[0].extra["p10"] <= rows[0].value <= rows[0].extra["p90"]
+
+
+def test_absent_device_is_retried_then_reported_not_recorded(tracker, host_build, tmp_path):
+    with pytest.raises(BitfoldError, match="failed after 2 attempts.*nothing recorded"):
+        measure_rpc(host_build, tracker, "no-such-board", retries=2, wait_s=0.1)
+
+
+def test_unreachable_tracker():
+    with pytest.raises(BitfoldError, match="cannot reach the TVM RPC tracker"):
+        free_devices(f"127.0.0.1:{_port()}", "x")
