@@ -38,7 +38,12 @@ def _tvm():
     return tvm_backend.build
 
 
-BACKENDS: dict[str, Callable[[], Callable]] = {"tvm": _tvm}
+def _open_fpga():
+    from . import open_fpga
+    return open_fpga.build
+
+
+BACKENDS: dict[str, Callable[[], Callable]] = {"tvm": _tvm, "open-fpga": _open_fpga}
 
 
 def register_backend(name: str, loader: Callable[[], Callable]) -> None:
