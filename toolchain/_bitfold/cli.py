@@ -183,10 +183,25 @@ def build(
     onnx_file: Path = typer.Argument(..., help="a verified export (QCDQ for CPU boards)"),
     board: str = typer.Option(..., "--board", "-b", help="board name (bitfold boards) or .toml path"),
     out: Path = typer.Option(..., "-o", "--out", help="build directory (replaced only when the build succeeds)"),
+    folding: Optional[Path] = typer.Option(None, "--folding", help='FPGA: JSON {"layer": {"pe": N, "simd": M}} '
+                                           "instead of the folding chosen from the board's budget"),
+    target_fps: Optional[float] = typer.Option(None, "--target-fps", help="FPGA: widen layers until this many "
+                                               "inferences/s at the board clock (default: what the UART can feed; "
+                                               "0: as fast as the board's budget allows)"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="FPGA: skip the bit-exact simulation check"),
+    no_bitstream: bool = typer.Option(False, "--no-bitstream", help="FPGA: stop after synthesis (no place & route)"),
 ):
-    """Build an exported model for a board with the board's backend (TVM for CPU boards)."""
+    """Build an exported model for a board with the board's backend (TVM for CPU boards,
+    yosys/nextpnr for Lattice FPGAs)."""
     from bitfold.export.backends import build as run_build
-    r = run_build(onnx_file, board, out)
+    from bitfold.boards import load_board
+    opts = {}
+    if load_board(board).kind == "fpga":
+        opts = {"folding": folding, "verify": not no_verify, "bitstream": not no_bitstream, "target_fps": target_fps,
+                "progress": lambda m: console.print(f"[dim]{m}...[/]")}
+    elif folding or no_verify or no_bitstream or target_fps:
+        raise BitfoldError("--folding / --target-fps / --no-verify / --no-bitstream apply to FPGA boards only")
+    r = run_build(onnx_file, board, out, **opts)
     console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
     if r.verification:
         from bitfold.export.verify import VerifyReport
@@ -255,6 +270,50 @@ def run_cmd(
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {pred}, "
                       f"measured {h['measured_latency'] * 1e3:.3f} ms")
     console.print(f"report: {r['report']}")
+
+
+@app.command("run-fpga")
+def run_fpga(
+    build_dir: Path = typer.Argument(..., help="an open-FPGA build directory (bitfold build --board ulx3s-85f|icebreaker)"),
+    port: Optional[str] = typer.Option(None, help="the board's UART, e.g. /dev/ttyUSB0"),
+    sim: bool = typer.Option(False, "--sim", help="run the core in verilator instead of a board"),
+    sim_uart: bool = typer.Option(False, "--sim-uart", help="run the UART top level in verilator (byte protocol)"),
+    program_board: bool = typer.Option(False, "--program", help="load the bitstream first (openFPGALoader / iceprog)"),
+    samples: int = typer.Option(32, min=1, help="held-out inputs to run"),
+):
+    """Run held-out inputs through an FPGA build (board over UART, or simulation) and compare the
+    outputs with the QONNX integer model, sample by sample."""
+    import numpy as np
+
+    from bitfold.export import fpga_host
+    from bitfold.export.open_fpga import held_out_inputs
+    if sum([bool(port), sim, sim_uart]) != 1:
+        raise BitfoldError("pass exactly one of --port PORT, --sim or --sim-uart")
+    b = fpga_host.load_build(build_dir)
+    im = b.intmodel()
+    x, src = held_out_inputs(tuple(im.input.shape), samples)
+    if program_board:
+        if not port:
+            raise BitfoldError("--program needs a board (--port)")
+        console.print(fpga_host.program(build_dir))
+    if port:
+        out = fpga_host.run_serial(build_dir, x, port)
+        ref = im.run_codes(im.input.codes(x))
+    elif sim:
+        out, ref, _ = fpga_host.run_sim(build_dir, x)
+    else:
+        out, ref = fpga_host.run_sim_uart(build_dir, x)
+    bad = int((out != ref).any(1).sum())
+    where = port or ("verilator (UART top)" if sim_uart else "verilator (core)")
+    logits = im.outputs_to_float(out)
+    msg = f"{where}: {len(x)} {src}, {len(x) - bad}/{len(x)} bit-exact vs the QONNX integer model"
+    if src.startswith("digits"):
+        from bitfold.toolchain.data import load_dataset
+        y = np.asarray(load_dataset("digits").y_test[:len(x)])
+        msg += f", accuracy {(logits.argmax(1) == y).mean():.2%}"
+    console.print(msg)
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command()
