@@ -43,7 +43,12 @@ def _open_fpga():
     return open_fpga.build
 
 
-BACKENDS: dict[str, Callable[[], Callable]] = {"tvm": _tvm, "open-fpga": _open_fpga}
+def _finn():
+    from . import finn_backend
+    return finn_backend.build
+
+
+BACKENDS: dict[str, Callable[[], Callable]] = {"tvm": _tvm, "open-fpga": _open_fpga, "finn": _finn}
 
 
 def register_backend(name: str, loader: Callable[[], Callable]) -> None:

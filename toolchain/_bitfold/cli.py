@@ -272,6 +272,19 @@ def run_cmd(
     console.print(f"report: {r['report']}")
 
 
+@app.command()
+def setup(
+    what: str = typer.Argument(..., help="what to set up: finn"),
+    env: Optional[Path] = typer.Option(None, help="where (default $BITFOLD_FINN_ENV or $BITFOLD_HOME/finn-env)"),
+    force: bool = typer.Option(False, help="recreate even if it exists"),
+):
+    """Create the separate environment an external toolchain runs in (FINN: finn-plus 1.6.1)."""
+    if what != "finn":
+        raise BitfoldError(f"unknown setup target {what!r}", "available: finn")
+    from bitfold.export.finn_backend import setup as finn_setup
+    finn_setup(env, force=force, say=console.print)
+
+
 @app.command("run-fpga")
 def run_fpga(
     build_dir: Path = typer.Argument(..., help="an open-FPGA build directory (bitfold build --board ulx3s-85f|icebreaker)"),
