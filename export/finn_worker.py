@@ -59,24 +59,27 @@ def _non_hw_nodes(model_path: Path) -> list[str]:
     return [f"{n.op_type} ({n.name})" for n in m.graph.node if "fpgadataflow" not in (n.domain or "")]
 
 
-def _verify_hw_python(samples_path):
-    """A custom build step: execute the HW-generic model (after step_convert_to_hw) in Python on
-    every verification sample and compare with the exported model's outputs."""
-    def step_bitfold_verify_hw_python(model, cfg):
+def _verify_python(samples_path, tag: str):
+    """A custom build step: execute the current model in Python on every verification sample and
+    save its outputs (bitfold compares them with the export's outputs, with its own tolerances)."""
+    def step(model, cfg):
         import numpy as np
         from qonnx.core.onnx_exec import execute_onnx
         data = np.load(samples_path)
         x, ref = data["x"], data["y"]
         iname, oname = model.graph.input[0].name, model.graph.output[0].name
-        worst, agree = 0.0, 0
+        ishape = model.get_tensor_shape(iname)
+        outs = []
         for i in range(len(x)):
-            out = execute_onnx(model, {iname: x[i:i + 1]})[oname].reshape(ref[i:i + 1].shape)
-            worst = max(worst, float(np.abs(out - ref[i:i + 1]).max()))
-            agree += int(out.argmax() == ref[i].argmax())
-        res = {"samples": int(len(x)), "max_abs_diff": worst, "argmax_agreement": agree / max(1, len(x))}
-        (Path(cfg.output_dir) / "bitfold_hw_python_verify.json").write_text(json.dumps(res))
+            xi = x[i:i + 1]
+            if list(xi.shape) != list(ishape) and int(np.prod(ishape)) == xi.size:
+                xi = xi.transpose(0, 2, 3, 1) if len(ishape) == 4 and ishape[-1] == xi.shape[1] else xi
+                xi = xi.reshape(ishape)
+            outs.append(execute_onnx(model, {iname: xi})[oname].reshape(ref[i:i + 1].shape))
+        np.save(Path(cfg.output_dir) / f"bitfold_verify_{tag}.npy", np.concatenate(outs))
         return model
-    return step_bitfold_verify_hw_python
+    step.__name__ = f"step_bitfold_verify_{tag}"
+    return step
 
 
 def run(req: dict) -> dict:
@@ -95,18 +98,26 @@ def run(req: dict) -> dict:
     import finn.builder.build_dataflow as build
     import finn.builder.build_dataflow_config as bc
 
-    steps = list(bc.estimate_only_dataflow_steps)
-    if req.get("verify_samples"):
-        steps.insert(steps.index("step_convert_to_hw") + 1, _verify_hw_python(req["verify_samples"]))
+    def with_checks(steps):
+        if not req.get("verify_samples"):
+            return steps
+        out = []
+        for st in steps:
+            out.append(st)
+            tag = {"step_qonnx_to_finn": "qonnx_to_finn", "step_tidy_up": "tidy_up",
+                   "step_streamline": "streamlined", "step_convert_to_hw": "hw_generic"}.get(st)
+            if tag:
+                out.append(_verify_python(req["verify_samples"], tag))
+        return out
+
+    steps = with_checks(list(bc.estimate_only_dataflow_steps))
     if req.get("codegen"):
         steps.append("step_hw_codegen")      # HLS C++ / RTL sources; no Xilinx tool runs
     outputs = [bc.DataflowOutputType.ESTIMATE_REPORTS]
     verify = [bc.VerificationStepType.QONNX_TO_FINN_PYTHON, bc.VerificationStepType.TIDY_UP_PYTHON,
               bc.VerificationStepType.STREAMLINED_PYTHON]
     if want_hw and not missing:
-        steps = list(bc.default_build_dataflow_steps)
-        if req.get("verify_samples"):
-            steps.insert(steps.index("step_convert_to_hw") + 1, _verify_hw_python(req["verify_samples"]))
+        steps = with_checks(list(bc.default_build_dataflow_steps))
         outputs += [bc.DataflowOutputType.STITCHED_IP, bc.DataflowOutputType.RTLSIM_PERFORMANCE,
                     bc.DataflowOutputType.OOC_SYNTH, bc.DataflowOutputType.BITFILE,
                     bc.DataflowOutputType.PYNQ_DRIVER, bc.DataflowOutputType.DEPLOYMENT_PACKAGE]
@@ -131,13 +142,10 @@ def run(req: dict) -> dict:
             name = f.stem[len("verify_"):]
             ok = name.endswith("_SUCCESS")
             res["verification"][name.rsplit("_", 1)[0]] = ok
-    hwv = out_dir / "bitfold_hw_python_verify.json"
-    if hwv.exists():
-        res["hw_python_verification"] = json.loads(hwv.read_text())
+    res["bitfold_verify"] = {f.stem[len("bitfold_verify_"):]: str(f) for f in sorted(out_dir.glob("bitfold_verify_*.npy"))}
     rep = out_dir / "report"
     res["estimates"] = {f.stem: json.loads(f.read_text()) for f in sorted(rep.glob("*.json"))} if rep.exists() else {}
-    hw_cfg = out_dir / "final_hw_config.json"
-    res["folding"] = json.loads(hw_cfg.read_text()) if hw_cfg.exists() else {}
+    res["folding"] = _applied_folding(out_dir)
     if rc != 0:
         step = ran[-1] if ran else "start"
         tb = [ln for ln in text.splitlines() if ln.strip()]
@@ -156,6 +164,20 @@ def run(req: dict) -> dict:
     res["finn_rtllib"] = str(Path(finn.__file__).parent / "finn-rtllib")
     res["status"] = "ok"
     return res
+
+
+def _applied_folding(out_dir: Path) -> dict:
+    """PE/SIMD as applied, read from the last HW model (auto or from a folding file)."""
+    import onnx
+    m = out_dir / "intermediate_models" / "step_generate_estimate_reports.onnx"
+    if not m.exists():
+        return {}
+    out = {}
+    for n in onnx.load(str(m)).graph.node:
+        attrs = {a.name: a.i for a in n.attribute if a.name in ("PE", "SIMD")}
+        if attrs:
+            out[n.name] = attrs
+    return out
 
 
 def _rtl_sources(out_dir: Path) -> dict:
