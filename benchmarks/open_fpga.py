@@ -83,6 +83,7 @@ def main(argv=None):
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for (name, board), info, wall, err in pool.map(one, jobs):
+            print(f"done {name} {board} in {wall:.0f} s" + (f": {err}" if err else ""), flush=True)
             im = lower(models[name])
             bitops = sum(s.macs * s.wbits_model * s.ibits for s in im.mvaus)
             row = {"map": name, "board": board, "bitops": bitops, "wall_s": round(wall, 1)}

@@ -448,7 +448,7 @@ module tb;
     lfsr <= {{lfsr[30:0], lfsr[31] ^ lfsr[21] ^ lfsr[1] ^ lfsr[0]}};
     if (in_valid && in_ready) i_in <= i_in + 1;
     if (out_valid && out_ready) begin
-      $fdisplay(f, "%0d %0d", {sig}(out_data), cyc);
+      $fdisplay(f, "%h %0d", out_data, cyc);   // hex; Python masks and sign-extends
       i_out <= i_out + 1;
       if (i_out == NOUT - 1) begin $fclose(f); $finish; end
     end
@@ -464,8 +464,7 @@ def compile_sim(rtl: Path, design: Design, n_frames: int, cycles_per_frame: int)
     sim.mkdir(exist_ok=True)
     limit = 50_000 + 4 * n_frames * cycles_per_frame
     (sim / "tb.v").write_text(TB.format(nin=n_frames * design.in_elems, nout=n_frames * design.out_elems,
-                                        ib=design.in_bits - 1, ob=design.out_bits - 1,
-                                        sig="$signed" if design.out_signed else "", limit=limit))
+                                        ib=design.in_bits - 1, ob=design.out_bits - 1, limit=limit))
     srcs = [str((rtl / f).resolve()) for f in ("bf_mvau.v", "bf_pool.v", "bf_core.v")] + ["tb.v"]
     cmd = _verilator() + ["--binary", "--timing", "-Wno-fatal", "-Wno-lint", "-Wno-style", "--top-module", "tb",
                           "-O2", "--build-jobs", str(max(1, os.cpu_count() or 1)),
@@ -491,7 +490,13 @@ def simulate(rtl: Path, design: Design, binary: Path, codes: np.ndarray, stall: 
     if len(rows) != n * design.out_elems:
         raise BitfoldError(f"simulation produced {len(rows)} of {n * design.out_elems} output elements "
                            f"(see {sim / 'sim.log'})", "the design stalled: this is a bitfold bug, please report it")
-    vals = np.array([int(r[0]) for r in rows], dtype=np.int64).reshape(n, design.out_elems)
+    # mask to the port width (verilator 5.48 was seen to show stale bits above a narrow port's
+    # width in %d of $signed(...)), then sign-extend raw accumulators
+    mask = (1 << design.out_bits) - 1
+    vals = np.array([int(r[0], 16) & mask for r in rows], dtype=np.int64)
+    if design.out_signed:
+        vals = np.where(vals >= 1 << (design.out_bits - 1), vals - (1 << design.out_bits), vals)
+    vals = vals.reshape(n, design.out_elems)
     cyc = np.array([int(r[1]) for r in rows]).reshape(n, design.out_elems)
     timing = {"first_frame_cycles": int(cyc[0, -1]),
               "cycles_per_frame": float((cyc[-1, -1] - cyc[0, -1]) / max(1, n - 1)) if n > 1 else float(cyc[0, -1])}

@@ -104,8 +104,8 @@ def test_budget_mode_ends_within_5_percent_of_the_budget(tmp_path):
 
 
 def test_board_cost_without_table_and_bad_options():
-    with pytest.raises(BitfoldError, match="no cost table for board 'pynq-z2' yet"):
-        AdaQATMethod(cost="pynq-z2")
+    with pytest.raises(BitfoldError, match="no cost table for board 'rpi4' yet"):
+        AdaQATMethod(cost="rpi4")
     with pytest.raises(BitfoldError, match="unknown cost model"):
         AdaQATMethod(cost="joules")
     with pytest.raises(BitfoldError, match="estimator"):

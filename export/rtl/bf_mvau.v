@@ -2,7 +2,8 @@
 //
 // One convolution (K x K window, STRIDE, PAD with the code PADCODE) or one dense layer
 // (IH = IW = K = 1), folded as PE output channels x SIMD input elements per cycle, followed by a
-// multi-threshold activation (NT sorted thresholds per channel: out = #{k : acc >= T[k]}) or, when
+// multi-threshold activation (NT sorted thresholds per channel: out = #{k : acc >= T[k]}, found by
+// binary search) or, when
 // NT = 0, the raw signed accumulator.
 //
 // Streams: valid/ready, one element per beat, pixel-major (H, W, C) order; inputs are unsigned
@@ -95,19 +96,25 @@ module bf_mvau #(
     end
   end
 
+  // multi-threshold activation as a binary search over the sorted thresholds: OBITS comparisons
+  // per channel instead of NT (and no NT-long chain of adders, which made deep logic for 8 bits)
   reg [PE*OBITS-1:0] actc;
-  reg [OBITS-1:0] cnt;
+  reg [OBITS:0] idx, cand;
+  integer b;
   always @* begin
     actc = {PE*OBITS{1'b0}};
     for (r = 0; r < PE; r = r + 1) begin
       if (NT == 0) begin
         actc[r*OBITS +: OBITS] = acc[r*ACCB +: OBITS];
       end else begin
-        cnt = {OBITS{1'b0}};
-        for (k = 0; k < TW; k = k + 1)
-          if ($signed(acc[r*ACCB +: ACCB]) >= $signed(thr[(r*TW+k)*ACCB +: ACCB]))
-            cnt = cnt + 1'b1;
-        actc[r*OBITS +: OBITS] = cnt;
+        idx = {(OBITS+1){1'b0}};
+        for (b = OBITS - 1; b >= 0; b = b - 1) begin
+          cand = idx | ({{OBITS{1'b0}}, 1'b1} << b);
+          if (cand <= NT)
+            if ($signed(acc[r*ACCB +: ACCB]) >= $signed(thr[(r*TW + cand - 1)*ACCB +: ACCB]))
+              idx = cand;
+        end
+        actc[r*OBITS +: OBITS] = idx[OBITS-1:0];
       end
     end
   end

@@ -393,11 +393,11 @@ def hw_measure(
 
     from bitfold.boards import load_board
     from bitfold.hw_models.store import MeasurementStore
-    from bitfold.hw_models.tvm_latency import FULL_GRID, QUICK_GRID, measure
     b = load_board(board)
-    if b.backend != "tvm":
-        raise BitfoldError(f"board {b.name} ({b.backend}) has no measurement driver in this version",
-                           "measure a CPU board (host-cpu)")
+    if b.kind == "fpga":   # open flow: yosys synthesis per layer; Xilinx: FINN estimates
+        from bitfold.hw_models.fpga_cost import FULL_GRID, QUICK_GRID, measure
+    else:
+        from bitfold.hw_models.tvm_latency import FULL_GRID, QUICK_GRID, measure
     store = MeasurementStore(db)
     with Progress(transient=True) as p:
         task = p.add_task("measuring", total=None)
@@ -408,10 +408,13 @@ def hw_measure(
 
 
 @hw_app.command("fit")
-def hw_fit(board: str = typer.Option(..., "--board", "-b"), metric: str = typer.Option("latency"),
+def hw_fit(board: str = typer.Option(..., "--board", "-b"),
+           metric: Optional[str] = typer.Option(None, help="default: lut for FPGA boards, latency for CPU boards"),
            db: Optional[Path] = typer.Option(None)):
     """Fit the board's cost table from its measurements; AdaQAT/select then accept --cost BOARD."""
+    from bitfold.boards import load_board
     from bitfold.hw_models.store import MeasurementStore
+    metric = metric or ("lut" if load_board(board).kind == "fpga" else "latency")
     from bitfold.hw_models.table import fit_table, table_path
     from bitfold.toolchain.atomic import write_json
     store = MeasurementStore(db)

