@@ -228,7 +228,7 @@ def markdown(summary: dict, board, res: dict) -> str:
 
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
           samples: int = 20, bitstream: bool = True, progress=None, target_fps: float | None = None,
-          env: str | Path | None = None):
+          env: str | Path | None = None, impl_style: str | None = None):
     """``bitfold build model.onnx --board pynq-z2``: see the module docstring."""
     from bitfold.toolchain.atomic import write_json
 
@@ -247,10 +247,15 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
         np.savez(tmp / "verify_samples.npz", x=x, y=y)
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         fps = int(target_fps) if target_fps else (None if folding else 100_000)
+        spec = None
+        if impl_style:   # e.g. "hls": LUT-based MVAUs instead of FINN's DSP-based RTL MVAU
+            spec = tmp / "specialize.json"
+            spec.write_text(json.dumps({"Defaults": {"preferred_impl_style": [impl_style, ["MVAU"]]}}))
         req = {"onnx": str((tmp / "model.onnx").resolve()), "out_dir": str(finn_dir.resolve()), "part": board.part,
                "board": board.finn_board, "clock_mhz": board.clock_mhz, "target_fps": fps,
                "folding": str(Path(folding).resolve()) if folding else None,
                "stage": "bitstream" if bitstream else "estimate", "codegen": True,
+               "specialize": str(spec.resolve()) if spec else None,
                "verify_input": str((tmp / "verify_input.npy").resolve()),
                "verify_output": str((tmp / "verify_output.npy").resolve()),
                "verify_samples": str((tmp / "verify_samples.npz").resolve()) if verify else None}

@@ -127,6 +127,7 @@ def run(req: dict) -> dict:
         fpga_part=req.get("part"), board=req.get("board"),
         shell_flow_type=bc.ShellFlowType.VIVADO_ZYNQ if want_hw else None,
         target_fps=req.get("target_fps"), folding_config_file=req.get("folding"),
+        specialize_layers_config_file=req.get("specialize"),
         generate_outputs=outputs, steps=steps, verify_steps=verify,
         verify_input_npy=req["verify_input"], verify_expected_output_npy=req["verify_output"],
         save_intermediate_models=True, auto_fifo_depths=False)

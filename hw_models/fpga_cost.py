@@ -123,12 +123,14 @@ def measure_finn(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
             x = torch.randn(32, *in_shape)
             path = export_model(m, "qonnx", Path(d) / "l.onnx", x, in_shape).path
             fps = int(board.clock_mhz * 1e6 / CYCLES)
-            finn_build(path, board, Path(d) / "b", verify=False, bitstream=False, target_fps=fps)
+            # LUT-based (HLS) MVAUs: FINN's RTL MVAU puts >= 4-bit layers into DSPs (LUT estimate 0)
+            finn_build(path, board, Path(d) / "b", verify=False, bitstream=False, target_fps=fps, impl_style="hls")
             rep = json.loads((Path(d) / "b" / "build.json").read_text())
         mv = [r for r in rep["layers"] if r["type"].startswith("MVAU")]
         if not mv:
             raise BitfoldError(f"FINN produced no MVAU for a {n_in}x{n_out} W{b_w}A{b_a} layer")
-        for metric, key, unit in (("lut", "LUT", "LUT (estimate)"), ("bram", "BRAM_18K", "BRAM18 (estimate)")):
+        for metric, key, unit in (("lut", "LUT", "LUT (estimate)"), ("bram", "BRAM_18K", "BRAM18 (estimate)"),
+                                  ("dsp", "DSP", "DSP (estimate)")):
             rows.append(Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
                                     b_w=b_w, b_a=b_a, metric=metric, value=float(sum(r[key] for r in mv)), unit=unit,
                                     source="estimated", tool="finn-plus", tool_version=info.get("finn-plus", ""),
