@@ -346,8 +346,13 @@ def _finn_error(res: dict, onnx_path: Path) -> BitfoldError:
     non_hw = err.get("non_hw_nodes") or []
     hint = "see finn_worker.log and finn/build_dataflow.log in the build directory"
     if non_hw:
-        return BitfoldError(f"FINN could not map {onnx_path.name} to hardware ({step}): these layers have no FINN HW "
-                            f"implementation in this position: {', '.join(non_hw[:6])}",
+        by_op: dict = {}
+        for item in non_hw:
+            op, name = item.split(" ", 1)
+            by_op.setdefault(op, []).append(name.strip("()"))
+        desc = ", ".join(f"{op} x{len(v)} (first {v[0]})" for op, v in sorted(by_op.items(), key=lambda kv: -len(kv[1])))
+        return BitfoldError(f"FINN could not map {onnx_path.name} to hardware ({step}): layers left without a FINN HW "
+                            f"implementation: {desc}",
                             "FINN needs chains of quantized Conv/MatMul + thresholded activations; residual adds, "
                             "unquantized layers and float ops between layers are not supported (use the TVM backend)")
     return BitfoldError(f"FINN failed in {step} on {onnx_path.name}: {msg}", hint)

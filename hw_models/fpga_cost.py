@@ -25,8 +25,12 @@ from .store import Measurement
 
 #: target cycles per output vector of a layer: folding PE*SIMD ~ MACs / CYCLES
 CYCLES = 64
-QUICK_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 4, 8]}
+#: open flow: 8-bit activations mean 255 thresholds per channel (minutes of yosys per layer), so
+#: the quick grid stops at 6 and the table clamps above it; the full grid includes 8
+QUICK_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 3, 4, 6]}
 FULL_GRID = {"linear": [(32, 16), (64, 32), (128, 64)], "bits": [1, 2, 3, 4, 6, 8]}
+#: FINN estimates are fast at any width
+FINN_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 4, 8]}
 
 
 def _divisors(n):
@@ -146,5 +150,5 @@ def measure(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
     if board.backend == "open-fpga":
         return measure_open_flow(board, grid, progress)
     if board.backend == "finn":
-        return measure_finn(board, grid, progress)
+        return measure_finn(board, FINN_GRID if grid is QUICK_GRID else grid, progress)
     raise BitfoldError(f"board {board.name} is not an FPGA board")

@@ -150,3 +150,16 @@ def test_bad_inputs(finn_env, exports, tmp_path, monkeypatch):
         build(exports["mlp"], "pynq-z2", tmp_path / "o3", bitstream=False)
     for d in ("o1", "o2", "o3"):
         assert not (tmp_path / d).exists()
+
+
+def test_residual_network_gets_a_specific_error(finn_env, tmp_path):
+    from bitfold.export.backends import build
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    train(TrainConfig(model="resnet20", bits="w4a4", epochs=1, data="synthetic", synthetic_shape=[3, 8, 8],
+                      batch_size=64), tmp_path / "res", progress=False)
+    res = export_run(tmp_path / "res", "qonnx", tmp_path / "res.onnx").path
+    with pytest.raises(BitfoldError, match=r"could not map res.onnx to hardware .*MatMul x\d+ \(first MatMul_") as ei:
+        build(res, "zcu104", tmp_path / "b", bitstream=False, verify=False)
+    assert "residual" in ei.value.hint and not (tmp_path / "b").exists()
