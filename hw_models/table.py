@@ -85,9 +85,10 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
     return table
 
 
-def _interp1(grid: torch.Tensor, x: torch.Tensor):
-    """Bracket index and weight for linear interpolation of x on a sorted grid (clamped)."""
-    xc = x.clamp(float(grid[0]), float(grid[-1]))
+def _interp1(grid: torch.Tensor, x: torch.Tensor, extrapolate: bool = False):
+    """Bracket index and weight for linear interpolation of x on a sorted grid (clamped; with
+    ``extrapolate``, continued along the last segment above the grid)."""
+    xc = x.clamp(min=float(grid[0])) if extrapolate else x.clamp(float(grid[0]), float(grid[-1]))
     if len(grid) == 1:
         return torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), xc * 0
     i = torch.searchsorted(grid, xc.detach().reshape(1), right=True).clamp(1, len(grid) - 1)[0]
@@ -115,8 +116,9 @@ class TableCostModel:
         v = torch.tensor(k["per_mac"], dtype=torch.float32)
         bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
         ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
-        i0, i1, tw = _interp1(gw, bw)
-        j0, j1, ta = _interp1(ga, ba)
+        ext = bool(self.table.get("extrapolate", False))
+        i0, i1, tw = _interp1(gw, bw, ext)
+        j0, j1, ta = _interp1(ga, ba, ext)
         top = v[i0, j0] * (1 - ta) + v[i0, j1] * ta
         bot = v[i1, j0] * (1 - ta) + v[i1, j1] * ta
         return top * (1 - tw) + bot * tw

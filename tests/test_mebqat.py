@@ -73,8 +73,11 @@ def test_budget_parsing_and_board_metrics():
         parse_budget("fast please")
 
 
-def test_board_budget_needs_its_table_and_fixed_runs_cannot_switch(meta_run, trained_run):
-    with pytest.raises(BitfoldError, match="no cost table for board 'ulx3s-85f' yet"):
-        select(meta_run, "lut<=20000", board="ulx3s-85f")
+def test_board_budget_needs_its_table_and_fixed_runs_cannot_switch(meta_run, trained_run, tmp_path):
+    with pytest.raises(BitfoldError, match="no cost table for board 'rpi4' yet"):
+        select(meta_run, "latency<=2ms", board="rpi4")
+    # the shipped ULX3S LUT table (measured by yosys): selection against LUTs, not BitOPs
+    r = select(meta_run, "lut<=1.5e6", board="ulx3s-85f", out_path=tmp_path / "lut.json")
+    assert r["cost_unit"] == "LUT4" and r["cost"] <= 1.5e6 and r["board"] == "ulx3s-85f"
     with pytest.raises(BitfoldError, match="need a --method mebqat run"):
         select(trained_run[0], "bitops<=5e6")
