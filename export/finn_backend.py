@@ -344,6 +344,9 @@ def _finn_error(res: dict, onnx_path: Path) -> BitfoldError:
     err = res.get("error", {})
     step, msg = err.get("step", "?"), err.get("message", "")
     non_hw = err.get("non_hw_nodes") or []
+    if not non_hw and "unmapped nodes:" in msg:      # FINN's own FINNUserError lists them by name
+        names = [n.strip() for n in msg.split("unmapped nodes:", 1)[1].split("->")[0].split(",") if n.strip()]
+        non_hw = [f"{n.rsplit('_', 1)[0]} ({n})" for n in names]
     hint = "see finn_worker.log and finn/build_dataflow.log in the build directory"
     if non_hw:
         by_op: dict = {}

@@ -64,9 +64,12 @@ def test_bad_inputs_leave_an_existing_build_intact(qcdq, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
 
 
-def test_fpga_board_without_backend(qcdq, tmp_path):
-    with pytest.raises(BitfoldError, match="'finn' backend"):
-        build(qcdq / "m.qcdq.onnx", "pynq-z2", tmp_path / "b")
+def test_qcdq_file_on_fpga_boards_is_refused(qcdq, tmp_path):
+    # FPGA backends take QONNX; a QCDQ file gets one clear error on every FPGA board
+    for board in ("pynq-z2", "ulx3s-85f"):
+        with pytest.raises(BitfoldError, match="QCDQ"):
+            build(qcdq / "m.qcdq.onnx", board, tmp_path / "b")
+        assert not (tmp_path / "b").exists()
 
 
 def test_fixed_batch_float_onnx_builds(tmp_path):
