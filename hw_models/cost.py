@@ -69,8 +69,12 @@ def register_cost_model(model: CostModel) -> CostModel:
 
 
 def get_cost_model(name: str) -> CostModel:
+    """A registered cost model, a board's table (``ulx3s-85f``), or a table file (``path/to/table.json``)."""
     if name in COST_MODELS:
         return COST_MODELS[name]
+    if name.endswith(".json"):
+        from .table import load_table_file
+        return load_table_file(name)
     from bitfold.boards import known_boards
     if name in known_boards():
         from .table import find_table

@@ -37,10 +37,11 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def folding_for(n_in: int, n_out: int) -> tuple[int, int]:
-    """(PE, SIMD) with PE*SIMD close to n_in*n_out/CYCLES, SIMD first (as the backend's planner)."""
+def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int, int]:
+    """(PE, SIMD) with PE*SIMD close to n_in*n_out/CYCLES, SIMD first (as the backend's planner);
+    SIMD divides ``simd_of`` (a conv's input channels; default n_in)."""
     want = max(1, (n_in * n_out) // CYCLES)
-    simd = max(d for d in _divisors(n_in) if d <= want)
+    simd = max(d for d in _divisors(simd_of or n_in) if d <= want)
     pe = max(d for d in _divisors(n_out) if d <= max(1, want // simd))
     return pe, simd
 
@@ -152,3 +153,23 @@ def measure(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
     if board.backend == "finn":
         return measure_finn(board, FINN_GRID if grid is QUICK_GRID else grid, progress)
     raise BitfoldError(f"board {board.name} is not an FPGA board")
+
+
+def table_folding(im):
+    """The folding the cost tables assume (PE*SIMD ~ MACs per output vector / ``CYCLES``), for a
+    whole lowered model: builds made with it are the ones a table's prediction describes."""
+    from bitfold.export.open_fpga import Folding
+    return Folding({s.name: dict(zip(("pe", "simd"), folding_for(s.k * s.k * s.ic, s.oc, s.ic))) for s in im.mvaus})
+
+
+def model_resources(build_json) -> dict:
+    """LUT/FF/BRAM/DSP of an open-flow build, from its synthesis report (``build.json``)."""
+    import json
+    rep = json.loads(Path(build_json).read_text())
+    lut, ff, ram, dsp = _count(rep["synthesis"]["cells"], _family(rep["board"]))
+    return {"lut": lut, "ff": ff, "bram": ram, "dsp": dsp}
+
+
+def _family(board_name: str) -> str:
+    from bitfold.boards import load_board
+    return load_board(board_name).family

@@ -79,9 +79,14 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
         flat = bool(spread < noise_floor)
         if flat:
             slope[:] = slope.mean()
+        ov = statistics.median(overheads) if overheads else 0.0
+        pred = np.array([ov + r.macs * slope[ws.index(r.b_w), as_.index(r.b_a)] for r in kr])
+        meas = np.array([r.value for r in kr])
+        rel = np.abs(pred - meas) / np.maximum(np.abs(meas), 1e-30)
         table["kinds"][kind] = {"w": ws, "a": as_, "per_mac": slope.tolist(), "flat_in_bits": flat,
-                                "spread": float(spread),
-                                "overhead": statistics.median(overheads) if overheads else 0.0}
+                                "spread": float(spread), "overhead": ov,
+                                "fit": {"rows": len(kr), "shapes": len({(r.in_features, r.out_features, r.kernel, r.spatial) for r in kr}),
+                                        "mape": float(rel.mean()), "max_rel_err": float(rel.max())}}
     return table
 
 
@@ -109,6 +114,11 @@ class TableCostModel:
     def unit(self) -> str:
         return self.table["unit"]
 
+    @property
+    def scale(self) -> float:
+        """Whole-model correction fitted from measured models (:func:`calibrate_scale`); 1 if none."""
+        return float(self.table.get("calibration", {}).get("scale", 1.0))
+
     def per_mac(self, kind: str, bw, ba) -> torch.Tensor:
         k = self.table["kinds"].get(kind) or next(iter(self.table["kinds"].values()))
         gw = torch.tensor(k["w"], dtype=torch.float32)
@@ -128,7 +138,7 @@ class TableCostModel:
         for d in layers:
             bw, ba = bits[d.name]
             k = self.table["kinds"].get(d.kind) or next(iter(self.table["kinds"].values()))
-            per[d.name] = k["overhead"] + d.macs * self.per_mac(d.kind, bw, ba)
+            per[d.name] = self.scale * (k["overhead"] + d.macs * self.per_mac(d.kind, bw, ba))
         total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
         return CostResult(total, per, self.unit)
 
@@ -137,11 +147,52 @@ def table_path(board: str) -> Path:
     return bitfold_home() / "tables" / f"{board}.json"
 
 
+def shipped_table_path(board: str) -> Path:
+    return Path(str(resources.files("bitfold.hw_models"))) / "tables" / f"{board}.json"
+
+
+def load_table_file(path, board: str | None = None) -> TableCostModel:
+    """Read and check a table file; a corrupt or foreign file is one clear error."""
+    p = Path(path)
+    fix = f"re-run `bitfold calibrate --board {board}`" if board else "point at a table written by `bitfold calibrate`"
+    if not p.is_file():
+        raise BitfoldError(f"cost table {p} does not exist", fix)
+    try:
+        t = json.loads(p.read_text())
+        kinds = t["kinds"]
+        for k in kinds.values():
+            v = np.asarray(k["per_mac"], dtype=float)
+            if v.shape != (len(k["w"]), len(k["a"])) or not np.isfinite(v).all() or list(k["w"]) != sorted(k["w"]) \
+                    or list(k["a"]) != sorted(k["a"]):
+                raise ValueError("grid and per_mac do not match")
+            float(k["overhead"])
+        t["board"], t["metric"], t["unit"], t["provenance"]["sources"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BitfoldError(f"cost table {p} is corrupt or not a bitfold cost table ({type(e).__name__}: {e})", fix) from e
+    if board is not None and t["board"] != board:
+        raise BitfoldError(f"cost table {p} belongs to board {t['board']!r}, not {board!r}", fix)
+    return TableCostModel(t, str(p))
+
+
 def find_table(board: str) -> TableCostModel | None:
-    for p in (table_path(board), Path(str(resources.files("bitfold.hw_models"))) / "tables" / f"{board}.json"):
+    for p in (table_path(board), shipped_table_path(board)):
         if p.is_file():
-            try:
-                return TableCostModel(json.loads(p.read_text()), str(p))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BitfoldError(f"cost table {p} is corrupt ({e})", f"re-run `bitfold hw fit --board {board}`") from e
+            return load_table_file(p, board)
     return None
+
+
+def calibrate_scale(table: dict, pairs: list[tuple[float, float]]) -> dict:
+    """A copy of ``table`` with a whole-model correction factor fitted to (predicted, measured)
+    pairs of built models: least squares through the origin, on the table's uncorrected
+    predictions. Residuals before and after are recorded in ``calibration``."""
+    pairs = [(float(p), float(m)) for p, m in pairs if p > 0 and m > 0]
+    if not pairs:
+        return table
+    p = np.array([x[0] for x in pairs])
+    m = np.array([x[1] for x in pairs])
+    s = float((p * m).sum() / (p * p).sum())
+    out = json.loads(json.dumps(table))
+    out["calibration"] = {"scale": s, "models": len(pairs),
+                          "mape_before": float(np.mean(np.abs(p - m) / m)),
+                          "mape_after": float(np.mean(np.abs(s * p - m) / m))}
+    return out

