@@ -72,6 +72,9 @@ def get_cost_model(name: str) -> CostModel:
     """A registered cost model, a board's table (``ulx3s-85f``), or a table file (``path/to/table.json``)."""
     if name in COST_MODELS:
         return COST_MODELS[name]
+    if name == "energy" or name.startswith("energy-"):
+        from .energy import load_energy
+        return load_energy(name)
     if name.endswith(".json"):
         from .table import load_table_file
         return load_table_file(name)
@@ -85,7 +88,7 @@ def get_cost_model(name: str) -> CostModel:
                            f"measure one with `bitfold hw measure --board {name}` (then `bitfold hw fit`), "
                            f"or use one of: {', '.join(COST_MODELS)}")
     raise BitfoldError(f"unknown cost model {name!r}",
-                       f"choose one of: {', '.join(COST_MODELS)}, or a board name")
+                       f"choose one of: {', '.join(COST_MODELS)}, energy, or a board name")
 
 
 def model_costs(layers, bit_map) -> dict:

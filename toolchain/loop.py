@@ -185,7 +185,11 @@ def predicted_cost(run_dir, table_file, bit_map) -> float:
 
 def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None, rounds: int = 1,
              model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
-             lam: float = 1.0, bitstream: bool = False, verify: bool = True, log=print) -> dict:
+             lam: float = 1.0, bitstream: bool = False, verify: bool = True, cost: str | None = None,
+             table: str | Path | None = None, log=print) -> dict:
+    """The loop (module docstring). ``cost``: train against this cost model instead of the board's
+    table (e.g. ``bitops``, for comparison; predictions still come from the table); ``table``: start
+    from this table file instead of the board's shipped/measured one."""
     from bitfold.boards import load_board
     from bitfold.export.onnx_export import export_run
     from bitfold.hw_models.store import MeasurementStore
@@ -205,12 +209,18 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     model, bits = model or tgt.default_model, bits or tgt.default_bits
     history = []
     log(f"round 0: cost table for {b.name}")
-    _stage(out / "round0" / "calibrate", _sha("calibrate", b.name, type(tgt).__name__), tgt.calibrate, log)
+    if table is not None:
+        from bitfold.hw_models.table import load_table_file
+        start = load_table_file(table, b.name).table
+        _stage(out / "round0" / "calibrate", _sha("calibrate-from", Path(table)),
+               lambda d: tgt._write_table(d, start), log)
+    else:
+        _stage(out / "round0" / "calibrate", _sha("calibrate", b.name, type(tgt).__name__), tgt.calibrate, log)
     for r in range(1, rounds + 1):
         rd = out / f"round{r}"
         log(f"round {r}")
         table_file = out / f"round{r - 1}" / ("calibrate" if r == 1 else "recalibrate") / "table.json"
-        opts = {"cost": str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
+        opts = {"cost": cost or str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
         if limit is not None:
             opts["budget"] = limit
         cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs,
@@ -236,7 +246,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         history.append({"round": r, "accuracy": tr["accuracy"], "predicted": tr["predicted"], "measured": ms["value"],
                         "measurement": ms, "bit_map": tr["bit_map"], "budget": limit, "onnx": ex["onnx"],
                         "build": bd["out_dir"], "table": str(table_file), "recalibrated": rc})
-    meta = {"board": b.name, "metric": tgt.metric, "unit": tgt.unit, "method": method, "history": history}
+    meta = {"board": b.name, "metric": tgt.metric, "unit": tgt.unit, "method": method, "cost": cost or "board table",
+            "history": history}
     report = write_report(out, meta)
     return {**meta, "report": str(report)}
 
