@@ -154,4 +154,4 @@ def measure_local(build_dir: Path, number: int = 20, repeat: int = 7) -> dict:
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), tvm.cpu())
     res = np.array(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(x).results)
     return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)), "p90": float(np.percentile(res, 90)),
-            "number": number, "repeat": repeat, "tvm": tvm.__version__}
+            "std": float(np.std(res)), "number": number, "repeat": repeat, "tvm": tvm.__version__}

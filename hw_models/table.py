@@ -47,6 +47,10 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
                  "dates": [min(r.date for r in rows), max(r.date for r in rows)]}}
     for kind in sorted({r.kind for r in rows}):
         kr = [r for r in rows if r.kind == kind]
+        if any(r.extra.get("block") for r in kr):   # open-flow building blocks: the structural model
+            table["model"] = "sum over layers of coef . features(layer, b_w, b_a, next layer's b_a)"
+            table["kinds"][kind] = fit_features([r for r in kr if r.extra.get("block")])
+            continue
         ws, as_ = sorted({r.b_w for r in kr}), sorted({r.b_a for r in kr})
         slope = np.full((len(ws), len(as_)), np.nan)
         overheads = []
@@ -134,6 +138,12 @@ class TableCostModel:
         return top * (1 - tw) + bot * tw
 
     def __call__(self, layers, bits) -> CostResult:
+        kinds = self.table["kinds"]
+        if any(k.get("form") == "features" for k in kinds.values()):
+            entry = next(k for k in kinds.values() if k.get("form") == "features")
+            per = features_cost(entry, layers, bits, self.scale)
+            total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
+            return CostResult(total, per, self.unit)
         per = {}
         for d in layers:
             bw, ba = bits[d.name]
@@ -161,6 +171,11 @@ def load_table_file(path, board: str | None = None) -> TableCostModel:
         t = json.loads(p.read_text())
         kinds = t["kinds"]
         for k in kinds.values():
+            if k.get("form") == "features":
+                c = np.asarray(k["coef"], dtype=float)
+                if c.shape != (len(FEATURES),) or not np.isfinite(c).all() or (c < 0).any():
+                    raise ValueError(f"features form needs {len(FEATURES)} finite non-negative coefficients")
+                continue
             v = np.asarray(k["per_mac"], dtype=float)
             if v.shape != (len(k["w"]), len(k["a"])) or not np.isfinite(v).all() or list(k["w"]) != sorted(k["w"]) \
                     or list(k["a"]) != sorted(k["a"]):
@@ -196,3 +211,77 @@ def calibrate_scale(table: dict, pairs: list[tuple[float, float]]) -> dict:
                           "mape_before": float(np.mean(np.abs(p - m) / m)),
                           "mape_after": float(np.mean(np.abs(s * p - m) / m))}
     return out
+
+
+# --- the "features" form: a fitted structural model of one dataflow layer (open FPGA flow) --------
+
+#: per-layer features of bitfold's bf_mvau (PE x SIMD lanes, folded with the tables' rule):
+#: names -> what they count
+FEATURES = {"one": "per layer (control, FIFOs)", "mult": "lanes * b_w * b_a (multipliers)",
+            "adder": "lanes * acc bits (adder tree)", "wrom": "weight ROM bits (MACs/vector * b_w)",
+            "trom": "threshold ROM bits (out ch * (2^b_out - 1) * acc)", "cmp": "PE * acc * b_out (search)",
+            "out": "out ch * out bits (only the last layer: the stream to the host)"}
+
+
+def mvau_features(mw, oc, ic, bw, ba, bout, last: bool):
+    """Feature vector (torch, differentiable in the widths) of one folded layer; ``bout=None``:
+    raw accumulator output."""
+    from .fpga_cost import folding_for
+    pe, simd = folding_for(int(mw), int(oc), int(ic))
+    bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
+    ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
+    lanes = pe * simd
+    acc = bw + ba + float(np.log2(max(mw, 2)))
+    zero = bw * 0
+    if bout is None:
+        trom, cmp_, obits = zero, zero, acc
+    else:
+        bout = bout if isinstance(bout, torch.Tensor) else torch.tensor(float(bout))
+        trom, cmp_, obits = oc * (2 ** bout - 1) * acc, pe * acc * bout, bout
+    return torch.stack([zero + 1, lanes * bw * ba, lanes * acc, mw * oc * bw, trom, cmp_,
+                        oc * obits if last else zero])
+
+
+def fit_features(rows: list[Measurement]) -> dict:
+    """Non-negative least squares of the measured one-layer rows (relative error weighted) on
+    :func:`mvau_features`; residuals in-sample and leave-one-shape-out."""
+    from scipy.optimize import nnls
+
+    def feats(r):
+        return mvau_features(r.in_features * r.kernel ** 2, r.out_features, r.in_features, r.b_w, r.b_a,
+                             r.extra.get("b_out"), True).numpy().astype(float)
+    X = np.array([feats(r) for r in rows])
+    y = np.array([r.value for r in rows], float)
+
+    def solve(Xs, ys):
+        norm = np.maximum(X.max(0), 1e-12)
+        c, _ = nnls(Xs / norm / ys[:, None], np.ones(len(ys)))
+        return c / norm
+    coef = solve(X, y)
+    rel = np.abs(X @ coef - y) / y
+    shapes = sorted({(r.in_features, r.out_features, r.kernel) for r in rows})
+    loso = []
+    if len(shapes) > 1:
+        for s in shapes:
+            m = np.array([(r.in_features, r.out_features, r.kernel) == s for r in rows])
+            c = solve(X[~m], y[~m])
+            loso += list(np.abs(X[m] @ c - y[m]) / y[m])
+    return {"form": "features", "features": list(FEATURES), "coef": coef.tolist(),
+            "fit": {"rows": len(rows), "shapes": len(shapes), "mape": float(rel.mean()), "max_rel_err": float(rel.max()),
+                    "loso_mape": float(np.mean(loso)) if loso else None,
+                    "loso_max_rel_err": float(np.max(loso)) if loso else None}}
+
+
+def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0) -> dict:
+    """Per-layer cost of a chain of layers under the features form: layer i's thresholds produce
+    layer i+1's input width; the last layer streams its raw accumulator out."""
+    coef = torch.tensor(kind_entry["coef"], dtype=torch.float32)
+    per = {}
+    for i, d in enumerate(layers):
+        bw, ba = bits[d.name]
+        last = i == len(layers) - 1
+        bout = None if last else bits[layers[i + 1].name][1]
+        mw = d.kernel[0] * d.kernel[1] * d.in_features // max(1, d.groups)
+        f = mvau_features(mw, d.out_features, d.in_features // max(1, d.groups), bw, ba, bout, last)
+        per[d.name] = scale * (f.to(torch.float32) * coef).sum()
+    return per

@@ -5,16 +5,18 @@ Conv/Linear) is exported to QCDQ (verified like every export), compiled with the
 the board's target, and timed with TVM's ``time_evaluator``; median / p10 / p90 go into the
 measurement store as ``latency`` rows (seconds) with tool and device provenance.
 
-Here only the host is measured (``host-cpu``); remote boards are timed through TVM's RPC
-tracker, which this driver does not drive yet.
+The host is timed locally (``host-cpu``); a remote board is timed through a TVM RPC tracker
+(``bitfold calibrate --board rpi4 --tracker host:port``), the one-layer libraries cross-compiled
+for its triple.
 """
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -67,15 +69,21 @@ def device_id() -> str:
     return f"{platform.node()}|{cpu or platform.processor()}|{os.cpu_count()} cpus"
 
 
-def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=None) -> list[Measurement]:
+def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=None,
+            tracker: str | None = None, key: str | None = None) -> list[Measurement]:
+    """Time every (kind, shape, b_w, b_a) of ``grid`` on ``board``: on this host, or on the board
+    behind a TVM RPC tracker (``tracker="host:port"``, ``key`` default: the board file's rpc_key).
+    Each one-layer model is built by the TVM backend (cross-compiled and checked against
+    onnxruntime on the host) before it is timed."""
     from bitfold.export import tvm_backend
     from bitfold.export.onnx_export import export_model
-    from bitfold.export.onnx_io import load_onnx
-    if not tvm_backend.is_host(board):
-        raise BitfoldError(f"measuring {board.name} needs the board itself (TVM RPC tracker), which this "
-                           "version's driver does not use yet", "measure --board host-cpu on this machine")
-    tvm = tvm_backend._import_tvm()
-    from tvm import relax
+    from bitfold.export.tvm_rpc import measure_rpc
+    if tracker is None and not tvm_backend.is_host(board):
+        raise BitfoldError(f"measuring {board.name} needs the board itself, reached through a TVM RPC tracker",
+                           f"start `bitfold rpc-server --key {getattr(board, 'rpc_key', '') or board.name} --tracker HOST:PORT` "
+                           f"on the board, then pass --tracker HOST:PORT")
+    key = key or getattr(board, "rpc_key", None) or board.name
+    where = f"{key}@{tracker}" if tracker else device_id()
     rows = []
     jobs = [(k, s, w, a) for k in ("conv", "linear") for s in grid[k] for w in grid["bits"] for a in grid["bits"]]
     with tempfile.TemporaryDirectory() as td:
@@ -83,24 +91,24 @@ def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=
             model, in_shape = one_layer_model(kind, shape, b_w, b_a)
             path = Path(td) / f"l{n}.onnx"
             export_model(model, "qcdq", path, torch.randn(16, *in_shape))
-            onnx_model = load_onnx(path)
-            name, ishape = tvm_backend._input_spec(onnx_model)
-            ex = tvm.compile(tvm_backend.import_relax(onnx_model, name, ishape), tvm_backend.target_for(board, True))
-            vm = relax.VirtualMachine(ex, tvm.cpu())
-            x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(ishape).astype("float32"), tvm.cpu())
-            res = np.array(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(x).results)
+            bdir = Path(td) / f"b{n}"
+            tvm_backend.build(path, board, bdir, samples=4)
+            t = (measure_rpc(bdir, tracker, key, number, repeat) if tracker
+                 else tvm_backend.measure_local(bdir, number, repeat))
             if kind == "conv":
                 d = dict(macs=shape[0] * 9 * shape[1] * shape[2] ** 2, weights=shape[0] * 9 * shape[1],
                          in_features=shape[0], out_features=shape[1], kernel=3, spatial=shape[2])
             else:
                 d = dict(macs=shape[0] * shape[1], weights=shape[0] * shape[1], in_features=shape[0],
                          out_features=shape[1])
+            target = json.loads((bdir / "build.json").read_text())["target"]
             rows.append(Measurement(board=board.name, kind=kind, b_w=b_w, b_a=b_a, metric="latency",
-                                    value=float(np.median(res)), unit="s", source="measured", tool="tvm",
-                                    tool_version=tvm.__version__, device_id=device_id(),
-                                    extra={"p10": float(np.percentile(res, 10)), "p90": float(np.percentile(res, 90)),
-                                           "number": number, "repeat": repeat, "target": str(tvm_backend.target_for(board, True)),
+                                    value=t["median"], unit="s", source="measured", tool="tvm",
+                                    tool_version=t["tvm"], device_id=where,
+                                    extra={"p10": t["p10"], "p90": t["p90"], "std": t["std"], "number": number,
+                                           "repeat": repeat, "target": target, "via": "rpc" if tracker else "local",
                                            "executor": "relax VM, QCDQ fake-quant"}, **d))
+            shutil.rmtree(bdir)
             if progress:
                 progress(n + 1, len(jobs))
     return rows

@@ -62,11 +62,27 @@ def test_measure_over_a_loopback_tracker_records_rows(tracker, host_build, tmp_p
                   "--repeat", "3", "--db", str(tmp_path / "m.sqlite")])
             raise SystemExit(0)
         assert e.value.code == 0, capsys.readouterr().err
+        # per-layer rows for a cost table, timed on the "board" behind the tracker
+        from bitfold.boards import load_board
+        from bitfold.hw_models.tvm_latency import measure
+        layer_rows = measure(load_board("host-cpu"), {"conv": [], "linear": [(32, 16)], "bits": [2, 8]},
+                             number=3, repeat=3, tracker=tracker, key="loopback")
     finally:
         server.kill()
     rows = MeasurementStore(tmp_path / "m.sqlite").query("host-cpu", "latency")
     assert len(rows) == 1 and rows[0].value > 0 and rows[0].device_id == "loopback"
     assert rows[0].extra["p10"] <= rows[0].value <= rows[0].extra["p90"]
+    assert len(layer_rows) == 4 and {r.device_id for r in layer_rows} == {f"loopback@{tracker}"}
+    for r in layer_rows:
+        assert r.value > 0 and r.extra["via"] == "rpc" and r.extra["repeat"] == 3 and r.extra["std"] >= 0
+        assert r.extra["p10"] <= r.value <= r.extra["p90"] and r.source == "measured"
+
+
+def test_remote_board_without_tracker_is_refused():
+    from bitfold.boards import load_board
+    from bitfold.hw_models.tvm_latency import measure
+    with pytest.raises(BitfoldError, match="TVM RPC tracker"):
+        measure(load_board("rpi4"))
 
 
 def test_absent_device_is_retried_then_reported_not_recorded(tracker, host_build, tmp_path):

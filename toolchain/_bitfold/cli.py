@@ -389,31 +389,94 @@ def rpc_server(
     os.execv(cmd[0], cmd)
 
 
-hw_app = typer.Typer(no_args_is_help=True, help="hardware cost tables: measure, fit, show")
+@app.command()
+def calibrate(
+    board: Optional[str] = typer.Option(None, "--board", "-b", help="measure this board and refit its cost table"),
+    full: bool = typer.Option(False, help="the full measurement grid instead of the quick one"),
+    tracker: Optional[str] = typer.Option(None, help="CPU boards: TVM RPC tracker host:port the board is registered with"),
+    key: Optional[str] = typer.Option(None, help="RPC key of the board (default: the board file's rpc_key)"),
+    energy_csv: Optional[Path] = typer.Option(None, "--energy-csv", help="per-operation energy measurements "
+                                              "(op,bits,energy_pj) that replace the literature table's values"),
+    name: str = typer.Option("energy-user", help="--energy-csv: name of the new energy cost model (energy-*)"),
+    db: Optional[Path] = typer.Option(None, help="measurement database (default $BITFOLD_HOME/measurements.sqlite)"),
+):
+    """Measure a board and refit its cost table (--board), or calibrate the energy model from a CSV."""
+    from bitfold.toolchain.atomic import write_json
+    if energy_csv is not None:
+        from bitfold.hw_models.energy import calibrate_from_csv
+        from bitfold.hw_models.table import table_path
+        if not name.startswith("energy-"):
+            raise BitfoldError(f"energy model name {name!r} must start with 'energy-'", "e.g. --name energy-mychip")
+        t = calibrate_from_csv(energy_csv, name)
+        write_json(table_path(name), t)
+        console.print(f"wrote {table_path(name)}: ops {', '.join(t['provenance']['replaced_ops'])} from {energy_csv}, "
+                      f"{', '.join(t['provenance']['kept_from_literature']) or 'nothing'} kept from the literature; "
+                      f"train with --cost {name}")
+        if board is None:
+            return
+    if board is None:
+        raise BitfoldError("nothing to calibrate", "pass --board B (measure and refit) or --energy-csv FILE")
+    from bitfold.hw_models.calibrate import calibrate_board
+    _, path, table = calibrate_board(board, full=full, tracker=tracker, key=key, db=db, console=console)
+    console.print(f"wrote {path}")
+    _show_table(table)
+
+
+@app.command()
+def costs(
+    board: str = typer.Option(..., "--board", "-b", help="a board with a cost table, or energy / energy-*"),
+    png: Optional[Path] = typer.Option(None, help="plot path (default: ./<board>-costs.png)"),
+):
+    """Print a board's cost table, its provenance and fit quality; plot cost vs bits beside BitOPs."""
+    from bitfold.hw_models.cost import get_cost_model
+    from bitfold.hw_models.report import plot_costs, summary_lines
+    cm = get_cost_model(board)
+    if not hasattr(cm, "table") or "kinds" not in cm.table:
+        from bitfold.hw_models.energy import EnergyModel
+        if isinstance(cm, EnergyModel):
+            p = cm.table["provenance"]
+            console.print(f"{cm.name}: {cm.table['model']}")
+            for op, pts in cm.table["ops"].items():
+                console.print(f"  {op}: " + ", ".join(f"{b:g} -> {e:g} pJ" for b, e in pts))
+            console.print(f"source: {p['source']}; {p.get('citation') or p.get('csv', '')}")
+            return
+        raise BitfoldError(f"{board!r} is an analytic cost model ({cm}), not a table", "give a board name")
+    console.print(cm.source)
+    for line in summary_lines(cm):
+        console.print(line, highlight=False)
+    _show_table(cm.table)
+    out = plot_costs(cm, png or Path(f"{board}-costs.png"))
+    console.print(f"plot: {out}")
+
+
+hw_app = typer.Typer(no_args_is_help=True, help="hardware cost tables, step by step: measure, fit, show (see also calibrate, costs)")
 app.add_typer(hw_app, name="hw")
 
 
 @hw_app.command("measure")
 def hw_measure(
     board: str = typer.Option(..., "--board", "-b"),
-    full: bool = typer.Option(False, help="the full grid (3 shapes x bits 2/4/8 per kind) instead of the quick one"),
+    full: bool = typer.Option(False, help="the full grid instead of the quick one"),
+    tracker: Optional[str] = typer.Option(None, help="CPU boards: TVM RPC tracker host:port"),
+    key: Optional[str] = typer.Option(None, help="RPC key (default: the board file's rpc_key)"),
     db: Optional[Path] = typer.Option(None, help="measurement database (default $BITFOLD_HOME/measurements.sqlite)"),
 ):
-    """Measure per-layer costs on a board and record them (with provenance) in the measurement database."""
+    """Measure and record only (no refit); `bitfold calibrate` measures and refits."""
     from rich.progress import Progress
 
     from bitfold.boards import load_board
     from bitfold.hw_models.store import MeasurementStore
     b = load_board(board)
-    if b.kind == "fpga":   # open flow: yosys synthesis per layer; Xilinx: FINN estimates
-        from bitfold.hw_models.fpga_cost import FULL_GRID, QUICK_GRID, measure
-    else:
-        from bitfold.hw_models.tvm_latency import FULL_GRID, QUICK_GRID, measure
-    store = MeasurementStore(db)
-    with Progress(transient=True) as p:
+    with Progress(transient=True, console=console) as p:
         task = p.add_task("measuring", total=None)
-        rows = measure(b, FULL_GRID if full else QUICK_GRID,
-                       progress=lambda i, n: p.update(task, completed=i, total=n))
+        prog = lambda i, n: p.update(task, completed=i, total=n)  # noqa: E731
+        if b.kind == "fpga":
+            from bitfold.hw_models.fpga_cost import FULL_GRID, QUICK_GRID, measure
+            rows = measure(b, FULL_GRID if full else QUICK_GRID, progress=prog)
+        else:
+            from bitfold.hw_models.tvm_latency import FULL_GRID, QUICK_GRID, measure
+            rows = measure(b, FULL_GRID if full else QUICK_GRID, progress=prog, tracker=tracker, key=key)
+    store = MeasurementStore(db)
     store.add(rows)
     console.print(f"recorded {len(rows)} {rows[0].metric} rows for {b.name} in {store.path}")
 
@@ -437,6 +500,15 @@ def hw_fit(board: str = typer.Option(..., "--board", "-b"),
 
 def _show_table(table):
     for kind, k in table["kinds"].items():
+        if k.get("form") == "features":
+            from bitfold.hw_models.table import FEATURES
+            t = Table(title=f"{table['board']} {table['metric']} ({table['unit']}) - {kind}: structural model")
+            for c in ("feature", "coefficient", "counts"):
+                t.add_column(c)
+            for name, c in zip(k["features"], k["coef"]):
+                t.add_row(name, f"{c:.4g}", FEATURES[name])
+            console.print(t)
+            continue
         t = Table(title=f"{table['board']} {table['metric']} per MAC ({table['unit']}) - {kind}, "
                         f"overhead {k['overhead']:.3g}")
         t.add_column("w \\ a")

@@ -1,0 +1,220 @@
+"""Cost-model fidelity: a board's cost model vs BitOPs, predicting *measured* costs it never saw.
+
+    python benchmarks/cost_fidelity.py [--targets ulx3s-85f host-cpu] [--layers 40] [--models 10]
+                                       [--out runs/fidelity]
+
+Per target:
+* held-out layers: --layers one-layer configurations with shapes and widths that are not in the
+  table's measurement grid, each measured by the real flow (ulx3s-85f: yosys LUT4 of the
+  building block; host-cpu: TVM latency);
+* whole models: --models digits MLPs at random per-layer widths (trained 1 epoch, exported,
+  built: ulx3s-85f synthesized with the table's folding; host-cpu compiled by TVM and timed).
+
+Prediction: the board's cost table (as shipped or calibrated; no refit on these points) and
+BitOPs (MACs * b_w * b_a) scaled by the least-squares factor that fits these very points best
+(BitOPs has no unit; the factor is its best case). Prints Spearman rho and MAPE side by side and
+writes fidelity.csv + fidelity.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+ECP5_SHAPES = [(48, 16), (96, 32), (64, 64), (32, 32), (128, 16), (16, 48), (80, 40), (64, 24)]
+CPU_GRID = {"conv": [(8, 16, 8), (24, 24, 8), (12, 32, 6)], "linear": [(128, 64), (512, 128), (96, 96), (64, 256)],
+            "bits": [3, 5, 8]}
+
+
+def scores(pred, meas):
+    from scipy.stats import spearmanr
+    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+    return float(spearmanr(pred, meas).statistic), float(np.mean(np.abs(pred - meas) / meas))
+
+
+def bitops_fit(bitops, meas):
+    b, m = np.asarray(bitops, float), np.asarray(meas, float)
+    return b * float((b * m).sum() / (b * b).sum())
+
+
+def ecp5_layers(board, n, rng):
+    from bitfold.hw_models.fpga_cost import _synth_luts, one_layer_intmodel
+    import torch
+
+    from bitfold.hw_models.table import find_table, mvau_features
+    from bitfold.toolchain.describe import LayerDesc
+    cm = find_table(board.name)
+    rows = []
+    for i in range(n):
+        n_in, n_out = ECP5_SHAPES[i % len(ECP5_SHAPES)]
+        bw, ba = rng.choice([2, 3, 4, 5, 6]), rng.choice([2, 3, 4, 5])
+        bout = rng.choice([None, 2, 3, 4, 5])
+        (lut, *_), pe, simd, wall = _synth_luts(one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout),
+                                                n_in, n_out, board)
+        k = cm.table["kinds"]["linear"]
+        if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
+            pred = float((mvau_features(n_in, n_out, n_in, bw, ba, bout, True) * torch.tensor(k["coef"])).sum()) * cm.scale
+        else:
+            d = LayerDesc("l", "linear", (n_in,), (n_out,), n_in, n_out, (1, 1), (1, 1), 1, n_in * n_out, n_in * n_out, None)
+            pred = float(cm([d], {"l": (bw, ba)}).total)
+        rows.append({"target": board.name, "what": "layer", "config": f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}",
+                     "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba})
+        print(f"  layer {i + 1}/{n}: {rows[-1]['config']:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
+    return rows
+
+
+def _mlp_at(bits, root: Path, fmt: str):
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    name = "_".join(f"{v['w']}{v['a']}" for v in bits.values())
+    train(TrainConfig(model="mlp", bits=bits, epochs=1), root / name, progress=False)
+    return root / name, export_run(root / name, fmt, root / f"{name}.onnx").path
+
+
+def _random_bits(rng):
+    return {k: {"w": rng.choice([2, 3, 4, 5, 6]), "a": rng.choice([2, 3, 4, 5])} for k in ("fcs.0", "fcs.1", "fcs.2", "head")}
+
+
+def _table_cost(cm, run_dir, bits):
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.runs import load_run
+    _, model, ck = load_run(run_dir)
+    layers = describe_layers(model, tuple(ck["input_shape"]))
+    return float(cm(layers, {k: (v["w"], v["a"]) for k, v in bits.items()}).total), \
+        sum(d.macs * bits[d.name]["w"] * bits[d.name]["a"] for d in layers)
+
+
+def ecp5_models(board, n, rng, root):
+    from bitfold.export.lower import lower
+    from bitfold.export.open_fpga import build
+    from bitfold.hw_models.fpga_cost import model_resources, table_folding
+    from bitfold.hw_models.table import find_table
+    from bitfold.toolchain.atomic import write_json
+    cm = find_table(board.name)
+    rows = []
+    for i in range(n):
+        bits = _random_bits(rng)
+        run, onnx = _mlp_at(bits, root, "qonnx")
+        write_json(root / "fold.json", table_folding(lower(onnx)).as_dict())
+        build(onnx, board, root / f"b{i}", folding=root / "fold.json", verify=False, bitstream=False)
+        lut = model_resources(root / f"b{i}" / "build.json")["lut"]
+        pred, bo = _table_cost(cm, run, bits)
+        cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
+        rows.append({"target": board.name, "what": "model", "config": cfg, "measured": float(lut), "predicted": pred,
+                     "bitops": bo})
+        print(f"  model {i + 1}/{n}: {cfg:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
+    return rows
+
+
+def cpu_layers(board, n):
+    from bitfold.hw_models.table import find_table
+    from bitfold.hw_models.tvm_latency import measure
+    from bitfold.toolchain.describe import LayerDesc
+    cm = find_table(board.name)
+    rows = []
+    for r in measure(board, CPU_GRID)[:n]:
+        k = r.kernel
+        d = LayerDesc("l", r.kind, (), (), r.in_features, r.out_features, (k, k), (1, 1), 1, r.macs, r.weights, None)
+        pred = float(cm([d], {"l": (r.b_w, r.b_a)}).total)
+        rows.append({"target": board.name, "what": "layer", "config": f"{r.kind} {r.in_features}x{r.out_features} "
+                     f"W{r.b_w}A{r.b_a}", "measured": r.value, "predicted": pred, "bitops": r.macs * r.b_w * r.b_a})
+    return rows
+
+
+def cpu_models(board, n, rng, root):
+    from bitfold.export import tvm_backend
+    from bitfold.hw_models.table import find_table
+    cm = find_table(board.name)
+    rows = []
+    for i in range(n):
+        bits = _random_bits(rng)
+        run, onnx = _mlp_at(bits, root, "qcdq")
+        tvm_backend.build(onnx, board, root / f"t{i}")
+        t = tvm_backend.measure_local(root / f"t{i}")
+        pred, bo = _table_cost(cm, run, bits)
+        cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
+        rows.append({"target": board.name, "what": "model", "config": cfg, "measured": t["median"], "predicted": pred,
+                     "bitops": bo})
+        print(f"  model {i + 1}/{n}: {cfg:<22} measured {t['median'] * 1e6:.1f} us predicted {pred * 1e6:.1f} us", flush=True)
+    return rows
+
+
+def main():
+    from bitfold.boards import load_board
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", nargs="+", default=["ulx3s-85f", "host-cpu"])
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--models", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("runs/fidelity"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    rows = []
+    for t in args.targets:
+        b = load_board(t)
+        print(f"{t}:", flush=True)
+        with tempfile.TemporaryDirectory() as td:
+            if b.kind == "fpga":
+                rows += ecp5_layers(b, args.layers, rng) + ecp5_models(b, args.models, rng, Path(td))
+            else:
+                rows += cpu_layers(b, args.layers) + cpu_models(b, args.models, rng, Path(td))
+    summary = []
+    print(f"\n{'target':<11}{'set':<7}{'n':>4} | {'board model rho':>15} {'MAPE':>8} | {'BitOPs (LS) rho':>15} {'MAPE':>8}")
+    for t in args.targets:
+        for what in ("layer", "model"):
+            sel = [r for r in rows if r["target"] == t and r["what"] == what]
+            if len(sel) < 3:
+                continue
+            meas = [r["measured"] for r in sel]
+            rb, mb = scores([r["predicted"] for r in sel], meas)
+            bo = bitops_fit([r["bitops"] for r in sel], meas)
+            for r, v in zip(sel, bo):
+                r["bitops_scaled"] = float(v)
+            ro, mo = scores(bo, meas)
+            summary.append({"target": t, "set": what, "n": len(sel), "board_rho": rb, "board_mape": mb,
+                            "bitops_rho": ro, "bitops_mape": mo})
+            print(f"{t:<11}{what:<7}{len(sel):>4} | {rb:>15.3f} {mb:>8.1%} | {ro:>15.3f} {mo:>8.1%}")
+    with open(args.out / "fidelity.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["target", "what", "config", "measured", "predicted", "bitops", "bitops_scaled"])
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _plot(rows, args.targets, args.out / "fidelity.png")
+    print(f"wrote {args.out / 'fidelity.csv'}, summary.json, fidelity.png")
+
+
+def _plot(rows, targets, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        sel = [r for r in rows if r["target"] == t and "bitops_scaled" in r]
+        m = [r["measured"] for r in sel]
+        ax.scatter(m, [r["predicted"] for r in sel], label="board model", s=14)
+        ax.scatter(m, [r["bitops_scaled"] for r in sel], label="BitOPs (LS-scaled)", marker="x", s=14)
+        lim = [min(m) * 0.8, max(m) * 1.25]
+        ax.plot(lim, lim, "k:", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured")
+        ax.set_ylabel("predicted")
+        ax.set_title(t)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
