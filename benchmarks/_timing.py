@@ -19,3 +19,31 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 7, steps: int 
                 fn()
             times[k].append((time.perf_counter() - t) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step_times(configs: dict, bits="w3a4", model="cnn", shape=(1, 8, 8), rounds=7, steps=15) -> dict:
+    """Median seconds of one training step (forward, backward, Adam, the method's after_step) per
+    ``{label: (method, method_options)}``, on the same batch, interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.train import calibrate
+    x, y = torch.rand(64, *shape), torch.randint(0, 10, (64,))
+    fns = {}
+    for label, (method, opts) in configs.items():
+        torch.manual_seed(0)
+        m = build_model(model, shape, 10, bits=bits, method=method, **opts)
+        calibrate(m, x, 64)
+        qm = m.quant_method
+        qm.setup(m, describe_layers(m, shape))
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+
+        def fn(m=m, qm=qm, opt=opt):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            qm.after_step(m, 0)
+        fns[label] = fn
+    return interleaved(fns, rounds, steps)

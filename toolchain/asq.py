@@ -81,13 +81,13 @@ class ASQAct(nn.Module):
 class POSTWeight(nn.Module):
     """Parametrization: weight -> nearest signed power-of-sqrt(2) level times a learned alpha."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, base: float = math.sqrt(2)):
         super().__init__()
         if bits < 2:
             raise BitfoldError("POST weights need >= 2 bits (sign + zero + one level)")
         self.bits = int(bits)
         k = 2 ** (bits - 1) - 1
-        mags = torch.tensor([math.sqrt(2) ** -i for i in range(k)])
+        mags = torch.tensor([base ** -i for i in range(k)])
         self.register_buffer("unit_levels", torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values)
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -115,25 +115,32 @@ class FoldedScale(nn.Module):
         return x * self.factor
 
 
+#: weight level sets: POST (powers of sqrt 2, the method's) and POT (powers of 2, the ablation)
+LEVEL_BASES = {"post": math.sqrt(2), "pot": 2.0}
+
+
 @register_method("asq")
 class ASQMethod(ADQMethod):
     weight_bits_range = (2, 8)
 
-    def __init__(self, per_channel: bool = False, adapter: bool = True, grid_bits: int = 8, deploy: str = "folded"):
+    def __init__(self, per_channel: bool = False, adapter: bool = True, grid_bits: int = 8, deploy: str = "folded",
+                 levels: str = "post"):
         super().__init__(per_channel=per_channel, grid_bits=grid_bits)
         if deploy not in ("folded", "dynamic"):
             raise BitfoldError(f"ASQ deploy mode {deploy!r}", "choose folded or dynamic")
-        self.adapter, self.deploy_mode = bool(adapter), deploy
+        if levels not in LEVEL_BASES:
+            raise BitfoldError(f"ASQ weight levels {levels!r}", f"choose one of: {', '.join(LEVEL_BASES)}")
+        self.adapter, self.deploy_mode, self.levels = bool(adapter), deploy, levels
         self.beta_consts: dict = {}
 
     def options(self):
-        return {"adapter": self.adapter, "grid_bits": self.grid_bits}
+        return {"adapter": self.adapter, "grid_bits": self.grid_bits, "levels": self.levels}
 
     def act_module(self, site, bits, relu):
         return ASQAct(bits, signed=not relu, adapter=self.adapter)  # unsigned clamp at 0 is the ReLU
 
     def prepare_layer(self, name, layer, bits):
-        parametrize.register_parametrization(layer, "weight", POSTWeight(bits.w))
+        parametrize.register_parametrization(layer, "weight", POSTWeight(bits.w, LEVEL_BASES[self.levels]))
         return layer
 
     def after_step(self, model, step):  # POST levels are fixed: no codebook EMA

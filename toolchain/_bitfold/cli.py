@@ -31,6 +31,19 @@ def _method_options(method: str, per_channel: bool, **adaqat) -> dict:
     return opts
 
 
+def _parse_opts(items) -> dict:
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            raise BitfoldError(f"--opt {it!r} is not KEY=VALUE", "e.g. --opt adapter=false")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 @app.command()
 def train(
     model: str = typer.Option("cnn", help="registered model (mlp, cnn, resnet20) or your own: path/to/file.py:factory"),
@@ -56,6 +69,8 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
     init_from: Optional[Path] = typer.Option(None, help="start from another run's weights (e.g. after `bitfold allocate`)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option KEY=VALUE, repeatable (e.g. asq: "
+                                            "adapter=false, levels=pot; mebqat: quantizer=dorefa)"),
 ):
     """Quantization-aware training on Brevitas layers; writes a run directory."""
     from bitfold.toolchain.bitmap import BitMap
@@ -67,7 +82,7 @@ def train(
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
-                                                     bit_lr=bit_lr), epochs=epochs,
+                                                     bit_lr=bit_lr) | _parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
     m = run_train(cfg, out, resume=resume, progress=not quiet)
