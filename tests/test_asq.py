@@ -76,3 +76,17 @@ def test_one_bit_post_is_refused():
     from bitfold.toolchain.models import build_model
     with pytest.raises(BitfoldError, match="cannot quantize weights"):
         build_model("cnn", (1, 8, 8), 10, bits="w1a4", method="asq")
+
+
+def test_ablation_options_from_the_cli(tmp_path, capsys):
+    """--opt reaches the method: POT levels are powers of 2; an unknown option is one clear error."""
+    from bitfold.cli import main
+    from bitfold.toolchain.asq import POSTWeight
+    from bitfold.toolchain.quant import get_method
+    assert get_method("asq", levels="pot").levels == "pot" and not get_method("asq", adapter=False).adapter
+    lv = POSTWeight(3, base=2.0).unit_levels
+    assert torch.allclose(lv, torch.tensor([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "asq", "--opt", "foo=1", "--epochs", "1", "-o", str(tmp_path / "r")])
+    assert e.value.code != 0 and "does not take option(s) foo" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -103,3 +103,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     mixed = json.loads((tmp_path / "demo" / "mixed" / "metrics.json").read_text())
     assert mixed["accuracy"] >= 0.93
     assert (tmp_path / "demo" / "cnn_mixed.qonnx.onnx").is_file() and (tmp_path / "demo" / "cnn_mixed.qcdq.onnx").is_file()
+
+
+def test_doctor_lists_every_component_and_what_it_disables(capsys, monkeypatch):
+    from bitfold.cli import main
+    from bitfold.toolchain.doctor import diagnose
+    monkeypatch.setenv("PATH", "/nonexistent")        # no vivado / cross compiler / loader on PATH
+    monkeypatch.setenv("COLUMNS", "200")
+    rows = {r["name"]: r for r in diagnose()}
+    assert rows["torch"]["found"] and rows["qonnx"]["found"]
+    assert rows["Vivado"]["found"] is None and "Xilinx bitstreams" in rows["Vivado"]["enables"]
+    with pytest.raises(SystemExit) as e:
+        main(["doctor"])
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "Vivado" in out and "missing" in out and "torch" in out

@@ -44,7 +44,16 @@ def get_method(name: str, **options) -> "QuantMethod":
     _load_builtin_methods()
     if name not in METHODS:
         raise BitfoldError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**options)
+    import inspect
+    cls = METHODS[name]
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            known = [k for k in params if k != "self"]
+            raise BitfoldError(f"method {name!r} does not take option(s) {', '.join(unknown)}",
+                               f"its options: {', '.join(known) or 'none'}")
+    return cls(**options)
 
 
 class QuantMethod:

@@ -264,6 +264,20 @@ def demo(
     run_demo(out, epochs=epochs, progress=not quiet, console=console)
 
 
+@app.command()
+def doctor():
+    """What is installed (Python packages, tools, FINN environment, Vivado) and what each missing piece disables."""
+    from bitfold.toolchain.doctor import diagnose
+    t = Table(title="bitfold doctor")
+    for c in ("component", "status", "needed for", "to get it"):
+        t.add_column(c)
+    for r in diagnose():
+        ok = r["found"] is not None
+        t.add_row(r["name"], f"[green]{r['found']}[/]" if ok else "[red]missing[/]", r["enables"],
+                  "" if ok else r["get"])
+    console.print(t)
+
+
 @app.command("run")
 def run_cmd(
     board: str = typer.Option(..., "--board", "-b", help="host-cpu (TVM latency) | ulx3s-85f | icebreaker (yosys LUTs)"),
