@@ -515,6 +515,21 @@ def simulate(rtl: Path, design: Design, binary: Path, codes: np.ndarray, stall: 
     return vals, timing
 
 
+def simulate_model(onnx_path, board, work: Path, x: np.ndarray) -> dict:
+    """Lower a QONNX file, generate its design (folding from the board's budget) and run ``x``
+    through the verilated core; compares bit-exactly with the integer model (which
+    :func:`check_lowering` ties to QONNX execution). No synthesis: the fuzz oracle's FPGA leg."""
+    from .lower import lower
+    im = lower(onnx_path)
+    rtl = Path(work) / "rtl"
+    design = generate(im, choose_folding(im, board), rtl, board)
+    codes = im.input.codes(x)
+    ref = im.run_codes(codes)
+    binary = compile_sim(rtl, design, len(x), sum(s["cycles"] for s in design.stages))
+    out, timing = simulate(rtl, design, binary, codes)
+    return {"samples": len(x), "mismatched": int((out != ref).any(1).sum()), **timing}
+
+
 # ------------------------------------------------------------------------------------------ inputs
 def held_out_inputs(shape: tuple, n: int) -> tuple[np.ndarray, str]:
     """Digits test images when the model takes 8x8 / 64 inputs, else seeded normal samples."""

