@@ -28,7 +28,7 @@ CYCLES = 64
 #: open flow: 8-bit activations mean 255 thresholds per channel (minutes of yosys per layer), so
 #: the quick grid stops at 6 and the table clamps above it; the full grid includes 8
 QUICK_GRID = {"linear": [(32, 16), (64, 32), (16, 32), (128, 16)], "bits": [2, 3, 4, 6]}
-FULL_GRID = {"linear": [(32, 16), (64, 32), (16, 32), (128, 16), (64, 64), (96, 48)], "bits": [2, 3, 4, 6]}
+FULL_GRID = {"linear": [(32, 16), (64, 32), (16, 32), (128, 16), (64, 64)], "bits": [2, 3, 4, 6]}
 #: FINN estimates are fast at any width
 FINN_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 4, 8]}
 

@@ -81,3 +81,20 @@ def test_board_budget_needs_its_table_and_fixed_runs_cannot_switch(meta_run, tra
     assert r["cost_unit"] == "LUT4" and r["cost"] <= 1.5e6 and r["board"] == "ulx3s-85f"
     with pytest.raises(BitfoldError, match="need a --method mebqat run"):
         select(trained_run[0], "bitops<=5e6")
+
+
+def test_fewshot_adapts_to_unseen_classes_at_every_width(tmp_path, capsys):
+    """Meta-train on seen classes 0-5; N-way episodes on 6-9 are evaluated before/after a few SGD steps."""
+    import json
+
+    from bitfold.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["fewshot", "-o", str(tmp_path / "fs"), "--episodes", "40", "--eval-bits", "w2a2,w8a8"])
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "before adaptation" in out
+    rep = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
+    assert rep["config"]["unseen"] == [6, 7, 8, 9] and [(r["w"], r["a"]) for r in rep["results"]] == [(2, 2), (8, 8)]
+    gain = sum(r["after"] - r["before"] for r in rep["results"]) / 2
+    assert gain > 0.05 and all(r["after"] > rep["chance"] for r in rep["results"])
+    assert (tmp_path / "fs" / "fewshot.pt").is_file()

@@ -278,6 +278,42 @@ def doctor():
     console.print(t)
 
 
+@app.command()
+def fewshot(
+    out: Path = typer.Option(..., "-o", "--out"),
+    model: str = typer.Option("mlp"),
+    seen: str = typer.Option("0,1,2,3,4,5", help="meta-training classes; the rest are the unseen evaluation classes"),
+    ways: int = typer.Option(3, min=2), shots: int = typer.Option(5, min=1),
+    inner_steps: int = typer.Option(5, min=0), inner_lr: float = typer.Option(0.05),
+    episodes: int = typer.Option(300, min=1, help="outer meta-training steps"),
+    meta: bool = typer.Option(True, help="--no-meta: the same episodes without the inner loop (baseline)"),
+    eval_bits: str = typer.Option("w2a2,w4a4,w8a8"),
+):
+    """MEBQAT few-shot: meta-train on (bit-width, seen-class subset) tasks, then adapt to unseen classes
+    with a few SGD steps; prints accuracy before/after adaptation per bit-width."""
+    from rich.progress import Progress
+
+    from bitfold.toolchain.fewshot import FewShotConfig, run_fewshot
+    try:
+        seen_c = tuple(int(c) for c in seen.split(","))
+        bits = tuple((int(t[1:t.index("a")]), int(t[t.index("a") + 1:])) for t in eval_bits.lower().split(","))
+    except ValueError:
+        raise BitfoldError(f"--seen {seen!r} / --eval-bits {eval_bits!r} not understood",
+                           "e.g. --seen 0,1,2,3,4,5 --eval-bits w2a2,w4a4") from None
+    cfg = FewShotConfig(model=model, seen=seen_c, ways=ways, shots=shots, inner_steps=inner_steps, inner_lr=inner_lr,
+                        episodes=episodes, meta=meta, eval_bits=bits)
+    with Progress(console=console, transient=True) as p:
+        task = p.add_task("meta-training" if meta else "training (no inner loop)", total=episodes)
+        rep = run_fewshot(out, cfg, progress=lambda i, n: p.update(task, completed=i))
+    t = Table(title=f"unseen classes {rep['config']['unseen']}: {ways}-way {shots}-shot, chance {rep['chance']:.0%}")
+    for c in ("w", "a", "before adaptation", f"after {inner_steps} SGD steps"):
+        t.add_column(c, justify="right")
+    for r in rep["results"]:
+        t.add_row(str(r["w"]), str(r["a"]), f"{r['before']:.1%}", f"{r['after']:.1%}")
+    console.print(t)
+    console.print(f"wrote {out / 'fewshot.json'}")
+
+
 @app.command("run")
 def run_cmd(
     board: str = typer.Option(..., "--board", "-b", help="host-cpu (TVM latency) | ulx3s-85f | icebreaker (yosys LUTs)"),
