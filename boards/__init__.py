@@ -91,6 +91,13 @@ def validate_board(data: dict, source: str) -> Board:
         if isinstance(val, bool) or not isinstance(val, types):
             tname = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
             raise bad(f"field '{key}' must be {tname}, got {type(val).__name__} {val!r}")
+    # names become file names (cost tables, tuning databases) and RPC keys / triples go to tools as
+    # arguments: only plain identifiers, never paths or shell syntax
+    import re
+    for key in ("name", "rpc_key", "finn_board", "part", "triple", "cpu"):
+        if key in data and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", data[key]) or \
+                key in data and ".." in data[key]:
+            raise bad(f"field '{key}' must be a plain identifier (letters, digits, . _ + -), got {data[key]!r}")
     if data["backend"] not in BACKENDS:
         raise bad(f"field 'backend' must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
     for rk, rv in data.get("resources", {}).items():

@@ -34,6 +34,10 @@ def test_figures():
     ('name = "x"\ndescription = "d"\nkind = "cpu"\nbackend = "tvm"\ntriple = "t"\ncpu = "c"\ncores = 4\ncolor = 1\n',
      "unknown field(s) color"),
     ('name = "x\n', "not valid TOML"),
+    ('name = "../../etc/x"\ndescription = "d"\nkind = "cpu"\nbackend = "tvm"\ntriple = "t"\ncpu = "c"\ncores = 4\n',
+     "field 'name' must be a plain identifier"),
+    ('name = "x"\ndescription = "d"\nkind = "cpu"\nbackend = "tvm"\ntriple = "t; rm -rf ~"\ncpu = "c"\ncores = 4\n',
+     "field 'triple' must be a plain identifier"),
 ])
 def test_malformed_board_files(tmp_path, text, words):
     p = tmp_path / "b.toml"
