@@ -93,26 +93,34 @@ def _table_cost(cm, run_dir, bits):
         sum(d.macs * bits[d.name]["w"] * bits[d.name]["a"] for d in layers)
 
 
-def ecp5_models(board, n, rng, root):
-    from bitfold.export.lower import lower
-    from bitfold.export.open_fpga import build
-    from bitfold.hw_models.fpga_cost import model_resources, table_folding
+def whole_models(board, n, rng, root, fmt, measure_one, unit=""):
+    """n digits MLPs at random per-layer widths: trained 1 epoch, exported (fmt), measured."""
     from bitfold.hw_models.table import find_table
-    from bitfold.toolchain.atomic import write_json
     cm = find_table(board.name)
     rows = []
     for i in range(n):
         bits = _random_bits(rng)
-        run, onnx = _mlp_at(bits, root, "qonnx")
-        write_json(root / "fold.json", table_folding(lower(onnx)).as_dict())
-        build(onnx, board, root / f"b{i}", folding=root / "fold.json", verify=False, bitstream=False)
-        lut = model_resources(root / f"b{i}" / "build.json")["lut"]
+        run, onnx = _mlp_at(bits, root, fmt)
+        value = measure_one(onnx, root / f"b{i}")
         pred, bo = _table_cost(cm, run, bits)
         cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
-        rows.append({"target": board.name, "what": "model", "config": cfg, "measured": float(lut), "predicted": pred,
+        rows.append({"target": board.name, "what": "model", "config": cfg, "measured": float(value), "predicted": pred,
                      "bitops": bo})
-        print(f"  model {i + 1}/{n}: {cfg:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
+        print(f"  model {i + 1}/{n}: {cfg:<22} measured {value:>10.4g} predicted {pred:>10.4g} {unit}", flush=True)
     return rows
+
+
+def ecp5_models(board, n, rng, root):
+    from bitfold.export.lower import lower
+    from bitfold.export.open_fpga import build
+    from bitfold.hw_models.fpga_cost import model_resources, table_folding
+    from bitfold.toolchain.atomic import write_json
+
+    def luts(onnx, d):
+        write_json(root / "fold.json", table_folding(lower(onnx)).as_dict())
+        build(onnx, board, d, folding=root / "fold.json", verify=False, bitstream=False)
+        return model_resources(d / "build.json")["lut"]
+    return whole_models(board, n, rng, root, "qonnx", luts, "LUT4")
 
 
 def cpu_layers(board, n):
@@ -132,20 +140,11 @@ def cpu_layers(board, n):
 
 def cpu_models(board, n, rng, root):
     from bitfold.export import tvm_backend
-    from bitfold.hw_models.table import find_table
-    cm = find_table(board.name)
-    rows = []
-    for i in range(n):
-        bits = _random_bits(rng)
-        run, onnx = _mlp_at(bits, root, "qcdq")
-        tvm_backend.build(onnx, board, root / f"t{i}")
-        t = tvm_backend.measure_local(root / f"t{i}")
-        pred, bo = _table_cost(cm, run, bits)
-        cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
-        rows.append({"target": board.name, "what": "model", "config": cfg, "measured": t["median"], "predicted": pred,
-                     "bitops": bo})
-        print(f"  model {i + 1}/{n}: {cfg:<22} measured {t['median'] * 1e6:.1f} us predicted {pred * 1e6:.1f} us", flush=True)
-    return rows
+
+    def latency(onnx, d):
+        tvm_backend.build(onnx, board, d)
+        return tvm_backend.measure_local(d)["median"]
+    return whole_models(board, n, rng, root, "qcdq", latency, "s")
 
 
 def main():
