@@ -45,30 +45,36 @@ def bitops_fit(bitops, meas):
     return b * float((b * m).sum() / (b * b).sum())
 
 
-def ecp5_layers(board, n, rng):
-    from bitfold.hw_models.fpga_cost import _synth_luts, one_layer_intmodel
+def ecp5_layers(board, n, rng, jobs=2):
+    """n held-out one-layer blocks, synthesized ``jobs`` at a time (yosys is one process each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
+    from bitfold.hw_models.fpga_cost import _synth_luts, one_layer_intmodel
     from bitfold.hw_models.table import find_table, mvau_features
     from bitfold.toolchain.describe import LayerDesc
     cm = find_table(board.name)
-    rows = []
+    cfgs = []
     for i in range(n):
         n_in, n_out = ECP5_SHAPES[i % len(ECP5_SHAPES)]
-        bw, ba = rng.choice([2, 3, 4, 5, 6]), rng.choice([2, 3, 4, 5])
-        bout = rng.choice([None, 2, 3, 4, 5])
-        (lut, *_), pe, simd, wall = _synth_luts(one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout),
-                                                n_in, n_out, board)
+        cfgs.append((i, n_in, n_out, rng.choice([2, 3, 4, 5, 6]), rng.choice([2, 3, 4, 5]), rng.choice([None, 2, 3, 4, 5])))
+
+    def one(c):
+        i, n_in, n_out, bw, ba, bout = c
+        (lut, *_), *_ = _synth_luts(one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)
         k = cm.table["kinds"]["linear"]
         if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
             pred = float((mvau_features(n_in, n_out, n_in, bw, ba, bout, True) * torch.tensor(k["coef"])).sum()) * cm.scale
         else:
             d = LayerDesc("l", "linear", (n_in,), (n_out,), n_in, n_out, (1, 1), (1, 1), 1, n_in * n_out, n_in * n_out, None)
             pred = float(cm([d], {"l": (bw, ba)}).total)
-        rows.append({"target": board.name, "what": "layer", "config": f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}",
-                     "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba})
-        print(f"  layer {i + 1}/{n}: {rows[-1]['config']:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
-    return rows
+        row = {"target": board.name, "what": "layer", "config": f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}",
+               "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba}
+        print(f"  layer {i + 1}/{n}: {row['config']:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
+        return row
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, cfgs))
 
 
 def _mlp_at(bits, root: Path, fmt: str):
@@ -93,15 +99,22 @@ def _table_cost(cm, run_dir, bits):
         sum(d.macs * bits[d.name]["w"] * bits[d.name]["a"] for d in layers)
 
 
-def whole_models(board, n, rng, root, fmt, measure_one, unit=""):
-    """n digits MLPs at random per-layer widths: trained 1 epoch, exported (fmt), measured."""
+def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
+    """n digits MLPs at random per-layer widths: trained 1 epoch and exported (fmt) one after the
+    other, then measured ``jobs`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from bitfold.hw_models.table import find_table
     cm = find_table(board.name)
-    rows = []
+    made = []
     for i in range(n):
         bits = _random_bits(rng)
         run, onnx = _mlp_at(bits, root, fmt)
-        value = measure_one(onnx, root / f"b{i}")
+        made.append((i, bits, run, onnx))
+    with ThreadPoolExecutor(jobs) as pool:
+        values = list(pool.map(lambda m: measure_one(m[3], root / f"b{m[0]}"), made))
+    rows = []
+    for (i, bits, run, onnx), value in zip(made, values):
         pred, bo = _table_cost(cm, run, bits)
         cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
         rows.append({"target": board.name, "what": "model", "config": cfg, "measured": float(value), "predicted": pred,
@@ -117,10 +130,11 @@ def ecp5_models(board, n, rng, root):
     from bitfold.toolchain.atomic import write_json
 
     def luts(onnx, d):
-        write_json(root / "fold.json", table_folding(lower(onnx)).as_dict())
-        build(onnx, board, d, folding=root / "fold.json", verify=False, bitstream=False)
+        fold = d.with_suffix(".fold.json")
+        write_json(fold, table_folding(lower(onnx)).as_dict())
+        build(onnx, board, d, folding=fold, verify=False, bitstream=False)
         return model_resources(d / "build.json")["lut"]
-    return whole_models(board, n, rng, root, "qonnx", luts, "LUT4")
+    return whole_models(board, n, rng, root, "qonnx", luts, "LUT4", jobs=2)
 
 
 def cpu_layers(board, n):
