@@ -52,14 +52,14 @@ def test_fitted_structural_model_has_residuals_and_gradients(lut_rows):
     assert set(c.per_layer) == {"a", "b"}
 
 
-@pytest.mark.parametrize("board", ["ulx3s-85f", "icebreaker", "pynq-z2"])
+@pytest.mark.parametrize("board", ["ulx3s-85f", "icebreaker", "pynq-z2", "ultra96-v2"])
 def test_packaged_tables(board):
     from bitfold.hw_models.table import find_table
     t = find_table(board)
     assert t is not None and "hw_models" in t.source
     prov = t.table["provenance"]
     assert prov["rows"] > 0 and prov["tools"]
-    assert prov["sources"] == (["estimated"] if board == "pynq-z2" else ["measured"])
+    assert prov["sources"] == (["estimated"] if board in ("pynq-z2", "ultra96-v2") else ["measured"])
     layers = _chain(64, 64, 10)
     lo = float(t(layers, {"a": (2, 2), "b": (2, 2)}).total)
     hi = float(t(layers, {"a": (6, 6), "b": (6, 6)}).total)
