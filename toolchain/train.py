@@ -149,7 +149,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # adaptive methods hold parameters that a step may not touch (AdaQAT's widths once frozen for
+        # fine-tuning, MEBQAT's per-task quantizer state): DDP must not wait for their gradients
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=cfg.method not in ("fixed", "float"))
 
     n = len(ds.x_train)
     steps_per_epoch = math.ceil(n / world / cfg.batch_size)

@@ -330,11 +330,14 @@ def run_cmd(
     verify: bool = typer.Option(True, help="FPGA: simulate the design bit-exactly against the QONNX model"),
     cost: Optional[str] = typer.Option(None, help="train against this cost model instead of the board table (e.g. bitops)"),
     table: Optional[Path] = typer.Option(None, help="start from this cost table file instead of the board's"),
+    tracker: Optional[str] = typer.Option(None, help="CPU boards: measure on the board(s) behind this TVM RPC tracker"),
+    key: Optional[str] = typer.Option(None, help="RPC key (default: the board file's rpc_key)"),
+    nproc: int = typer.Option(1, min=1, help="train under torchrun with N processes (DDP)"),
 ):
     """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
     from bitfold.toolchain.loop import _fmt, run_loop
     r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
-                 verify=verify, cost=cost, table=table, log=console.print)
+                 verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, log=console.print)
     for h in r["history"]:
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
                       f"{_fmt(r['metric'], h['predicted'])}, measured {_fmt(r['metric'], h['measured'])}")
