@@ -93,3 +93,40 @@ def test_absent_device_is_retried_then_reported_not_recorded(tracker, host_build
 def test_unreachable_tracker():
     with pytest.raises(BitfoldError, match="cannot reach the TVM RPC tracker"):
         free_devices(f"127.0.0.1:{_port()}", "x")
+
+
+def test_device_dropping_mid_measurement_is_retried_then_reported_not_recorded(tracker, host_build):
+    """The board (its RPC server and workers) dies while time_evaluator runs: bounded retries, then one
+    clear error; no number comes back."""
+    import signal
+    import threading
+    server = subprocess.Popen(rpc_server_command("dropper", tracker, port=_port()), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"},
+                              start_new_session=True)
+    out = {}
+    try:
+        deadline = time.time() + 60
+        while free_devices(tracker, "dropper") == 0 and time.time() < deadline:
+            time.sleep(0.3)
+
+        def run():
+            try:
+                out["result"] = measure_rpc(host_build, tracker, "dropper", number=20000, repeat=20, retries=2,
+                                            wait_s=0.2, session_timeout=60)
+            except BitfoldError as e:
+                out["error"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        while free_devices(tracker, "dropper") != 0 and t.is_alive():   # wait until the session holds the device
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.killpg(server.pid, signal.SIGKILL)
+        t.join(180)
+        assert not t.is_alive()
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "result" not in out
+    assert "failed after 2 attempts" in str(out["error"]) and "nothing recorded" in str(out["error"])
