@@ -90,7 +90,49 @@ def run_vm(lib_path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def build(onnx_path: Path, board, out_dir: Path, samples: int = 32) -> BuildResult:
+def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, retune: bool = False,
+                   tracker: str | None = None, key: str | None = None, log=None, for_host: bool = False):
+    """ONNX model -> (prepared Relax module with kernel entries, info dict).
+
+    Imports with the Relax ONNX frontend, lowers quantized conv/matmul to integer kernels (``integer``),
+    legalizes and fuses, tunes with MetaSchedule (``tune_trials``; per-board database, reused) and
+    applies the database. The module is ready for ``tvm.compile``. ``for_host`` compiles a foreign
+    board's model for this host instead (the host-side check of a cross build).
+    """
+    from . import tvm_int, tvm_kernels, tvm_tune
+    name, shape = _input_spec(model)
+    mod = import_relax(model, name, shape)
+    layers = []
+    if integer:
+        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model))
+    mod = tvm_tune.prepare(mod)
+    host = for_host or is_host(board)
+    target = target_for(board, host)
+    cross = None if host else f"{board.triple}-g++"
+    work = tvm_tune.db_dir(board.name, target)
+    tuning = {"database": str(work), "trials": 0}
+    if tune_trials > 0:
+        if not host and tracker is None:
+            raise BitfoldError(f"tuning for {board.name} runs the candidates on the board",
+                               f"pass --tracker HOST:PORT [--key {board.rpc_key or board.name}] "
+                               f"(see `bitfold rpc-server`), or --tune-trials 0")
+        tuning = tvm_tune.tune(mod, target, work, tune_trials, retune=retune, tracker=tracker,
+                               key=key or board.rpc_key or board.name, cross=cross, log=log)
+    mod, applied = tvm_tune.apply(mod, target, work)
+    tuning["kernels_scheduled"] = applied
+    mod, kernels = tvm_kernels.add_kernel_entries(mod, layers)
+    return mod, {"target": target, "host": host, "cross": cross, "layers": [la.as_dict() for la in layers],
+                 "kernels": kernels, "tuning": tuning, "input": (name, shape)}
+
+
+def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: bool = True, tune_trials: int = 0,
+          retune: bool = False, tracker: str | None = None, key: str | None = None, log=None,
+          qemu: bool | None = None) -> BuildResult:
+    """Compile a QCDQ export for a CPU board into ``out_dir`` (``model.so`` + ``build.json``), verified.
+
+    ``qemu``: run a cross-compiled (aarch64) library under qemu-user and compare it with onnxruntime
+    (None: when the arm64 sysroot of ``bitfold setup arm64`` is there; True: required).
+    """
     tvm = _import_tvm()
     model = load_onnx(onnx_path)
     info = describe_onnx(model)
@@ -99,16 +141,19 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32) -> BuildResu
                            "export with `bitfold export RUN --format qcdq`")
     if board.kind != "cpu":
         raise BitfoldError(f"board {board.name} is an FPGA board; the TVM backend builds for CPU boards")
-    name, shape = _input_spec(model)
-    mod = import_relax(model, name, shape)
-    host = is_host(board)
-    target = target_for(board, host)
-    cross = None
-    if not host:
+    if not is_host(board):
         cross = f"{board.triple}-g++"
         if shutil.which(cross) is None:
             raise ToolMissingError(f"cross-compiling for {board.name} needs {cross}, which is not installed",
                                    f"Debian/Ubuntu: apt-get install g++-{board.triple.split('-')[0]}-linux-gnu")
+    if tune_trials < 0:
+        raise BitfoldError(f"--tune-trials must be >= 0, got {tune_trials}")
+    t0 = time.perf_counter()
+    mod, cinfo = compile_module(model, board, integer=integer, tune_trials=tune_trials, retune=retune,
+                                tracker=tracker, key=key, log=log)
+    tune_s = time.perf_counter() - t0
+    target, cross = cinfo["target"], cinfo["cross"]
+    name, shape = cinfo["input"]
     t0 = time.perf_counter()
     ex = tvm.compile(mod, target)
     compile_s = time.perf_counter() - t0
@@ -119,7 +164,8 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32) -> BuildResu
             from tvm.support import cc
             ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
             host_lib = tmp / "host_check.so"
-            tvm.compile(mod, target_for(board, True)).export_library(str(host_lib))
+            hmod, _ = compile_module(model, board, integer=integer, for_host=True)
+            tvm.compile(hmod, target_for(board, True)).export_library(str(host_lib))
         else:
             ex.export_library(str(lib))
             host_lib = lib
@@ -130,28 +176,62 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32) -> BuildResu
         if not report.passed:
             raise BitfoldError(f"TVM output does not match onnxruntime - {report.summary()}",
                                "nothing was written; please report this model as a bitfold bug")
-        notes = []
-        if cross:
+        notes, emulated = [], None
+        if cross and board.triple.startswith("aarch64"):
+            from . import qemu as qemu_mod
+            if qemu or (qemu is None and qemu_mod.is_ready()):
+                if log:
+                    log("running the aarch64 library under qemu")
+                y, line = qemu_mod.run(lib, x)
+                erep = compare("tvm-aarch64", "tvm aarch64 under qemu-user", ref, y)
+                if not erep.passed:
+                    raise BitfoldError(f"the aarch64 library does not match onnxruntime under qemu - {erep.summary()}",
+                                       "nothing was written; please report this model as a bitfold bug")
+                emulated = {**erep.as_dict(), "runner": line}
+                notes.append(f"aarch64 library checked under qemu-user: {line}")
+        elif cross and qemu:
+            raise BitfoldError(f"--qemu runs aarch64 builds; {board.name} is {board.triple}")
+        if cross and emulated is None:
             notes.append(f"{lib.name} is {board.triple} code: the host check ran the same Relax module compiled "
-                         f"for the host; run it on the board (or under qemu) to check the ARM code")
+                         f"for the host; run it on the board, or set up qemu (bitfold setup arm64) to check the ARM code")
+        n_int = sum(1 for la in cinfo["layers"] if la["arith"] == "int")
         meta = {"board": board.name, "backend": "tvm", "target": str(target), "tvm": tvm.__version__,
                 "input": {"name": name, "shape": list(shape)},
                 "source": {"path": str(onnx_path), "sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()},
-                "bit_map": info["bit_map"], "compile_seconds": compile_s, "artefacts": {"library": lib.name},
-                "verification": report.as_dict(), "notes": notes}
+                "bit_map": info["bit_map"], "compile_seconds": compile_s, "tune_seconds": tune_s,
+                "integer_lowering": integer, "layers": cinfo["layers"], "kernels": cinfo["kernels"],
+                "tuning": cinfo["tuning"], "artefacts": {"library": lib.name},
+                "verification": report.as_dict(), "verification_emulated": emulated, "notes": notes}
         (tmp / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
+    notes = notes + [f"{n_int}/{len(cinfo['layers'])} conv/matmul layers run in integer arithmetic"
+                     if integer else "integer lowering off: layers run as float fake-quant"]
     return BuildResult(Path(out_dir), board.name, "tvm", {"library": str(Path(out_dir) / "model.so")},
                        verified=True, verification=report.as_dict(), notes=notes)
 
 
-def measure_local(build_dir: Path, number: int = 20, repeat: int = 7) -> dict:
-    """Time a host build's whole model with TVM's time_evaluator: median / p10 / p90 seconds."""
+def _summary(res) -> dict:
+    res = np.asarray(res)
+    return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)),
+            "p90": float(np.percentile(res, 90)), "std": float(np.std(res))}
+
+
+def time_build(vm, dev, meta: dict, number: int, repeat: int, layers: bool = True) -> dict:
+    """Whole-model and per-kernel timing of a loaded build on ``dev`` (local or remote)."""
+    tvm = _import_tvm()
+    from .tvm_kernels import time_kernels
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), dev)
+    out = _summary(vm.time_evaluator("main", dev, number=number, repeat=repeat)(x).results)
+    out.update({"number": number, "repeat": repeat, "tvm": tvm.__version__})
+    if layers and meta.get("kernels"):
+        out["kernels"] = time_kernels(vm, dev, meta["kernels"], number, repeat)
+    return out
+
+
+def measure_local(build_dir: Path, number: int = 20, repeat: int = 7, layers: bool = True) -> dict:
+    """Time a host build with TVM's time_evaluator: whole model and each kernel, median / p10 / p90 seconds."""
     tvm = _import_tvm()
     from tvm import relax
     build_dir = Path(build_dir)
     meta = json.loads((build_dir / "build.json").read_text())
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(build_dir / "model.so")), tvm.cpu())
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), tvm.cpu())
-    res = np.array(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(x).results)
-    return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)), "p90": float(np.percentile(res, 90)),
-            "std": float(np.std(res)), "number": number, "repeat": repeat, "tvm": tvm.__version__}
+    return time_build(vm, tvm.cpu(), meta, number, repeat, layers)

@@ -17,7 +17,7 @@ import numpy as np
 
 from bitfold.toolchain.errors import BitfoldError
 
-from .tvm_backend import _import_tvm
+from .tvm_backend import _import_tvm, time_build
 
 
 def _split(tracker: str):
@@ -47,7 +47,7 @@ def free_devices(tracker: str, key: str) -> int:
 
 
 def measure_rpc(build_dir, tracker: str, key: str, number: int = 20, repeat: int = 7, retries: int = 3,
-                wait_s: float = 2.0, session_timeout: int = 120) -> dict:
+                wait_s: float = 2.0, session_timeout: int = 120, layers: bool = True) -> dict:
     tvm = _import_tvm()
     from tvm import relax, rpc
     build_dir = Path(build_dir)
@@ -64,11 +64,9 @@ def measure_rpc(build_dir, tracker: str, key: str, number: int = 20, repeat: int
             remote.upload(str(build_dir / "model.so"))
             dev = remote.cpu()
             vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
-            x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), dev)
-            res = np.array(vm.time_evaluator("main", dev, number=number, repeat=repeat)(x).results)
-            return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)),
-                    "p90": float(np.percentile(res, 90)), "std": float(np.std(res)), "number": number, "repeat": repeat,
-                    "tracker": tracker, "key": key, "attempt": attempt, "tvm": tvm.__version__}
+            out = time_build(vm, dev, meta, number, repeat, layers)
+            out.update({"tracker": tracker, "key": key, "attempt": attempt})
+            return out
         except Exception as e:  # noqa: BLE001 - a device that drops mid-run raises many kinds of errors
             last = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             time.sleep(wait_s)

@@ -205,6 +205,14 @@ def build(
                                                "0: as fast as the board's budget allows)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="FPGA: skip the bit-exact simulation check"),
     no_bitstream: bool = typer.Option(False, "--no-bitstream", help="FPGA: stop after synthesis (no place & route)"),
+    tune_trials: int = typer.Option(0, "--tune-trials", min=0, help="CPU: MetaSchedule trials for the kernels not yet "
+                                    "in the board's tuning database (0: apply the database as it is)"),
+    retune: bool = typer.Option(False, "--retune", help="CPU: tune every kernel again, even those with records"),
+    no_int: bool = typer.Option(False, "--no-int", help="CPU: keep quantized layers as float fake-quant"),
+    tracker: Optional[str] = typer.Option(None, help="CPU: tune on the board behind this TVM RPC tracker"),
+    key: Optional[str] = typer.Option(None, help="CPU: RPC key of the board (default: the board file's rpc_key)"),
+    qemu: Optional[bool] = typer.Option(None, "--qemu/--no-qemu", help="aarch64 boards: run the library under "
+                                        "qemu-user and check it (default: when `bitfold setup arm64` was run)"),
 ):
     """Build an exported model for a board with the board's backend (TVM for CPU boards,
     yosys/nextpnr for Lattice FPGAs)."""
@@ -212,10 +220,16 @@ def build(
     from bitfold.boards import load_board
     opts = {}
     if load_board(board).kind == "fpga":
+        if tune_trials or retune or no_int or tracker or key or qemu:
+            raise BitfoldError("--tune-trials / --retune / --no-int / --tracker / --key / --qemu apply to CPU boards only")
         opts = {"folding": folding, "verify": not no_verify, "bitstream": not no_bitstream, "target_fps": target_fps,
                 "progress": lambda m: console.print(f"[dim]{m}...[/]")}
     elif folding or no_verify or no_bitstream or target_fps:
         raise BitfoldError("--folding / --target-fps / --no-verify / --no-bitstream apply to FPGA boards only")
+    else:
+        opts = {"tune_trials": tune_trials, "retune": retune, "integer": not no_int, "tracker": tracker, "key": key,
+                "qemu": qemu,
+                "log": lambda m: console.print(f"[dim]{m}...[/]")}
     r = run_build(onnx_file, board, out, **opts)
     console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
     if r.verification:
@@ -353,13 +367,19 @@ def report_cmd(run: Path = typer.Argument(..., help="a `bitfold run` output dire
 
 @app.command()
 def setup(
-    what: str = typer.Argument(..., help="what to set up: finn"),
-    env: Optional[Path] = typer.Option(None, help="where (default $BITFOLD_FINN_ENV or $BITFOLD_HOME/finn-env)"),
+    what: str = typer.Argument(..., help="what to set up: finn | arm64"),
+    env: Optional[Path] = typer.Option(None, help="where (default: finn $BITFOLD_FINN_ENV or $BITFOLD_HOME/finn-env; "
+                                       "arm64 $BITFOLD_ARM64_SYSROOT or $BITFOLD_HOME/arm64-sysroot)"),
     force: bool = typer.Option(False, help="recreate even if it exists"),
 ):
-    """Create the separate environment an external toolchain runs in (FINN: finn-plus 1.6.1)."""
+    """Create the separate environment an external toolchain runs in (finn: finn-plus 1.6.1;
+    arm64: a Python + TVM sysroot that runs aarch64 builds under qemu-user)."""
+    if what == "arm64":
+        from bitfold.export.qemu import setup as arm64_setup
+        arm64_setup(env, force=force, say=console.print)
+        return
     if what != "finn":
-        raise BitfoldError(f"unknown setup target {what!r}", "available: finn")
+        raise BitfoldError(f"unknown setup target {what!r}", "available: finn, arm64")
     from bitfold.export.finn_backend import setup as finn_setup
     finn_setup(env, force=force, say=console.print)
 
@@ -438,7 +458,19 @@ def measure(
     store = MeasurementStore(db)
     store.add([Measurement(board=b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
                            value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
-                           device_id=device if not local else device_id(), extra={"build": str(build_dir), **t})])
+                           device_id=device if not local else device_id(),
+                           extra={"build": str(build_dir), **{k: v for k, v in t.items() if k != "kernels"}})])
+    dev_id = device if not local else device_id()
+    store.add([Measurement(board=b.name, kind="kernel", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
+                           value=k["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
+                           device_id=dev_id, extra={"build": str(build_dir), **k}) for k in t.get("kernels", [])])
+    from rich.table import Table
+    if t.get("kernels"):
+        tab = Table("kernel", "layer", "arith", "median µs", "p10", "p90", title="per kernel")
+        for k in t["kernels"]:
+            tab.add_row(k["kernel"][:48], k.get("layer", ""), k.get("arith", ""), f"{k['median'] * 1e6:.2f}",
+                        f"{k['p10'] * 1e6:.2f}", f"{k['p90'] * 1e6:.2f}")
+        console.print(tab)
     console.print(f"{b.name}: median {t['median'] * 1e3:.3f} ms (p10 {t['p10'] * 1e3:.3f}, p90 {t['p90'] * 1e3:.3f}) "
                   f"-> {store.path}")
 

@@ -1,0 +1,120 @@
+"""MetaSchedule tuning for the TVM backend, with one tuning database per board and target.
+
+The database (TVM's own ``JSONDatabase``: ``database_workload.json`` + ``database_tuning_record.json``)
+lives in ``$BITFOLD_HOME/tvm-tuning/<board>-<target hash>/``. Every build applies it; a build with
+``tune_trials > 0`` first tunes the kernels that have no record yet (``retune`` tunes all of them again),
+so a rebuild of the same model, or of a model that shares layer shapes, costs no tuning time.
+
+Candidates are built and timed where the code runs: on this host for the host, on the board over a
+TVM RPC tracker for a remote board (MetaSchedule's ``RPCRunner``; the candidates are cross-compiled
+with ``<triple>-g++``).
+
+Needs ``apache-tvm-ffi`` 0.1.14 (0.1.15.x makes MetaSchedule segfault in ``ToJSONGraph``, see STACK.md),
+``psutil`` and ``xgboost`` (the ``xgboost-cpu`` wheel) - all in bitfold's ``tvm`` extra.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from bitfold.toolchain.errors import BitfoldError, ToolMissingError
+
+
+def db_dir(board_name: str, target) -> Path:
+    from bitfold.hw_models.store import bitfold_home
+    h = hashlib.sha256(str(target).encode()).hexdigest()[:10]
+    return bitfold_home() / "tvm-tuning" / f"{board_name}-{h}"
+
+
+def prepare(mod):
+    """Legalize and fuse: the module whose kernels (PrimFuncs) are tuned and compiled."""
+    import tvm
+    from tvm import relax
+    seq = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
+                                    relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(["main"])])
+    return seq(mod)
+
+
+def _check_deps():
+    missing = []
+    for mod, pip in (("psutil", "psutil"), ("xgboost", "xgboost-cpu")):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(pip)
+    if missing:
+        raise ToolMissingError(f"MetaSchedule tuning needs {', '.join(missing)}, which is not installed",
+                               f"pip install {' '.join(missing)}  (or build with --tune-trials 0)")
+    import tvm_ffi
+    v = getattr(tvm_ffi, "__version__", "")
+    if v.startswith("0.1.15"):
+        raise ToolMissingError(f"apache-tvm-ffi {v} makes MetaSchedule crash (segfault in ToJSONGraph)",
+                               "pip install apache-tvm-ffi==0.1.14.post0  (or build with --tune-trials 0)")
+
+
+def _runner(tracker: str | None, key: str | None, cross: str | None):
+    from tvm.s_tir import meta_schedule as ms
+    if tracker is None:
+        return "local", "local"
+    from .tvm_rpc import _split
+    host, port = _split(tracker)
+    runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                                     session_timeout_sec=120))
+    if cross is None:
+        return "local", runner
+    from tvm.support import cc
+
+    def export(mod):  # cross-compile each candidate for the board
+        import os
+        import tempfile
+        path = os.path.join(tempfile.mkdtemp(prefix="bf-ms-"), "cand.so")
+        mod.export_library(path, fcompile=cc.cross_compiler(cross))
+        return path
+    return ms.builder.LocalBuilder(f_export=export), runner
+
+
+def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, tracker: str | None = None,
+         key: str | None = None, cross: str | None = None, log=None) -> dict:
+    """Tune the kernels of a prepared module that have no record in ``work_dir`` yet (all if ``retune``)."""
+    _check_deps()
+    from tvm.s_tir import meta_schedule as ms
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    todo = [t for t in tasks if retune or db.query_tuning_record(t.dispatched[0], target, "main") is None]
+    info = {"kernels": len(tasks), "tuned_now": len(todo), "reused": len(tasks) - len(todo), "trials": 0,
+            "database": str(work_dir)}
+    if not todo or trials <= 0:
+        return info
+    per_task = max(1, trials // len(todo))
+    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=str(work_dir))
+    builder, runner = _runner(tracker, key, cross)
+    if log:
+        log(f"tuning {len(todo)} kernel(s), {per_task} trial(s) each (MetaSchedule, database {work_dir})")
+    try:
+        ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
+                           max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
+                           builder=builder, runner=runner, database=db)
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types
+        raise BitfoldError(f"MetaSchedule tuning failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                           "build without tuning: --tune-trials 0") from e
+    info["trials"] = len(db.get_all_tuning_records())
+    return info
+
+
+def apply(mod, target, work_dir: Path):
+    """Apply the best records of the database to the module's kernels (a no-op for kernels without one)."""
+    import tvm
+    from tvm import relax
+    if not (Path(work_dir) / "database_tuning_record.json").exists():
+        return mod, 0
+    with target, tvm.transform.PassContext(opt_level=3):
+        out = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+    applied = sum(1 for _, f in out.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))
+    return out, applied
