@@ -46,9 +46,12 @@ def target_for(board, host: bool):
     """A TVM target dict for the board (or for this host when ``host``)."""
     tvm = _import_tvm()
     if host:
+        import os
+
         from tvm.target import codegen
-        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    spec = {"kind": "llvm", "mtriple": board.triple}
+        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                                  "num-cores": int(os.cpu_count() or 1)})
+    spec = {"kind": "llvm", "mtriple": board.triple, "num-cores": int(board.cores or 1)}
     if board.cpu and board.cpu not in ("native", "generic", "detect"):
         spec["mcpu"] = board.cpu
     if board.mattr:

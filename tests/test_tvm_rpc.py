@@ -69,9 +69,20 @@ def test_measure_over_a_loopback_tracker_records_rows(tracker, host_build, tmp_p
                              number=3, repeat=3, tracker=tracker, key="loopback")
     finally:
         server.kill()
-    rows = MeasurementStore(tmp_path / "m.sqlite").query("host-cpu", "latency")
+    all_rows = MeasurementStore(tmp_path / "m.sqlite").query("host-cpu", "latency")
+    rows = [r for r in all_rows if r.kind == "model"]
     assert len(rows) == 1 and rows[0].value > 0 and rows[0].device_id == "loopback"
     assert rows[0].extra["p10"] <= rows[0].value <= rows[0].extra["p90"]
+    # ... and one row per kernel of the build, the conv/matmul ones naming their ONNX layer and arithmetic
+    import json
+    kernels = json.loads((host_build / "build.json").read_text())["kernels"]
+    krows = sorted((r for r in all_rows if r.kind == "kernel"), key=lambda r: r.extra["index"])
+    assert [r.extra["kernel"] for r in krows] == [k["kernel"] for k in kernels]
+    assert all(r.value > 0 and r.device_id == "loopback" for r in krows)
+    named = [r.extra for r in krows if "layer" in r.extra]
+    assert [e["layer"] for e in named] == ["/convs.0/Conv", "/convs.1/Conv", "/convs.2/Conv", "/head/Gemm"]
+    assert {e["arith"] for e in named} == {"int"}
+    assert "per kernel" in capsys.readouterr().out
     assert len(layer_rows) == 4 and {r.device_id for r in layer_rows} == {f"loopback@{tracker}"}
     for r in layer_rows:
         assert r.value > 0 and r.extra["via"] == "rpc" and r.extra["repeat"] == 3 and r.extra["std"] >= 0
