@@ -1,14 +1,25 @@
-"""TVM (untuned, Relax VM) vs onnxruntime latency on this host, same QCDQ / FP32 files, 1 thread.
+"""TVM vs onnxruntime latency on this host, same files, batch 1, 1 thread, measured side by side.
 
-    python benchmarks/tvm_vs_ort.py
+    python benchmarks/tvm_vs_ort.py [--trials 32] [--models cnn resnet20] [--no-bits]
 
-For the digits CNN (8x8) and ResNet-20 (synthetic 32x32): FP32 ONNX and W4A4 QCDQ exports, batch 1,
-median of interleaved rounds, ratio TVM / ORT (ORT: default session, i.e. its QDQ fusions on).
+For the digits CNN (8x8) and ResNet-20 (synthetic 32x32), FP32 ONNX and W4A4 QCDQ exports. Columns
+(median of interleaved rounds, all in one run):
+
+* ORT: default session (QDQ fusions on: onnxruntime runs the quantized model with int8 kernels);
+* TVM fake-quant: the Relax import as it is (float conv on dequantized weights), untuned;
+* TVM int: bitfold's integer lowering (int8 x int8 -> int32 kernels), untuned;
+* TVM int tuned: the same, MetaSchedule-tuned with ``--trials`` per conv/matmul kernel (a fresh
+  tuning database per run, so the tuning time is printed too; layers that share a shape share a record).
+
+Then (unless ``--no-bits``) per-layer latency of the digits CNN vs its uniform bit-width (W2..W8), tuned,
+showing where lower bits do and do not help on this CPU: every width up to 8 bits runs as an int8 kernel.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -16,45 +27,90 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 warnings.filterwarnings("ignore")
 
 
+def _export(name, shape, variant, path):
+    import torch
+
+    from bitfold.export.onnx_export import export_model
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.train import calibrate
+    torch.manual_seed(0)
+    if variant == "fp32":
+        m = build_model(name, shape, 10, method="float").eval()
+        torch.onnx.export(m, torch.zeros(1, *shape), str(path), input_names=["input"], output_names=["logits"],
+                          dynamo=False)
+    else:
+        m = build_model(name, shape, 10, bits=variant)
+        calibrate(m, torch.randn(64, *shape), 32)
+        export_model(m, "qcdq", path, torch.randn(16, *shape))
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per conv/matmul kernel")
+    ap.add_argument("--models", nargs="+", default=["cnn", "resnet20"])
+    ap.add_argument("--no-bits", action="store_true")
+    args = ap.parse_args()
     import numpy as np
     import onnxruntime as ort
     import torch
-    from _timing import interleaved
-
-    from bitfold.export.onnx_export import export_model
-    from bitfold.export.tvm_backend import build
-    from bitfold.boards import load_board
-    from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
     import tvm
+    from _timing import interleaved
     from tvm import relax
+
+    from bitfold.boards import load_board
+    from bitfold.export.tvm_backend import build
     torch.set_num_threads(1)
-    print("batch 1, 1 thread, median of 7 interleaved rounds; TVM untuned (no MetaSchedule), Relax VM")
-    print(f"{'model':<26}{'ORT ms':>9}{'TVM ms':>9}{'TVM/ORT':>9}")
+    board = load_board("host-cpu")
+    shapes = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
+    print(f"batch 1, 1 thread, median of 9 interleaved rounds; tuned = {args.trials} MetaSchedule trials per "
+          f"conv/matmul kernel; TVM {tvm.__version__}, onnxruntime {ort.__version__}")
+    print(f"{'model':<20}{'ORT ms':>9}{'fake-q':>9}{'int':>9}{'tuned':>9}{'tuned/ORT':>11}{'tune s':>8}")
     with tempfile.TemporaryDirectory() as td:
-        for name, shape in (("cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))):
+        os.environ["BITFOLD_HOME"] = td        # a fresh tuning database: the tuning time is real
+        for name in args.models:
+            shape = shapes[name]
             x = np.random.default_rng(0).standard_normal((1, *shape)).astype("float32")
-            for variant in ("fp32", "w4a4 qcdq"):
-                path = Path(td) / f"{name}_{variant.split()[0]}.onnx"
-                if variant == "fp32":
-                    m = build_model(name, shape, 10, method="float").eval()
-                    torch.onnx.export(m, torch.zeros(1, *shape), str(path), input_names=["input"],
-                                      output_names=["logits"], dynamo=False)
-                else:
-                    m = build_model(name, shape, 10, bits="w4a4")
-                    calibrate(m, torch.randn(64, *shape), 32)
-                    export_model(m, "qcdq", path, torch.randn(16, *shape))
+            for variant in ("fp32", "w4a4"):
+                path = Path(td) / f"{name}_{variant}.onnx"
+                _export(name, shape, variant, path)
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = 1
                 sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                b = build(path, load_board("host-cpu"), Path(td) / f"b_{path.stem}", samples=4)
-                vm = relax.VirtualMachine(tvm.runtime.load_module(b.artefacts["library"]), tvm.cpu())
-                xt = tvm.runtime.tensor(x, tvm.cpu())
-                med = interleaved({"ort": lambda: sess.run(None, {"input": x}), "tvm": lambda: vm["main"](xt)},
-                                  rounds=7, steps=50)
-                print(f"{name + ' ' + variant:<26}{med['ort'] * 1e3:>9.3f}{med['tvm'] * 1e3:>9.3f}"
-                      f"{med['tvm'] / med['ort']:>8.1f}x")
+                fns = {"ort": lambda s=sess: s.run(None, {"input": x})}
+                tune_s = 0.0
+                for label, opts in (("fake", {"integer": False}), ("int", {}), ("tuned", {"tune_trials": args.trials})):
+                    t0 = time.perf_counter()
+                    b = build(path, board, Path(td) / f"b_{path.stem}_{label}", samples=4, **opts)
+                    if label == "tuned":
+                        tune_s = time.perf_counter() - t0
+                    vm = relax.VirtualMachine(tvm.runtime.load_module(b.artefacts["library"]), tvm.cpu())
+                    xt = tvm.runtime.tensor(x, tvm.cpu())
+                    fns[label] = lambda v=vm, xt=xt: v["main"](xt)
+                med = interleaved(fns, rounds=9, steps=100)
+                print(f"{name + ' ' + variant:<20}{med['ort'] * 1e3:>9.3f}{med['fake'] * 1e3:>9.3f}"
+                      f"{med['int'] * 1e3:>9.3f}{med['tuned'] * 1e3:>9.3f}{med['tuned'] / med['ort']:>10.2f}x"
+                      f"{tune_s:>8.0f}")
+        if not args.no_bits:
+            _bits_table(board, args.trials, Path(td))
+
+
+def _bits_table(board, trials, td):
+    """Per-layer (per-kernel) latency of the digits CNN vs its uniform bit-width, tuned, this host."""
+    from bitfold.export.tvm_backend import build, measure_local
+    widths = (2, 4, 6, 8)
+    per = {}
+    for bits in widths:
+        path = td / f"cnn_bits{bits}.onnx"
+        _export("cnn", (1, 8, 8), f"w{bits}a{bits}", path)
+        build(path, board, td / f"bb{bits}", samples=4, tune_trials=trials)
+        t = measure_local(td / f"bb{bits}", number=200, repeat=9)
+        per[bits] = {k["layer"]: k["median"] for k in t["kernels"] if "layer" in k}
+        per[bits]["whole model"] = t["median"]
+    print("\nper-layer latency (us) vs uniform bit-width, digits CNN, integer lowering, tuned")
+    print(f"{'layer':<18}" + "".join(f"{f'W{b}A{b}':>9}" for b in widths) + f"{'W2/W8':>8}")
+    for layer in per[8]:
+        vals = [per[b].get(layer, float("nan")) for b in widths]
+        print(f"{layer:<18}" + "".join(f"{v * 1e6:>9.2f}" for v in vals) + f"{vals[0] / vals[-1]:>8.2f}")
 
 
 if __name__ == "__main__":

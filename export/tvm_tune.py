@@ -112,7 +112,8 @@ def _runner(tracker: str | None, key: str | None):
 
 def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, tracker: str | None = None,
          key: str | None = None, cross: str | None = None, log=None) -> dict:
-    """Tune the kernels of a prepared module that have no record in ``work_dir`` yet (all if ``retune``)."""
+    """Tune, with ``trials`` candidates each, the conv/matmul kernels of a prepared module that have no
+    record in ``work_dir`` yet (all of them if ``retune``)."""
     _check_deps()
     from tvm.s_tir import meta_schedule as ms
     work_dir = Path(work_dir)
@@ -128,7 +129,7 @@ def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, trac
             "database": str(work_dir)}
     if not todo or trials <= 0:
         return info
-    per_task = max(1, trials // len(todo))
+    per_task = trials
     ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=str(work_dir))
     import tempfile
     cand_dir = Path(tempfile.mkdtemp(prefix="bf-ms-"))
@@ -136,7 +137,8 @@ def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, trac
     if log:
         log(f"tuning {len(todo)} kernel(s), {per_task} trial(s) each (MetaSchedule, database {work_dir})")
     try:
-        ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
+        ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir),
+                           max_trials_global=trials * len(todo),
                            max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
                            builder=builder, runner=runner, database=db)
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types

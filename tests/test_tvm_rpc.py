@@ -141,3 +141,28 @@ def test_device_dropping_mid_measurement_is_retried_then_reported_not_recorded(t
             pass
     assert "result" not in out
     assert "failed after 2 attempts" in str(out["error"]) and "nothing recorded" in str(out["error"])
+
+
+def test_tuning_over_the_tracker_times_candidates_on_the_device(tracker, tmp_path):
+    """--tune-trials with --tracker: MetaSchedule's candidates run on the board behind the tracker (here an
+    x86 server on loopback standing in for it); the records land in the board's database."""
+    pytest.importorskip("xgboost", reason="MetaSchedule's cost model needs xgboost (pip install xgboost-cpu)")
+    import json
+
+    from test_tvm_backend import _one_gemm_qcdq
+
+    from bitfold.export.backends import build
+    server = subprocess.Popen(rpc_server_command("tuner", tracker, port=_port()), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"},
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while free_devices(tracker, "tuner") == 0 and time.time() < deadline:
+            time.sleep(0.3)
+        onnx_path = _one_gemm_qcdq(tmp_path / "fc.onnx")
+        r = build(onnx_path, "host-cpu", tmp_path / "b", tune_trials=3, tracker=tracker, key="tuner", retune=True)
+    finally:
+        import signal
+        os.killpg(server.pid, signal.SIGKILL)
+    t = json.loads((tmp_path / "b" / "build.json").read_text())["tuning"]
+    assert r.verified and t["tuned_now"] == 1 and t["trials"] > 0 and t["kernels_scheduled"] == 1

@@ -205,7 +205,7 @@ def build(
                                                "0: as fast as the board's budget allows)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="FPGA: skip the bit-exact simulation check"),
     no_bitstream: bool = typer.Option(False, "--no-bitstream", help="FPGA: stop after synthesis (no place & route)"),
-    tune_trials: int = typer.Option(0, "--tune-trials", min=0, help="CPU: MetaSchedule trials for the kernels not yet "
+    tune_trials: int = typer.Option(0, "--tune-trials", min=0, help="CPU: MetaSchedule trials per conv/matmul kernel not yet "
                                     "in the board's tuning database (0: apply the database as it is)"),
     retune: bool = typer.Option(False, "--retune", help="CPU: tune every kernel again, even those with records"),
     no_int: bool = typer.Option(False, "--no-int", help="CPU: keep quantized layers as float fake-quant"),
