@@ -3,17 +3,18 @@
 ``build(model.qcdq.onnx, board, out_dir)``:
 
 1. imports the QCDQ export with ``tvm.relax.frontend.onnx.from_onnx`` at batch 1;
-2. compiles for the board's target: ``llvm`` with the board's triple / CPU / ``mattr``
-   (the host's CPU is asked from LLVM); a foreign triple is cross-compiled and linked with
-   ``<triple>-g++`` (Debian: ``g++-aarch64-linux-gnu``);
-3. writes ``model.so`` and ``build.json`` (target, versions, input, source hash, bit map);
-4. verifies: the same Relax module compiled for the host runs on seeded random inputs and is
-   compared with onnxruntime (QDQ fusions off) under the export gate. For a cross build this checks
-   the import and lowering, not the ARM code generator (that needs the board or qemu).
-
-Known limits (apache-tvm 0.27): QuantizeLinear/DequantizeLinear are computed as fake-quant (float
-conv/matmul on dequantized weights); MetaSchedule tuning is not used here (it crashes in the
-0.27.0.post1 wheel, see STACK.md).
+2. lowers every quantized conv/matmul (``dequantize -> conv/matmul``) to int8 x int8 -> int32 kernels
+   (:mod:`.tvm_int`; ``integer=False`` keeps TVM's float fake-quant), then legalizes and fuses;
+3. tunes the conv/matmul kernels with MetaSchedule (``tune_trials`` per kernel; the board's tuning
+   database is applied on every build and only kernels without a record are tuned, :mod:`.tvm_tune`);
+4. adds one entry function per fused kernel (:mod:`.tvm_kernels`) so each layer can be timed alone;
+5. compiles for the board's target: ``llvm`` with the board's triple / CPU / ``mattr`` (the host's CPU is
+   asked from LLVM); a foreign triple is cross-compiled and linked with ``<triple>-g++``;
+6. verifies before anything is written: the module compiled for the host runs on seeded random inputs
+   and is compared with onnxruntime (QDQ fusions off) under the export gate; an aarch64 library is also
+   run under qemu-user when the arm64 sysroot exists (:mod:`.qemu`, ``bitfold setup arm64``);
+7. writes ``model.so`` and ``build.json`` (target, versions, input, source hash, bit map, per-layer
+   int/float report, kernels, tuning summary, verification).
 """
 from __future__ import annotations
 

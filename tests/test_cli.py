@@ -113,6 +113,8 @@ def test_doctor_lists_every_component_and_what_it_disables(capsys, monkeypatch):
     rows = {r["name"]: r for r in diagnose()}
     assert rows["torch"]["found"] and rows["qonnx"]["found"]
     assert rows["Vivado"]["found"] is None and "Xilinx bitstreams" in rows["Vivado"]["enables"]
+    assert rows["qemu-aarch64-static"]["found"] is None and rows["arm64 sysroot"]["get"] == "bitfold setup arm64"
+    assert "0.1.14" in rows["MetaSchedule (tvm-ffi 0.1.14, xgboost)"]["found"]   # the tvm extra's pin
     with pytest.raises(SystemExit) as e:
         main(["doctor"])
         raise SystemExit(0)

@@ -23,6 +23,12 @@ CHECKS = [
      "pip install 'bitfold[fpga]'"),
     ("aarch64 cross compiler", ("exe", "aarch64-linux-gnu-g++"), "TVM builds for ARM boards (rpi4)",
      "apt-get install g++-aarch64-linux-gnu"),
+    ("MetaSchedule (tvm-ffi 0.1.14, xgboost)", ("tune", None), "bitfold build --tune-trials N (tuned TVM kernels)",
+     "pip install -e '.[tvm]'"),
+    ("qemu-aarch64-static", ("exe", "qemu-aarch64-static"), "running aarch64 TVM builds under emulation",
+     "apt-get install qemu-user-static"),
+    ("arm64 sysroot", ("arm64", None), "bitfold build --board rpi4 checks the ARM library under qemu",
+     "bitfold setup arm64"),
     ("FINN environment", ("finn", None), "FINN builds and estimates for Xilinx boards (pynq-z2, zcu104, ultra96-v2)",
      "bitfold setup finn"),
     ("Vivado", ("exe", "vivado"), "Xilinx bitstreams and post-route reports (FINN's last steps)",
@@ -42,6 +48,14 @@ def _probe(how) -> str | None:
             return getattr(m, "__version__", "installed")
         if kind == "exe":
             return shutil.which(what)
+        if kind == "tune":
+            from bitfold.export.tvm_tune import _check_deps
+            _check_deps()
+            import xgboost
+            return f"apache-tvm-ffi {version('apache-tvm-ffi')}, xgboost {xgboost.__version__}"
+        if kind == "arm64":
+            from bitfold.export.qemu import is_ready, sysroot_dir
+            return str(sysroot_dir()) if is_ready() else None
         if kind == "finn":
             from bitfold.export.finn_backend import env_dir, env_info, env_ready
             return f"{env_info().get('finn-plus', '?')} at {env_dir()}" if env_ready() else None
