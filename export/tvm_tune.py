@@ -118,7 +118,11 @@ def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, trac
     from tvm.s_tir import meta_schedule as ms
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
+    # MetaSchedule re-lists this logger's handlers by name when it configures logging; an unnamed one
+    # (left by an earlier tuning run in the same process) crashes it - it re-creates its own anyway
+    ms_log.handlers.clear()
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
     # the kernels worth a search: those holding a convolution or matmul (element-wise, pooling and
     # quantize kernels are memory-bound and keep the default schedule)
