@@ -13,7 +13,9 @@ Per target:
 Prediction: the board's cost table (as shipped or calibrated; no refit on these points) and
 BitOPs (MACs * b_w * b_a) scaled by the least-squares factor that fits these very points best
 (BitOPs has no unit; the factor is its best case). Prints Spearman rho and MAPE side by side and
-writes fidelity.csv + fidelity.png into --out.
+writes fidelity.csv + fidelity.png into --out. Measured values are kept in --out/measured.json
+(and the trained models in --out/models/): running again after a refit re-scores without
+re-measuring (--remeasure measures again).
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import argparse
 import csv
 import json
 import random
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -55,14 +56,31 @@ def bitops_fit(bitops, meas):
     return b * float((b * m).sum() / (b * b).sum())
 
 
+class Cache:
+    """Measured values by configuration, kept in ``--out/measured.json``: a rerun (e.g. after
+    refitting a table) predicts again without synthesizing or timing again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key, measure):
+        if key not in self.values:
+            self.values[key] = float(measure())
+            from bitfold.toolchain.atomic import write_json
+            write_json(self.path, self.values)
+        return self.values[key]
+
+
+CACHE: Cache | None = None
+
+
 def ecp5_layers(board, n, rng, jobs=2):
     """n held-out one-layer blocks, synthesized ``jobs`` at a time (yosys is one process each)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
     from bitfold.hw_models.fpga_cost import _synth_luts, one_layer_intmodel
-    from bitfold.hw_models.table import find_table, mvau_features
+    from bitfold.hw_models.table import find_table, mvau_cost
     from bitfold.toolchain.describe import LayerDesc
     cm = find_table(board.name)
     cfgs = []
@@ -72,16 +90,18 @@ def ecp5_layers(board, n, rng, jobs=2):
 
     def one(c):
         i, n_in, n_out, bw, ba, bout = c
-        (lut, *_), *_ = _synth_luts(one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)
+        cfg = f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}"
+        lut = CACHE.get(f"{board.name} layer {i} {cfg}", lambda: _synth_luts(
+            one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)[0][0])
         k = cm.table["kinds"]["linear"]
         if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
-            pred = float((mvau_features(n_in, n_out, n_in, bw, ba, bout, True) * torch.tensor(k["coef"])).sum()) * cm.scale
+            pred = float(mvau_cost(k, n_in, n_out, n_in, bw, ba, bout)) * cm.scale
         else:
             d = LayerDesc("l", "linear", (n_in,), (n_out,), n_in, n_out, (1, 1), (1, 1), 1, n_in * n_out, n_in * n_out, None)
             pred = float(cm([d], {"l": (bw, ba)}).total)
-        row = {"target": board.name, "what": "layer", "config": f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}",
+        row = {"target": board.name, "what": "layer", "config": cfg,
                "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba}
-        print(f"  layer {i + 1}/{n}: {row['config']:<22} measured {lut:>7,} predicted {pred:>9,.0f}", flush=True)
+        print(f"  layer {i + 1}/{n}: {row['config']:<22} measured {lut:>7,.0f} predicted {pred:>9,.0f}", flush=True)
         return row
     with ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(one, cfgs))
@@ -92,6 +112,8 @@ def _mlp_at(bits, root: Path, fmt: str):
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.train import train
     name = "_".join(f"{v['w']}{v['a']}" for v in bits.values())
+    if (root / f"{name}.onnx").is_file():
+        return root / name, root / f"{name}.onnx"
     train(TrainConfig(model="mlp", bits=bits, epochs=1), root / name, progress=False)
     return root / name, export_run(root / name, fmt, root / f"{name}.onnx").path
 
@@ -122,7 +144,8 @@ def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
         run, onnx = _mlp_at(bits, root, fmt)
         made.append((i, bits, run, onnx))
     with ThreadPoolExecutor(jobs) as pool:
-        values = list(pool.map(lambda m: measure_one(m[3], root / f"b{m[0]}"), made))
+        values = list(pool.map(lambda m: CACHE.get(f"{board.name} model {m[3].stem}",
+                                                   lambda: measure_one(m[3], root / f"b{m[0]}")), made))
     rows = []
     for (i, bits, run, onnx), value in zip(made, values):
         pred, bo = _table_cost(cm, run, bits)
@@ -178,9 +201,15 @@ def main():
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--models", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("runs/fidelity"))
+    ap.add_argument("--remeasure", action="store_true", help="ignore --out/measured.json (values measured by an "
+                    "earlier run with the same --out, reused by default so a refitted table is re-scored for free)")
     ap.add_argument("--summarize", type=Path, help="re-print the summary of an earlier run's fidelity.csv (no measuring)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    global CACHE
+    CACHE = Cache(args.out / "measured.json")
+    if args.remeasure:
+        CACHE.values = {}
     rng = random.Random(1)
     rows = []
     if args.summarize:
@@ -190,11 +219,12 @@ def main():
     for t in ([] if args.summarize else args.targets):
         b = load_board(t)
         print(f"{t}:", flush=True)
-        with tempfile.TemporaryDirectory() as td:
-            if b.kind == "fpga":
-                rows += ecp5_layers(b, args.layers, rng) + ecp5_models(b, args.models, rng, Path(td))
-            else:
-                rows += cpu_layers(b, args.layers) + cpu_models(b, args.models, rng, Path(td))
+        root = args.out / "models" / t
+        root.mkdir(parents=True, exist_ok=True)
+        if b.kind == "fpga":
+            rows += ecp5_layers(b, args.layers, rng) + ecp5_models(b, args.models, rng, root)
+        else:
+            rows += cpu_layers(b, args.layers) + cpu_models(b, args.models, rng, root)
     summary = []
     print(f"\n{'target':<11}{'set':<7}{'n':>4} | {'board model rho':>15} {'MAPE':>8} | {'BitOPs (LS) rho':>15} {'MAPE':>8}")
     for t in args.targets:

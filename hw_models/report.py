@@ -14,7 +14,7 @@ import numpy as np
 
 from bitfold.toolchain.describe import LayerDesc
 
-from .table import FEATURES
+from .table import FEATURES, GRID_TERMS
 
 REF = {"linear": LayerDesc("ref", "linear", (64,), (64,), 64, 64, (1, 1), (1, 1), 1, 64 * 64, 64 * 64, None),
        "conv": LayerDesc("ref", "conv", (16, 8, 8), (16, 8, 8), 16, 16, (3, 3), (1, 1), 1, 16 * 9 * 16 * 64,
@@ -66,6 +66,12 @@ def summary_lines(cm) -> list[str]:
                          + f"; vs BitOPs of a 64x64 layer over W2-8 x A2-8: Spearman {rho:.3f}")
             for name, c in zip(k["features"], k["coef"]):
                 lines.append(f"    {name:<6} {c:10.4g}  ({FEATURES[name]})")
+            g = np.asarray(k["G"]["value"])
+            lines.append(f"    G      {g.min():.4g} .. {g.max():.4g} over W{k['G']['w'][0]}-{k['G']['w'][-1]} x "
+                         f"A{k['G']['a'][0]}-{k['G']['a'][-1]}  ({GRID_TERMS['G']})")
+            if k["H"]["o"]:
+                lines.append("    H      " + ", ".join(f"{o}b: {v:.3g}" for o, v in zip(k["H"]["o"], k["H"]["value"]))
+                             + f"  ({GRID_TERMS['H']})")
             continue
         lines.append(f"{kind}: overhead {k['overhead']:.4g} {t['unit']}/layer; {q}; "
                      f"{'flat in bits' if k['flat_in_bits'] else 'spread ' + format(k['spread'], '.2f') + 'x'}; "

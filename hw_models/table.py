@@ -62,7 +62,7 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
                 macs = np.array([p[0] for p in pts], float)
                 val = np.array([p[1] for p in pts], float)
                 if len(set(macs)) >= 2:
-                    c1, c0 = np.polyfit(macs, val, 1)
+                    c1, c0 = np.polyfit(macs, val, 1, w=1 / val)   # relative error: small layers count
                     c1 = max(c1, 0.0)
                     overheads.append(max(c0, 0.0))
                 else:
@@ -172,9 +172,7 @@ def load_table_file(path, board: str | None = None) -> TableCostModel:
         kinds = t["kinds"]
         for k in kinds.values():
             if k.get("form") == "features":
-                c = np.asarray(k["coef"], dtype=float)
-                if c.shape != (len(FEATURES),) or not np.isfinite(c).all() or (c < 0).any():
-                    raise ValueError(f"features form needs {len(FEATURES)} finite non-negative coefficients")
+                check_features_entry(k)
                 continue
             v = np.asarray(k["per_mac"], dtype=float)
             if v.shape != (len(k["w"]), len(k["a"])) or not np.isfinite(v).all() or list(k["w"]) != sorted(k["w"]) \
@@ -214,74 +212,188 @@ def calibrate_scale(table: dict, pairs: list[tuple[float, float]]) -> dict:
 
 
 # --- the "features" form: a fitted structural model of one dataflow layer (open FPGA flow) --------
+#
+# cost(layer) = coef . linear features  +  lanes * (G(b_w, b_a) + H(b_out))
+#
+# G is the measured LUTs per lane (one b_w x (b_a+1) multiplier and its adder-tree slot) over a
+# grid of integer widths: yosys maps each width pair its own way (a 4x4 block came out smaller than
+# 4x3), so no smooth formula in the bits fits it. H is the per-lane change when the accumulator
+# feeds b_out-bit thresholds instead of leaving raw (either sign). The weight and threshold ROMs
+# cost LUTs per bit only while yosys keeps them in logic: it moves a ROM to block RAM where that is
+# cheaper by its own cost model, which :func:`bitfold.export.open_fpga.rom_brams` replicates, so the
+# model knows which ROMs leave the LUT count (a 64x64 W6 layer's weights do, a 64x32 one's do not).
+# Both grids are interpolated bilinearly / linearly between grid points, so fractional AdaQAT bits
+# get a gradient; the ROM placement is decided at the rounded widths.
 
-#: per-layer features of bitfold's bf_mvau (PE x SIMD lanes, folded with the tables' rule):
-#: names -> what they count
-FEATURES = {"one": "per layer (control, FIFOs)", "mult": "lanes * b_w * b_a (multipliers)",
-            "adder": "lanes * acc bits (adder tree)", "wrom": "weight ROM bits (MACs/vector * b_w)",
-            "trom": "threshold ROM bits (out ch * (2^b_out - 1) * acc)", "cmp": "PE * acc * b_out (search)",
-            "out": "out ch * out bits (only the last layer: the stream to the host)"}
+#: linear features (names -> what they count)
+FEATURES = {"one": "per layer (control, counters, stream handshake)",
+            "out": "output element width (the stream to the next stage or host)",
+            "wlog": "weight ROM bits kept in logic (0 when yosys puts the ROM in block RAM)",
+            "tlog": "threshold ROM bits kept in logic (out ch * (2^b_out - 1) * acc bits)"}
+GRID_TERMS = {"G": "LUTs per lane (PE*SIMD) over (b_w, b_a): multiplier + adder-tree slot",
+              "H": "LUTs per lane over b_out: thresholded vs raw accumulator (either sign)"}
 
 
-def mvau_features(mw, oc, ic, bw, ba, bout, last: bool):
-    """Feature vector (torch, differentiable in the widths) of one folded layer; ``bout=None``:
-    raw accumulator output."""
+def _t(x):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(float(x))
+
+
+def acc_bits_estimate(mw, bw, ba) -> torch.Tensor:
+    """Accumulator width (signed bits, continuous) of a layer with mw inputs, uniformly spread
+    b_w-bit weights and b_a-bit inputs: the lowering sizes it to the positive weights' sum times
+    the largest input code; its ceiling is what the RTL uses."""
+    bw, ba = _t(bw), _t(ba)
+    lim = torch.clamp(2 ** (bw - 1) - 1, min=1.0)
+    return torch.log2(mw * (lim + 1) / 4 * (2 ** ba - 1) + 1) + 1
+
+
+def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5"):
+    """(linear features, lanes, block RAMs) of one folded layer; torch, differentiable in the
+    widths; ``bout=None``: raw accumulator output."""
+    import math
+
+    from bitfold.export.open_fpga import rom_brams
+
     from .fpga_cost import folding_for
     pe, simd = folding_for(int(mw), int(oc), int(ic))
-    bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
-    ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
     lanes = pe * simd
-    acc = bw + ba + float(np.log2(max(mw, 2)))
-    zero = bw * 0
+    bw, ba = _t(bw), _t(ba)
+    acc = acc_bits_estimate(mw, bw, ba)
+    acc_i = math.ceil(float(acc))
+    depth = (oc // pe) * (mw // simd)
+    nw = rom_brams(lanes * max(2, round(float(bw))), depth, family)
+    wlog = depth * lanes * torch.clamp(bw, min=2.0) * (nw == 0)
     if bout is None:
-        trom, cmp_, obits = zero, zero, acc
+        tlog, obits, nt = acc * 0, acc, 0
     else:
-        bout = bout if isinstance(bout, torch.Tensor) else torch.tensor(float(bout))
-        trom, cmp_, obits = oc * (2 ** bout - 1) * acc, pe * acc * bout, bout
-    return torch.stack([zero + 1, lanes * bw * ba, lanes * acc, mw * oc * bw, trom, cmp_,
-                        oc * obits if last else zero])
+        bout = _t(bout)
+        nt = rom_brams(pe * (2 ** round(float(bout)) - 1) * acc_i, oc // pe, family)
+        tlog, obits = oc * (2 ** bout - 1) * acc * (nt == 0), bout
+    return torch.stack([acc * 0 + 1, obits, wlog, tlog]), lanes, nw + nt
+
+
+def _grid2(g: dict, bw, ba):
+    gw, ga = torch.tensor(g["w"], dtype=torch.float32), torch.tensor(g["a"], dtype=torch.float32)
+    v = torch.tensor(g["value"], dtype=torch.float32)
+    i0, i1, tw = _interp1(gw, _t(bw))
+    j0, j1, ta = _interp1(ga, _t(ba))
+    return (v[i0, j0] * (1 - ta) + v[i0, j1] * ta) * (1 - tw) + (v[i1, j0] * (1 - ta) + v[i1, j1] * ta) * tw
+
+
+def _grid1(h: dict, bout):
+    go, v = torch.tensor(h["o"], dtype=torch.float32), torch.tensor(h["value"], dtype=torch.float32)
+    i0, i1, t = _interp1(go, _t(bout))
+    return v[i0] * (1 - t) + v[i1] * t
+
+
+def mvau_cost(entry: dict, mw, oc, ic, bw, ba, bout):
+    """Predicted cost of one layer block under a fitted features entry (a torch scalar)."""
+    f, lanes, _ = mvau_terms(mw, oc, ic, bw, ba, bout, entry.get("family", "ecp5"))
+    c = (f.to(torch.float32) * torch.tensor(entry["coef"], dtype=torch.float32)).sum()
+    c = c + lanes * _grid2(entry["G"], bw, ba)
+    if bout is not None and entry["H"]["o"]:
+        c = c + lanes * _grid1(entry["H"], bout)
+    return c
+
+
+def _fill(v: np.ndarray) -> np.ndarray:
+    """Fill unmeasured grid cells (nan) by linear interpolation along the last axis, then the first."""
+    v = v.copy()
+    if v.ndim == 1:
+        idx = np.flatnonzero(~np.isnan(v))
+        return np.interp(np.arange(len(v)), idx, v[idx]) if len(idx) else np.zeros_like(v)
+    for i in range(v.shape[0]):
+        if not np.isnan(v[i]).all():
+            v[i] = _fill(v[i])
+    for j in range(v.shape[1]):
+        v[:, j] = _fill(v[:, j])
+    return v
 
 
 def fit_features(rows: list[Measurement]) -> dict:
-    """Non-negative least squares of the measured one-layer rows (relative error weighted) on
-    :func:`mvau_features`; residuals in-sample and leave-one-shape-out."""
-    from scipy.optimize import nnls
+    """Bounded least squares (relative error weighted) of the measured one-layer blocks on the
+    structural model: linear coefficients and G non-negative, H signed, all jointly.
+    Residuals in-sample and leave-one-shape-out (the shape's rows are predicted by a fit without them)."""
+    from scipy.optimize import lsq_linear
 
-    def feats(r):
-        return mvau_features(r.in_features * r.kernel ** 2, r.out_features, r.in_features, r.b_w, r.b_a,
-                             r.extra.get("b_out"), True).numpy().astype(float)
-    X = np.array([feats(r) for r in rows])
+    from bitfold.boards import load_board
+    family = load_board(rows[0].board).family
+    ws = sorted({r.b_w for r in rows})
+    as_ = sorted({r.b_a for r in rows})
+    os_ = sorted({r.extra["b_out"] for r in rows if r.extra.get("b_out") is not None})
+    nl = len(FEATURES)
+
+    def design(r):
+        mw = r.in_features * r.kernel ** 2
+        bout = r.extra.get("b_out")
+        f, lanes, _ = mvau_terms(mw, r.out_features, r.in_features, r.b_w, r.b_a, bout, family)
+        x = np.zeros(nl + len(ws) * len(as_) + len(os_))
+        x[:nl] = f.numpy()
+        x[nl + ws.index(r.b_w) * len(as_) + as_.index(r.b_a)] = lanes
+        if bout is not None:
+            x[nl + len(ws) * len(as_) + os_.index(bout)] = lanes
+        return x
+    X = np.array([design(r) for r in rows])
     y = np.array([r.value for r in rows], float)
 
-    def solve(Xs, ys):
-        norm = np.maximum(X.max(0), 1e-12)
-        c, _ = nnls(Xs / norm / ys[:, None], np.ones(len(ys)))
-        return c / norm
-    coef = solve(X, y)
-    rel = np.abs(X @ coef - y) / y
-    shapes = sorted({(r.in_features, r.out_features, r.kernel) for r in rows})
+    def solve(m):
+        Xs, ys = X[m], y[m]
+        norm = np.maximum(Xs.max(0), 1e-12)
+        lb = np.zeros(X.shape[1])
+        lb[nl + len(ws) * len(as_):] = -np.inf
+        c = lsq_linear(Xs / norm / ys[:, None], np.ones(len(ys)), bounds=(lb, np.inf)).x / norm
+        c[Xs.max(0) == 0] = np.nan          # no row measured this cell
+        return c
+
+    def entry(c):
+        g = c[nl:nl + len(ws) * len(as_)].reshape(len(ws), len(as_))
+        h = c[nl + len(ws) * len(as_):]
+        return {"form": "features", "family": family, "features": list(FEATURES), "coef": np.nan_to_num(c[:nl]).tolist(),
+                "G": {"w": ws, "a": as_, "value": _fill(g).tolist()},
+                "H": {"o": os_, "value": _fill(h).tolist() if len(os_) else []}}
+
+    def predict(e, r):
+        return float(mvau_cost(e, r.in_features * r.kernel ** 2, r.out_features, r.in_features, r.b_w, r.b_a,
+                               r.extra.get("b_out")))
+    out = entry(solve(np.ones(len(rows), bool)))
+    rel = np.array([abs(predict(out, r) - r.value) / r.value for r in rows])
+    shape_of = [(r.in_features, r.out_features, r.kernel) for r in rows]
+    shapes = sorted(set(shape_of))
     loso = []
     if len(shapes) > 1:
         for s in shapes:
-            m = np.array([(r.in_features, r.out_features, r.kernel) == s for r in rows])
-            c = solve(X[~m], y[~m])
-            loso += list(np.abs(X[m] @ c - y[m]) / y[m])
-    return {"form": "features", "features": list(FEATURES), "coef": coef.tolist(),
-            "fit": {"rows": len(rows), "shapes": len(shapes), "mape": float(rel.mean()), "max_rel_err": float(rel.max()),
-                    "loso_mape": float(np.mean(loso)) if loso else None,
-                    "loso_max_rel_err": float(np.max(loso)) if loso else None}}
+            m = np.array([k == s for k in shape_of])
+            e = entry(solve(~m))
+            loso += [abs(predict(e, r) - r.value) / r.value for r, k in zip(rows, m) if k]
+    out["fit"] = {"rows": len(rows), "shapes": len(shapes), "mape": float(rel.mean()), "max_rel_err": float(rel.max()),
+                  "loso_mape": float(np.mean(loso)) if loso else None,
+                  "loso_max_rel_err": float(np.max(loso)) if loso else None}
+    return out
+
+
+def check_features_entry(k: dict) -> None:
+    """Raise ValueError unless ``k`` is a well-formed features entry."""
+    c = np.asarray(k["coef"], dtype=float)
+    if c.shape != (len(FEATURES),) or not np.isfinite(c).all() or (c < 0).any():
+        raise ValueError(f"features form needs {len(FEATURES)} finite non-negative coefficients "
+                         f"({', '.join(FEATURES)}); this file has {c.size} (an older bitfold's table?)")
+    g = np.asarray(k["G"]["value"], dtype=float)
+    if g.shape != (len(k["G"]["w"]), len(k["G"]["a"])) or not np.isfinite(g).all() or g.size == 0:
+        raise ValueError("per-lane grid G does not match its widths")
+    if len(k["H"]["value"]) != len(k["H"]["o"]) or not np.isfinite(np.asarray(k["H"]["value"], float)).all():
+        raise ValueError("threshold grid H does not match its widths")
+    for ax in (k["G"]["w"], k["G"]["a"], k["H"]["o"]):
+        if list(ax) != sorted(ax):
+            raise ValueError("grid widths are not sorted")
 
 
 def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0) -> dict:
     """Per-layer cost of a chain of layers under the features form: layer i's thresholds produce
     layer i+1's input width; the last layer streams its raw accumulator out."""
-    coef = torch.tensor(kind_entry["coef"], dtype=torch.float32)
     per = {}
     for i, d in enumerate(layers):
         bw, ba = bits[d.name]
-        last = i == len(layers) - 1
-        bout = None if last else bits[layers[i + 1].name][1]
+        bout = None if i == len(layers) - 1 else bits[layers[i + 1].name][1]
         mw = d.kernel[0] * d.kernel[1] * d.in_features // max(1, d.groups)
-        f = mvau_features(mw, d.out_features, d.in_features // max(1, d.groups), bw, ba, bout, last)
-        per[d.name] = scale * (f.to(torch.float32) * coef).sum()
+        per[d.name] = scale * mvau_cost(kind_entry, mw, d.out_features, d.in_features // max(1, d.groups), bw, ba, bout)
     return per

@@ -41,6 +41,7 @@ def test_fitted_structural_model_has_residuals_and_gradients(lut_rows):
     assert table["unit"] == "LUT4" and table["provenance"]["sources"] == ["measured"]
     k = table["kinds"]["linear"]
     assert k["form"] == "features" and len(k["coef"]) == len(FEATURES) and min(k["coef"]) >= 0
+    assert k["G"]["w"] == [2, 4] and k["G"]["a"] == [2, 4] and k["H"]["o"] == [2, 4]
     fit = k["fit"]
     assert fit["rows"] == 12 and fit["shapes"] == 2 and fit["mape"] < 0.3 and fit["loso_mape"] is not None
     t = TableCostModel(table)

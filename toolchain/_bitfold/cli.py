@@ -607,16 +607,25 @@ def _show_table(table):
                 t.add_column(c)
             for name, c in zip(k["features"], k["coef"]):
                 t.add_row(name, f"{c:.4g}", FEATURES[name])
+            if k["H"]["o"]:
+                t.add_row("H", ", ".join(f"{o}b: {v:.3g}" for o, v in zip(k["H"]["o"], k["H"]["value"])),
+                          "LUTs per PE*acc bit over b_out (threshold search)")
             console.print(t)
+            _show_grid(f"{table['board']} {table['metric']} per lane G ({table['unit']}) - {kind}",
+                       k["G"]["w"], k["G"]["a"], k["G"]["value"])
             continue
-        t = Table(title=f"{table['board']} {table['metric']} per MAC ({table['unit']}) - {kind}, "
-                        f"overhead {k['overhead']:.3g}")
-        t.add_column("w \\ a")
-        for a in k["a"]:
-            t.add_column(str(a), justify="right")
-        for w, row in zip(k["w"], k["per_mac"]):
-            t.add_row(str(w), *[f"{v:.3g}" for v in row])
-        console.print(t)
+        _show_grid(f"{table['board']} {table['metric']} per MAC ({table['unit']}) - {kind}, overhead {k['overhead']:.3g}",
+                   k["w"], k["a"], k["per_mac"])
+
+
+def _show_grid(title, ws, as_, values):
+    t = Table(title=title)
+    t.add_column("w \\ a")
+    for a in as_:
+        t.add_column(str(a), justify="right")
+    for w, row in zip(ws, values):
+        t.add_row(str(w), *[f"{v:.3g}" for v in row])
+    console.print(t)
 
 
 @hw_app.command("show")
