@@ -95,7 +95,7 @@ def ecp5_layers(board, n, rng, jobs=2):
             one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)[0][0])
         k = cm.table["kinds"]["linear"]
         if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
-            pred = float(mvau_cost(k, n_in, n_out, n_in, bw, ba, bout)) * cm.scale
+            pred = float(mvau_cost(k, n_in, n_out, n_in, bw, ba, bout))   # one block: no whole-model factor
         else:
             d = LayerDesc("l", "linear", (n_in,), (n_out,), n_in, n_out, (1, 1), (1, 1), 1, n_in * n_out, n_in * n_out, None)
             pred = float(cm([d], {"l": (bw, ba)}).total)

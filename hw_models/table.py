@@ -377,8 +377,9 @@ def check_features_entry(k: dict) -> None:
     if c.shape != (len(FEATURES),) or not np.isfinite(c).all() or (c < 0).any():
         raise ValueError(f"features form needs {len(FEATURES)} finite non-negative coefficients "
                          f"({', '.join(FEATURES)}); this file has {c.size} (an older bitfold's table?)")
-    g = np.asarray(k["G"]["value"], dtype=float)
-    if g.shape != (len(k["G"]["w"]), len(k["G"]["a"])) or not np.isfinite(g).all() or g.size == 0:
+    g = k["G"]["value"]
+    if len(g) != len(k["G"]["w"]) or any(len(row) != len(k["G"]["a"]) for row in g) or not g \
+            or not np.isfinite(np.asarray(g, dtype=float)).all():
         raise ValueError("per-lane grid G does not match its widths")
     if len(k["H"]["value"]) != len(k["H"]["o"]) or not np.isfinite(np.asarray(k["H"]["value"], float)).all():
         raise ValueError("threshold grid H does not match its widths")

@@ -92,7 +92,7 @@ def test_corrupt_or_foreign_table_files(tmp_path, monkeypatch):
     t = json.loads(shipped_table_path("ulx3s-85f").read_text())
     t["kinds"]["linear"]["coef"] += [0.5, 0.5]           # a structural table of another layout
     bad.write_text(json.dumps(t))
-    with pytest.raises(BitfoldError, match="this file has 5 .an older bitfold's table"):
+    with pytest.raises(BitfoldError, match="this file has 6 .an older bitfold's table"):
         load_table_file(bad)
     t["kinds"]["linear"]["coef"] = t["kinds"]["linear"]["coef"][:-2]
     t["kinds"]["linear"]["G"]["value"][0].append(1.0)

@@ -77,3 +77,19 @@ def test_adaqat_trains_against_the_ulx3s_lut_table(tmp_path):
     assert m["adaqat"]["cost_unit"] == "LUT4"
     assert m["adaqat"]["final_cost"] < m["adaqat"]["cost_ref"]
     assert any(v["w"] < 6 or v["a"] < 6 for v in learned.values())
+
+
+@pytest.mark.parametrize("b_w,brams", [(3, 0), (4, 1)])
+def test_rom_placement_rule_matches_yosys(b_w, brams):
+    """A 36x16 layer folds to 9 lanes x 64 words: a W4 weight ROM is 36 bits wide (one DP16KD costs
+    yosys 128 < 64*36/16 in logic: block RAM), a W3 one 27 bits (128 > 108: logic). The cost model
+    and the backend's BRAM estimate use the same rule; yosys must agree."""
+    from bitfold.export.open_fpga import estimate_brams, rom_brams
+    from bitfold.hw_models.fpga_cost import _synth_luts, folding_for, one_layer_intmodel
+    from bitfold.hw_models.table import mvau_terms
+    board = load_board("ulx3s-85f")
+    assert folding_for(36, 16) == (1, 9)
+    im = one_layer_intmodel(36, 16, b_w, 2)
+    (lut, ff, ram, dsp), pe, simd, _ = _synth_luts(im, 36, 16, board)
+    assert ram == brams == rom_brams(9 * b_w, 64, "ecp5") == estimate_brams(im.stages[0], pe, simd, "ecp5")
+    assert mvau_terms(36, 16, 36, b_w, 2, None)[2] == brams
