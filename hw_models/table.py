@@ -40,7 +40,7 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
     if not rows:
         raise BitfoldError(f"no {metric!r} measurements for board {board!r}",
                            f"run `bitfold hw measure --board {board}` first")
-    table = {"board": board, "metric": metric, "unit": rows[0].unit, "model": "overhead + macs * f(b_w, b_a)",
+    table = {"board": board, "metric": metric, "unit": rows[0].unit, "model": "overhead + macs^exponent * f(b_w, b_a)",
              "kinds": {}, "provenance": {
                  "sources": sorted({r.source for r in rows}), "tools": sorted({f"{r.tool} {r.tool_version}".strip() for r in rows}),
                  "devices": sorted({r.device_id for r in rows}), "rows": len(rows),
@@ -84,14 +84,44 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
         if flat:
             slope[:] = slope.mean()
         ov = statistics.median(overheads) if overheads else 0.0
-        pred = np.array([ov + r.macs * slope[ws.index(r.b_w), as_.index(r.b_a)] for r in kr])
         meas = np.array([r.value for r in kr])
+        pred = np.array([ov + r.macs * slope[ws.index(r.b_w), as_.index(r.b_a)] for r in kr])
         rel = np.abs(pred - meas) / np.maximum(np.abs(meas), 1e-30)
+        exponent = 1.0
+        power = _fit_power(kr, ws, as_, noise_floor)
+        if power is not None and power[2].mean() < rel.mean():   # cost ~ MACs^p fits better (CPU caches)
+            exponent, slope, rel = power
+            ov, spread, flat = 0.0, float((slope.max() - slope.min()) / slope.mean()), bool((slope == slope.flat[0]).all())
         table["kinds"][kind] = {"w": ws, "a": as_, "per_mac": slope.tolist(), "flat_in_bits": flat,
-                                "spread": float(spread), "overhead": ov,
+                                "spread": float(spread), "overhead": ov, "exponent": exponent,
                                 "fit": {"rows": len(kr), "shapes": len({(r.in_features, r.out_features, r.kernel, r.spatial) for r in kr}),
                                         "mape": float(rel.mean()), "max_rel_err": float(rel.max())}}
     return table
+
+
+def _fit_power(kr, ws, as_, noise_floor):
+    """cost = c(b_w, b_a) * MACs^p with one exponent p per layer kind: least squares in log space
+    (relative error) with one intercept per measured width cell; None without two layer sizes.
+    Returns (p, c grid, relative errors)."""
+    macs = np.array([r.macs for r in kr], float)
+    if len(set(macs)) < 2:
+        return None
+    cells = sorted({(r.b_w, r.b_a) for r in kr})
+    X = np.zeros((len(kr), 1 + len(cells)))
+    X[:, 0] = np.log(macs)
+    for i, r in enumerate(kr):
+        X[i, 1 + cells.index((r.b_w, r.b_a))] = 1.0
+    y = np.log([r.value for r in kr])
+    sol = np.linalg.lstsq(X, y, rcond=None)[0]
+    p = float(sol[0])
+    c = np.full((len(ws), len(as_)), np.nan)
+    for (w, a), v in zip(cells, np.exp(sol[1:])):
+        c[ws.index(w), as_.index(a)] = v
+    c = _fill(c)
+    if (c.max() - c.min()) / c.mean() < noise_floor:
+        c[:] = c.mean()
+    pred = np.array([c[ws.index(r.b_w), as_.index(r.b_a)] * r.macs ** p for r in kr])
+    return p, c, np.abs(pred - np.exp(y)) / np.exp(y)
 
 
 def _interp1(grid: torch.Tensor, x: torch.Tensor, extrapolate: bool = False):
@@ -148,7 +178,7 @@ class TableCostModel:
         for d in layers:
             bw, ba = bits[d.name]
             k = self.table["kinds"].get(d.kind) or next(iter(self.table["kinds"].values()))
-            per[d.name] = self.scale * (k["overhead"] + d.macs * self.per_mac(d.kind, bw, ba))
+            per[d.name] = self.scale * (k["overhead"] + d.macs ** k.get("exponent", 1.0) * self.per_mac(d.kind, bw, ba))
         total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
         return CostResult(total, per, self.unit)
 
