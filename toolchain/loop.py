@@ -255,7 +255,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
                     lambda d: tgt.measure(bd["out_dir"], tr["predicted_raw"], {"run": str(out), "round": r}), log)
         rc = _stage(rd / "recalibrate", _sha("recal", ms, tr["bit_map"], table_file),
                     lambda d: tgt.recalibrate(d, table_file, run_dir, tr["bit_map"]), log)
-        history.append({"round": r, "accuracy": tr["accuracy"], "predicted": tr["predicted"], "measured": ms["value"],
+        history.append({"round": r, "accuracy": tr["accuracy"], "predicted": tr["predicted"],
+                        "predicted_raw": tr["predicted_raw"], "measured": ms["value"],
                         "measurement": ms, "bit_map": tr["bit_map"], "budget": limit, "onnx": ex["onnx"],
                         "build": bd["out_dir"], "table": str(table_file), "recalibrated": rc})
     meta = {"board": b.name, "metric": tgt.metric, "unit": tgt.unit, "method": method, "cost": cost or "board table",
