@@ -44,12 +44,14 @@ def thr_jobs(shapes, pairs, outs):
 
 
 _B = [2, 3, 4, 6]
-#: the grid of the shipped ulx3s-85f table (249 blocks, ~1 h of yosys on 2 cores): every integer
-#: width pair 1..8 on two shapes (G is a free table over widths), four shapes at 2/3/4/6 bits,
-#: thresholds 1..6 bits at four width pairs on three shapes
+#: the grid of the shipped ulx3s-85f table (299 blocks, ~1 h of yosys on 2 cores): every integer
+#: width pair 1..8 on two shapes (G is a free table over widths), more shapes at 2/3/4/6 bits,
+#: thresholds 1..6 bits at four width pairs on three shapes, 2..5 bits on two more
 FULL_GRID = {"jobs": mac_jobs([(32, 16), (64, 32)], range(1, 9), range(1, 9)) + mac_jobs([(16, 32), (128, 16)], _B, _B)
              + mac_jobs([(64, 64)], [2, 4, 6], [2, 4, 6]) + thr_jobs([(16, 32), (128, 16)], [(4, 4)], _B)
-             + thr_jobs([(32, 16), (64, 32), (64, 64)], [(2, 2), (3, 5), (4, 4), (6, 3)], range(1, 7))}
+             + thr_jobs([(32, 16), (64, 32), (64, 64)], [(2, 2), (3, 5), (4, 4), (6, 3)], range(1, 7))
+             + mac_jobs([(48, 32), (128, 64)], [2, 4, 6], [2, 4, 6])
+             + thr_jobs([(48, 32), (128, 64)], [(2, 2), (3, 5), (4, 4), (6, 3)], [2, 3, 4, 5])}
 #: FINN estimates are fast at any width
 FINN_GRID = {"linear": [(32, 16), (64, 32)], "bits": [2, 4, 8]}
 

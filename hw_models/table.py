@@ -1,16 +1,20 @@
 """Fitted per-board cost tables and their differentiable interpolation (a ``CostModel``).
 
-A table gives, per layer kind, a grid over (b_w, b_a) of the *marginal cost per MAC* plus a fixed
-per-layer overhead, fitted by least squares over the measured layer shapes at each grid point:
+Two forms:
 
-    cost(layer) = overhead[kind] + macs * f_kind(b_w, b_a)
+* grid (CPU latency, FINN estimates, icebreaker): per layer kind, a grid over (b_w, b_a) of the
+  cost per MAC, ``cost(layer) = overhead + macs^p * f(b_w, b_a)``; ``p`` = 1 unless a power law fits
+  the measured layer sizes better (CPU latency grows faster than MACs once weights leave the caches);
+* features (open FPGA flow, ulx3s-85f): a structural model of the backend's layer block, see
+  :func:`fit_features`.
 
-``f`` is interpolated bilinearly between grid points (clamped outside), so the fractional
-widths of AdaQAT get a gradient; where the measurements say cost does not change with bits
-(float kernels), the gradient is honestly zero.
+Widths are interpolated bilinearly between grid points (clamped outside), so the fractional widths
+of AdaQAT get a gradient; where the measurements say cost does not change with bits (int8 kernels
+on a CPU), the gradient is honestly (near) zero. A table may carry a whole-model factor fitted to
+built models (``calibration``).
 
 Tables are JSON with provenance, looked up in ``$BITFOLD_HOME/tables/<board>.json`` (written by
-``bitfold hw fit``) and then in the package's own ``hw_models/tables/``.
+``bitfold calibrate`` / ``bitfold hw fit``) and then in the package's own ``hw_models/tables/``.
 """
 from __future__ import annotations
 
