@@ -29,13 +29,13 @@ def train_step_times(configs: dict, bits="w3a4", model="cnn", shape=(1, 8, 8), r
 
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     x, y = torch.rand(64, *shape), torch.randint(0, 10, (64,))
     fns = {}
     for label, (method, opts) in configs.items():
         torch.manual_seed(0)
         m = build_model(model, shape, 10, bits=bits, method=method, **opts)
-        calibrate(m, x, 64)
+        init_activation_stats(m, x, 64)
         qm = m.quant_method
         qm.setup(m, describe_layers(m, shape))
         opt = torch.optim.Adam(m.parameters(), 1e-3)

@@ -20,11 +20,11 @@ warnings.filterwarnings("ignore")
 def make_step(name, shape, batch, method, **opts):
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     torch.manual_seed(0)
     model = build_model(name, shape, 10, bits="w8a8" if method == "adaqat" else "w4a4", method=method, **opts)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-    calibrate(model, x, batch)
+    init_activation_stats(model, x, batch)
     qm = model.quant_method
     qm.setup(model, describe_layers(model, shape))
     opt = torch.optim.Adam(qm.param_groups(model, 1e-3, 0.0))

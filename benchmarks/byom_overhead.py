@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore")
 def main():
     import bitfold
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
@@ -38,7 +38,7 @@ def main():
     assert {k: v for k, v in conv.bit_map.items()} == hand.bit_map
     fns = {}
     for name, m in (("hand-built", hand), ("converted", conv)):
-        calibrate(m, x, 64)
+        init_activation_stats(m, x, 64)
         opt = torch.optim.Adam(m.parameters(), 1e-3)
 
         def fn(m=m, opt=opt):

@@ -67,7 +67,7 @@ class Cache:
     def get(self, key, measure):
         if key not in self.values:
             self.values[key] = float(measure())
-            from bitfold.toolchain.atomic import write_json
+            from bitfold.core.atomic import write_json
             write_json(self.path, self.values)
         return self.values[key]
 
@@ -79,7 +79,7 @@ def ecp5_layers(board, n, rng, jobs=2):
     """n held-out one-layer blocks, synthesized ``jobs`` at a time (yosys is one process each)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bitfold.hw_models.fpga_cost import _synth_luts, one_layer_intmodel
+    from bitfold.export.open_fpga.probe import synth_block, one_layer_intmodel
     from bitfold.hw_models.table import find_table, mvau_cost
     from bitfold.toolchain.describe import LayerDesc
     cm = find_table(board.name)
@@ -91,7 +91,7 @@ def ecp5_layers(board, n, rng, jobs=2):
     def one(c):
         i, n_in, n_out, bw, ba, bout = c
         cfg = f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}"
-        lut = CACHE.get(f"{board.name} layer {i} {cfg}", lambda: _synth_luts(
+        lut = CACHE.get(f"{board.name} layer {i} {cfg}", lambda: synth_block(
             one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)[0][0])
         k = cm.table["kinds"]["linear"]
         if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
@@ -158,9 +158,10 @@ def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
 
 def ecp5_models(board, n, rng, root):
     from bitfold.export.lower import lower
-    from bitfold.export.open_fpga import build
-    from bitfold.hw_models.fpga_cost import model_resources, table_folding
-    from bitfold.toolchain.atomic import write_json
+    from bitfold.export.open_fpga.flow import build
+    from bitfold.export.open_fpga.probe import model_resources
+    from bitfold.hw_models.fpga_rules import table_folding
+    from bitfold.core.atomic import write_json
 
     def luts(onnx, d):
         fold = d.with_suffix(".fold.json")
@@ -172,7 +173,7 @@ def ecp5_models(board, n, rng, root):
 
 def cpu_layers(board, n):
     from bitfold.hw_models.table import find_table
-    from bitfold.hw_models.tvm_latency import measure
+    from bitfold.export.tvm.probe import measure
     from bitfold.toolchain.describe import LayerDesc
     cm = find_table(board.name)
     rows = []
@@ -186,7 +187,7 @@ def cpu_layers(board, n):
 
 
 def cpu_models(board, n, rng, root):
-    from bitfold.export import tvm_backend
+    import bitfold.export.tvm.backend as tvm_backend
 
     def latency(onnx, d):
         tvm_backend.build(onnx, board, d)

@@ -7,7 +7,7 @@ The networks are trained one epoch on synthetic 28x28 data (estimates depend on 
 and folding, not on accuracy), exported to QONNX and built with ``bitfold build`` (FINN's
 estimate flow, all verification steps on), at one fixed target FPS. Printed side by side: LUT,
 BRAM18, DSP, estimated FPS and latency, and the wall time of each build, plus the reference seen
-on this machine before (STACK.md: TFC W2A2 at 1 M fps on xc7z020 -> 13.6 k LUT, 9 BRAM18,
+on this machine before (measured before: TFC W2A2 at 1 M fps on xc7z020 -> 13.6 k LUT, 9 BRAM18,
 1.25 M fps, 2.8 us). All rows come from one run.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None):
     from bitfold.export.backends import build
     from bitfold.export.onnx_export import export_run
     from bitfold.toolchain.runs import TrainConfig
-    from bitfold.toolchain.errors import BitfoldError
+    from bitfold.core.errors import BitfoldError
     from bitfold.toolchain.train import train
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bitfold-bench-finn-"))

@@ -48,7 +48,7 @@ def reduction_at_equal_accuracy(bitops_pts, board_pts, tol=0.005):
 
 
 def main():
-    from bitfold.toolchain.loop import run_loop
+    from bitfold.app.loop import run_loop
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", nargs="+", default=["ulx3s-85f", "host-cpu"])
     ap.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])

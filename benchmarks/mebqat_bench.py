@@ -22,14 +22,14 @@ warnings.filterwarnings("ignore")
 def step_times(rounds=5, steps=10):
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     import torch.nn.functional as F
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
     fns = {}
     for name, method in (("fixed", "fixed"), ("mebqat", "mebqat")):
         torch.manual_seed(0)
         m = build_model("cnn", (1, 8, 8), 10, bits="w4a4", method=method)
-        calibrate(m, x, 64)
+        init_activation_stats(m, x, 64)
         qm = m.quant_method
         qm.setup(m, describe_layers(m, (1, 8, 8)))
         opt = torch.optim.Adam(m.parameters(), 1e-3)

@@ -47,7 +47,7 @@ def main(argv=None):
     from bitfold.export.backends import build
     from bitfold.export.lower import lower
     from bitfold.export.onnx_export import export_run
-    from bitfold.toolchain.errors import BitfoldError
+    from bitfold.core.errors import BitfoldError
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.train import train
 
@@ -64,7 +64,7 @@ def main(argv=None):
     fold.write_text(json.dumps(FOLD))
     finn = None
     try:
-        from bitfold.export import finn_backend
+        import bitfold.export.finn.backend as finn_backend
         finn = finn_backend if finn_backend.env_ready() else None
     except ImportError:
         pass

@@ -30,13 +30,13 @@ def step_fn(model, x, y):
 def measure(builds, batch, steps, rounds=5):
     from _timing import interleaved
 
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     fns = {}
     for name, (model, shape) in builds.items():
         x = torch.randn(batch, *shape)
         y = torch.randint(0, 10, (batch,))
         if getattr(model, "bit_map", None):
-            calibrate(model, x, batch)
+            init_activation_stats(model, x, batch)
         model.train()
         fns[name] = step_fn(model, x, y)
     return interleaved(fns, rounds, steps)

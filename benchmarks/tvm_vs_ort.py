@@ -32,7 +32,7 @@ def _export(name, shape, variant, path):
 
     from bitfold.export.onnx_export import export_model
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import calibrate
+    from bitfold.toolchain.train import init_activation_stats
     torch.manual_seed(0)
     if variant == "fp32":
         m = build_model(name, shape, 10, method="float").eval()
@@ -40,7 +40,7 @@ def _export(name, shape, variant, path):
                           dynamo=False)
     else:
         m = build_model(name, shape, 10, bits=variant)
-        calibrate(m, torch.randn(64, *shape), 32)
+        init_activation_stats(m, torch.randn(64, *shape), 32)
         export_model(m, "qcdq", path, torch.randn(16, *shape))
 
 
@@ -58,7 +58,7 @@ def main():
     from tvm import relax
 
     from bitfold.boards import load_board
-    from bitfold.export.tvm_backend import build
+    from bitfold.export.tvm.backend import build
     torch.set_num_threads(1)
     board = load_board("host-cpu")
     shapes = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
@@ -96,7 +96,7 @@ def main():
 
 def _bits_table(board, trials, td):
     """Per-layer (per-kernel) latency of the digits CNN vs its uniform bit-width, tuned, this host."""
-    from bitfold.export.tvm_backend import build, measure_local
+    from bitfold.export.tvm.backend import build, measure_local
     widths = (2, 4, 6, 8)
     per = {}
     for bits in widths:

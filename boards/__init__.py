@@ -2,7 +2,7 @@
 
 ``load_board("pynq-z2")`` reads the packaged file; ``load_board("path/to/my.toml")`` reads a
 user's file. Every field is type-checked; an unknown board or a bad field gives one
-:class:`~bitfold.toolchain.errors.BitfoldError` naming the known boards / the field.
+:class:`~bitfold.core.errors.BitfoldError` naming the known boards / the field.
 """
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 KINDS = ("fpga", "cpu")
-BACKENDS = ("finn", "open-fpga", "tvm")
 
 # field -> (type(s), required for kind)
 _COMMON = {"name": (str, KINDS), "description": (str, KINDS), "kind": (str, KINDS), "backend": (str, KINDS),
            "clock_mhz": ((int, float), ("fpga",))}
 _FPGA = {"vendor": (str, ("fpga",)), "family": (str, ("fpga",)), "part": (str, ("fpga",)),
          "resources": (dict, ("fpga",)), "finn_board": (str, ()), "device": (str, ()), "package": (str, ()),
-         "speed": (int, ())}
+         "speed": (int, ()), "pins": (dict, ())}
 _CPU = {"triple": (str, ("cpu",)), "cpu": (str, ("cpu",)), "cores": (int, ("cpu",)), "mattr": (list, ()),
         "rpc_key": (str, ())}
 _FIELDS = {**_COMMON, **_FPGA, **_CPU}
@@ -44,6 +43,7 @@ class Board:
     speed: int | None = None
     finn_board: str | None = None
     resources: dict = field(default_factory=dict)
+    pins: dict = field(default_factory=dict)     # FPGA: clk / rx / tx package pins of the board's oscillator and UART
     triple: str | None = None
     cpu: str | None = None
     cores: int | None = None
@@ -98,8 +98,13 @@ def validate_board(data: dict, source: str) -> Board:
         if key in data and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", data[key]) or \
                 key in data and ".." in data[key]:
             raise bad(f"field '{key}' must be a plain identifier (letters, digits, . _ + -), got {data[key]!r}")
-    if data["backend"] not in BACKENDS:
-        raise bad(f"field 'backend' must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
+    from bitfold.core.registry import backend_names
+    if data["backend"] not in backend_names():
+        raise bad(f"field 'backend' must name a registered backend ({', '.join(backend_names())}), "
+                  f"got {data['backend']!r}")
+    for pk, pv in data.get("pins", {}).items():
+        if pk not in ("clk", "rx", "tx") or not isinstance(pv, str) or not re.fullmatch(r"[A-Za-z0-9]{1,8}", pv):
+            raise bad(f"field 'pins.{pk}' must be one of clk/rx/tx naming a package pin, got {pv!r}")
     for rk, rv in data.get("resources", {}).items():
         if isinstance(rv, bool) or not isinstance(rv, int) or rv < 0:
             raise bad(f"field 'resources.{rk}' must be a non-negative integer, got {rv!r}")

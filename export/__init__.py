@@ -10,7 +10,7 @@ import types
 
 class _CallableModule(types.ModuleType):
     def __call__(self, model, example_input, fmt="qonnx", out_path="model.onnx", x_verify=None, **tol):
-        from .onnx_export import export_brevitas
+        from bitfold.export.onnx_export import export_brevitas
         return export_brevitas(model, example_input, fmt, out_path, x_verify, **tol)
 
 

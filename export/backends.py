@@ -1,8 +1,8 @@
-"""Backend registry: a board's ``backend`` field names the builder that turns a verified ONNX
-export into a build directory (``build.json`` + artefacts).
+"""Backends: the interface every backend implements, its build result, and the build entry point.
 
-Builders are looked up lazily, so a backend's heavy dependency (TVM, a FINN environment, the
-yowasp tools) is only needed when that backend is used.
+A board's ``backend`` field names a backend in the registry (:mod:`bitfold.core.registry`); the
+backend turns a verified ONNX export into a build directory (``build.json`` + artefacts),
+measures builds, and measures one-layer blocks for the board's cost table.
 """
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 
 @dataclass
@@ -31,28 +30,6 @@ class BuildResult:
         d = asdict(self)
         d["out_dir"] = str(self.out_dir)
         return d
-
-
-def _tvm():
-    from . import tvm_backend
-    return tvm_backend.build
-
-
-def _open_fpga():
-    from . import open_fpga
-    return open_fpga.build
-
-
-def _finn():
-    from . import finn_backend
-    return finn_backend.build
-
-
-BACKENDS: dict[str, Callable[[], Callable]] = {"tvm": _tvm, "open-fpga": _open_fpga, "finn": _finn}
-
-
-def register_backend(name: str, loader: Callable[[], Callable]) -> None:
-    BACKENDS[name] = loader
 
 
 @contextlib.contextmanager
@@ -75,11 +52,103 @@ def staged_dir(final: Path):
         raise
 
 
-def build(onnx_path: str | Path, board: str, out_dir: str | Path, **options) -> BuildResult:
-    """Build ``onnx_path`` for ``board`` into ``out_dir`` with the board's backend."""
+@dataclass(frozen=True)
+class Requirement:
+    """One thing a backend needs, for ``bitfold doctor``: how to detect it, what it enables, how to get it.
+
+    ``how``: ``("dist", name)`` an installed Python distribution, ``("module", name)`` an importable
+    module, ``("exe", name)`` a program on PATH, or ``("call", fn)`` a function returning a version
+    string (or None when missing)."""
+    name: str
+    how: tuple
+    enables: str
+    get: str
+
+    def found(self) -> str | None:
+        import importlib
+        import shutil
+        from importlib.metadata import PackageNotFoundError, version
+        kind, what = self.how
+        try:
+            if kind == "dist":
+                return version(what)
+            if kind == "module":
+                return getattr(importlib.import_module(what), "__version__", "installed")
+            if kind == "exe":
+                return shutil.which(what)
+            if kind == "call":
+                return what()
+        except (PackageNotFoundError, ImportError, OSError, BitfoldError):
+            return None
+        except Exception:  # noqa: BLE001 - a broken install is reported as missing, not raised
+            return None
+        return None
+
+
+class Backend:
+    """The interface of a backend: a folder under ``export/`` with one subclass, registered by name
+    (entry point ``bitfold.backends`` or :func:`bitfold.core.registry.register_backend`).
+
+    * ``name``, ``board_kind`` ("fpga" | "cpu"), ``accepts`` (export formats it builds from),
+      ``metric`` / ``unit`` (what its cost tables measure);
+    * ``Options``: a dataclass of its typed build options; :meth:`options` checks a dict against it;
+    * :meth:`build` — a verified export -> a build directory (``build.json`` + artefacts);
+    * :meth:`measure` — a build directory -> its measured cost (latency, resources);
+    * :meth:`probe` — the cost-table measurement driver: one-layer blocks over a grid -> rows;
+    * :meth:`requirements` — what it needs installed (``bitfold doctor``).
+    """
+    name = ""
+    board_kind = ""
+    accepts: tuple = ()
+    metric = ""
+    unit = ""
+
+    @dataclass
+    class Options:
+        pass
+
+    def options(self, given: dict | None = None):
+        """``given`` (only the options the user set) as this backend's ``Options``; an option it
+        does not have is one clear error naming the flag."""
+        import dataclasses
+        given = {k: v for k, v in (given or {}).items()}
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        bad = sorted(k for k in given if k not in known)
+        if bad:
+            raise BitfoldError(f"{' / '.join('--' + k.replace('_', '-') for k in bad)} "
+                               f"{'does' if len(bad) == 1 else 'do'} not apply to {self.board_kind.upper()} boards "
+                               f"({self.name} backend)",
+                               f"options of the {self.name} backend: "
+                               f"{', '.join('--' + k.replace('_', '-') for k in sorted(known)) or 'none'}")
+        return self.Options(**given)
+
+    def build(self, onnx_path: Path, board, out_dir: Path, options=None, events=None) -> "BuildResult":
+        raise NotImplementedError
+
+    def measure(self, build_dir: Path, board, **kw) -> dict:
+        raise BitfoldError(f"the {self.name} backend cannot measure a build")
+
+    def probe(self, board, full: bool = False, events=None, **kw) -> list:
+        raise BitfoldError(f"the {self.name} backend has no cost-table measurement driver")
+
+    def requirements(self) -> list[Requirement]:
+        return []
+
+
+def backend_for(board) -> Backend:
+    """The backend a board names, from the registry."""
+    from bitfold.core.registry import get_backend
+    return get_backend(board.backend)
+
+
+def build(onnx_path: str | Path, board: str, out_dir: str | Path, options: dict | None = None, events=None,
+          **legacy) -> BuildResult:
+    """Build ``onnx_path`` for ``board`` into ``out_dir`` with the board's backend.
+
+    ``options``: the backend's options by name (see its ``Options``); keyword arguments are
+    accepted as options too."""
     from bitfold.boards import load_board
     b = load_board(board)
-    if b.backend not in BACKENDS:
-        raise BitfoldError(f"board {b.name} uses the {b.backend!r} backend, which this bitfold version does not "
-                           f"provide yet", f"available backends: {', '.join(BACKENDS)}")
-    return BACKENDS[b.backend]()(Path(onnx_path), b, Path(out_dir), **options)
+    be = backend_for(b)
+    opts = be.options({**(options or {}), **legacy})
+    return be.build(Path(onnx_path), b, Path(out_dir), opts, events)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from bitfold.toolchain.atomic import atomic_path, write_json
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.errors import BitfoldError
 
-from .verify import compare, run_ort
+from bitfold.export.verify import compare, run_ort
 
 
 def export_dynamic_run(run_dir, out_path=None):

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitfold.toolchain.atomic import atomic_path, write_json
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import compute_layers
 
-from .verify import compare, run_ort
+from bitfold.export.verify import compare, run_ort
 
 
 def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
@@ -68,7 +68,7 @@ def export_index_run(run_dir, out_path=None):
     from bitfold.toolchain.data import load_dataset
     from bitfold.toolchain.runs import load_run
 
-    from .onnx_export import export_model
+    from bitfold.export.onnx_export import export_model
     cfg, model, _ = load_run(run_dir)
     if not hasattr(model.quant_method, "snapped_codebooks"):
         raise BitfoldError(f"run {run_dir} (--method {cfg.method}) has no codebook weights",

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 #: element-wise float ops allowed between a compute layer and its activation quantizer
 _CHAIN_OPS = ("BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div", "Identity")
@@ -371,7 +371,7 @@ def _col(p):
 
 def lower(model_or_path) -> IntModel:
     """Lower a QONNX file (or ModelProto) to an :class:`IntModel`; clear errors for what it cannot map."""
-    from .onnx_io import load_onnx
+    from bitfold.export.onnx_io import load_onnx
     model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise BitfoldError("this is a QCDQ file; the FPGA backends take QONNX",
@@ -608,7 +608,7 @@ class LoweringCheck:
 
 def check_lowering(onnx_path, im: IntModel, x: np.ndarray) -> LoweringCheck:
     """Compare the lowered model with qonnx execution of the original file (float rounding allowed)."""
-    from .verify import compare, run_qonnx
+    from bitfold.export.verify import compare, run_qonnx
     ref = run_qonnx(str(onnx_path), x)
     out = im.forward(x)
     rep = compare("qonnx", "lowered", ref.reshape(len(x), -1), out.reshape(len(x), -1))

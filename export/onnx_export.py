@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bitfold.toolchain.atomic import atomic_path, write_json
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import act_sites, compute_layers
 
-from .verify import VerifyReport, prepare_qonnx, verify_file
+from bitfold.export.verify import VerifyReport, prepare_qonnx, verify_file
 
 FORMATS = ("qonnx", "qcdq")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 
 def load_onnx(path: str | Path):

@@ -143,3 +143,13 @@ def verify_file(fmt: str, path: str, x: np.ndarray, ref: np.ndarray, **tol) -> V
     rep.default_ort_argmax_agreement = argmax_agreement(ref, default, rep.tolerance)
     rep.default_ort_max_abs_diff = float(np.abs(default - ref).max())
     return rep
+
+
+def held_out_inputs(shape: tuple, n: int) -> tuple[np.ndarray, str]:
+    """Digits test images when the model takes 8x8 / 64 inputs, else seeded normal samples."""
+    if int(np.prod(shape)) == 64:
+        from bitfold.toolchain.data import load_dataset
+        x = load_dataset("digits").x_test[:n]
+        x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        return x.reshape(len(x), *shape).astype(np.float32), "digits test split"
+    return np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float32), "seeded N(0,1) samples"

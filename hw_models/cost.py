@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 Bits = Mapping[str, tuple]  # layer -> (b_w, b_a), floats or 0-d tensors
 
@@ -73,14 +73,14 @@ def get_cost_model(name: str) -> CostModel:
     if name in COST_MODELS:
         return COST_MODELS[name]
     if name == "energy" or name.startswith("energy-"):
-        from .energy import load_energy
+        from bitfold.hw_models.energy import load_energy
         return load_energy(name)
     if name.endswith(".json"):
-        from .table import load_table_file
+        from bitfold.hw_models.table import load_table_file
         return load_table_file(name)
     from bitfold.boards import known_boards
     if name in known_boards():
-        from .table import find_table
+        from bitfold.hw_models.table import find_table
         table = find_table(name)
         if table is not None:
             return table

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
-from .cost import CostResult
-from .store import bitfold_home
+from bitfold.hw_models.cost import CostResult
+from bitfold.core.paths import bitfold_home
 
 OPS = ("mul", "add", "sram_bit")
 
@@ -104,7 +104,7 @@ def load_energy(name: str = "energy") -> EnergyModel:
     return EnergyModel(check_energy_table(t, str(p)), str(p))
 
 
-def calibrate_from_csv(csv_path, name: str = "energy-user") -> dict:
+def energy_from_csv(csv_path, name: str = "energy-user") -> dict:
     """A new energy table: the literature table with every op listed in the CSV replaced by the
     CSV's points (provenance: measured, the file and date). Returns the table; the caller saves it."""
     p = Path(csv_path)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitfold.toolchain.describe import LayerDesc
+from bitfold.hw_models.layers import LayerDesc
 
-from .table import FEATURES, GRID_TERMS
+from bitfold.hw_models.table import FEATURES, GRID_TERMS
 
 REF = {"linear": LayerDesc("ref", "linear", (64,), (64,), 64, 64, (1, 1), (1, 1), 1, 64 * 64, 64 * 64, None),
        "conv": LayerDesc("ref", "conv", (16, 8, 8), (16, 8, 8), 16, 16, (3, 3), (1, 1), 1, 16 * 9 * 16 * 64,
@@ -112,3 +112,23 @@ def plot_costs(cm, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def describe_cost_model(name: str) -> dict:
+    """What ``bitfold costs`` shows of a cost model: ``{"kind": "table", "source", "lines", "table",
+    "model"}`` for a measured table, ``{"kind": "energy", "lines"}`` for an energy model; an analytic
+    model (bitops, weight_bits) is one clear error."""
+    from bitfold.core.errors import BitfoldError
+    from bitfold.hw_models.cost import get_cost_model
+    from bitfold.hw_models.energy import EnergyModel
+    from bitfold.hw_models.table import TableCostModel
+    cm = get_cost_model(name)
+    if isinstance(cm, TableCostModel) and "kinds" in cm.table:
+        return {"kind": "table", "source": cm.source, "lines": summary_lines(cm), "table": cm.table, "model": cm}
+    if isinstance(cm, EnergyModel):
+        p = cm.table["provenance"]
+        lines = [f"{cm.name}: {cm.table['model']}"]
+        lines += [f"  {op}: " + ", ".join(f"{b:g} -> {e:g} pJ" for b, e in pts) for op, pts in cm.table["ops"].items()]
+        lines.append(f"source: {p['source']}; {p.get('citation') or p.get('csv', '')}")
+        return {"kind": "energy", "lines": lines}
+    raise BitfoldError(f"{name!r} is an analytic cost model ({cm}), not a table", "give a board name")

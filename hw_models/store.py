@@ -13,7 +13,8 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
+from bitfold.core.paths import bitfold_home
 
 SOURCES = ("measured", "estimated", "literature")
 SCHEMA = """
@@ -29,10 +30,6 @@ CREATE TABLE IF NOT EXISTS measurements (
 );
 CREATE INDEX IF NOT EXISTS by_board ON measurements (board, metric, kind);
 """
-
-
-def bitfold_home() -> Path:
-    return Path(os.environ.get("BITFOLD_HOME", Path.home() / ".cache" / "bitfold"))
 
 
 @dataclass

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitfold.toolchain.errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
-from .cost import CostResult
-from .store import Measurement, bitfold_home
+from bitfold.hw_models.cost import CostResult
+from bitfold.core.paths import bitfold_home
+from bitfold.hw_models.store import Measurement
 
 
 #: per-MAC costs of one layer kind that differ by less than this fraction across widths are treated
@@ -154,7 +155,7 @@ class TableCostModel:
 
     @property
     def scale(self) -> float:
-        """Whole-model correction fitted from measured models (:func:`calibrate_scale`); 1 if none."""
+        """Whole-model correction fitted from measured models (:func:`fit_model_factor`); 1 if none."""
         return float(self.table.get("calibration", {}).get("scale", 1.0))
 
     def per_mac(self, kind: str, bw, ba) -> torch.Tensor:
@@ -228,7 +229,7 @@ def find_table(board: str) -> TableCostModel | None:
     return None
 
 
-def calibrate_scale(table: dict, pairs: list[tuple[float, float]]) -> dict:
+def fit_model_factor(table: dict, pairs: list[tuple[float, float]]) -> dict:
     """A copy of ``table`` with a whole-model correction factor fitted to (predicted, measured)
     pairs of built models: least squares through the origin, on the table's uncorrected
     predictions. Residuals before and after are recorded in ``calibration``."""
@@ -254,7 +255,7 @@ def calibrate_scale(table: dict, pairs: list[tuple[float, float]]) -> dict:
 # 4x3), so no smooth formula in the bits fits it. H is the per-lane change when the accumulator
 # feeds b_out-bit thresholds instead of leaving raw (either sign). The weight and threshold ROMs
 # cost LUTs per bit only while yosys keeps them in logic: it moves a ROM to block RAM where that is
-# cheaper by its own cost model, which :func:`bitfold.export.open_fpga.rom_brams` replicates, so the
+# cheaper by its own cost model, which :func:`bitfold.hw_models.fpga_rules.rom_brams` replicates, so the
 # model knows which ROMs leave the LUT count (a 64x64 W6 layer's weights do, a 64x32 one's do not).
 # Both grids are interpolated bilinearly / linearly between grid points, so fractional AdaQAT bits
 # get a gradient; the ROM placement is decided at the rounded widths.
@@ -286,9 +287,7 @@ def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5"):
     widths; ``bout=None``: raw accumulator output."""
     import math
 
-    from bitfold.export.open_fpga import rom_brams
-
-    from .fpga_cost import folding_for
+    from bitfold.hw_models.fpga_rules import folding_for, rom_brams
     pe, simd = folding_for(int(mw), int(oc), int(ic))
     lanes = pe * simd
     bw, ba = _t(bw), _t(ba)

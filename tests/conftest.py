@@ -27,3 +27,32 @@ def trained_run(tmp_path_factory):
             "head": {"w": 5, "a": 6}}
     metrics = train(TrainConfig(model="cnn", bits=bits, epochs=3), out, progress=False)
     return out, metrics
+
+
+#: area markers: the folder a test lives in, and for tests elsewhere the tools their body names
+AREA_BY_DIR = {"fpga": "fpga", "tvm": "tvm", "finn": "finn"}
+TOOL_WORDS = {"fpga": ("ulx3s", "icebreaker", "open_fpga", "yowasp", "verilator", "run-fpga"),
+              "tvm": ("host-cpu", "rpi4", "tvm", "qemu"),
+              "finn": ("pynq-z2", "zcu104", "ultra96", "finn")}
+#: tests that take minutes on 2 cores (measured with --durations); still run in CI
+SLOW = {"test_closed_loop_on_ulx3s", "test_fuzz_export_open_fpga", "test_full_build_ice40"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+    for item in items:
+        area = AREA_BY_DIR.get(Path(str(item.fspath)).parent.name)
+        marks = {area} if area else set()
+        if not area:
+            try:
+                src = inspect.getsource(item.function).lower()
+            except (OSError, TypeError):
+                src = ""
+            src += " " + item.name.lower()
+            marks |= {m for m, words in TOOL_WORDS.items() if any(w in src for w in words)}
+        if not marks:
+            marks = {"unit"}
+        if item.originalname in SLOW:
+            marks.add("slow")
+        for m in marks:
+            item.add_marker(m)

@@ -43,9 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from .bitmap import LayerBits
-from .errors import BitfoldError
-from .quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
+from bitfold.toolchain.bitmap import LayerBits
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
 
 #: Measured on digits, CNN, 15 epochs, seed 0 (``benchmarks/adaqat_pareto.py --estimators``):
 #: at equal BitOPs the finite-difference estimator was about one point more accurate
@@ -334,7 +334,7 @@ class AdaQATMethod(QuantMethod):
         if not self.frozen(model):
             self.freeze(model)
         out_dir = Path(out_dir)
-        from .atomic import atomic_path, write_json
+        from bitfold.core.atomic import atomic_path, write_json
         with atomic_path(out_dir / "bit_trajectory.csv") as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.writer(fh)
@@ -354,7 +354,7 @@ class AdaQATMethod(QuantMethod):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from .atomic import atomic_path
+        from bitfold.core.atomic import atomic_path
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         series: dict[tuple, list] = {}
         for step, name, kind, bits in self.trajectory:

@@ -18,7 +18,7 @@ Choices made here (and tested):
   the layer's codebook quantization error at ``b`` bits, measured by fitting that codebook - under a
   budget in any ``CostModel``: start at the widest candidate, repeatedly take the one-bit step that
   adds the least objective per unit of cost saved.
-* Deployment (METHODS.md, "Non-uniform weights on real hardware"): a b-bit index is not a b-bit
+* Deployment (non-uniform weights on real hardware): a b-bit index is not a b-bit
   multiplier. Export snaps every codebook onto a signed integer grid of ``grid_bits`` (default 8,
   one scale per layer = max|c| / (2^(grid_bits-1) - 1)) and exports the layer as a ``grid_bits``
   Brevitas weight quantizer - so QONNX / QCDQ carry the arithmetic width, and BitOPs counts
@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from .bitmap import LayerBits
-from .errors import BitfoldError
-from .quant import FixedMethod, compute_layers, register_method
+from bitfold.toolchain.bitmap import LayerBits
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import FixedMethod, compute_layers, register_method
 
 
 def quantile_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ class ADQMethod(FixedMethod):
         from brevitas.core.scaling import ScalingImplType
         from brevitas.quant.scaled_int import Int8WeightPerTensorFloat
 
-        from .convert import _set_module
+        from bitfold.toolchain.convert import set_module
         m = copy.deepcopy(model)
         snapped = self.snapped_codebooks(m)
         qmax = 2 ** (self.grid_bits - 1) - 1
@@ -176,7 +176,7 @@ class ADQMethod(FixedMethod):
             new._bitfold_layer = name
             new._adq_index = assign(old.weight, _cb(old).codebook).to(torch.uint8)
             new._adq_codebook = cb
-            _set_module(m, name, new)
+            set_module(m, name, new)
         m.bit_map = {n: LayerBits(self.grid_bits, b.a) for n, b in model.bit_map.items()}
         m.index_bits = {n: b.w for n, b in model.bit_map.items()}
         m.quant_method = None
@@ -247,11 +247,11 @@ def allocate_run(run_dir, cost: str, budget: float, candidates=(2, 3, 4, 5, 6, 8
 
     from bitfold.hw_models.cost import get_cost_model
 
-    from .atomic import write_json
-    from .bitmap import bitmap_to_json
-    from .data import load_dataset
-    from .describe import describe_layers
-    from .runs import load_run
+    from bitfold.core.atomic import write_json
+    from bitfold.toolchain.bitmap import bitmap_to_json
+    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.runs import load_run
     cfg, model, _ = load_run(run_dir)
     method = model.quant_method
     if not isinstance(method, ADQMethod):

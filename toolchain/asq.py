@@ -3,7 +3,7 @@
 Choices made here (and tested):
 
 * Activation sites are :class:`ASQAct` modules: ``s_a = s * beta(x)``,
-  ``x_int = clamp(round(x / s_a), n, p)``, output ``x_int * s`` (METHODS.md), with ``round``
+  ``x_int = clamp(round(x / s_a), n, p)``, output ``x_int * s`` , with ``round``
   straight-through so s, beta and the adapter learn. ``beta = 2 * sigmoid(adapter(stats))`` where
   ``stats`` = per-sample (mean |x|, std x) of the incoming activation and the adapter is
   Linear(2, 8) - ReLU - Linear(8, 1), last layer zero-initialised (beta = 1 at the start).
@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from .adq import ADQMethod, assign
-from .errors import BitfoldError
-from .quant import act_sites, register_method
+from bitfold.toolchain.adq import ADQMethod, assign
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import act_sites, register_method
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -148,7 +148,7 @@ class ASQMethod(ADQMethod):
 
     def prepare_export(self, model, x_calib):
         if self.adapter:
-            self.calibrate_beta(model, x_calib)
+            self.init_beta(model, x_calib)
 
     def layer_extras(self, model):
         """Per layer: the adapter MACs of the ASQ site feeding it (extra work beside the layer)."""
@@ -156,7 +156,7 @@ class ASQMethod(ADQMethod):
 
     # -- folded deployment -------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate_beta(self, model, x, batch_size=128) -> dict:
+    def init_beta(self, model, x, batch_size=128) -> dict:
         """Mean beta per site over ``x`` (the folded constants)."""
         sums, n = {}, 0
         hooks = []
@@ -184,7 +184,7 @@ class ASQMethod(ADQMethod):
         from brevitas.core.scaling import ScalingImplType
         from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
-        from .convert import _set_module
+        from bitfold.toolchain.convert import set_module
         m = super().for_export(model)
         for path, mod in list(m.named_modules()):
             if not hasattr(mod, "_bitfold_feeds"):
@@ -198,7 +198,7 @@ class ASQMethod(ADQMethod):
             folded = nn.Sequential(cls(act_quant=quant, bit_width=act.bits, return_quant_tensor=False),
                                    FoldedScale(1.0 / beta))
             folded._bitfold_feeds = mod._bitfold_feeds
-            _set_module(m, path, folded)
+            set_module(m, path, folded)
         return m
 
 
@@ -210,7 +210,7 @@ def dynamic_export(model, example_input, path) -> None:
     """Export with the adapters as ONNX ops (float graph that onnxruntime runs)."""
     import copy
 
-    from .quant import bake_parametrizations
+    from bitfold.toolchain.quant import bake_parametrizations
     m = bake_parametrizations(copy.deepcopy(model)).eval()
     with torch.no_grad():
         torch.onnx.export(m, example_input, str(path), input_names=["input"], output_names=["logits"],

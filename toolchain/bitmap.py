@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 MIN_BITS, MAX_BITS = 1, 8
 _SHORT = re.compile(r"^w(\d+)a(\d+)(:all)?$", re.IGNORECASE)

@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from .bitmap import BitMap
-from .errors import BitfoldError
-from .quant import LayerBuilder, QuantMethod, get_method
+from bitfold.toolchain.bitmap import BitMap
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import LayerBuilder, QuantMethod, get_method
 
 COMPUTE = (nn.Conv2d, nn.Linear)
 TRANSPARENT_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -87,7 +87,7 @@ def _relu_calls_to_modules(gm) -> None:
     gm.recompile()
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, leaf, module)
@@ -142,7 +142,7 @@ def quantize(model: nn.Module, method: str | QuantMethod = "fixed", bits="w8a8",
         is_relu = prod.op == "call_module" and isinstance(modules[prod.target], nn.ReLU)
         site = builder.act(tuple(feeds), relu=is_relu)
         if is_relu:
-            _set_module(gm, prod.target, site)
+            set_module(gm, prod.target, site)
         else:
             name = f"bitfold_quant_{i}"
             gm.add_submodule(name, site)
@@ -159,7 +159,7 @@ def quantize(model: nn.Module, method: str | QuantMethod = "fixed", bits="w8a8",
         else:
             new = builder.linear(n.target, old.in_features, old.out_features, bias=old.bias is not None)
         _copy_weights(old, new)
-        _set_module(gm, n.target, new)
+        set_module(gm, n.target, new)
     gm.graph.lint()
     gm.recompile()
     gm.bit_map = builder.bits
@@ -208,7 +208,7 @@ def build_user_float(spec: str, input_shape, num_classes: int, weights: str | No
     if not isinstance(model, nn.Module):
         raise BitfoldError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        from .runs import load_state_dict_file
+        from bitfold.toolchain.runs import load_state_dict_file
         state = load_state_dict_file(weights)
         try:
             model.load_state_dict(state)

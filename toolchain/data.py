@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BitfoldError
+from bitfold.core.errors import BitfoldError
 
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 

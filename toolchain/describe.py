@@ -6,32 +6,13 @@ weight count, and which activation site feeds it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .quant import act_sites, compute_layers
-
-
-@dataclass(frozen=True)
-class LayerDesc:
-    name: str
-    kind: str                 # "conv" | "linear"
-    in_shape: tuple           # one sample, without batch
-    out_shape: tuple
-    in_features: int          # in channels (conv) / in features (linear)
-    out_features: int
-    kernel: tuple             # (kh, kw); (1, 1) for linear
-    stride: tuple
-    groups: int
-    macs: int                 # multiply-accumulates per sample
-    weight_count: int
-    site: tuple | None        # the activation site feeding this layer (layers it feeds)
-
-    def as_dict(self):
-        return asdict(self)
+from bitfold.hw_models.layers import LayerDesc
+from bitfold.toolchain.quant import act_sites, compute_layers
 
 
 def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[LayerDesc]:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path, write_json
-from .errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.errors import BitfoldError
 
 
 @dataclass
@@ -83,16 +83,16 @@ def _adapt(model, sx, sy, classes, steps, lr):
 
 
 def _set_task(model, w, a):
-    from .bitmap import LayerBits
+    from bitfold.toolchain.bitmap import LayerBits
     qm = model.quant_method
     base = model.bit_map
     qm._set_raw(model, {n: (base[n] if n in qm._edges(model) else LayerBits(w, a)) for n in base})
 
 
 def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), progress=None) -> dict:
-    from .data import load_dataset
-    from .models import build_model
-    from .train import calibrate
+    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.train import init_activation_stats
     if cfg.ways < 2 or cfg.shots < 1 or cfg.inner_steps < 0:
         raise BitfoldError("few-shot needs ways >= 2, shots >= 1, inner_steps >= 0")
     torch.manual_seed(cfg.seed)
@@ -105,7 +105,7 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), progress=None) -> dic
     train_pool, test_pool = _by_class(ds.x_train, ds.y_train), _by_class(ds.x_test, ds.y_test)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, bits="w8a8", method="mebqat", **cfg.method_options)
     seen_x = torch.cat([train_pool[c] for c in seen])
-    calibrate(model, seen_x, 256)
+    init_activation_stats(model, seen_x, 256)
     model.eval()
     qm = model.quant_method
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -14,7 +14,7 @@ Choices made here:
   AdaQAT) with PACT activations. A learned threshold is bit-width independent; the step is
   threshold / (2^(b-1) - 1), so switching widths needs no other state.
 * BatchNorm is shared across widths; before evaluating or exporting at a width, its running
-  statistics are re-estimated on a few training batches at that width (``bn_recalibrate``) -
+  statistics are re-estimated on a few training batches at that width (``reestimate_bn``) -
   the usual practice for any-precision networks, cheap, and no retraining.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from .bitmap import LayerBits
-from .errors import BitfoldError
-from .quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
+from bitfold.toolchain.bitmap import LayerBits
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
 
 DEFAULT_CANDIDATES = (2, 3, 4, 5, 6, 8)
 
@@ -61,7 +61,7 @@ def _quantizers(kind: str):
 
 
 @torch.no_grad()
-def bn_recalibrate(model: nn.Module, x: torch.Tensor, batches: int = 8, batch_size: int = 128) -> None:
+def reestimate_bn(model: nn.Module, x: torch.Tensor, batches: int = 8, batch_size: int = 128) -> None:
     """Re-estimate BatchNorm running statistics (cumulative average) at the current widths."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -114,7 +114,7 @@ class MEBQATMethod(QuantMethod):
 
     def prepare_layer(self, name, layer, bits):
         if self.quantizer == "dorefa":
-            from .adaqat import TanhNormalize
+            from bitfold.toolchain.adaqat import TanhNormalize
             parametrize.register_parametrization(layer, "weight", TanhNormalize())
         return layer
 
@@ -170,7 +170,7 @@ class MEBQATMethod(QuantMethod):
     def deploy(self, model, bit_map, x_calib):
         self.set_map(model, bit_map)
         model.bit_map = dict(bit_map)
-        bn_recalibrate(model, x_calib)
+        reestimate_bn(model, x_calib)
         return model
 
     def for_export(self, model):

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .bitmap import BitMap, LayerBits
-from .errors import BitfoldError
-from .quant import FloatBuilder, LayerBuilder, QuantMethod, get_method
+from bitfold.toolchain.bitmap import BitMap, LayerBits
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import FloatBuilder, LayerBuilder, QuantMethod, get_method
 
 MODELS: dict[str, Callable] = {}
 
@@ -172,7 +172,7 @@ def build_model(name: str, input_shape, num_classes: int, bits="w8a8",
     :func:`bitfold.toolchain.convert.quantize`), optionally started from float ``weights``.
     """
     input_shape = tuple(input_shape)
-    from .convert import build_user_float, is_user_model, quantize
+    from bitfold.toolchain.convert import build_user_float, is_user_model, quantize
     if is_user_model(name):
         float_model = build_user_float(name, input_shape, num_classes, weights)
         if method == "float":

@@ -17,15 +17,15 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .bitmap import LayerBits
-from .errors import BitfoldError
+from bitfold.toolchain.bitmap import LayerBits
+from bitfold.core.errors import BitfoldError
 
 METHODS: dict[str, type["QuantMethod"]] = {}
 
 #: forward passes over which activation quantizers collect their initial scale statistics; the
 #: trainer runs them (``calibrate``) before the first optimizer step, so every checkpoint holds
 #: finished scales and a resumed run is bit-identical to an uninterrupted one.
-CALIB_STEPS = 16
+ACT_INIT_STEPS = 16
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -37,7 +37,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_methods() -> None:
-    from . import adaqat, adq, asq, mebqat  # noqa: F401  (register "adaqat", "adq", "asq", "mebqat")
+    from bitfold.toolchain import adaqat, adq, asq, mebqat  # noqa: F401  (register "adaqat", "adq", "asq", "mebqat")
 
 
 def get_method(name: str, **options) -> "QuantMethod":
@@ -175,7 +175,7 @@ class FixedMethod(QuantMethod):
     def act_kwargs(self, site, bits, signed):
         from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
         return {"act_quant": Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat, "bit_width": bits,
-                "collect_stats_steps": CALIB_STEPS}
+                "collect_stats_steps": ACT_INIT_STEPS}
 
 
 def _binary_act_quant():

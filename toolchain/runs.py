@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, write_json
-from .errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.errors import BitfoldError
 
 CONFIG, CHECKPOINT, METRICS, BITMAP = "config.json", "checkpoint.pt", "metrics.json", "bitmap.json"
 CHECKPOINT_FORMAT = 1
@@ -61,6 +61,20 @@ class TrainConfig:
         if "synthetic_shape" in d:
             d["synthetic_shape"] = tuple(d["synthetic_shape"])
         return cls(**d)
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a JSON file (a run's ``config.json``, or one written by ``to_json``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BitfoldError(f"config file {p} does not exist", "pass a run's config.json or a saved TrainConfig")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BitfoldError(f"{p} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise BitfoldError(f"{p} is not a TrainConfig (a JSON object)")
+    return TrainConfig.from_json(data)
 
 
 def read_config(run_dir: Path) -> TrainConfig:
@@ -120,7 +134,7 @@ def load_run(run_dir: Path | str, map_location="cpu"):
 
     Returns ``(config, model, checkpoint)``.
     """
-    from .models import build_model
+    from bitfold.toolchain.models import build_model
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     ck = load_checkpoint(run_dir / CHECKPOINT, map_location)

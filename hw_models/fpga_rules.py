@@ -1,0 +1,171 @@
+"""The open flow's hardware rules, in one place for the backend (which plans and builds) and the
+cost model (which prices what the backend would build): block-RAM shapes and yosys's ROM placement,
+the stage schedule (cycles per frame), the planning estimates, and the folding planner.
+
+Stages are the open backend's lowered layers (``bitfold.export.lower``); this module reads their
+fields only (``ic``, ``oc``, ``k``, ``mw``, ``wbits``, ``ibits``, ``acc_bits``, ``thresholds`` of a
+matrix-vector stage; ``ch``, ``bits`` of a pooling stage), so it needs no import of the backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: fraction of the board's LUTs the automatic folding may plan for (the estimate is rough; the
+#: real count comes from synthesis)
+LUT_FRACTION = 0.6
+
+
+def is_pool(s) -> bool:
+    """A pooling stage (no output channels of its own)."""
+    return not hasattr(s, "oc")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def stage_cycles(s, pe: int = 1, simd: int = 1) -> int:
+    """Cycles one frame spends in a stage (load + compute/emit), from the RTL's schedule."""
+    if is_pool(s):
+        return s.ih * s.iw * s.ch + s.oh * s.ow * s.ch * (s.k * s.k + 3)
+    sf = s.k * s.k * s.ic // simd
+    nf = s.oc // pe
+    return s.ih * s.iw * s.ic + s.oh * s.ow * nf * (sf + 4 + pe)
+
+
+def estimate_luts(s, pe: int = 1, simd: int = 1) -> int:
+    """Rough LUT4 estimate of one stage (a planning model; synthesis gives the real figure).
+
+    Multipliers ~ W*A LUTs per lane, adder tree and accumulator ~ ACC bits per lane/channel,
+    comparators ~ ACC/2 per threshold, plus control; the 1.6 factor was fitted to yosys
+    synth_ice40 runs of the digits MLP and CNN (estimates were 1.6-1.7x low without it)."""
+    if is_pool(s):
+        return 200 + 6 * s.bits
+    acc = s.acc_bits
+    nt = 0 if s.thresholds is None else s.thresholds.shape[1]
+    mult = pe * simd * max(1, s.wbits * s.ibits)
+    add = pe * (simd + 1) * acc
+    thr = pe * nt * acc // 2
+    return int(1.6 * (300 + mult + add + thr))
+
+
+#: block RAM shapes (width, depth) yosys can use: iCE40 SB_RAM40_4K, ECP5 DP16KD
+BRAM_SHAPES = {"ice40": [(16, 256), (8, 512), (4, 1024), (2, 2048)],
+                "ecp5": [(36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384)]}
+
+
+def buffer_brams(width: int, depth: int, family: str) -> int:
+    if width * depth <= 1024:          # small memories stay in LUTs/FFs
+        return 0
+    return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in BRAM_SHAPES[family])
+
+
+#: yosys memory_libmap's costs: a block RAM (brams_16kd.txt / ice40 brams.txt) against 1/16 per
+#: ROM bit in soft logic (its default -logic-cost-rom)
+BRAM_COST = {"ecp5": 128, "ice40": 64}
+
+
+def rom_brams(width: int, depth: int, family: str) -> int:
+    """Block RAMs yosys gives a registered-read ROM of depth x width bits: it takes block RAM only
+    where that costs less than the ROM in logic (ties stay in logic), so a weight or threshold ROM
+    moves to block RAM at a width that depends on the shape (measured on the ECP5: predicts the
+    block-RAM count of 150 of 158 synthesized blocks exactly)."""
+    n = min(math.ceil(width / w) * math.ceil(depth / d) for w, d in BRAM_SHAPES[family])
+    return n if BRAM_COST[family] * n < depth * width / 16 else 0
+
+
+def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
+    """Block RAMs of one stage: weight and threshold ROMs (as yosys places them) and input buffer."""
+    if is_pool(s):
+        return buffer_brams(s.bits, s.ih * s.iw * s.ch, family)
+    w = rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), family)
+    if s.thresholds is not None:
+        w += rom_brams(pe * s.thresholds.shape[1] * s.acc_bits, s.oc // pe, family)
+    return w + buffer_brams(simd * s.ibits, s.ih * s.iw * s.ic // simd, family)
+
+
+def bram_budget(board) -> int:
+    r = board.resources
+    return int(r.get("bram4", r.get("bram18", 0)))
+
+
+@dataclass
+class Folding:
+    layers: dict = field(default_factory=dict)   # name -> {"pe": .., "simd": ..}
+
+    def of(self, name):
+        f = self.layers.get(name, {"pe": 1, "simd": 1})
+        return int(f["pe"]), int(f["simd"])
+
+    def as_dict(self):
+        return {k: dict(v) for k, v in self.layers.items()}
+
+
+#: target cycles per output vector of a layer: folding PE*SIMD ~ MACs / CYCLES
+CYCLES = 64
+
+
+def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int, int]:
+    """(PE, SIMD) with PE*SIMD close to n_in*n_out/CYCLES, SIMD first (as the backend's planner);
+    SIMD divides ``simd_of`` (a conv's input channels; default n_in)."""
+    want = max(1, (n_in * n_out) // CYCLES)
+    simd = max(d for d in divisors(simd_of or n_in) if d <= want)
+    pe = max(d for d in divisors(n_out) if d <= max(1, want // simd))
+    return pe, simd
+
+
+def table_folding(im) -> Folding:
+    """The folding the cost tables assume (PE*SIMD ~ MACs per output vector / ``CYCLES``), for a
+    whole lowered model: builds made with it are the ones a table's prediction describes."""
+    return Folding({s.name: dict(zip(("pe", "simd"), folding_for(s.k * s.k * s.ic, s.oc, s.ic))) for s in im.mvaus})
+
+
+def choose_folding(im, board, lut_budget: int | None = None, target_fps: float | None = None,
+                   default_fps: float | None = None) -> Folding:
+    """Greedy: keep widening the slowest stage (SIMD first, then PE) while the estimated LUTs and
+    block RAMs stay within budget (default ``LUT_FRACTION`` of the board's LUTs, all its block
+    RAMs), until the slowest stage reaches ``target_fps`` at the board clock. The default target is
+    the rate the board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows."""
+    budget = lut_budget if lut_budget is not None else int(board.resources.get("lut", 5000) * LUT_FRACTION)
+    brams = bram_budget(board)
+    fold = {s.name: [1, 1] for s in im.mvaus}
+
+    def f(st):
+        return fold.get(getattr(st, "name", ""), (1, 1)) if not is_pool(st) else (1, 1)
+
+    def fits():
+        luts = sum(estimate_luts(st, *f(st)) for st in im.stages)
+        return luts <= budget and sum(estimate_brams(st, *f(st), board.family) for st in im.stages) <= brams
+
+    frozen = set()
+    while True:
+        cand = [s for s in im.mvaus if s.name not in frozen]
+        if not cand:
+            break
+        s = max(cand, key=lambda st: stage_cycles(st, *fold[st.name]))
+        slow = stage_cycles(s, *fold[s.name])
+        if target_fps is None:
+            target_fps = default_fps or 0
+        if target_fps and board.clock_mhz * 1e6 / slow >= target_fps:
+            break
+        if any(stage_cycles(o, 1, 1) > slow for o in im.stages if is_pool(o)):
+            break   # a pool stage bounds throughput; more parallelism buys nothing
+        pe, simd = fold[s.name]
+        nxt = None
+        bigger = [d for d in divisors(s.ic) if d > simd]
+        if bigger and simd * s.wbits * s.ibits < 64:
+            nxt = [pe, bigger[0]]
+        else:
+            bigger = [d for d in divisors(s.oc) if d > pe]
+            if bigger:
+                nxt = [bigger[0], simd]
+        if nxt is None or stage_cycles(s, *nxt) >= slow:
+            frozen.add(s.name)
+            continue
+        old = fold[s.name]
+        fold[s.name] = nxt
+        if not fits():
+            fold[s.name] = old
+            frozen.add(s.name)
+    return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})

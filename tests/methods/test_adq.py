@@ -1,0 +1,121 @@
+"""ADQ: codebook init/EMA, Fisher allocation, snapped + index-form exports, exact resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bitfold.export.index_form import export_index_run
+from bitfold.export.onnx_export import export_run
+from bitfold.hw_models.cost import weight_bits
+from bitfold.toolchain.adq import CodebookWeight, allocate, assign, quantile_codebook
+from bitfold.hw_models.layers import LayerDesc
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.runs import TrainConfig, load_checkpoint
+from bitfold.toolchain.train import train
+
+
+def test_quantile_init_places_equal_counts_per_bin():
+    w = torch.randn(4096, generator=torch.Generator().manual_seed(0)) ** 3  # skewed, heavy-tailed
+    for bits in (2, 3, 4):
+        k = 2 ** bits
+        c = quantile_codebook(w, bits)
+        edges = torch.quantile(w, torch.linspace(0, 1, k + 1))
+        counts = np.histogram(w.numpy(), bins=edges.numpy())[0]
+        assert counts.max() - counts.min() <= 2  # equal-count bins ...
+        assert all(edges[i] <= c[i] <= edges[i + 1] for i in range(k))  # ... one entry (its median) in each
+
+
+def test_ema_moves_entries_toward_assigned_means():
+    cw = CodebookWeight(2, momentum=0.5).train()
+    w = torch.tensor([-2.0, -1.9, -0.1, 0.0, 0.1, 1.0, 1.1, 3.0])
+    cw.ema_update(w)  # first call: quantile init, then one EMA step
+    before = cw.codebook.clone()
+    idx = assign(w, before)
+    used = torch.tensor([bool((idx == k).any()) for k in range(4)])
+    means = torch.stack([w[idx == k].mean() if used[k] else before[k] for k in range(4)])
+    assert not used.all()  # this data leaves one entry without weights: it must stay put
+    cw.ema_update(w)
+    assert torch.all((cw.codebook - means).abs()[used] < (before - means).abs()[used])
+    assert torch.allclose(cw.codebook, 0.5 * before + 0.5 * means, atol=1e-6)
+
+
+def _desc(name, n):
+    return LayerDesc(name, "linear", (n,), (1,), n, 1, (1, 1), (1, 1), 1, n, n, None)
+
+
+def test_allocation_respects_the_budget_and_favours_the_sensitive_layer():
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(1000, generator=g), "b": torch.randn(1000, generator=g)}
+    layers = [_desc("a", 1000), _desc("b", 1000)]
+    bm, cost = allocate(layers, weights, {"a": 10.0, "b": 0.1}, weight_bits, budget=8000)
+    assert cost <= 8000
+    assert bm["a"].w > bm["b"].w
+    with pytest.raises(BitfoldError, match="no allocation"):
+        allocate(layers, weights, {"a": 1.0, "b": 1.0}, weight_bits, budget=100)
+
+
+@pytest.fixture(scope="module")
+def adq_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adq") / "run"
+    bits = {"*": {"w": 3, "a": 4}, "convs.0": {"w": 8, "a": 8}, "head": {"w": 8, "a": 8}}
+    m = train(TrainConfig(model="cnn", bits=bits, method="adq", epochs=4), out, progress=False)
+    return out, m
+
+
+def test_adq_trains_and_counts_index_bits_for_memory_and_grid_bits_for_bitops(adq_run):
+    out, m = adq_run
+    assert m["accuracy"] > 0.85
+    layer = {r["name"]: r for r in m["layers"]}["convs.1"]
+    assert layer["w"] == 3 and layer["arith_w"] == 8
+    assert layer["weight_bits"] == 3 * layer["weights"] and layer["bitops"] == layer["macs"] * 8 * 4
+
+
+@pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
+def test_snapped_grid_exports_verify(adq_run, fmt, tmp_path):
+    res = export_run(adq_run[0], fmt, tmp_path / "m.onnx")
+    assert res.report.passed and res.bit_map["convs.1"]["w"] == 8  # the arithmetic width reaches the file
+    assert abs(res.accuracy["trained"] - res.accuracy["exported"]) <= 0.02
+
+
+def test_index_form_verifies_and_stores_indices(adq_run, tmp_path):
+    import onnx
+    path, report, stats = export_index_run(adq_run[0], tmp_path / "i.onnx")
+    assert report.passed and report.argmax_agreement >= 0.99
+    assert stats["convs.1"] == {"index_bits": 3, "entries": 8, "weights": 32 * 16 * 9}
+    m = onnx.load(str(path))
+    assert sum(n.op_type == "Gather" for n in m.graph.node) == 4
+    idx = next(i for i in m.graph.initializer if i.name == "convs_1_index")
+    assert onnx.numpy_helper.to_array(idx).max() < 8
+
+
+def test_resume_keeps_codebooks_bit_exact(tmp_path):
+    cfg = TrainConfig(model="mlp", bits="w3a4", method="adq", epochs=2, batch_size=128)
+    train(cfg, tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, _):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "split", progress=False, on_epoch=stop)
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    books = [k for k in a if k.endswith("codebook")]
+    assert books
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_allocate_then_continue_training(adq_run, tmp_path):
+    from bitfold.toolchain.adq import allocate_run
+    r = allocate_run(adq_run[0], "weight_bits", 85000, out_path=tmp_path / "alloc.json")
+    assert r["final_cost"] <= 85000
+    m = train(TrainConfig(model="cnn", bits=json.loads((tmp_path / "alloc.json").read_text()), method="adq",
+                          epochs=1, init_from=str(adq_run[0])), tmp_path / "r2", progress=False)
+    assert m["accuracy"] > 0.85
+    with pytest.raises(BitfoldError, match="--cost weight_bits"):
+        allocate_run(adq_run[0], "bitops", 1e6)

@@ -1,0 +1,92 @@
+"""ASQ: POST weight levels, adaptive activation step, folded / dynamic / index exports."""
+import math
+
+import pytest
+import torch
+
+from bitfold.export.dynamic import export_dynamic_run
+from bitfold.export.index_form import export_index_run
+from bitfold.export.onnx_export import export_run
+from bitfold.toolchain.asq import ASQAct, POSTWeight
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.runs import TrainConfig
+from bitfold.toolchain.train import train
+
+
+def test_post_levels_are_signed_powers_of_sqrt2_with_zero():
+    p = POSTWeight(4)
+    w = torch.randn(64, 32)
+    q = p(w)
+    assert len(p.unit_levels) == 2 ** 4 - 1 and float(p.unit_levels.abs().min()) == 0.0
+    mags = sorted({round(float(v), 6) for v in p.unit_levels.abs() if v > 0})
+    assert all(math.isclose(b / a, math.sqrt(2), rel_tol=1e-5) for a, b in zip(mags, mags[1:]))
+    alpha = float(p.alpha)
+    assert alpha == pytest.approx(float(w.abs().max()))
+    allowed = {round(alpha * float(v), 5) for v in p.unit_levels}
+    assert {round(float(v), 5) for v in q.unique()} <= allowed
+    q.sum().backward()  # alpha learns through the level values
+    assert p.alpha.grad is not None and float(p.alpha.grad) != 0.0
+
+
+def test_asq_activation_step_adapts_and_learns():
+    act = ASQAct(4, signed=False)
+    x = torch.rand(8, 4, 5, 5) * 3
+    y = act(x)
+    s = float(act.log_s.exp())
+    assert torch.allclose(act.beta(x), torch.ones(8, 1, 1, 1))  # zero-initialised adapter: beta = 1
+    ints = y / s
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and float(ints.max()) <= 15
+    (y ** 2).sum().backward()
+    assert act.log_s.grad is not None and act.adapter[2].weight.grad.abs().sum() > 0
+    off = ASQAct(4, signed=True, adapter=False)
+    assert torch.equal(off.beta(x), torch.ones(8, 1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def asq_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("asq") / "run"
+    m = train(TrainConfig(model="cnn", bits="w4a4", method="asq", epochs=4), out, progress=False)
+    return out, m
+
+
+def test_metrics_show_lut_width_and_adapter_ops(asq_run):
+    layer = {r["name"]: r for r in asq_run[1]["layers"]}["convs.1"]
+    assert layer["w"] == 4 and layer["arith_w"] == 8 and layer["adapter_macs"] == 2 * 8 + 8 * 1
+    assert asq_run[1]["accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
+def test_folded_exports_verify(asq_run, fmt, tmp_path):
+    res = export_run(asq_run[0], fmt, tmp_path / "f.onnx")
+    assert res.report.passed and res.report.argmax_agreement >= 0.99
+    assert abs(res.accuracy["trained"] - res.accuracy["exported"]) <= 0.03  # folding beta + 8-bit LUT grid
+
+
+def test_dynamic_and_index_exports_verify(asq_run, tmp_path):
+    import onnx
+    path, report, acc = export_dynamic_run(asq_run[0], tmp_path / "d.onnx")
+    assert report.passed and acc > 0.85
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Round", "Sigmoid", "Clip"} <= ops
+    _, rep2, stats = export_index_run(asq_run[0], tmp_path / "i.onnx")
+    assert rep2.passed and stats["convs.1"]["entries"] == 15
+
+
+def test_one_bit_post_is_refused():
+    from bitfold.toolchain.models import build_model
+    with pytest.raises(BitfoldError, match="cannot quantize weights"):
+        build_model("cnn", (1, 8, 8), 10, bits="w1a4", method="asq")
+
+
+def test_ablation_options_from_the_cli(tmp_path, capsys):
+    """--opt reaches the method: POT levels are powers of 2; an unknown option is one clear error."""
+    from bitfold.cli import main
+    from bitfold.toolchain.asq import POSTWeight
+    from bitfold.toolchain.quant import get_method
+    assert get_method("asq", levels="pot").levels == "pot" and not get_method("asq", adapter=False).adapter
+    lv = POSTWeight(3, base=2.0).unit_levels
+    assert torch.allclose(lv, torch.tensor([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "asq", "--opt", "foo=1", "--epochs", "1", "-o", str(tmp_path / "r")])
+    assert e.value.code != 0 and "does not take option(s) foo" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

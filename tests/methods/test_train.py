@@ -1,0 +1,80 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitfold.core.errors import BitfoldError
+from bitfold.toolchain.runs import TrainConfig, load_checkpoint
+from bitfold.toolchain.train import train
+
+
+def test_short_run_beats_chance_by_a_wide_margin(trained_run):
+    out, metrics = trained_run
+    assert metrics["accuracy"] > 0.8          # chance is 0.10
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["layers"][1]["w"] == 2 and saved["bitops"] > 0 and saved["weight_bits"] > 0
+    assert json.loads((out / "bitmap.json").read_text())["convs.2"] == {"w": 3, "a": 2}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = TrainConfig(model="mlp", bits="w3a3", epochs=2, batch_size=128)
+    train(cfg, tmp_path / "full", progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, _):
+        raise Interrupted  # as if the process died right after writing epoch 1's checkpoint
+
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "split", progress=False, on_epoch=stop_after_first_epoch)
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"] == b["history"]
+
+
+def test_existing_run_is_not_overwritten(trained_run):
+    out, _ = trained_run
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(BitfoldError, match="already holds a run"):
+        train(TrainConfig(model="cnn", epochs=1), out, progress=False)
+    with pytest.raises(BitfoldError, match="options differ"):
+        train(TrainConfig(model="mlp", epochs=5), out, resume=True, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_float_twin_trains(tmp_path):
+    m = train(TrainConfig(model="mlp", method="float", epochs=2), tmp_path / "fp", progress=False)
+    assert m["accuracy"] > 0.85 and m["method"] == "float"
+
+
+def test_missing_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BitfoldError, match="no CUDA device"):
+        train(TrainConfig(model="mlp", epochs=1, device="cuda"), tmp_path / "c", progress=False)
+
+
+def test_torchrun_ddp_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", "-m", "bitfold.cli", "train", "--model", "mlp", "--epochs", "2",
+                        "--quiet", "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    assert m["accuracy"] > 0.6

@@ -1,0 +1,133 @@
+"""hw_models: energy model (literature + CSV calibration), table files (corrupt / foreign),
+whole-model calibration, and the `bitfold calibrate` / `bitfold costs` commands."""
+import json
+
+import pytest
+import torch
+
+from bitfold.cli import main
+from bitfold.hw_models.cost import get_cost_model
+from bitfold.hw_models.layers import LayerDesc
+from bitfold.core.errors import BitfoldError
+
+LIN = LayerDesc("l", "linear", (64,), (32,), 64, 32, (1, 1), (1, 1), 1, 2048, 2048, None)
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def test_energy_model_literature_values_scaling_and_gradient():
+    em = get_cost_model("energy")
+    assert em.unit == "pJ" and "Horowitz" in em.table["provenance"]["citation"]
+    one = LayerDesc("m", "linear", (1,), (1,), 1, 1, (1, 1), (1, 1), 1, 1, 1, None)
+    parts = em.per_layer(one, torch.tensor(8.0), torch.tensor(8.0))
+    assert float(parts["mul"]) == pytest.approx(0.2)            # 8x8 multiply, 45 nm
+    assert float(parts["add"]) == pytest.approx(0.03 + 8 / 24 * 0.07)   # 16-bit accumulator
+    assert float(parts["weights"]) == pytest.approx(8 * 10 / 64)
+    e = {b: float(em([LIN], {"l": (b, b)}).total) for b in (2, 4, 8)}
+    assert e[2] < e[4] < e[8]
+    bw = torch.tensor(3.5, requires_grad=True)
+    em([LIN], {"l": (bw, torch.tensor(4.0))}).total.backward()
+    assert float(bw.grad) > 0
+
+
+def test_energy_csv_calibration_replaces_ops_and_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BITFOLD_HOME", str(tmp_path / "home"))
+    csv = tmp_path / "e.csv"
+    csv.write_text("op,bits,energy_pj\nmul,4x4,0.1\nmul,8x8,0.8\n")
+    code, out = _cli(["calibrate", "--energy-csv", str(csv), "--name", "energy-chip"], capsys)
+    assert code == 0 and "energy-chip" in out
+    em = get_cost_model("energy-chip")
+    assert em.table["provenance"]["source"] == "measured" and em.table["provenance"]["replaced_ops"] == ["mul"]
+    one = LayerDesc("m", "linear", (1,), (1,), 1, 1, (1, 1), (1, 1), 1, 1, 1, None)
+    assert float(em.per_layer(one, torch.tensor(8.0), torch.tensor(8.0))["mul"]) == pytest.approx(0.8)
+    assert float(em.per_layer(one, torch.tensor(4.0), torch.tensor(4.0))["mul"]) == pytest.approx(0.1)
+    # the add/sram ops stay the literature's
+    assert em.table["ops"]["add"] == get_cost_model("energy").table["ops"]["add"]
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    m = train(TrainConfig(model="mlp", bits="w6a6", method="adaqat", epochs=1,
+                          method_options={"cost": "energy-chip", "lam": 1.0, "finetune_epochs": 1}),
+              tmp_path / "r", progress=False)
+    assert m["adaqat"]["cost_unit"] == "pJ" and m["adaqat"]["final_cost"] > 0
+
+
+@pytest.mark.parametrize("text,match", [("op,bits\nmul,4\n", "columns op,bits,energy_pj"),
+                                        ("op,bits,energy_pj\ndiv,4,1\n", "unknown op 'div'"),
+                                        ("op,bits,energy_pj\nmul,four,1\n", "line 2: bits 'four'"),
+                                        ("op,bits,energy_pj\nadd,8,-1\n", "energy >= 0")])
+def test_bad_energy_csv_is_one_clear_error(tmp_path, monkeypatch, capsys, text, match):
+    monkeypatch.setenv("BITFOLD_HOME", str(tmp_path / "home"))
+    (tmp_path / "e.csv").write_text(text)
+    code, out = _cli(["calibrate", "--energy-csv", str(tmp_path / "e.csv")], capsys)
+    assert code != 0 and match in out.replace("\n", " ")
+    assert not (tmp_path / "home" / "tables").exists() or not list((tmp_path / "home" / "tables").iterdir())
+
+
+def test_corrupt_or_foreign_table_files(tmp_path, monkeypatch):
+    from bitfold.hw_models.table import find_table, load_table_file, shipped_table_path
+    monkeypatch.setenv("BITFOLD_HOME", str(tmp_path))
+    (tmp_path / "tables").mkdir()
+    user = tmp_path / "tables" / "ulx3s-85f.json"
+    user.write_text("{not json")
+    with pytest.raises(BitfoldError, match="corrupt or not a bitfold cost table"):
+        find_table("ulx3s-85f")
+    user.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(BitfoldError, match="corrupt or not a bitfold cost table.*KeyError"):
+        get_cost_model("ulx3s-85f")
+    user.write_text(shipped_table_path("icebreaker").read_text())   # a real table, of another board
+    with pytest.raises(BitfoldError, match="belongs to board 'icebreaker', not 'ulx3s-85f'"):
+        find_table("ulx3s-85f")
+    t = json.loads(shipped_table_path("pynq-z2").read_text())
+    t["kinds"]["linear"]["per_mac"] = t["kinds"]["linear"]["per_mac"][:-1]    # grid and values disagree
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(t))
+    with pytest.raises(BitfoldError, match="grid and per_mac do not match"):
+        load_table_file(bad)
+    t = json.loads(shipped_table_path("ulx3s-85f").read_text())
+    t["kinds"]["linear"]["coef"] += [0.5, 0.5]           # a structural table of another layout
+    bad.write_text(json.dumps(t))
+    with pytest.raises(BitfoldError, match="this file has 6 .an older bitfold's table"):
+        load_table_file(bad)
+    t["kinds"]["linear"]["coef"] = t["kinds"]["linear"]["coef"][:-2]
+    t["kinds"]["linear"]["G"]["value"][0].append(1.0)
+    bad.write_text(json.dumps(t))
+    with pytest.raises(BitfoldError, match="per-lane grid G does not match"):
+        load_table_file(bad)
+    with pytest.raises(BitfoldError, match="does not exist"):
+        get_cost_model(str(tmp_path / "missing.json"))
+    user.unlink()
+    assert "hw_models" in find_table("ulx3s-85f").source      # the shipped one again
+
+
+def test_whole_model_calibration_factor():
+    from bitfold.hw_models.table import TableCostModel, fit_model_factor, shipped_table_path
+    base = json.loads(shipped_table_path("pynq-z2").read_text())
+    cal = fit_model_factor(base, [(100.0, 80.0), (200.0, 160.0), (0.0, 5.0)])
+    assert cal["calibration"]["scale"] == pytest.approx(0.8) and cal["calibration"]["models"] == 2
+    assert cal["calibration"]["mape_before"] == pytest.approx(0.25) and cal["calibration"]["mape_after"] < 1e-9
+    assert "calibration" not in base
+    a, b = TableCostModel(base), TableCostModel(cal)
+    assert float(b([LIN], {"l": (4, 4)}).total) == pytest.approx(0.8 * float(a([LIN], {"l": (4, 4)}).total))
+
+
+@pytest.mark.parametrize("board", ["ulx3s-85f", "pynq-z2"])
+def test_costs_command_prints_provenance_and_plots(tmp_path, capsys, board):
+    code, out = _cli(["costs", "--board", board, "--png", str(tmp_path / "c.png")], capsys)
+    assert code == 0, out
+    assert "provenance:" in out and "Spearman" in out and ("estimated" if board == "pynq-z2" else "measured") in out
+    assert (tmp_path / "c.png").stat().st_size > 5000
+    code, out = _cli(["costs", "--board", "energy", "--png", str(tmp_path / "e.png")], capsys)
+    assert code == 0 and "Horowitz" in out
+
+
+def test_calibrate_needs_something_to_do(capsys):
+    code, out = _cli(["calibrate"], capsys)
+    assert code != 0 and "--board B" in out
+    code, out = _cli(["calibrate", "--board", "no-such-board"], capsys)
+    assert code != 0 and "no-such-board" in out

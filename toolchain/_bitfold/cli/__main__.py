@@ -1,0 +1,3 @@
+from bitfold.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""Loop commands: run (the closed loop), report, demo, doctor."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bitfold.cli.render import console, rows_table
+from bitfold.core.events import Events
+
+app = typer.Typer()
+
+
+@app.command("run")
+def run_cmd(
+    board: str = typer.Option(..., "--board", "-b", help="host-cpu (TVM latency) | ulx3s-85f | icebreaker (yosys LUTs)"),
+    out: Path = typer.Option(..., "-o", "--out"),
+    method: str = typer.Option("adaqat", help="adaqat learns widths against the board table; others train --bits"),
+    budget: Optional[str] = typer.Option(None, help='"latency<=2ms" | "lut<=20000" (adaqat budget mode); default: penalty mode'),
+    rounds: int = typer.Option(1, min=1),
+    model: Optional[str] = typer.Option(None, help="default: cnn on CPU boards, mlp on FPGA boards"),
+    data: str = typer.Option("digits"),
+    epochs: int = typer.Option(10, min=1),
+    bits: Optional[str] = typer.Option(None, help="initial (adaqat) or fixed widths (default w8a8 CPU, w6a6:all FPGA)"),
+    lam: float = typer.Option(1.0),
+    bitstream: bool = typer.Option(False, help="FPGA: also place & route and write the bitstream"),
+    verify: bool = typer.Option(True, help="FPGA: simulate the design bit-exactly against the QONNX model"),
+    cost: Optional[str] = typer.Option(None, help="train against this cost model instead of the board table (e.g. bitops)"),
+    table: Optional[Path] = typer.Option(None, help="start from this cost table file instead of the board's"),
+    tracker: Optional[str] = typer.Option(None, help="CPU boards: measure on the board(s) behind this TVM RPC tracker"),
+    key: Optional[str] = typer.Option(None, help="RPC key (default: the board file's rpc_key)"),
+    nproc: int = typer.Option(1, min=1, help="train under torchrun with N processes (DDP)"),
+):
+    """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
+    from bitfold.app.loop import format_metric, run_loop
+    r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
+                 verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, events=Events(on_say=console.print))
+    for h in r["history"]:
+        console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
+                      f"{format_metric(r['metric'], h['predicted'])}, measured {format_metric(r['metric'], h['measured'])}")
+    console.print(f"report: {r['report']}")
+
+
+@app.command("report")
+def report_cmd(run: Path = typer.Argument(..., help="a `bitfold run` output directory")):
+    """Re-render a closed-loop run's report (Markdown + PNG) from its recorded results."""
+    from bitfold.app.loop import rerender_report
+    console.print(f"report: {rerender_report(run)}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="where the demo's runs go (a fresh directory)"),
+    epochs: int = typer.Option(15, min=1),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    """Train the digits CNN in FP32 and at a mixed-precision map, export both formats, verify, report."""
+    from bitfold.app.demo import run_demo
+    run_demo(out, epochs=epochs, progress=not quiet, console=console)
+
+
+@app.command()
+def doctor():
+    """What is installed (Python packages, tools, FINN environment, Vivado) and what each missing piece disables."""
+    from bitfold.app.doctor import diagnose
+    rows_table("bitfold doctor", ("component", "status", "needed for", "to get it"),
+               [(r["name"], f"[green]{r['found']}[/]" if r["found"] is not None else "[red]missing[/]", r["enables"],
+                 "" if r["found"] is not None else r["get"]) for r in diagnose()])
+
+
+def register(root: typer.Typer) -> None:
+    root.registered_commands += app.registered_commands
