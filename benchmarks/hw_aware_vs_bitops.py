@@ -65,7 +65,7 @@ def main():
                 if d.exists() and not (d / "report.json").is_file():
                     shutil.rmtree(d)
                 r = run_loop(d, board, "adaqat", None, 1, MODEL[board], "digits", args.epochs, INIT[board], lam,
-                             verify=False, cost="bitops" if cost == "bitops" else None, table=table, log=lambda s: None)
+                             verify=False, cost="bitops" if cost == "bitops" else None, table=table)
                 table = table or d / "round0" / "calibrate" / "table.json"   # one calibration per target
                 h = r["history"][0]
                 bits = " ".join(f"W{v['w']}A{v['a']}" for v in h["bit_map"].values())

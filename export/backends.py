@@ -135,6 +135,15 @@ class Backend:
         return []
 
 
+@dataclass
+class FpgaOptions:
+    """Build options every FPGA backend has."""
+    folding: object = None            # a folding JSON file; None: planned for the board's budget and rate
+    verify: bool = True               # simulate / execute the design against the export
+    bitstream: bool = True            # go on past synthesis (place & route, bitstream) where the tools exist
+    target_fps: float | None = None   # inferences/s to fold for (0: as fast as the budget allows)
+
+
 def backend_for(board) -> Backend:
     """The backend a board names, from the registry."""
     from bitfold.core.registry import get_backend

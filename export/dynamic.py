@@ -14,6 +14,7 @@ from bitfold.core.atomic import atomic_path, write_json
 from bitfold.core.errors import BitfoldError
 
 from bitfold.export.verify import compare, run_ort
+from bitfold.export.onnx_export import output_step
 
 
 def export_dynamic_run(run_dir, out_path=None):
@@ -34,7 +35,8 @@ def export_dynamic_run(run_dir, out_path=None):
             dynamic_export(model, torch.zeros((1, *ds.input_shape)), tmp)
         except Exception as e:  # noqa: BLE001
             raise BitfoldError(f"dynamic export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-        report = compare("onnx-dynamic", "onnxruntime", ref, run_ort(str(tmp), ds.x_test.numpy()))
+        report = compare("onnx-dynamic", "onnxruntime", ref, run_ort(str(tmp), ds.x_test.numpy()),
+                         output_step(model, ds.x_test))
         if not report.passed:
             raise BitfoldError(f"dynamic export does not match the torch model - {report.summary()}")
     acc = float((torch.from_numpy(ref).argmax(1) == ds.y_test).float().mean())

@@ -20,7 +20,7 @@ from bitfold.core.atomic import atomic_path, write_json
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import compute_layers
 
-from bitfold.export.verify import compare, run_ort
+from bitfold.export.verify import compare, output_step_of, run_ort
 
 
 def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
@@ -83,7 +83,8 @@ def export_index_run(run_dir, out_path=None):
         export_model(snapped, "qcdq", tmp, ds.x_test, ds.input_shape)
         Path(str(tmp) + ".verify.json").unlink(missing_ok=True)
         stats = rewrite_to_index_form(tmp, snapped)
-        report = compare("qcdq-index", "onnxruntime (QDQ fusions off)", ref, run_ort(str(tmp), ds.x_test.numpy()))
+        report = compare("qcdq-index", "onnxruntime (QDQ fusions off)", ref, run_ort(str(tmp), ds.x_test.numpy()),
+                         output_step_of(tmp))
         if not report.passed:
             raise BitfoldError(f"index-form export does not match the torch model - {report.summary()}")
     write_json(out_path.with_name(out_path.name + ".verify.json"), {"format": "qcdq-index", "layers": stats,

@@ -608,8 +608,8 @@ class LoweringCheck:
 
 def check_lowering(onnx_path, im: IntModel, x: np.ndarray) -> LoweringCheck:
     """Compare the lowered model with qonnx execution of the original file (float rounding allowed)."""
-    from bitfold.export.verify import compare, run_qonnx
+    from bitfold.export.verify import compare, output_step_of, run_qonnx
     ref = run_qonnx(str(onnx_path), x)
     out = im.forward(x)
-    rep = compare("qonnx", "lowered", ref.reshape(len(x), -1), out.reshape(len(x), -1))
+    rep = compare("qonnx", "lowered", ref.reshape(len(x), -1), out.reshape(len(x), -1), output_step_of(onnx_path))
     return LoweringCheck(len(x), rep.max_abs_diff, rep.argmax_agreement, rep.passed)

@@ -104,7 +104,44 @@ def _raw_export(model: nn.Module, fmt: str, input_shape, path: Path) -> None:
                              dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **names)
 
 
-def _finish(fmt: str, path: Path, bit_map: dict) -> None:
+def output_step(model: nn.Module, x: torch.Tensor) -> float:
+    """The largest change one input code of the model's output layer can make to an output,
+    ``max_o max_j |W[o, j]| * s_in`` (dequantized weights, input activation scale): how far a
+    rounding-boundary flip may move an output under the verification gate. The output layer is
+    the compute layer whose output is the model's output. 0.0 (no flip allowed) when it cannot be
+    told (no quantized input activation, no integer weights)."""
+    from bitfold.toolchain.quant import act_sites, compute_layers
+    layers = compute_layers(model)
+    if not layers:
+        return 0.0
+    outs, scales, hooks = {}, {}, []
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o)))
+    for key, site in act_sites(model).items():
+        if hasattr(site, "act_quant"):
+            hooks.append(site.act_quant.register_forward_hook(
+                lambda m, i, o, k=key: scales.__setitem__(k, getattr(o, "scale", None))))
+    try:
+        with torch.no_grad():
+            y = model(x[:2])
+    finally:
+        for h in hooks:
+            h.remove()
+    y = getattr(y, "value", y)
+    name = next((n for n, o in reversed(list(outs.items()))
+                 if getattr(o, "value", o).shape == y.shape and torch.equal(getattr(o, "value", o), y)), None)
+    s_in = next((s for k, s in scales.items() if name in k and s is not None), None) if name else None
+    if s_in is None:
+        return 0.0
+    try:
+        qw = layers[name].quant_weight()
+        w = (qw.int().double() * qw.scale.double()).abs().reshape(qw.value.shape[0], -1)
+    except Exception:  # noqa: BLE001 - a weight quantizer without integer codes: no step known
+        return 0.0
+    return float(w.max() * s_in.double().max())
+
+
+def _finish(fmt: str, path: Path, bit_map: dict, step: float = 0.0) -> None:
     """Post-process in place: qonnx cleanup (QONNX) / no initializers as inputs (QCDQ), metadata."""
     import onnx
     if fmt == "qonnx":
@@ -118,7 +155,8 @@ def _finish(fmt: str, path: Path, bit_map: dict) -> None:
         del m.graph.input[:]
         m.graph.input.extend(keep)
     del m.metadata_props[:]
-    for k, v in (("bitfold.bit_map", json.dumps(bit_map)), ("bitfold.format", fmt)):
+    for k, v in (("bitfold.bit_map", json.dumps(bit_map)), ("bitfold.format", fmt),
+                 ("bitfold.output_step", repr(float(step)))):
         p = m.metadata_props.add()
         p.key, p.value = k, v
     m.producer_name = "bitfold"
@@ -142,17 +180,18 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
     out_path = Path(out_path)
     with torch.no_grad():
         ref = model(x_verify).numpy()
+    step = output_step(model, x_verify)
     with atomic_path(out_path, suffix=".onnx") as tmp:
         try:
             _raw_export(model, fmt, input_shape, tmp)
-            _finish(fmt, tmp, bit_map)
+            _finish(fmt, tmp, bit_map, step)
         except BitfoldError:
             raise
         except Exception as e:  # an exporter failure is a refusal, with the reason
             raise BitfoldError(f"{fmt} export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                                "this layer or bit-width combination is not supported by the exporter") from e
         with _quiet():
-            report = verify_file(fmt, str(tmp), x_verify.numpy(), ref, **tol)
+            report = verify_file(fmt, str(tmp), x_verify.numpy(), ref, step, **tol)
         if not report.passed:
             raise BitfoldError(f"exported {fmt} does not match the torch model - {report.summary()}",
                                "nothing was written; please report this model as a bitfold bug")

@@ -22,3 +22,13 @@ class LayerDesc:
 
     def as_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerDesc":
+        """The inverse of :meth:`as_dict` (JSON turns tuples into lists)."""
+        d = dict(d)
+        for k in ("in_shape", "out_shape", "kernel", "stride"):
+            d[k] = tuple(d[k])
+        if d.get("site") is not None:
+            d["site"] = tuple(d["site"])
+        return cls(**d)

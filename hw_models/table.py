@@ -232,17 +232,49 @@ def find_table(board: str) -> TableCostModel | None:
 def fit_model_factor(table: dict, pairs: list[tuple[float, float]]) -> dict:
     """A copy of ``table`` with a whole-model correction factor fitted to (predicted, measured)
     pairs of built models: least squares through the origin, on the table's uncorrected
-    predictions. Residuals before and after are recorded in ``calibration``."""
+    predictions. ``calibration`` records the in-sample error before and after, and the
+    leave-one-out error (each model predicted with the factor fitted on the others; ``None``
+    with fewer than two models) - the error to expect on a model the factor has not seen."""
     pairs = [(float(p), float(m)) for p, m in pairs if p > 0 and m > 0]
     if not pairs:
         return table
     p = np.array([x[0] for x in pairs])
     m = np.array([x[1] for x in pairs])
     s = float((p * m).sum() / (p * p).sum())
+    loo = None
+    if len(pairs) >= 2:
+        errs = []
+        for i in range(len(p)):
+            keep = np.arange(len(p)) != i
+            si = float((p[keep] * m[keep]).sum() / (p[keep] * p[keep]).sum())
+            errs.append(abs(si * p[i] - m[i]) / m[i])
+        loo = float(np.mean(errs))
     out = json.loads(json.dumps(table))
     out["calibration"] = {"scale": s, "models": len(pairs),
                           "mape_before": float(np.mean(np.abs(p - m) / m)),
-                          "mape_after": float(np.mean(np.abs(s * p - m) / m))}
+                          "mape_after": float(np.mean(np.abs(s * p - m) / m)),
+                          "mape_loo": loo}
+    return out
+
+
+def refit_model_factor(table: dict, evidence: list[dict], note: str | None = None) -> dict:
+    """Refit the whole-model factor of ``table`` from measured models: each evidence entry holds
+    the model's layers (``LayerDesc.as_dict()`` records), its integer widths ``{layer: [w, a]}`` and
+    the ``measured`` whole-model cost. The table's own (uncorrected) prediction of each model is
+    recomputed, so the factor stays right when the table underneath was refitted."""
+    from bitfold.hw_models.layers import LayerDesc
+    base = json.loads(json.dumps(table))
+    base.pop("calibration", None)
+    cm = TableCostModel(base)
+    ev = []
+    for e in evidence:
+        layers = [LayerDesc.from_dict(d) for d in e["layers"]]
+        pred = float(cm(layers, {k: tuple(v) for k, v in e["bits"].items()}).total)
+        ev.append({**e, "predicted": pred})
+    out = fit_model_factor(base, [(e["predicted"], e["measured"]) for e in ev])
+    if "calibration" in out:
+        out["calibration"]["note"] = note
+        out["calibration"]["models_measured"] = ev
     return out
 
 

@@ -3,6 +3,8 @@
 * ``digits``    - 1,797 8x8 grey images (shipped inside scikit-learn's wheel), fixed-seed
                   stratified 80/20 split, pixels scaled to [0, 1].
 * ``mnist``     - the four IDX files (optionally ``.gz``) from a local ``--data-dir``.
+* ``fashion-mnist`` - the same four IDX files of Fashion-MNIST, found where Debian's package
+  ``dataset-fashion-mnist`` installs them (or in ``--data-dir``).
 * ``cifar10``   - the python pickle batches (``data_batch_1..5``, ``test_batch``) from ``--data-dir``.
 * ``synthetic`` - random tensors of a given shape, for shape-only runs and benchmarks.
 """
@@ -19,7 +21,9 @@ import torch
 
 from bitfold.core.errors import BitfoldError
 
-DATASETS = ("digits", "mnist", "cifar10", "synthetic")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic")
+#: where Debian's package ``dataset-fashion-mnist`` puts the four IDX files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
@@ -83,14 +87,29 @@ def _find(data_dir: Path, stem: str) -> Path:
                        "bitfold never downloads: put the four MNIST IDX files into --data-dir")
 
 
-def load_mnist(data_dir: Path) -> Dataset:
+def load_mnist(data_dir: Path, name: str = "mnist") -> Dataset:
+    """MNIST-format IDX files (MNIST or Fashion-MNIST: the same four file names), 28x28 in [0, 1]."""
     data_dir = Path(data_dir)
     arrays = [_read_idx(_find(data_dir, s)) for s in (
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
     xtr, ytr, xte, yte = arrays
     xtr, ytr = _to_tensors(xtr[:, None] / 255.0, ytr)
     xte, yte = _to_tensors(xte[:, None] / 255.0, yte)
-    return Dataset("mnist", xtr, ytr, xte, yte, 10)
+    return Dataset(name, xtr, ytr, xte, yte, 10)
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
+    """Fashion-MNIST (60 k train / 10 k test, 28x28, 10 classes) from ``data_dir``, or from where
+    Debian's ``dataset-fashion-mnist`` installs it. Nothing is downloaded."""
+    if data_dir is None:
+        if not FASHION_MNIST_DIR.is_dir():
+            raise BitfoldError("Fashion-MNIST is not installed (bitfold never downloads)",
+                               "apt-get install dataset-fashion-mnist (Debian), or pass --data-dir DIR holding "
+                               "its four IDX files")
+        data_dir = FASHION_MNIST_DIR
+    elif not Path(data_dir).is_dir():
+        raise BitfoldError(f"--data-dir {data_dir} does not exist")
+    return load_mnist(Path(data_dir), "fashion-mnist")
 
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)[None, :, None, None]
@@ -145,6 +164,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0,
         if not Path(data_dir).is_dir():
             raise BitfoldError(f"--data-dir {data_dir} does not exist")
         return load_mnist(Path(data_dir)) if name == "mnist" else load_cifar10(Path(data_dir))
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
     if name == "synthetic":
         return synthetic(tuple(synthetic_shape), seed=seed)
     raise BitfoldError(f"unknown data set {name!r}", f"choose one of: {', '.join(DATASETS)}")

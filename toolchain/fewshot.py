@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bitfold.core.atomic import atomic_path, write_json
+from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError
 
 
@@ -89,7 +90,7 @@ def _set_task(model, w, a):
     qm._set_raw(model, {n: (base[n] if n in qm._edges(model) else LayerBits(w, a)) for n in base})
 
 
-def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), progress=None) -> dict:
+def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
     from bitfold.toolchain.data import load_dataset
     from bitfold.toolchain.models import build_model
     from bitfold.toolchain.train import init_activation_stats
@@ -133,8 +134,7 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), progress=None) -> dic
         for mg, p in zip(meta_grads, model.parameters()):
             p.grad = mg
         opt.step()
-        if progress:
-            progress(step + 1, cfg.episodes)
+        events_of(events).progress(step + 1, cfg.episodes)
     qm.set_map(model, model.bit_map)
     results = []
     for w, a in cfg.eval_bits:

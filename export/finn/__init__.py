@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bitfold.export.backends import Backend, Requirement
+from bitfold.export.backends import Backend, FpgaOptions, Requirement
 
 
 def _env_ready():
@@ -20,33 +20,24 @@ def _env_ready():
 
 
 class FinnBackend(Backend):
-    name = "finn"
-    board_kind = "fpga"
-    accepts = ("qonnx",)
-    metric, unit = "lut", "LUT (estimate)"
+    name, board_kind, accepts, metric, unit = "finn", "fpga", ("qonnx",), "lut", "LUT (estimate)"
 
     @dataclass
-    class Options:
-        folding: Optional[object] = None
-        verify: bool = True
+    class Options(FpgaOptions):
         samples: int = 20
-        bitstream: bool = True
-        target_fps: Optional[float] = None
-        env: Optional[object] = None
-        impl_style: Optional[str] = None
+        env: Optional[object] = None          # the FINN environment (default: bitfold setup finn's)
+        impl_style: Optional[str] = None      # MVAU style for every layer ("hls" | "rtl"); None: FINN chooses
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
-        from bitfold.core.events import events_of
         from bitfold.export.finn.backend import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), folding=o.folding, verify=o.verify, samples=o.samples,
-                     bitstream=o.bitstream, progress=events_of(events).say, target_fps=o.target_fps, env=o.env,
+                     bitstream=o.bitstream, events=events, target_fps=o.target_fps, env=o.env,
                      impl_style=o.impl_style)
 
     def probe(self, board, full: bool = False, events=None, **kw):
-        from bitfold.core.events import events_of
         from bitfold.export.finn.probe import measure
-        return measure(board, progress=events_of(events).progress)
+        return measure(board, events=events)
 
     def requirements(self):
         return [

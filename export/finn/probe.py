@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from bitfold.core.errors import BitfoldError
+from bitfold.core.events import events_of
 from bitfold.hw_models.fpga_rules import CYCLES
 from bitfold.hw_models.store import Measurement
 
@@ -16,7 +17,7 @@ QUICK_GRID = FINN_GRID
 FULL_GRID = FINN_GRID
 
 
-def measure(board, grid=FINN_GRID, progress=None) -> list[Measurement]:
+def measure(board, grid=FINN_GRID, events=None) -> list[Measurement]:
     """FINN estimates of one-layer models (a quantized input + a dense layer) on a Xilinx board."""
     import json
 
@@ -29,8 +30,7 @@ def measure(board, grid=FINN_GRID, progress=None) -> list[Measurement]:
     jobs = [(s, w, a) for s in grid["linear"] for w in grid["bits"] for a in grid["bits"] if w >= 2]
     rows = []
     for i, ((n_in, n_out), b_w, b_a) in enumerate(jobs):
-        if progress:
-            progress(i, len(jobs))
+        events_of(events).progress(i, len(jobs))
         with tempfile.TemporaryDirectory(prefix="bitfold-finn-") as d:
             import torch
             m, in_shape = one_layer_model("linear", (n_in, n_out), b_w, b_a)
@@ -51,6 +51,5 @@ def measure(board, grid=FINN_GRID, progress=None) -> list[Measurement]:
                                     device_id=board.part, in_features=n_in, out_features=n_out,
                                     parallelism=int(mv[0]["PE"]) * int(mv[0]["SIMD"]),
                                     extra={"pe": mv[0]["PE"], "simd": mv[0]["SIMD"], "target_fps": fps}))
-    if progress:
-        progress(len(jobs), len(jobs))
+    events_of(events).progress(len(jobs), len(jobs))
     return rows

@@ -9,31 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from bitfold.export.backends import Backend, Requirement
+from bitfold.export.backends import Backend, FpgaOptions, Requirement
 
 
 class OpenFPGABackend(Backend):
-    name = "open-fpga"
-    board_kind = "fpga"
-    accepts = ("qonnx",)
-    metric, unit = "lut", "LUT4"
+    name, board_kind, accepts, metric, unit = "open-fpga", "fpga", ("qonnx",), "lut", "LUT4"
 
     @dataclass
-    class Options:
-        folding: Optional[object] = None       # a folding JSON file, or None: planned from the budget
-        verify: bool = True
+    class Options(FpgaOptions):
         samples: int = 64
-        bitstream: bool = True
-        target_fps: Optional[float] = None
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
-        from bitfold.core.events import events_of
         from bitfold.export.open_fpga.flow import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), folding=o.folding, verify=o.verify, samples=o.samples,
-                     bitstream=o.bitstream, progress=events_of(events).say, target_fps=o.target_fps)
+                     bitstream=o.bitstream, events=events, target_fps=o.target_fps)
 
     def measure(self, build_dir, board, **kw) -> dict:
         """LUT / FF / block RAM / DSP of a build, from its synthesis report."""
@@ -41,9 +32,8 @@ class OpenFPGABackend(Backend):
         return model_resources(Path(build_dir) / "build.json")
 
     def probe(self, board, full: bool = False, events=None, jobs=None, **kw):
-        from bitfold.core.events import events_of
         from bitfold.export.open_fpga.probe import FULL_GRID, QUICK_GRID, measure_open_flow
-        return measure_open_flow(board, FULL_GRID if full else QUICK_GRID, progress=events_of(events).progress,
+        return measure_open_flow(board, FULL_GRID if full else QUICK_GRID, events=events,
                                  jobs=jobs)
 
     def requirements(self):

@@ -20,24 +20,22 @@ SystemVerilog built around Xilinx DSP48/DSP58 primitives that yosys cannot map t
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bitfold.core.errors import BitfoldError, ToolMissingError
+from bitfold.core.events import events_of
+from bitfold.core.errors import BitfoldError
 
-from bitfold.export.lower import IntModel, MVAUStage, PoolStage
+from bitfold.export.lower import IntModel, MVAUStage
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
-from bitfold.hw_models.fpga_rules import (Folding, bram_budget, choose_folding as plan_folding, divisors, estimate_brams,
+from bitfold.hw_models.fpga_rules import (Folding, choose_folding as plan_folding, divisors, estimate_brams,
                                           estimate_luts, stage_cycles)
 
 RTL_DIR = Path(__file__).parent / "rtl"
@@ -391,7 +389,7 @@ def _suggest(im: IntModel, board, fold: Folding, ratio: float) -> dict:
 
 
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
-          samples: int = 64, bitstream: bool = True, progress=None, target_fps: float | None = None):
+          samples: int = 64, bitstream: bool = True, events=None, target_fps: float | None = None):
     """``bitfold build model.onnx --board ulx3s-85f|icebreaker``: see the module docstring."""
     from bitfold.export.backends import BuildResult, staged_dir
     from bitfold.export.lower import check_lowering, lower
@@ -403,7 +401,7 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
     if set(board.pins) != {"clk", "rx", "tx"}:
         raise BitfoldError(f"board {board.name}: the open flow needs the clock and UART pins of the board",
                            f"add a [pins] table with clk, rx and tx to {board.source}")
-    say = progress or (lambda msg: None)
+    say = events_of(events).say
     t_all = time.time()
     load_onnx(onnx_path)   # clear error for a missing / malformed file
     im = lower(onnx_path)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitfold.core.errors import BitfoldError
+from bitfold.core.events import events_of
 
-from bitfold.hw_models.fpga_rules import CYCLES, Folding, folding_for
+from bitfold.hw_models.fpga_rules import Folding, folding_for
 from bitfold.hw_models.store import Measurement
 
 #: open flow: 8-bit activations mean 255 thresholds per channel (minutes of yosys per layer), so
@@ -87,7 +87,7 @@ def synth_block(im, n_in, n_out, board):
         return count_cells(cells, board.family), pe, simd, time.time() - t
 
 
-def measure_open_flow(board, grid=QUICK_GRID, progress=None, jobs=None, workers: int | None = None) -> list[Measurement]:
+def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: int | None = None) -> list[Measurement]:
     """Two building blocks, each synthesized by yosys (``workers`` at a time; default: one per CPU
     core, up to 4 — each yosys is one single-threaded process):
 
@@ -119,15 +119,14 @@ def measure_open_flow(board, grid=QUICK_GRID, progress=None, jobs=None, workers:
                             extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1),
                                    "flow": f"synth_{board.family}", **block})
                 for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM"))]
-    if progress:
-        progress(0, len(jobs))
+    ev = events_of(events)
+    ev.progress(0, len(jobs))
     out = [None] * len(jobs)
     with ThreadPoolExecutor(workers or max(1, min(4, os.cpucount_cells() or 1))) as pool:
         futs = {pool.submit(one, j): i for i, j in enumerate(jobs)}
         for done, f in enumerate(as_completed(futs), 1):
             out[futs[f]] = f.result()
-            if progress:
-                progress(done, len(jobs))
+            ev.progress(done, len(jobs))
     return [r for rows in out for r in rows]
 
 

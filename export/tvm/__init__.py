@@ -29,10 +29,7 @@ def _arm64_ready():
 
 
 class TVMBackend(Backend):
-    name = "tvm"
-    board_kind = "cpu"
-    accepts = ("qcdq",)
-    metric, unit = "latency", "s"
+    name, board_kind, accepts, metric, unit = "tvm", "cpu", ("qcdq",), "latency", "s"
 
     @dataclass
     class Options:
@@ -45,12 +42,11 @@ class TVMBackend(Backend):
         qemu: Optional[bool] = None
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
-        from bitfold.core.events import events_of
         from bitfold.export.tvm.backend import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), samples=o.samples, integer=o.integer,
                      tune_trials=o.tune_trials, retune=o.retune, tracker=o.tracker, key=o.key,
-                     log=events_of(events).say, qemu=o.qemu)
+                     events=events, qemu=o.qemu)
 
     def measure(self, build_dir, board, tracker: str | None = None, key: str | None = None, repeat: int = 7,
                 **kw) -> dict:
@@ -69,9 +65,8 @@ class TVMBackend(Backend):
 
     def probe(self, board, full: bool = False, events=None, tracker: str | None = None, key: str | None = None,
               grid: dict | None = None, **kw):
-        from bitfold.core.events import events_of
         from bitfold.export.tvm.probe import FULL_GRID, QUICK_GRID, measure
-        return measure(board, grid or (FULL_GRID if full else QUICK_GRID), progress=events_of(events).progress,
+        return measure(board, grid or (FULL_GRID if full else QUICK_GRID), events=events,
                        tracker=tracker, key=key)
 
     def requirements(self):

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError, ToolMissingError
 
 from bitfold.export.backends import BuildResult, staged_dir
 from bitfold.export.onnx_io import describe_onnx, load_onnx
-from bitfold.export.verify import compare, run_ort
+from bitfold.export.verify import compare, output_step_of, run_ort
 
 
 def import_tvm():
@@ -95,7 +96,7 @@ def run_vm(lib_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, retune: bool = False,
-                   tracker: str | None = None, key: str | None = None, log=None, for_host: bool = False):
+                   tracker: str | None = None, key: str | None = None, events=None, for_host: bool = False):
     """ONNX model -> (prepared Relax module with kernel entries, info dict).
 
     Imports with the Relax ONNX frontend, lowers quantized conv/matmul to integer kernels (``integer``),
@@ -121,7 +122,7 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
                                f"pass --tracker HOST:PORT [--key {board.rpc_key or board.name}] "
                                f"(see `bitfold rpc-server`), or --tune-trials 0")
         tuning = tvm_tune.tune(mod, target, work, tune_trials, retune=retune, tracker=tracker,
-                               key=key or board.rpc_key or board.name, cross=cross, log=log)
+                               key=key or board.rpc_key or board.name, cross=cross, events=events)
     mod, applied = tvm_tune.apply(mod, target, work)
     tuning["kernels_scheduled"] = applied
     mod, kernels = tvm_kernels.add_kernel_entries(mod, layers)
@@ -130,7 +131,7 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
 
 
 def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: bool = True, tune_trials: int = 0,
-          retune: bool = False, tracker: str | None = None, key: str | None = None, log=None,
+          retune: bool = False, tracker: str | None = None, key: str | None = None, events=None,
           qemu: bool | None = None) -> BuildResult:
     """Compile a QCDQ export for a CPU board into ``out_dir`` (``model.so`` + ``build.json``), verified.
 
@@ -154,7 +155,7 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
         raise BitfoldError(f"--tune-trials must be >= 0, got {tune_trials}")
     t0 = time.perf_counter()
     mod, cinfo = compile_module(model, board, integer=integer, tune_trials=tune_trials, retune=retune,
-                                tracker=tracker, key=key, log=log)
+                                tracker=tracker, key=key, events=events)
     tune_s = time.perf_counter() - t0
     target, cross = cinfo["target"], cinfo["cross"]
     name, shape = cinfo["input"]
@@ -174,7 +175,8 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
             ex.export_library(str(lib))
             host_lib = lib
         ref = run_ort(str(onnx_path), x, exact=True)
-        report = compare("tvm", "tvm relax VM (host)", ref, run_vm(host_lib, x))
+        step = output_step_of(onnx_path)
+        report = compare("tvm", "tvm relax VM (host)", ref, run_vm(host_lib, x), step)
         if host_lib != lib:
             host_lib.unlink()
         if not report.passed:
@@ -184,10 +186,9 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
         if cross and board.triple.startswith("aarch64"):
             import bitfold.export.tvm.qemu as qemu_mod
             if qemu or (qemu is None and qemu_mod.is_ready()):
-                if log:
-                    log("running the aarch64 library under qemu")
+                events_of(events).say("running the aarch64 library under qemu")
                 y, line = qemu_mod.run(lib, x)
-                erep = compare("tvm-aarch64", "tvm aarch64 under qemu-user", ref, y)
+                erep = compare("tvm-aarch64", "tvm aarch64 under qemu-user", ref, y, step)
                 if not erep.passed:
                     raise BitfoldError(f"the aarch64 library does not match onnxruntime under qemu - {erep.summary()}",
                                        "nothing was written; please report this model as a bitfold bug")

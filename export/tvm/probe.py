@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
+from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError
 
 from bitfold.hw_models.store import Measurement
@@ -43,7 +43,7 @@ def device_id() -> str:
     return f"{platform.node()}|{cpu or platform.processor()}|{os.cpu_count()} cpus"
 
 
-def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=None,
+def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, events=None,
             tracker: str | None = None, key: str | None = None) -> list[Measurement]:
     """Time every (kind, shape, b_w, b_a) of ``grid`` on ``board``: on this host, or on the board
     behind a TVM RPC tracker (``tracker="host:port"``, ``key`` default: the board file's rpc_key).
@@ -83,6 +83,5 @@ def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, progress=
                                            "repeat": repeat, "target": target, "via": "rpc" if tracker else "local",
                                            "executor": "relax VM, QCDQ fake-quant"}, **d))
             shutil.rmtree(bdir)
-            if progress:
-                progress(n + 1, len(jobs))
+            events_of(events).progress(n + 1, len(jobs))
     return rows

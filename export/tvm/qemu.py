@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError, ToolMissingError
 
 #: Debian bookworm packages that make up an arm64 Python 3.11 able to import numpy and TVM
@@ -69,8 +70,9 @@ def is_ready(root: Path | None = None) -> bool:
     return info.get("versions") == _versions() and shutil.which(QEMU) is not None
 
 
-def setup(root: Path | None = None, force: bool = False, say=print) -> dict:
+def setup(root: Path | None = None, force: bool = False, events=None) -> dict:
     """Assemble the arm64 sysroot (once; reused while the host's TVM versions match)."""
+    say = events_of(events).say
     root = Path(root or sysroot_dir())
     if is_ready(root) and not force:
         return json.loads((root / "sysroot.json").read_text())

@@ -18,6 +18,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError, ToolMissingError
 
 
@@ -111,7 +112,7 @@ def _runner(tracker: str | None, key: str | None):
 
 
 def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, tracker: str | None = None,
-         key: str | None = None, cross: str | None = None, log=None) -> dict:
+         key: str | None = None, cross: str | None = None, events=None) -> dict:
     """Tune, with ``trials`` candidates each, the conv/matmul kernels of a prepared module that have no
     record in ``work_dir`` yet (all of them if ``retune``)."""
     check_deps()
@@ -138,8 +139,7 @@ def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, trac
     import tempfile
     cand_dir = Path(tempfile.mkdtemp(prefix="bf-ms-"))
     builder, runner = _in_process_builder(cross, cand_dir), _runner(tracker, key)
-    if log:
-        log(f"tuning {len(todo)} kernel(s), {per_task} trial(s) each (MetaSchedule, database {work_dir})")
+    events_of(events).say(f"tuning {len(todo)} kernel(s), {per_task} trial(s) each (MetaSchedule, database {work_dir})")
     try:
         ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir),
                            max_trials_global=trials * len(todo),

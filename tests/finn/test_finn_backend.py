@@ -14,7 +14,7 @@ from bitfold.core.errors import BitfoldError, ToolMissingError
 @pytest.fixture(scope="session")
 def finn_env():
     from bitfold.export.finn.backend import env_dir, setup
-    info = setup(say=lambda m: None)
+    info = setup()
     return env_dir(), info
 
 
@@ -57,7 +57,7 @@ def test_env_is_separate_and_reused(finn_env):
     env, info = finn_env
     assert info["finn-plus"] == "1.6.1" and info["onnx"] == "1.21.0" and info["brevitas"] is None
     assert info["torch"].startswith("2.13.0")   # the CPU wheel, not a CUDA build
-    again = setup(say=lambda m: None)            # reuse: checks, does not reinstall
+    again = setup()            # reuse: checks, does not reinstall
     assert "setup_s" not in again
     assert not any(m == "finn" or m.startswith("finn.") for m in sys.modules)   # never imported here
 

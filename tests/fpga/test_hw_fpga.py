@@ -9,8 +9,8 @@ from bitfold.boards import load_board
 
 @pytest.fixture(scope="module")
 def lut_rows():
-    from bitfold.export.open_fpga.probe import measure
-    return measure(load_board("icebreaker"), {"linear": [(16, 8), (32, 8)], "bits": [2, 4]})
+    from bitfold.export.open_fpga.probe import measure_open_flow
+    return measure_open_flow(load_board("icebreaker"), {"linear": [(16, 8), (32, 8)], "bits": [2, 4]})
 
 
 def test_open_flow_rows_have_provenance_and_grow_with_bits(lut_rows):
@@ -84,9 +84,8 @@ def test_rom_placement_rule_matches_yosys(b_w, brams):
     """A 36x16 layer folds to 9 lanes x 64 words: a W4 weight ROM is 36 bits wide (one DP16KD costs
     yosys 128 < 64*36/16 in logic: block RAM), a W3 one 27 bits (128 > 108: logic). The cost model
     and the backend's BRAM estimate use the same rule; yosys must agree."""
-    from bitfold.export.open_fpga.flow import estimate_brams, rom_brams
     from bitfold.export.open_fpga.probe import one_layer_intmodel, synth_block
-    from bitfold.hw_models.fpga_rules import folding_for
+    from bitfold.hw_models.fpga_rules import estimate_brams, folding_for, rom_brams
     from bitfold.hw_models.table import mvau_terms
     board = load_board("ulx3s-85f")
     assert folding_for(36, 16) == (1, 9)

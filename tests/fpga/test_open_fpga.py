@@ -103,7 +103,8 @@ def test_bitstream_and_bit_exact_simulation(builds, model, board):
 def test_folding_from_budget_differs_per_board(models):
     from bitfold.boards import load_board
     from bitfold.export.lower import lower
-    from bitfold.export.open_fpga.flow import choose_folding, stage_cycles, uart_fps
+    from bitfold.export.open_fpga.flow import choose_folding, uart_fps
+    from bitfold.hw_models.fpga_rules import stage_cycles
     im = lower(models["demo"])
     ice, ulx = (choose_folding(im, load_board(b), target_fps=0) for b in ("icebreaker", "ulx3s-85f"))
     par = lambda f: sum(v["pe"] * v["simd"] for v in f.as_dict().values())  # noqa: E731
@@ -204,7 +205,8 @@ def test_missing_tool_is_named(models, tmp_path, monkeypatch):
 def test_folding_planner_respects_budget(models):
     from bitfold.boards import load_board
     from bitfold.export.lower import lower
-    from bitfold.export.open_fpga.flow import bram_budget, choose_folding, estimate_brams, estimate_luts
+    from bitfold.export.open_fpga.flow import choose_folding
+    from bitfold.hw_models.fpga_rules import bram_budget, estimate_brams, estimate_luts
     im = lower(models["demo"])
     for name in ("icebreaker", "ulx3s-85f"):
         b = load_board(name)

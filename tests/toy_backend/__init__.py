@@ -9,10 +9,7 @@ from bitfold.export.backends import Backend, BuildResult, Requirement, staged_di
 
 
 class ToyBackend(Backend):
-    name = "toy"
-    board_kind = "cpu"
-    accepts = ("qcdq",)
-    metric, unit = "latency", "s"
+    name, board_kind, accepts, metric, unit = "toy", "cpu", ("qcdq",), "latency", "s"
 
     @dataclass
     class Options:

@@ -170,7 +170,7 @@ def arm64_sysroot():
     if "arm64" not in archs:
         pytest.skip("the arm64 apt architecture is not enabled (dpkg --add-architecture arm64 && apt-get update)")
     from bitfold.export.tvm.qemu import setup
-    return setup(say=lambda m: None)
+    return setup()
 
 
 def test_rpi4_build_runs_correctly_under_qemu(arm64_sysroot, qcdq, tmp_path):

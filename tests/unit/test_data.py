@@ -60,3 +60,34 @@ def test_missing_local_files_are_clear_errors(tmp_path):
 def test_synthetic():
     ds = load_dataset("synthetic", synthetic_shape=(3, 32, 32))
     assert ds.input_shape == (3, 32, 32) and ds.num_classes == 10
+
+
+def test_fashion_mnist_from_the_debian_package():
+    """The real data set, as Debian's dataset-fashion-mnist installs it (.ci/run installs it)."""
+    from bitfold.toolchain.data import FASHION_MNIST_DIR
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    ds = load_dataset("fashion-mnist")
+    assert ds.name == "fashion-mnist" and ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    assert len(ds.x_train) == 60000 and len(ds.x_test) == 10000
+    assert np.bincount(ds.y_test.numpy()).tolist() == [1000] * 10
+    assert 0.0 <= float(ds.x_test.min()) and float(ds.x_test.max()) <= 1.0
+
+
+def test_fashion_mnist_missing_package_is_one_clear_error(tmp_path, monkeypatch):
+    import bitfold.toolchain.data as data
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    with pytest.raises(BitfoldError, match="Fashion-MNIST is not installed") as e:
+        load_dataset("fashion-mnist")
+    assert "apt-get install dataset-fashion-mnist" in e.value.hint
+    with pytest.raises(BitfoldError, match="does not exist"):
+        load_dataset("fashion-mnist", tmp_path / "nowhere")
+
+
+def test_fashion_mnist_from_a_data_dir(tmp_path):
+    rng = np.random.default_rng(1)
+    for stem, shape in (("train-images-idx3-ubyte", (12, 28, 28)), ("train-labels-idx1-ubyte", (12,)),
+                        ("t10k-images-idx3-ubyte", (6, 28, 28)), ("t10k-labels-idx1-ubyte", (6,))):
+        _idx(tmp_path / f"{stem}.gz", rng.integers(0, 10 if "labels" in stem else 256, shape), gz=True)
+    ds = load_dataset("fashion-mnist", tmp_path)
+    assert ds.name == "fashion-mnist" and len(ds.x_train) == 12 and ds.input_shape == (1, 28, 28)

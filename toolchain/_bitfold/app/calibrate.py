@@ -34,12 +34,31 @@ def fit_board(board: str, metric: str | None = None, db: str | Path | None = Non
     from bitfold.boards import load_board
     from bitfold.export.backends import backend_for
     from bitfold.hw_models.store import MeasurementStore
-    from bitfold.hw_models.table import fit_table, table_path
+    from bitfold.hw_models.table import find_table, fit_table, table_path
     b = load_board(board)
     metric = metric or backend_for(b).metric
-    table = fit_table(MeasurementStore(db).query(b.name, metric), b.name, metric)
+    table = carry_model_factor(fit_table(MeasurementStore(db).query(b.name, metric), b.name, metric),
+                               find_table(b.name))
     write_json(table_path(b.name), table)
     return table_path(b.name), table
+
+
+def carry_model_factor(table: dict, previous) -> dict:
+    """A refitted table keeps the whole-model factor of the table it replaces, with its evidence:
+    refitted on the new table's own predictions of the same measured models where the evidence
+    holds their layers, else carried as it was (and said so in ``calibration.note``)."""
+    from bitfold.hw_models.table import refit_model_factor
+    cal = (previous.table.get("calibration") if previous is not None else None) or {}
+    if not cal or previous.table.get("metric") != table.get("metric"):
+        return table
+    ev = cal.get("models_measured") or []
+    if ev and all("layers" in e for e in ev):
+        return refit_model_factor(table, ev, note=f"refitted on the new table from {len(ev)} measured models "
+                                                  f"(evidence carried from {previous.source})")
+    out = dict(table)
+    out["calibration"] = {**cal, "note": f"carried unchanged from {previous.source}: its evidence has no layer "
+                                         f"shapes, so it could not be refitted on the new table"}
+    return out
 
 
 def calibrate_board(board: str, full: bool = False, tracker: str | None = None, key: str | None = None,

@@ -148,12 +148,19 @@ class OpenFpgaTarget(LoopTarget):
         return {"value": float(res["lut"]), **res}
 
     def recalibrate(self, d, base_table, run_dir, bit_map):
-        from bitfold.hw_models.table import fit_model_factor
-        pairs = [(r.extra["predicted_raw"], r.value) for r in self.store.query(self.b.name, "lut")
-                 if r.kind == "model" and r.extra.get("predicted_raw")]
+        """The whole-model factor refitted on every measured model: the table's own evidence (the
+        models it was calibrated on) and each model this run built; its report gives the
+        in-sample and the leave-one-out error (the one to expect on the next, unseen model)."""
+        from bitfold.hw_models.table import refit_model_factor
         base = json.loads(Path(base_table).read_text())
-        base.pop("calibration", None)
-        return self._write_table(d, fit_model_factor(base, pairs))
+        shipped = [e for e in (base.get("calibration") or {}).get("models_measured", []) if "layers" in e]
+        shipped = [e for e in shipped if e.get("source") != "bitfold run"]
+        ours = [{"model": f"round {r.extra.get('round')}", "source": "bitfold run", "layers": r.extra["layers"],
+                 "bits": r.extra["bits"], "measured": r.value}
+                for r in self.store.query(self.b.name, "lut") if r.kind == "model" and "layers" in r.extra]
+        return self._write_table(d, refit_model_factor(base, shipped + ours,
+                                                       note=f"{len(shipped)} models from the table's calibration + "
+                                                            f"{len(ours)} built by this run"))
 
     def show(self, v):
         return f"{v:,.0f} LUT"
@@ -176,6 +183,14 @@ def loop_target(board, store, bitstream=False, verify=True, tracker=None, key=No
     raise BitfoldError(f"bitfold run cannot measure board {board.name} ({board.backend}) from here: it needs its own "
                        "measurement driver (Xilinx: Vivado reports), not in this version",
                        "use --board host-cpu, ulx3s-85f or icebreaker (or a CPU board with --tracker)")
+
+
+def run_layers(run_dir) -> list[dict]:
+    """The layer records of a trained run (JSON-ready), as the cost tables price them."""
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.runs import load_run
+    cfg, model, ck = load_run(run_dir)
+    return json.loads(json.dumps([d.as_dict() for d in describe_layers(model, tuple(ck["input_shape"]))]))
 
 
 def predicted_cost(run_dir, table_file, bit_map) -> float:
@@ -242,7 +257,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
             bit_map = {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}
             raw = predicted_cost(d / "run", table_file, bit_map)
             scale = float(json.loads(table_file.read_text()).get("calibration", {}).get("scale", 1.0))
-            return {"accuracy": m["accuracy"], "predicted_raw": raw, "predicted": raw * scale, "bit_map": bit_map}
+            return {"accuracy": m["accuracy"], "predicted_raw": raw, "predicted": raw * scale, "bit_map": bit_map,
+                    "layers": run_layers(d / "run")}
         tr = _stage(rd / "train", _sha(cfg.to_json(), table_file), do_train, log)
         run_dir = rd / "train" / "run"
         ck = run_dir / "checkpoint.pt"
@@ -251,7 +267,9 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name, bitstream, verify),
                     lambda d: tgt.build(ex["onnx"], d), log)
         ms = _stage(rd / "measure", _sha("measure", Path(bd["out_dir"]) / "build.json"),
-                    lambda d: tgt.measure(bd["out_dir"], tr["predicted_raw"], {"run": str(out), "round": r}), log)
+                    lambda d: tgt.measure(bd["out_dir"], tr["predicted_raw"],
+                                          {"run": str(out), "round": r, "layers": tr["layers"],
+                                           "bits": {k: [v["w"], v["a"]] for k, v in tr["bit_map"].items()}}), log)
         rc = _stage(rd / "recalibrate", _sha("recal", ms, tr["bit_map"], table_file),
                     lambda d: tgt.recalibrate(d, table_file, run_dir, tr["bit_map"]), log)
         history.append({"round": r, "accuracy": tr["accuracy"], "predicted": tr["predicted"],
@@ -350,8 +368,10 @@ def write_report(out: Path, meta: dict) -> Path:
     cal = [h["recalibrated"].get("calibration") for h in hist if h.get("recalibrated")]
     if cal and cal[-1]:
         c = cal[-1]
-        lines += ["", f"Recalibration: whole-model factor {c['scale']:.3f} from {c['models']} measured model(s); "
-                      f"prediction error {c['mape_before']:.1%} -> {c['mape_after']:.1%}."]
+        loo = f"{c['mape_loo']:.1%}" if c.get("mape_loo") is not None else "n/a (one model)"
+        lines += ["", f"Recalibration: whole-model factor {c['scale']:.3f} from {c['models']} measured model(s) "
+                      f"({c.get('note') or ''}); prediction error without it {c['mape_before']:.1%}, with it "
+                      f"{c['mape_after']:.1%} in-sample, {loo} leave-one-out (the error to expect on a new model)."]
     lines += ["", "![accuracy vs measured cost; predicted vs measured](report.png)", "", "Artefacts:", ""]
     lines += [f"- round {h['round']}: `{h['onnx']}`, build `{h['build']}`, cost table `{h['table']}`" for h in hist]
     write_json(out / "report.json", meta)

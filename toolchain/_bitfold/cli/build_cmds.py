@@ -10,6 +10,7 @@ import typer
 
 from bitfold.cli.render import console, rows_table, say_events
 from bitfold.core.errors import BitfoldError
+from bitfold.core.events import Events
 
 app = typer.Typer()
 
@@ -88,12 +89,12 @@ def setup(
     arm64: a Python + TVM sysroot that runs aarch64 builds under qemu-user)."""
     if what == "arm64":
         from bitfold.export.tvm.qemu import setup as arm64_setup
-        arm64_setup(env, force=force, say=console.print)
+        arm64_setup(env, force=force, events=Events(on_say=console.print))
         return
     if what != "finn":
         raise BitfoldError(f"unknown setup target {what!r}", "available: finn, arm64")
     from bitfold.export.finn.backend import setup as finn_setup
-    finn_setup(env, force=force, say=console.print)
+    finn_setup(env, force=force, events=Events(on_say=console.print))
 
 
 @app.command("run-fpga")

@@ -57,7 +57,18 @@ def demo(
 ):
     """Train the digits CNN in FP32 and at a mixed-precision map, export both formats, verify, report."""
     from bitfold.app.demo import run_demo
-    run_demo(out, epochs=epochs, progress=not quiet, console=console)
+    r = run_demo(out, epochs=epochs, progress=not quiet, events=Events(on_say=console.print))
+    fp, q = r["fp32"], r["mixed"]
+    rows_table("bitfold demo: digits CNN, FP32 vs mixed precision", ("model", "test acc", "BitOPs", "weight memory"),
+               [("FP32", f"{fp['accuracy']:.2%}", f"{fp['bitops']:.3g}", f"{fp['weight_bits'] / 8192:.1f} KiB"),
+                ("mixed", f"{q['accuracy']:.2%}", f"{q['bitops']:.3g} ({q['bitops'] / fp['bitops']:.1%})",
+                 f"{q['weight_bits'] / 8192:.2f} KiB ({q['weight_bits'] / fp['weight_bits']:.1%})")])
+    rows_table("mixed-precision map (a = width of the layer's input activation)",
+               ("layer", "kind", "MACs", "w", "a", "BitOPs"),
+               [(x["name"], x["kind"], f"{x['macs']:,}", x["w"], x["a"], f"{x['bitops']:.3g}") for x in q["layers"]])
+    console.print(f"runs: {r['out']}/fp32  {r['out']}/mixed")
+    for e in r["exports"].values():
+        console.print(f"verified {e['path']}\n  " + e["summary"])
 
 
 @app.command()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from bitfold.cli.render import console, grid_table, layer_table, rows_table
+from bitfold.cli.render import console, grid_table, layer_table, progress_events, rows_table
 from bitfold.core.errors import BitfoldError
 
 app = typer.Typer()
@@ -56,8 +56,8 @@ def train(
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3),
     seed: int = typer.Option(0),
-    data: str = typer.Option("digits", help="digits | mnist | cifar10 | synthetic"),
-    data_dir: Optional[Path] = typer.Option(None, help="local files for mnist / cifar10"),
+    data: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | synthetic"),
+    data_dir: Optional[Path] = typer.Option(None, help="local files for mnist / cifar10 (fashion-mnist: default /usr/share/datasets/fashion-mnist)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     config: Optional[Path] = typer.Option(None, "--config", help="a saved TrainConfig JSON (e.g. a run's config.json): "
                                           "train exactly that; the other training flags are ignored"),
@@ -194,8 +194,6 @@ def fewshot(
 ):
     """MEBQAT few-shot: meta-train on (bit-width, seen-class subset) tasks, then adapt to unseen classes
     with a few SGD steps; prints accuracy before/after adaptation per bit-width."""
-    from rich.progress import Progress
-
     from bitfold.toolchain.fewshot import FewShotConfig, run_fewshot
     try:
         seen_c = tuple(int(c) for c in seen.split(","))
@@ -205,9 +203,8 @@ def fewshot(
                            "e.g. --seen 0,1,2,3,4,5 --eval-bits w2a2,w4a4") from None
     cfg = FewShotConfig(model=model, seen=seen_c, ways=ways, shots=shots, inner_steps=inner_steps, inner_lr=inner_lr,
                         episodes=episodes, meta=meta, eval_bits=bits)
-    with Progress(console=console, transient=True) as p:
-        task = p.add_task("meta-training" if meta else "training (no inner loop)", total=episodes)
-        rep = run_fewshot(out, cfg, progress=lambda i, n: p.update(task, completed=i))
+    with progress_events("meta-training" if meta else "training (no inner loop)") as ev:
+        rep = run_fewshot(out, cfg, events=ev)
     rows_table(f"unseen classes {rep['config']['unseen']}: {ways}-way {shots}-shot, chance {rep['chance']:.0%}",
                ("w", "a", "before adaptation", f"after {inner_steps} SGD steps"),
                [(r["w"], r["a"], f"{r['before']:.1%}", f"{r['after']:.1%}") for r in rep["results"]])
