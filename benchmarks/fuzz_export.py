@@ -1,4 +1,4 @@
-"""Long export-fuzzing run: the CI fuzz test (tests/test_fuzz_export.py) with more cases and more
+"""Long export-fuzzing run: the CI fuzz test (tests/export/test_fuzz_export.py) with more cases and more
 verilator simulations, printing the counts.
 
     python benchmarks/fuzz_export.py [--cases 2000] [--sims 10] [--seed-offset 0]
@@ -29,7 +29,7 @@ def main():
     env = {**os.environ, "BITFOLD_FUZZ_CASES": str(args.cases), "BITFOLD_FUZZ_SIM": str(args.sims)}
     t = time.time()
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_fuzz_export.py")], env=env, capture_output=True, text=True,
+                        str(ROOT / "tests" / "export" / "test_fuzz_export.py")], env=env, capture_output=True, text=True,
                        cwd=ROOT)
     line = next((ln for ln in p.stdout.splitlines() if "FUZZ-COUNTS" in ln), None)
     counts = json.loads(line.split("FUZZ-COUNTS", 1)[1]) if line else None

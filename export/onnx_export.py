@@ -104,41 +104,50 @@ def _raw_export(model: nn.Module, fmt: str, input_shape, path: Path) -> None:
                              dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **names)
 
 
-def output_step(model: nn.Module, x: torch.Tensor) -> float:
-    """The largest change one input code of the model's output layer can make to an output,
-    ``max_o max_j |W[o, j]| * s_in`` (dequantized weights, input activation scale): how far a
-    rounding-boundary flip may move an output under the verification gate. The output layer is
-    the compute layer whose output is the model's output. 0.0 (no flip allowed) when it cannot be
-    told (no quantized input activation, no integer weights)."""
-    from bitfold.toolchain.quant import act_sites, compute_layers
-    layers = compute_layers(model)
-    if not layers:
+def output_step(model: nn.Module, x: torch.Tensor, samples: int = 16) -> float:
+    """How far one rounding-boundary flip may move an output: the largest first-order change of any
+    output when one activation code anywhere in the network moves by one quantization step,
+    ``max |d y_o / d a_e| * s_site`` over activation sites, their elements, the outputs and the
+    first ``samples`` verification inputs (straight-through gradients, so the change carries
+    through every later layer). 0.0 (no flip allowed) when the model has no quantized activation
+    with a known scale."""
+    from bitfold.toolchain.quant import act_sites
+    sites = {k: s for k, s in act_sites(model).items() if hasattr(s, "act_quant")}
+    if not sites:
         return 0.0
-    outs, scales, hooks = {}, {}, []
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o)))
-    for key, site in act_sites(model).items():
-        if hasattr(site, "act_quant"):
-            hooks.append(site.act_quant.register_forward_hook(
-                lambda m, i, o, k=key: scales.__setitem__(k, getattr(o, "scale", None))))
+    taps, hooks = {}, []
+
+    def tap(key):
+        def hook(mod, inp, out):
+            v = getattr(out, "value", out)
+            scale = getattr(out, "scale", None)
+            if scale is None or not torch.is_tensor(v) or not v.requires_grad:
+                return None
+            v.retain_grad()
+            taps[key] = (v, scale.detach())
+            return None
+        return hook
+    for key, site in sites.items():
+        hooks.append(site.act_quant.register_forward_hook(tap(key)))
+    xs = x[:samples].clone().requires_grad_(True)
+    best = 0.0
     try:
-        with torch.no_grad():
-            y = model(x[:2])
+        with torch.enable_grad():
+            y = model(xs)
+            y = getattr(y, "value", y)
+            for o in range(y.reshape(len(xs), -1).shape[1]):
+                for v, _ in taps.values():
+                    v.grad = None
+                y.reshape(len(xs), -1)[:, o].sum().backward(retain_graph=True)
+                for v, scale in taps.values():
+                    if v.grad is not None:
+                        best = max(best, float((v.grad.abs() * scale).max()))
+    except RuntimeError:  # a graph without gradients to its activations: no step known
+        return 0.0
     finally:
         for h in hooks:
             h.remove()
-    y = getattr(y, "value", y)
-    name = next((n for n, o in reversed(list(outs.items()))
-                 if getattr(o, "value", o).shape == y.shape and torch.equal(getattr(o, "value", o), y)), None)
-    s_in = next((s for k, s in scales.items() if name in k and s is not None), None) if name else None
-    if s_in is None:
-        return 0.0
-    try:
-        qw = layers[name].quant_weight()
-        w = (qw.int().double() * qw.scale.double()).abs().reshape(qw.value.shape[0], -1)
-    except Exception:  # noqa: BLE001 - a weight quantizer without integer codes: no step known
-        return 0.0
-    return float(w.max() * s_in.double().max())
+    return best
 
 
 def _finish(fmt: str, path: Path, bit_map: dict, step: float = 0.0) -> None:

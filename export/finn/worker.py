@@ -39,6 +39,14 @@ def _versions() -> dict:
     return out
 
 
+#: the build steps after which the model is executed in Python and compared with the export
+#: (through partitioning, specialisation and folding); the tag names the check
+STEP_CHECKS = {"step_qonnx_to_finn": "qonnx_to_finn", "step_tidy_up": "tidy_up", "step_streamline": "streamlined",
+               "step_convert_to_hw": "hw_generic", "step_minimize_bit_width_initial": "hw_minimized",
+               "step_create_dataflow_partition": "partitioned", "step_specialize_layers": "specialized",
+               "step_apply_folding_config": "folded", "step_minimize_bit_width": "final"}
+
+
 def _xilinx_missing() -> list[str]:
     missing = [t for t in XILINX_TOOLS if shutil.which(t) is None]
     if not os.environ.get("XILINX_VIVADO"):
@@ -59,14 +67,52 @@ def _non_hw_nodes(model_path: Path) -> list[str]:
     return [f"{n.op_type} ({n.name})" for n in m.graph.node if "fpgadataflow" not in (n.domain or "")]
 
 
+def _python_view(model, work: Path):
+    """A copy of ``model`` that executes in Python at every stage of the flow: the child models of
+    StreamingDataflowPartition nodes are loaded, and their specialised layers (``X_hls`` /
+    ``X_rtl``, which only cppsim/rtlsim can run) are put back to their HW-abstraction parent ``X``
+    with every attribute the parent knows (folding, data types, weights and thresholds kept), so
+    Python execution checks the numbers each step produced."""
+    import copy
+
+    import onnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+    def generic(graph):
+        for n in graph.node:
+            if n.domain.endswith((".hls", ".rtl")) and n.op_type.endswith(("_hls", "_rtl")):
+                n.domain, n.op_type = n.domain.rsplit(".", 1)[0], n.op_type[:-4]
+                known = set(getCustomOp(n).get_nodeattr_types())
+                keep = [a for a in n.attribute if a.name in known and a.name != "exec_mode"]
+                del n.attribute[:]
+                n.attribute.extend(keep)
+
+    m = ModelWrapper(copy.deepcopy(model.model))
+    generic(m.graph)
+    for i, node in enumerate(m.graph.node):
+        if node.op_type != "StreamingDataflowPartition":
+            continue
+        inst = getCustomOp(node)
+        child = ModelWrapper(inst.get_nodeattr("model"))
+        generic(child.graph)
+        path = work / f"python_view_{i}.onnx"
+        onnx.save(child.model, str(path))
+        inst.set_nodeattr("model", str(path))
+    return m
+
+
 def _verify_python(samples_path, tag: str):
-    """A custom build step: execute the current model in Python on every verification sample and
-    save its outputs (bitfold compares them with the export's outputs, with its own tolerances)."""
+    """A custom build step: execute the current model in Python (:func:`_python_view`) on every
+    verification sample and save its outputs (bitfold compares them with the export's outputs
+    under its own gate)."""
     def step(model, cfg):
         import numpy as np
-        from qonnx.core.onnx_exec import execute_onnx
+        from finn.core.onnx_exec import execute_onnx
         data = np.load(samples_path)
         x, ref = data["x"], data["y"]
+        work = Path(cfg.output_dir) / "bitfold_python_view" / tag
+        work.mkdir(parents=True, exist_ok=True)
+        view = _python_view(model, work)
         iname, oname = model.graph.input[0].name, model.graph.output[0].name
         ishape = model.get_tensor_shape(iname)
         outs = []
@@ -75,7 +121,7 @@ def _verify_python(samples_path, tag: str):
             if list(xi.shape) != list(ishape) and int(np.prod(ishape)) == xi.size:
                 xi = xi.transpose(0, 2, 3, 1) if len(ishape) == 4 and ishape[-1] == xi.shape[1] else xi
                 xi = xi.reshape(ishape)
-            outs.append(execute_onnx(model, {iname: xi})[oname].reshape(ref[i:i + 1].shape))
+            outs.append(execute_onnx(view, {iname: xi})[oname].reshape(ref[i:i + 1].shape))
         np.save(Path(cfg.output_dir) / f"bitfold_verify_{tag}.npy", np.concatenate(outs))
         return model
     step.__name__ = f"step_bitfold_verify_{tag}"
@@ -104,8 +150,7 @@ def run(req: dict) -> dict:
         out = []
         for st in steps:
             out.append(st)
-            tag = {"step_qonnx_to_finn": "qonnx_to_finn", "step_tidy_up": "tidy_up",
-                   "step_streamline": "streamlined", "step_convert_to_hw": "hw_generic"}.get(st)
+            tag = STEP_CHECKS.get(st)
             if tag:
                 out.append(_verify_python(req["verify_samples"], tag))
         return out

@@ -363,19 +363,34 @@ def simulate(rtl: Path, design: Design, binary: Path, codes: np.ndarray, stall: 
     return vals, timing
 
 
+def check_rtl(onnx_path, im: IntModel, x: np.ndarray, sim_out: np.ndarray) -> dict:
+    """The two gates on a simulation's outputs: exact against the lowered integer model, and float
+    (rounding-boundary flips only) against ``qonnx.execute_onnx`` of the exported file on the same
+    inputs - an independent reference, so a lowering bug shared by the ROM images and the integer
+    model cannot pass. Returns both reports; ``passed`` when both pass."""
+    from bitfold.export.verify import compare, compare_exact, output_step_of, run_qonnx
+    exact = compare_exact("rtl", "verilator vs the lowered integer model", im.run_codes(im.input.codes(x)), sim_out)
+    ref = run_qonnx(str(onnx_path), x).reshape(len(x), -1)
+    indep = compare("rtl", "verilator (outputs mapped to floats) vs qonnx.execute_onnx", ref,
+                    im.outputs_to_float(sim_out).reshape(len(x), -1), output_step_of(onnx_path))
+    return {"vs_lowered": exact.as_dict(), "vs_qonnx": indep.as_dict(), "passed": exact.passed and indep.passed,
+            "summary": f"{exact.summary()}; {indep.summary()}"}
+
+
 def simulate_model(onnx_path, board, work: Path, x: np.ndarray) -> dict:
     """Lower a QONNX file, generate its design (folding from the board's budget) and run ``x``
-    through the verilated core; compares bit-exactly with the integer model (which
-    :func:`check_lowering` ties to QONNX execution). No synthesis: the fuzz oracle's FPGA leg."""
+    through the verilated core; checks the outputs with :func:`check_rtl` (exact against the
+    integer model, and against QONNX execution). No synthesis: the fuzz oracle's FPGA leg."""
     from bitfold.export.lower import lower
     im = lower(onnx_path)
     rtl = Path(work) / "rtl"
     design = generate(im, choose_folding(im, board), rtl, board)
     codes = im.input.codes(x)
-    ref = im.run_codes(codes)
     binary = compile_sim(rtl, design, len(x), sum(s["cycles"] for s in design.stages))
     out, timing = simulate(rtl, design, binary, codes)
-    return {"samples": len(x), "mismatched": int((out != ref).any(1).sum()), **timing}
+    chk = check_rtl(onnx_path, im, x, out)
+    return {"samples": len(x), "mismatched": chk["vs_lowered"]["flips"], "passed": chk["passed"], "check": chk,
+            **timing}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -442,11 +457,14 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
             sim_out, timing = simulate(rtl, design, binary, codes)
             stalled, _ = simulate(rtl, design, binary, codes, stall=True)
             bad = int((sim_out != ref).any(1).sum() + (stalled != ref).any(1).sum())
+            chk = check_rtl(onnx_path, im, x, sim_out)
             report["simulation"] = {"samples": len(x), "inputs": src, "mismatched_samples": bad,
-                                    "bit_exact": bad == 0, "wall_s": round(time.time() - t, 1), **timing}
-            if bad:
-                raise BitfoldError(f"simulation of the generated design differs from the QONNX integer model on "
-                                   f"{bad} of {2 * len(x)} sample runs", f"the build is kept out of {out_dir}")
+                                    "bit_exact": bad == 0, "vs_qonnx": chk["vs_qonnx"],
+                                    "wall_s": round(time.time() - t, 1), **timing}
+            if bad or not chk["passed"]:
+                raise BitfoldError(f"simulation of the generated design differs from the QONNX model: {bad} of "
+                                   f"{2 * len(x)} sample runs differ from the integer model; {chk['summary']}",
+                                   f"the build is kept out of {out_dir}")
             cycles = timing["cycles_per_frame"]
         fmax = report.get("pnr", {}).get("fmax_mhz")
         clk = min(fmax, board.clock_mhz) if fmax else board.clock_mhz

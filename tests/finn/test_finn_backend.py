@@ -70,7 +70,8 @@ def test_estimates_verified(finn_env, exports, tmp_path, model, board):
     info = json.loads((out / "build.json").read_text())
     assert r.backend == "finn" and info["status"] == "ok"
     checks = info["verification"]
-    assert set(checks) == {"qonnx_to_finn", "tidy_up", "streamlined", "hw_generic"}
+    assert set(checks) == {"qonnx_to_finn", "tidy_up", "streamlined", "hw_generic", "hw_minimized", "partitioned",
+                           "specialized", "folded", "final"}
     assert all(c["passed"] and c["samples"] == 20 and c["argmax_agreement"] >= 0.99 for c in checks.values())
     hw = info["hw_python_verification"]
     assert hw["outlier_fraction"] <= 0.05 and hw["argmax_agreement"] >= 0.99
@@ -116,7 +117,7 @@ def test_foreign_brevitas_tfc(finn_env, tmp_path):
     path = export_brevitas(m, x[:1], "qonnx", tmp_path / "tfc.onnx", x_verify=x).path
     build(path, "pynq-z2", tmp_path / "b", bitstream=False)
     info = json.loads((tmp_path / "b" / "build.json").read_text())
-    assert all(c["passed"] for c in info["verification"].values()) and len(info["verification"]) == 4
+    assert all(c["passed"] for c in info["verification"].values()) and len(info["verification"]) == 9
     assert len([r for r in info["layers"] if r["type"].startswith("MVAU")]) == 3
 
 
