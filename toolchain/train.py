@@ -67,16 +67,38 @@ def init_activation_stats(model: nn.Module, x: torch.Tensor, batch_size: int, st
         model(x[lo:lo + batch_size].to(dev))
 
 
-def init_from_run(model: nn.Module, run_dir) -> None:
-    """Start from another run's weights; tensors whose shape changed (e.g. codebooks) start fresh."""
-    src = load_checkpoint(Path(run_dir) / CHECKPOINT)["model"]
+def _canonical(key: str) -> str:
+    """A state-dict key without torch's parametrization wrapper: methods that parametrize weights
+    (adaqat, adq, asq, mebqat) store ``layer.parametrizations.weight.original`` where a fixed or
+    float run stores ``layer.weight``."""
+    return key.replace(".parametrizations.weight.original", ".weight")
+
+
+def init_from_run(model: nn.Module, run_dir) -> dict:
+    """Start from another run's weights (any method: keys are matched through parametrizations);
+    tensors whose shape changed (e.g. codebooks) start fresh. Every Conv/Linear weight must load -
+    a start that silently leaves a layer random is refused (a method's own
+    extra modules, e.g. ASQ's adapters, start fresh). Returns ``{loaded, fresh}`` key lists."""
+    src = {_canonical(k): v for k, v in load_checkpoint(Path(run_dir) / CHECKPOINT)["model"].items()}
     own = model.state_dict()
-    keep = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-    fresh = {k.rsplit(".", 1)[0] for k in own if k in src and own[k].shape != src[k].shape}
+    keep, fresh = {}, set()
+    for k, v in own.items():
+        c = _canonical(k)
+        if c in src:
+            if src[c].shape == v.shape:
+                keep[k] = src[c]
+            else:
+                fresh.add(k.rsplit(".", 1)[0])
     keep = {k: v for k, v in keep.items() if k.rsplit(".", 1)[0] not in fresh}  # e.g. a resized codebook's flag
-    if not keep:
-        raise BitfoldError(f"--init-from {run_dir}: no weights fit this model", "use a run of the same model")
+    from bitfold.toolchain.quant import compute_layers
+    layer_ids = {id(m) for m in compute_layers(model).values()}
+    weights = [f"{n}.weight" for n, m in model.named_modules() if id(m) in layer_ids]
+    missing = [w for w in weights if not any(_canonical(k) == w for k in keep)]
+    if not keep or missing:
+        raise BitfoldError(f"--init-from {run_dir}: the weights of {', '.join(missing) or 'every layer'} do not fit "
+                           f"this model (names or shapes differ)", "use a run of the same model and data set")
     model.load_state_dict(keep, strict=False)
+    return {"loaded": sorted(keep), "fresh": sorted(fresh)}
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:

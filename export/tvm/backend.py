@@ -232,11 +232,25 @@ def time_build(vm, dev, meta: dict, number: int, repeat: int, layers: bool = Tru
     return out
 
 
+def load_build_meta(build_dir: Path) -> dict:
+    """A TVM build directory's ``build.json``; one clear error for anything else."""
+    try:
+        meta = json.loads((Path(build_dir) / "build.json").read_text())
+    except (OSError, ValueError):
+        raise BitfoldError(f"{build_dir} is not a TVM build directory (no readable build.json)",
+                           "make one with: bitfold build model.qcdq.onnx --board host-cpu -o DIR") from None
+    if not isinstance(meta, dict) or meta.get("backend", "tvm") != "tvm" or not (Path(build_dir) / "model.so").is_file():
+        raise BitfoldError(f"{build_dir} is not a TVM build (backend {meta.get('backend') if isinstance(meta, dict) else '?'!r}"
+                           f", model.so {'present' if (Path(build_dir) / 'model.so').is_file() else 'missing'})",
+                           "bitfold measure times TVM builds of CPU boards")
+    return meta
+
+
 def measure_local(build_dir: Path, number: int = 20, repeat: int = 7, layers: bool = True) -> dict:
     """Time a host build with TVM's time_evaluator: whole model and each kernel, median / p10 / p90 seconds."""
     tvm = import_tvm()
     from tvm import relax
     build_dir = Path(build_dir)
-    meta = json.loads((build_dir / "build.json").read_text())
+    meta = load_build_meta(build_dir)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(build_dir / "model.so")), tvm.cpu())
     return time_build(vm, tvm.cpu(), meta, number, repeat, layers)

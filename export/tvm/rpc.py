@@ -17,7 +17,7 @@ import numpy as np
 
 from bitfold.core.errors import BitfoldError
 
-from bitfold.export.tvm.backend import import_tvm, time_build
+from bitfold.export.tvm.backend import import_tvm, load_build_meta, time_build
 
 
 def parse_address(tracker: str):
@@ -51,7 +51,7 @@ def measure_rpc(build_dir, tracker: str, key: str, number: int = 20, repeat: int
     tvm = import_tvm()
     from tvm import relax, rpc
     build_dir = Path(build_dir)
-    meta = json.loads((build_dir / "build.json").read_text())
+    meta = load_build_meta(build_dir)
     host, port = parse_address(tracker)
     last = None
     for attempt in range(1, retries + 1):

@@ -78,3 +78,24 @@ def test_torchrun_ddp_two_processes(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2
     assert m["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("method", ["adaqat", "adq", "asq", "mebqat"])
+def test_init_from_a_fixed_run_loads_every_layer_weight(trained_run, method):
+    """--init-from used to leave every layer weight random for methods that parametrize weights
+    (their keys are layer.parametrizations.weight.original, a fixed run's layer.weight)."""
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.runs import load_run
+    from bitfold.toolchain.train import _canonical, init_from_run
+    from bitfold.core.errors import BitfoldError
+    _, src, ck = load_run(trained_run[0])
+    model = build_model("cnn", tuple(ck["input_shape"]), 10, bits="w4a4", method=method)
+    rep = init_from_run(model, trained_run[0])
+    s = {_canonical(k): v for k, v in src.state_dict().items()}
+    own = {_canonical(k): v for k, v in model.state_dict().items()}
+    for name in ("convs.0.weight", "convs.1.weight", "convs.2.weight", "head.weight"):
+        assert torch.equal(own[name], s[name]), name
+    assert rep["loaded"]
+    other = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method=method)
+    with pytest.raises(BitfoldError, match="do not fit this model"):
+        init_from_run(other, trained_run[0])

@@ -226,12 +226,12 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
 
     b = load_board(board)
     out = Path(out)
-    store = MeasurementStore(out / "measurements.sqlite")
-    tgt = loop_target(b, store, bitstream, verify, tracker, key)
+    tgt = loop_target(b, None, bitstream, verify, tracker, key)
     metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
     if metric != tgt.metric:
         raise BitfoldError(f"{b.name}'s cost table measures {tgt.metric}, not {metric!r}",
                            f'write the budget as "{tgt.metric}<=X"')
+    tgt.store = MeasurementStore(out / "measurements.sqlite")   # only once the request is valid
     model, bits = model or tgt.default_model, bits or tgt.default_bits
     history = []
     log(f"round 0: cost table for {b.name}")
