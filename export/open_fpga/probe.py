@@ -122,7 +122,7 @@ def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: i
     ev = events_of(events)
     ev.progress(0, len(jobs))
     out = [None] * len(jobs)
-    with ThreadPoolExecutor(workers or max(1, min(4, os.cpucount_cells() or 1))) as pool:
+    with ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1))) as pool:
         futs = {pool.submit(one, j): i for i, j in enumerate(jobs)}
         for done, f in enumerate(as_completed(futs), 1):
             out[futs[f]] = f.result()

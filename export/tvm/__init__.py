@@ -51,17 +51,18 @@ class TVMBackend(Backend):
     def measure(self, build_dir, board, tracker: str | None = None, key: str | None = None, repeat: int = 7,
                 **kw) -> dict:
         """Median / p10 / p90 latency (s) of a build: on this host, or on the board behind ``tracker``.
-        ``device`` in the result names where it ran."""
+        ``device`` names the device (its RPC key, or this host's id), ``where`` where it ran."""
         from bitfold.core.errors import BitfoldError
         from bitfold.export.tvm.backend import is_host, measure_local
         if tracker:
             from bitfold.export.tvm.rpc import measure_rpc
             device = key or board.rpc_key or board.name
-            return {**measure_rpc(Path(build_dir), tracker, device, repeat=repeat), "device": f"{device}@{tracker}"}
+            return {**measure_rpc(Path(build_dir), tracker, device, repeat=repeat), "device": device,
+                    "where": f"{device}@{tracker}"}
         if not is_host(board):
             raise BitfoldError(f"timing on this host, but board {board.name} is {board.triple}", "use --tracker")
         from bitfold.export.tvm.probe import device_id
-        return {**measure_local(Path(build_dir), repeat=repeat), "device": device_id()}
+        return {**measure_local(Path(build_dir), repeat=repeat), "device": device_id(), "where": device_id()}
 
     def probe(self, board, full: bool = False, events=None, tracker: str | None = None, key: str | None = None,
               grid: dict | None = None, **kw):

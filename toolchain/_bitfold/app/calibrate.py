@@ -96,6 +96,7 @@ def record_build_latency(build_dir: str | Path, board: str, tracker: str | None 
                            "an FPGA build's resources are in its build.json (bitfold run-fpga runs it)")
     t = be.measure(Path(build_dir), b, tracker=tracker, key=key, repeat=repeat)
     dev = t.pop("device")
+    t.pop("where", None)
     store = MeasurementStore(db)
     common = dict(board=b.name, macs=0, weights=0, b_w=0, b_a=0, metric="latency", unit="s", source="measured",
                   tool="tvm", tool_version=t["tvm"], device_id=dev)

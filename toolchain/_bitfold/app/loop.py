@@ -98,7 +98,8 @@ class CpuTarget(LoopTarget):
     def measure(self, build_dir, predicted_raw, tag):
         from bitfold.hw_models.store import Measurement
         t = backend_for(self.b).measure(Path(build_dir), self.b, tracker=self.tracker, key=self.key)
-        where = t.pop("device")
+        t.pop("device")
+        where = t.pop("where")
         self.store.add([Measurement(board=self.b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric="latency",
                                     value=t["median"], unit="s", source="measured", tool="tvm", tool_version=t["tvm"],
                                     device_id=where, extra={**tag, **t, "predicted_raw": predicted_raw})])
