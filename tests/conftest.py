@@ -35,7 +35,11 @@ TOOL_WORDS = {"fpga": ("ulx3s", "icebreaker", "open_fpga", "yowasp", "verilator"
               "tvm": ("host-cpu", "rpi4", "tvm", "qemu"),
               "finn": ("pynq-z2", "zcu104", "ultra96", "finn")}
 #: tests that take minutes on 2 cores (measured with --durations); still run in CI
-SLOW = {"test_closed_loop_on_ulx3s", "test_fuzz_export_open_fpga", "test_full_build_ice40"}
+SLOW = {"test_every_case_verifies_or_is_refused", "test_kill_during_training_then_resume_equals_uninterrupted",
+        "test_kill_during_fpga_build_then_the_loop_resumes", "test_kill_during_export_never_leaves_a_partial_file",
+        "test_fewshot_adapts_to_unseen_classes_at_every_width", "test_selection_respects_the_budget_and_exports_at_it",
+        "test_board_budget_needs_its_table_and_fixed_runs_cannot_switch", "test_user_models_train_export_verify",
+        "test_demo_end_to_end", "test_torchrun_ddp_two_processes", "test_wheel_holds_one_bitfold_namespace_with_board_files"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -99,3 +99,18 @@ def test_init_from_a_fixed_run_loads_every_layer_weight(trained_run, method):
     other = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method=method)
     with pytest.raises(BitfoldError, match="do not fit this model"):
         init_from_run(other, trained_run[0])
+
+
+def test_thread_choice_respects_omp_and_load(monkeypatch):
+    from bitfold.toolchain import train as tr
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert tr.choose_threads() == (3, "OMP_NUM_THREADS=3")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(tr.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(tr.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert tr.choose_threads()[0] == 2
+    monkeypatch.setattr(tr.os, "getloadavg", lambda: (1.2, 1.0, 1.0))   # the other core is busy
+    n, why = tr.choose_threads()
+    assert n == 1 and "load 1.2" in why
+    monkeypatch.setattr(tr.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert tr.choose_threads(world=2)[0] == 1                            # two DDP processes share 2 cores

@@ -4,7 +4,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bitfold.hw_models.store import Measurement
@@ -14,8 +13,31 @@ TABLES = Path(str(resources.files("bitfold.hw_models"))) / "tables"
 ROWS = sorted(TABLES.glob("*.rows.json"))
 
 
-def test_some_table_ships_its_rows():
-    assert [p.name for p in ROWS] == ["ulx3s-85f.rows.json"]
+#: host-cpu is the latency of the machine it was timed on; its rows were not kept then, and a
+#: re-timing on this shared VM fitted worse (whole-model MAPE 31 % against 2.6 %), so the table
+#: ships as measured and users re-measure their own host (`bitfold calibrate --board host-cpu --full`)
+WITHOUT_ROWS = {"host-cpu"}
+
+
+def test_every_shipped_table_ships_its_rows():
+    boards = sorted(p.stem for p in TABLES.glob("*.json") if not p.name.endswith(".rows.json")
+                    and "kinds" in json.loads(p.read_text()))
+    assert [p.name[:-len(".rows.json")] for p in ROWS] == [b for b in boards if b not in WITHOUT_ROWS]
+
+
+def _close(a, b, where=""):
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-9), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.parametrize("rows_file", ROWS, ids=lambda p: p.name)
@@ -27,11 +49,7 @@ def test_shipped_table_refits_from_its_shipped_rows(rows_file):
     fit = fit_table([r for r in rows if r.metric == shipped["metric"]], data["board"], shipped["metric"])
     assert fit["provenance"]["rows"] == shipped["provenance"]["rows"]
     assert fit["provenance"]["dates"] == shipped["provenance"]["dates"]
-    for kind, k in shipped["kinds"].items():
-        f = fit["kinds"][kind]
-        np.testing.assert_allclose(f["coef"], k["coef"], rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(f["G"]["value"], k["G"]["value"], rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(f["H"]["value"], k["H"]["value"], rtol=1e-9, atol=1e-9)
+    _close(fit["kinds"], shipped["kinds"], data["board"])
 
 
 def test_shipped_factor_refits_from_its_evidence_and_reports_out_of_sample_error():
