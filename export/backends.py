@@ -151,7 +151,7 @@ def backend_for(board) -> Backend:
 
 
 def build(onnx_path: str | Path, board: str, out_dir: str | Path, options: dict | None = None, events=None,
-          **legacy) -> BuildResult:
+          **option_kw) -> BuildResult:
     """Build ``onnx_path`` for ``board`` into ``out_dir`` with the board's backend.
 
     ``options``: the backend's options by name (see its ``Options``); keyword arguments are
@@ -159,5 +159,5 @@ def build(onnx_path: str | Path, board: str, out_dir: str | Path, options: dict 
     from bitfold.boards import load_board
     b = load_board(board)
     be = backend_for(b)
-    opts = be.options({**(options or {}), **legacy})
+    opts = be.options({**(options or {}), **option_kw})
     return be.build(Path(onnx_path), b, Path(out_dir), opts, events)
