@@ -143,13 +143,11 @@ def output_step(model: nn.Module, x: torch.Tensor, samples: int = 16) -> float:
             y = getattr(y, "value", y).reshape(len(xs), -1)
             (y * torch.sign(y.detach())).sum().backward()
     except RuntimeError:
+        return 0.0
+    finally:
         for h in hooks:
             h.remove()
-        return 0.0
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        base = getattr(model(xs), "value", model(xs)).reshape(len(xs), -1)
+    base = y.detach()
     best = 0.0
     for key, site in sites.items():
         v, s = outs.get(key), scales.get(key)

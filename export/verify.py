@@ -16,8 +16,9 @@ The gate has two modes, used by every check in bitfold (export, FPGA lowering, T
   largest difference exceeds ``tol`` is a *flip*: an activation that landed within float rounding
   of a quantization boundary and rounded to the neighbouring level (torch and the ONNX executors
   sum in different orders). A flip may move an output by at most one *output step* (``step``:
-  the largest change one input code of the last compute layer can make to an output,
-  ``max_o max_j |W[o, j]| * s_in``, recorded by the export in the file's metadata), and at most
+  measured at export by :func:`bitfold.export.onnx_export.output_step` - one activation code moved
+  by one quantization step at every site, the real change of the outputs, with a margin - and
+  recorded in the file's metadata), and at most
   ``max(1, 2 %)`` of the samples may flip (``max_flip_fraction``). Without a known step no flip is
   allowed. The report names the worst sample. A wrong export (scale, sign, layout, width) moves
   essentially every sample, or one sample by more than a step, and is refused.
