@@ -197,9 +197,34 @@ def _finish(fmt: str, path: Path, bit_map: dict, step: float = 0.0) -> None:
     onnx.save(m, str(path))
 
 
+def check_int8_kernels(path: Path, allow_saturation: bool) -> list[dict]:
+    """QCDQ: refuse a file whose int8 layers can saturate u8 x s8 kernels on CPUs without VNNI.
+
+    Returns the per-layer pair-sum bounds (:mod:`bitfold.export.qcdq_safety`) for the report.
+    """
+    import onnx
+    from bitfold.export.qcdq_safety import INT16_MAX, pair_sum_bounds
+    bounds = pair_sum_bounds(onnx.load(str(path)))
+    bad = [b for b in bounds if not b.safe]
+    if bad and not allow_saturation:
+        worst = ", ".join(f"{b.node} (inputs up to {b.a_max} x weight pair {b.w_pair_max} = {b.bound})" for b in bad)
+        raise BitfoldError(
+            f"QCDQ: {len(bad)} layer(s) can overflow the int16 pair sums (> {INT16_MAX}) of the u8 x s8 int8 "
+            f"kernels that onnxruntime and OpenVINO run on CPUs without VNNI, so the file would not compute "
+            f"the trained model there: {worst}",
+            "train those layers with at most 7-bit weights (bit map {\"layer\": {\"w\": 7, \"a\": 8}}; the "
+            "shorthand's first/last layers are W7/A8 for this reason) or at most 7-bit unsigned inputs; or, when "
+            "every target accumulates in int32 (VNNI CPUs, TVM builds), pass --allow-int16-saturation")
+    return [b.as_dict() for b in bounds]
+
+
 def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: torch.Tensor,
-                 input_shape=None, **tol) -> ExportResult:
-    """Export ``model`` to ``out_path`` and verify it on ``x_verify``; nothing is written on failure."""
+                 input_shape=None, allow_saturation: bool = False, **tol) -> ExportResult:
+    """Export ``model`` to ``out_path`` and verify it on ``x_verify``; nothing is written on failure.
+
+    QCDQ files are refused when an int8 layer can saturate CPUs without VNNI
+    (:func:`check_int8_kernels`) unless ``allow_saturation``.
+    """
     method = getattr(model, "quant_method", None)
     if method is not None:
         model = method.for_export(model)
@@ -218,6 +243,7 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
         try:
             _raw_export(model, fmt, input_shape, tmp)
             _finish(fmt, tmp, bit_map, step)
+            kernels = check_int8_kernels(tmp, allow_saturation) if fmt == "qcdq" else None
         except BitfoldError:
             raise
         except Exception as e:  # an exporter failure is a refusal, with the reason
@@ -230,7 +256,8 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
                                "nothing was written; please report this model as a bitfold bug")
         # the report lands first: an .onnx under its final name always has its verification beside it
         write_json(out_path.with_name(out_path.name + ".verify.json"),
-                   {"format": fmt, "bit_map": bit_map, **report.as_dict()})
+                   {"format": fmt, "bit_map": bit_map, **report.as_dict(),
+                    **({"int8_pair_sums": kernels} if kernels is not None else {})})
     return ExportResult(out_path, fmt, report, bit_map)
 
 
@@ -249,7 +276,8 @@ def export_brevitas(model: nn.Module, example_input: torch.Tensor, fmt: str = "q
 
 
 def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | None = None,
-               max_samples: int | None = None, bits_map=None, **tol) -> ExportResult:
+               max_samples: int | None = None, bits_map=None, allow_saturation: bool = False,
+               **tol) -> ExportResult:
     """Export a training run's final model, verified on its data set's held-out test split.
 
     ``bits_map`` (MEBQAT runs) sets the switchable model to those widths first - no retraining.
@@ -267,7 +295,7 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
     method = getattr(model, "quant_method", None)
     if method is not None:
         method.prepare_export(model, ds.x_train)
-    res = export_model(model, fmt, out_path, x, ds.input_shape, **tol)
+    res = export_model(model, fmt, out_path, x, ds.input_shape, allow_saturation=allow_saturation, **tol)
     if method is not None:  # what the export-form conversion (snapping, baking) costs in accuracy
         y = ds.y_test if max_samples is None else ds.y_test[:max_samples]
         with torch.no_grad():

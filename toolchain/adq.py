@@ -20,8 +20,9 @@ Choices made here (and tested):
   adds the least objective per unit of cost saved.
 * Deployment (non-uniform weights on real hardware): a b-bit index is not a b-bit
   multiplier. Export snaps every codebook onto a signed integer grid of ``grid_bits`` (default 8,
-  one scale per layer = max|c| / (2^(grid_bits-1) - 1)) and exports the layer as a ``grid_bits``
-  Brevitas weight quantizer - so QONNX / QCDQ carry the arithmetic width, and BitOPs counts
+  one scale per layer = max|c| / (2^(grid_bits-1) - 1); 7 on a layer with 8-bit inputs, whose
+  8-bit products could saturate the int8 kernels of CPUs without VNNI) and exports the layer as a
+  grid-width Brevitas weight quantizer - so QONNX / QCDQ carry the arithmetic width, and BitOPs counts
   ``grid_bits`` while weight memory counts the index bits (+ the codebook). The index + codebook
   ONNX form (``export_index_form``) replaces each weight initializer by a Gather of an integer
   index tensor from the codebook.
@@ -130,16 +131,22 @@ class ADQMethod(FixedMethod):
         for layer in compute_layers(model).values():
             _cb(layer).ema_update(layer.parametrizations.weight.original)
 
+    def grid_of(self, bits: LayerBits) -> int:
+        """The snapped grid width of a layer: ``grid_bits``, at most 7 when its inputs have 8 bits."""
+        return min(self.grid_bits, 7) if bits.a >= 8 else self.grid_bits
+
     def cost_bits(self, model):
         """Per layer (arithmetic w, a) for compute-cost models: the snapped grid, not the index."""
-        return {n: (self.grid_bits, b.a) for n, b in model.bit_map.items()}
+        return {n: (self.grid_of(b), b.a) for n, b in model.bit_map.items()}
 
     # -- export -----------------------------------------------------------------------------------
-    def snapped_codebooks(self, model) -> dict[str, tuple[torch.Tensor, float]]:
-        """Per layer: codebook values snapped to the signed ``grid_bits`` grid, and the grid scale."""
+    def snapped_codebooks(self, model, bit_map=None) -> dict[str, tuple[torch.Tensor, float]]:
+        """Per layer: codebook values snapped to the layer's signed grid (:meth:`grid_of`), and the
+        grid scale (``bit_map``: the model's, when ``model`` is a copy that lost it)."""
         out = {}
-        qmax = 2 ** (self.grid_bits - 1) - 1
+        bit_map = model.bit_map if bit_map is None else bit_map
         for name, layer in compute_layers(model).items():
+            qmax = 2 ** (self.grid_of(bit_map[name]) - 1) - 1
             c = _cb(layer).codebook
             scale = float(c.abs().max().clamp_min(1e-12)) / qmax
             out[name] = (torch.round(c / scale).clamp(-qmax, qmax) * scale, scale)
@@ -155,14 +162,15 @@ class ADQMethod(FixedMethod):
 
         from bitfold.toolchain.convert import set_module
         m = copy.deepcopy(model)
-        snapped = self.snapped_codebooks(m)
-        qmax = 2 ** (self.grid_bits - 1) - 1
+        snapped = self.snapped_codebooks(m, model.bit_map)
         for name, old in compute_layers(m).items():
+            grid = self.grid_of(model.bit_map[name])
+            qmax = 2 ** (grid - 1) - 1
             cb, scale = snapped[name]
             w = cb[assign(old.weight, _cb(old).codebook)]
             quant = type("ADQGrid", (Int8WeightPerTensorFloat,),
                          {"scaling_impl_type": ScalingImplType.CONST, "scaling_init": scale * qmax})
-            kw = dict(weight_quant=quant, weight_bit_width=self.grid_bits, return_quant_tensor=False,
+            kw = dict(weight_quant=quant, weight_bit_width=grid, return_quant_tensor=False,
                       bias=old.bias is not None)
             if isinstance(old, nn.Conv2d):
                 new = qnn.QuantConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
@@ -177,7 +185,7 @@ class ADQMethod(FixedMethod):
             new._adq_index = assign(old.weight, _cb(old).codebook).to(torch.uint8)
             new._adq_codebook = cb
             set_module(m, name, new)
-        m.bit_map = {n: LayerBits(self.grid_bits, b.a) for n, b in model.bit_map.items()}
+        m.bit_map = {n: LayerBits(self.grid_of(b), b.a) for n, b in model.bit_map.items()}
         m.index_bits = {n: b.w for n, b in model.bit_map.items()}
         m.quant_method = None
         return m
@@ -266,12 +274,12 @@ def allocate_run(run_dir, cost: str, budget: float, candidates=(2, 3, 4, 5, 6, 8
     a_bits = {n: b.a for n, b in model.bit_map.items()}
     if cm.name != "weight_bits":
         # compute cost runs at the snapped grid width whatever the index width: only memory can move
-        probe = {n: (method.grid_bits, a_bits[n]) for n in names}
+        probe = {n: (method.grid_of(LayerBits(1, a_bits[n])), a_bits[n]) for n in names}
         if float(cm(layers, probe).total) > budget:
             raise BitfoldError(f"{cost} of an ADQ model does not depend on the index width (arithmetic runs on the "
                                f"{method.grid_bits}-bit grid) and already exceeds {budget:g}",
                                "budget weight memory instead: --cost weight_bits")
-        cm_alloc = _IndexAsWeightBits(cm, method.grid_bits)
+        cm_alloc = _IndexAsWeightBits(cm, method.grid_of)
     else:
         cm_alloc = cm
     bit_map, final = allocate(layers, lat, sens, cm_alloc, budget, candidates, fixed=edges, a_bits=a_bits)
@@ -286,9 +294,9 @@ def allocate_run(run_dir, cost: str, budget: float, candidates=(2, 3, 4, 5, 6, 8
 class _IndexAsWeightBits:
     """Presents a compute-cost model to the allocator with the grid width in place of the index width."""
 
-    def __init__(self, cm, grid_bits):
-        self.cm, self.grid_bits = cm, grid_bits
+    def __init__(self, cm, grid_of):
+        self.cm, self.grid_of = cm, grid_of
         self.name, self.unit = cm.name, cm.unit
 
     def __call__(self, layers, bits):
-        return self.cm(layers, {n: (self.grid_bits, a) for n, (_, a) in bits.items()})
+        return self.cm(layers, {n: (self.grid_of(LayerBits(w, a)), a) for n, (w, a) in bits.items()})

@@ -6,8 +6,11 @@ what BitOPs = MACs * w * a and the hardware multiplies use).
 
 Accepted spellings:
 
-* shorthand ``"w4a4"`` - every layer W4/A4, except the first and last layer at W8/A8
-  (the usual convention: the input and the logits layer are the most sensitive);
+* shorthand ``"w4a4"`` - every layer W4/A4, except the first and last layer at W7/A8
+  (the input and the logits layer are the most sensitive, so they get 8-bit inputs; their
+  weights get 7 bits so that their QCDQ export cannot saturate the int16 pair sums of the
+  u8 x s8 int8 kernels CPUs without VNNI run - the same choice as onnxruntime's
+  ``reduce_range``; spell them out in a JSON map to get W8);
 * ``"w4a4:all"`` - every layer, first and last included, at W4/A4;
 * a JSON object (file or dict) ``{"conv1": {"w": 8, "a": 8}, "conv2": {"w": 3, "a": 4}, ...}``;
   the key ``"*"`` gives a default for layers not named.
@@ -25,6 +28,8 @@ from typing import Mapping
 from bitfold.core.errors import BitfoldError
 
 MIN_BITS, MAX_BITS = 1, 8
+#: the shorthand's first/last layer widths (w, a): see the module docstring for the 7
+EDGE_BITS = (7, 8)
 _SHORT = re.compile(r"^w(\d+)a(\d+)(:all)?$", re.IGNORECASE)
 
 
@@ -56,7 +61,7 @@ class BitMap:
     """A parsed, validated bit-map *specification*; :meth:`resolve` applies it to a model."""
 
     def __init__(self, layers: Mapping[str, LayerBits] | None = None,
-                 default: LayerBits | None = None, edge_bits: int | None = None,
+                 default: LayerBits | None = None, edge_bits: tuple[int, int] | None = None,
                  text: str | None = None):
         self.layers = dict(layers or {})
         self.default = default
@@ -96,7 +101,7 @@ class BitMap:
                                    '{"layer": {"w": 4, "a": 4}}')
             w = _check_width(int(m.group(1)), "w")
             a = _check_width(int(m.group(2)), "a")
-            return cls(default=LayerBits(w, a), edge_bits=None if m.group(3) else 8, text=s.lower())
+            return cls(default=LayerBits(w, a), edge_bits=None if m.group(3) else EDGE_BITS, text=s.lower())
         raise BitfoldError(f"bit map of type {type(spec).__name__} is not understood")
 
     @classmethod
@@ -128,7 +133,7 @@ class BitMap:
             if name in self.layers:
                 out[name] = self.layers[name]
             elif self.edge_bits is not None and i in (0, len(layer_names) - 1):
-                out[name] = LayerBits(self.edge_bits, self.edge_bits)
+                out[name] = LayerBits(*self.edge_bits)
             elif self.default is not None:
                 out[name] = self.default
             else:

@@ -63,8 +63,8 @@ def test_qonnx_carries_each_layers_width(runs, tmp_path):
     path = tmp_path / "m.onnx"
     export_run(runs["cnn_mixed"], "qonnx", path)
     widths = sorted(describe_onnx(onnx.load(str(path)))["quant_widths"])
-    # weights 8,2,3,5 and activation sites 8,4,2,6 (one Quant node each)
-    assert widths == sorted([8, 2, 3, 5, 8, 4, 2, 6])
+    # weights 7,2,3,5 and activation sites 8,4,2,6 (one Quant node each)
+    assert widths == sorted([7, 2, 3, 5, 8, 4, 2, 6])
 
 
 def test_qcdq_subbyte_uses_clip(runs, tmp_path):

@@ -23,7 +23,7 @@ def test_quantize_places_sites_by_bitfold_rules():
     assert list(d)[0] == "conv1" and list(d)[-1] == "fc"
     # a downsampling block's conv1 and its projection read the same (quantized) tensor
     assert d["layer2.0.conv1"].site == d["layer2.0.downsample.0"].site
-    assert q.bit_map["conv1"].w == 8 and q.bit_map["layer1.0.conv1"].w == 4
+    assert q.bit_map["conv1"].w == 7 and q.bit_map["layer1.0.conv1"].w == 4
 
 
 def test_depthwise_macs():
@@ -109,5 +109,8 @@ def test_bad_user_model_specs(tmp_path):
 def test_user_resnet_with_the_other_methods(tmp_path, method, bits):
     m = train(TrainConfig(model=RESNET, bits=bits, method=method, epochs=1), tmp_path / "run", progress=False)
     assert m["accuracy"] > 0.2
-    res = bitfold.export_run(tmp_path / "run", "qcdq", tmp_path / "m.onnx")
+    # mebqat exports at a chosen width (its trained maximum, full-range W8/A8, is refused for QCDQ:
+    # it could saturate int8 kernels of CPUs without VNNI - tests/export/test_qcdq_runtimes.py)
+    res = bitfold.export_run(tmp_path / "run", "qcdq", tmp_path / "m.onnx",
+                             bits_map="w4a4" if method == "mebqat" else None)
     assert res.report.passed

