@@ -115,12 +115,22 @@ def _bw_module(quant_proxy) -> LearnedBitWidth | None:
     return next((m for m in quant_proxy.modules() if isinstance(m, LearnedBitWidth)), None)
 
 
+#: width optimizers and their default learning rates. ``sgd`` (default): n -= bit_lr * dL/dn, so a
+#: layer whose cost gradient is 4x larger moves 4x faster - the relative prices of a board's table
+#: reach the widths. ``adam``: per-parameter normalised steps (every width moves ~bit_lr per step
+#: whatever its price; kept for comparison - under it a BitOPs loss and a board loss that agree in
+#: sign move the widths alike).
+BIT_OPTIMIZERS = {"sgd": 2.0, "adam": 0.05}
+#: sgd: the largest width move in one step (all steps scaled together when one would exceed it)
+MAX_BIT_STEP = 0.05
+
+
 @register_method("adaqat")
 class AdaQATMethod(QuantMethod):
     def __init__(self, per_channel: bool = False, cost: str = "bitops", lam: float = 0.1,
                  budget: float | None = None, estimator: str = DEFAULT_ESTIMATOR, min_bits: float = 2.0,
-                 max_bits: float = 8.0, bit_lr: float = 0.05, finetune_epochs: int = 2,
-                 learn_edges: bool = False):
+                 max_bits: float = 8.0, bit_lr: float | None = None, finetune_epochs: int = 2,
+                 learn_edges: bool = False, bit_opt: str = "sgd"):
         if per_channel:
             raise BitfoldError("adaqat uses DoReFa-normalised weights with one constant scale",
                                "drop --per-channel for --method adaqat")
@@ -132,7 +142,13 @@ class AdaQATMethod(QuantMethod):
                                "use 1 <= min_bits < max_bits <= 8")
         if lam < 0 or (budget is not None and budget <= 0):
             raise BitfoldError("--lam must be >= 0 and --budget > 0")
+        if bit_opt not in BIT_OPTIMIZERS:
+            raise BitfoldError(f"unknown width optimizer {bit_opt!r}", f"choose one of: {', '.join(BIT_OPTIMIZERS)}")
         self.cost_name, self.lam, self.budget, self.estimator = cost, float(lam), budget, estimator
+        self.bit_opt = bit_opt
+        bit_lr = BIT_OPTIMIZERS[bit_opt] if bit_lr is None else bit_lr
+        if bit_lr <= 0:
+            raise BitfoldError(f"--bit-lr must be > 0, got {bit_lr}")
         self.min_bits, self.max_bits, self.bit_lr = float(min_bits), float(max_bits), float(bit_lr)
         self.finetune_epochs, self.learn_edges = int(finetune_epochs), bool(learn_edges)
         from bitfold.hw_models.cost import get_cost_model
@@ -146,7 +162,7 @@ class AdaQATMethod(QuantMethod):
     def options(self) -> dict:
         return {"cost": self.cost_name, "lam": self.lam, "budget": self.budget, "estimator": self.estimator,
                 "min_bits": self.min_bits, "max_bits": self.max_bits, "bit_lr": self.bit_lr,
-                "finetune_epochs": self.finetune_epochs, "learn_edges": self.learn_edges}
+                "finetune_epochs": self.finetune_epochs, "learn_edges": self.learn_edges, "bit_opt": self.bit_opt}
 
     # -- quantizers --------------------------------------------------------------------------
     def weight_kwargs(self, layer, bits):
@@ -218,6 +234,8 @@ class AdaQATMethod(QuantMethod):
         bits = {id(m.n) for m in self._all_widths(model)}
         rest = [p for p in model.parameters() if id(p) not in bits]
         learn = [m.n for m in self._learnable(model)]
+        if self.bit_opt == "sgd":  # the widths are stepped in after_step, outside the weights' Adam
+            return [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
         return [{"params": rest, "lr": lr, "weight_decay": weight_decay},
                 {"params": learn, "lr": self.bit_lr, "weight_decay": 0.0}]
 
@@ -271,6 +289,17 @@ class AdaQATMethod(QuantMethod):
 
     def after_step(self, model, step):
         with torch.no_grad():
+            if self.bit_opt == "sgd":
+                live = [m for m in self._learnable(model) if m.n.grad is not None]
+                steps = [self.bit_lr * m.n.grad if m.frozen <= 0 else torch.zeros(()) for m in live]
+                if steps:
+                    # one clip for all widths (largest move MAX_BIT_STEP per step): the relative sizes,
+                    # which carry the cost's relative prices, are kept
+                    biggest = float(torch.stack([s.abs() for s in steps]).max())
+                    k = min(1.0, MAX_BIT_STEP / biggest) if biggest > 0 else 1.0
+                    for m, s in zip(live, steps):
+                        m.n.sub_(k * s)
+                        m.n.grad = None
             for m in self._all_widths(model):
                 m.n.clamp_(self.min_bits, self.max_bits)
 

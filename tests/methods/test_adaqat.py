@@ -140,7 +140,35 @@ def test_budget_repair_does_not_narrow_when_narrowing_cannot_help():
                       for k in ("conv", "linear")}}
     method = AdaQATMethod(budget=1e-9, lam=1.0)
     method.cost_model = TableCostModel(flat)
-    model = build_model("cnn", (1, 8, 8), 10, bits="w8a8", method=method)
+    model = build_model("cnn", (1, 8, 8), 10, bits="w8a8:all", method=method)
     method.setup(model, describe_layers(model, (1, 8, 8)))
     bm = method.freeze(model)
     assert all(b.w == 8 and b.a == 8 for b in bm.values())
+
+
+def _width_drops(tmp_path, bit_opt):
+    """Two linear layers, the first priced 4x the second per (b_w * b_a): how far each width fell."""
+    from pathlib import Path
+
+    from bitfold.hw_models.cost import COST_MODELS, _PerLayerCost, register_cost_model
+    register_cost_model(_PerLayerCost("toy-4x", "u", lambda d, bw, ba: (4.0 if d.macs > 1000 else 1.0) * bw * ba))
+    try:
+        model = f"{Path(__file__).parents[1] / 'user_models.py'}:two_layer"
+        cfg = TrainConfig(model=model, bits="w8a8:all", method="adaqat", epochs=2,
+                          method_options={"cost": "toy-4x", "lam": 1.0, "learn_edges": True, "finetune_epochs": 0,
+                                          "bit_opt": bit_opt})
+        train(cfg, tmp_path / bit_opt, progress=False)
+    finally:
+        COST_MODELS.pop("toy-4x")
+    rows = list(csv.DictReader(open(tmp_path / bit_opt / "bit_trajectory.csv")))
+    last = {r["name"]: float(r["bits"]) for r in rows if r["kind"] == "w"}
+    first_layer, second_layer = sorted(last)          # "1" (64x32, priced 4x) and "3" (32x10)
+    return 8.0 - last[first_layer], 8.0 - last[second_layer]
+
+
+def test_sgd_widths_follow_the_relative_price_and_adam_does_not(tmp_path):
+    pricey, cheap = _width_drops(tmp_path, "sgd")
+    assert cheap > 0.2 and pricey > 1.5 * cheap, (pricey, cheap)
+    # Adam's normalised steps erase the 4x: both widths move alike (why sgd is the default)
+    pricey, cheap = _width_drops(tmp_path, "adam")
+    assert abs(pricey - cheap) < 0.15 * max(pricey, cheap), (pricey, cheap)

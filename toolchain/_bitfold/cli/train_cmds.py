@@ -51,7 +51,9 @@ def train(
     budget: Optional[float] = typer.Option(None, help="adaqat: budget mode - penalise only cost above this"),
     estimator: Optional[str] = typer.Option(None, help="adaqat: bit-width gradient estimator, ste | fd"),
     finetune_epochs: Optional[int] = typer.Option(None, help="adaqat: epochs at frozen widths (default 2)"),
-    bit_lr: Optional[float] = typer.Option(None, help="adaqat: learning rate of the widths (default 0.05)"),
+    bit_lr: Optional[float] = typer.Option(None, help="adaqat: learning rate of the widths (default 2.0 sgd, 0.05 adam)"),
+    bit_opt: Optional[str] = typer.Option(None, help="adaqat: width optimizer - sgd (default: a layer priced "
+                                                     "higher moves faster) | adam (normalised steps)"),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3),
@@ -82,7 +84,7 @@ def train(
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
-                                                     bit_lr=bit_lr) | _parse_opts(opt), epochs=epochs,
+                                                     bit_lr=bit_lr, bit_opt=bit_opt) | _parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
     _report_train(run_train(cfg, out, resume=resume, progress=not quiet), out)
