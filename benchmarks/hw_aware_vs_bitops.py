@@ -1,15 +1,24 @@
-"""Headline benchmark: AdaQAT trained against a board's measured cost table vs against BitOPs,
-every point built and measured on the board's own flow.
+"""Headline benchmark: does a measured board cost in the bit-width loss beat BitOPs? On Fashion-MNIST.
 
-    python benchmarks/hw_aware_vs_bitops.py [--targets ulx3s-85f host-cpu] [--lams 0.1 0.3 1 3]
-                                            [--epochs 10] [--out runs/hw_vs_bitops]
+    python benchmarks/hw_aware_vs_bitops.py [--targets host-cpu ulx3s-85f] [--model mlp|cnn]
+        [--seeds 0 1 2] [--epochs 4] [--subset TRAIN,TEST] [--widths 2 3 4 6 8] [--lams 0.3 1 3]
+        [--out runs/hw_vs_bitops] [--quick]
 
-For each target and each lambda, two closed-loop runs (``bitfold run``, one round) differ only in
-the cost the bit-width loss sees: ``--cost bitops`` or the board's table. Each trained model is
-exported, built (ulx3s-85f: yosys synthesis with the table's folding; host-cpu: TVM) and its cost
-measured (LUT4 / latency). Prints both Pareto fronts (accuracy vs measured cost) side by side and
-the measured-cost reduction at equal accuracy (board-trained point with accuracy >= the BitOPs
-point's - 0.5 pt), and saves hw_vs_bitops.csv + .png into --out.
+Per target and seed, three families of points, each trained on Fashion-MNIST, exported, built with
+the board's own flow and *measured* there (host-cpu: TVM build, median latency; open-flow boards:
+yosys synthesis LUT4 of the build the board's loop makes):
+
+* uniform fixed widths ``W_b A_b`` on every layer (first and last included), b in ``--widths``;
+* AdaQAT trained on BitOPs, every layer's W and A free (2..8), one point per lambda;
+* AdaQAT trained on the board's cost table, same everything else.
+
+Prints per configuration mean +- sd over the seeds (accuracy and measured cost), the Pareto fronts of
+mean accuracy vs mean measured cost, and - for each BitOPs-trained configuration - the cheapest
+board-trained one whose mean accuracy is at least as high up to the seed spread (the larger of the
+two sds), with the measured-cost reduction. Writes points.csv, summary.json and hw_vs_bitops.png.
+Each point is kept in its own directory with its result: an interrupted run resumes.
+``--quick``: 2000/500 samples, 1 epoch, 1 seed, widths 2 and 8, lambda 1 - the end-to-end check
+the test suite runs.
 """
 from __future__ import annotations
 
@@ -17,109 +26,175 @@ import argparse
 import csv
 import json
 import shutil
+import statistics
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-INIT = {"ulx3s-85f": "w6a6:all", "host-cpu": "w8a8:all"}
-MODEL = {"ulx3s-85f": "mlp", "host-cpu": "mlp"}
+#: AdaQAT's starting widths per metric (every layer free): the widest the width range allows
+INIT = "w8a8:all"
 
 
 def pareto(points):
-    """Points (cost, acc) not dominated by a cheaper-or-equal, at-least-as-accurate point."""
-    pts = sorted(points, key=lambda p: (p[0], -p[1]))
+    """(cost, acc, label) points not dominated by a cheaper-or-equal, at-least-as-accurate point."""
     front, best = [], -1.0
-    for c, a in pts:
-        if a > best:
-            front.append((c, a))
-            best = a
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
     return front
 
 
-def reduction_at_equal_accuracy(bitops_pts, board_pts, tol=0.005):
-    """For each BitOPs front point: the cheapest board-trained point within tol of its accuracy."""
-    out = []
-    for c, a in pareto(bitops_pts):
-        ok = [bc for bc, ba in board_pts if ba >= a - tol]
-        if ok:
-            out.append((a, c, min(ok), 1 - min(ok) / c))
+def configs(widths, lams):
+    out = [(f"uniform W{b}A{b}", {"method": "fixed", "bits": f"w{b}a{b}:all"}) for b in widths]
+    for cost in ("bitops", "board"):
+        out += [(f"{cost} lam={lam:g}", {"method": "adaqat", "bits": INIT, "cost": cost, "lam": lam}) for lam in lams]
     return out
 
 
-def main():
-    from bitfold.app.loop import run_loop
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--targets", nargs="+", default=["ulx3s-85f", "host-cpu"])
-    ap.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
-    ap.add_argument("--epochs", type=int, default=10)
+def run_point(root: Path, board, tgt, label, spec, seed, args) -> dict:
+    """Train, export, build and measure one configuration at one seed (cached in its directory)."""
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    d = root / board.name / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
+    done = d / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    opts = {}
+    if spec["method"] == "adaqat":
+        opts = {"cost": board.name if spec["cost"] == "board" else "bitops", "lam": spec["lam"],
+                "learn_edges": True, "finetune_epochs": 1 if args.epochs > 1 else 0}
+    cfg = TrainConfig(model=args.model, data="fashion-mnist", bits=spec["bits"], method=spec["method"],
+                      method_options=opts, epochs=args.epochs, seed=seed, subset=args.subset)
+    m = train(cfg, d / "run", progress=False)
+    onnx = export_run(d / "run", tgt.export_format, d / "model.onnx",
+                      allow_saturation=tgt.allow_int16_saturation).path
+    bd = tgt.build(str(onnx), d)
+    meas = tgt.measure(bd["out_dir"], 0.0, {"label": label, "seed": seed})
+    res = {"board": board.name, "metric": tgt.metric, "label": label, "family": label.split()[0], "seed": seed,
+           "accuracy": m["accuracy"], "measured": meas["value"], "bitops": m.get("bitops"),
+           "bits": " ".join(f"W{x['w']}A{x['a']}" for x in m["layers"])}
+    done.write_text(json.dumps(res))
+    return res
+
+
+def summarize(rows):
+    """Per (board, label): mean and sd over seeds of accuracy and measured cost."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["board"], r["label"]), []).append(r)
+    stats = []
+    for (board, label), rs in out.items():
+        acc = [r["accuracy"] for r in rs]
+        cost = [r["measured"] for r in rs]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        stats.append({"board": board, "label": label, "family": rs[0]["family"], "seeds": len(rs),
+                      "acc_mean": statistics.fmean(acc), "acc_sd": sd(acc),
+                      "cost_mean": statistics.fmean(cost), "cost_sd": sd(cost), "metric": rs[0]["metric"]})
+    return stats
+
+
+def reductions(stats):
+    """For each BitOPs-trained configuration: the cheapest board-trained one with mean accuracy >=
+    its mean minus the seed spread (larger sd of the two), and the measured-cost reduction."""
+    out = []
+    for b in (s for s in stats if s["family"] == "bitops"):
+        ok = [s for s in stats if s["family"] == "board" and s["board"] == b["board"]
+              and s["acc_mean"] >= b["acc_mean"] - max(b["acc_sd"], s["acc_sd"])]
+        if ok:
+            best = min(ok, key=lambda s: s["cost_mean"])
+            out.append({"board": b["board"], "bitops": b["label"], "board_trained": best["label"],
+                        "bitops_acc": b["acc_mean"], "board_acc": best["acc_mean"],
+                        "bitops_cost": b["cost_mean"], "board_cost": best["cost_mean"],
+                        "reduction": 1 - best["cost_mean"] / b["cost_mean"]})
+        else:
+            out.append({"board": b["board"], "bitops": b["label"], "board_trained": None, "reduction": None})
+    return out
+
+
+def main(argv=None):
+    from bitfold.app.loop import loop_target
+    from bitfold.boards import load_board
+    from bitfold.hw_models.store import MeasurementStore
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", nargs="+", default=["host-cpu", "ulx3s-85f"])
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--subset", default=None, help="TRAIN,TEST sample counts (default: all 60k / 10k)")
+    ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    ap.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     ap.add_argument("--out", type=Path, default=Path("runs/hw_vs_bitops"))
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.subset, args.epochs, args.seeds, args.widths, args.lams = "2000,500", 1, [0], [2, 8], [1.0]
+    args.subset = tuple(int(v) for v in args.subset.split(",")) if args.subset else None
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for board in args.targets:
-        table = None
-        for lam in args.lams:
-            for cost in ("bitops", "board"):
-                d = args.out / board / f"{cost}_lam{lam}"
-                if d.exists() and not (d / "report.json").is_file():
-                    shutil.rmtree(d)
-                r = run_loop(d, board, "adaqat", None, 1, MODEL[board], "digits", args.epochs, INIT[board], lam,
-                             verify=False, cost="bitops" if cost == "bitops" else None, table=table)
-                table = table or d / "round0" / "calibrate" / "table.json"   # one calibration per target
-                h = r["history"][0]
-                bits = " ".join(f"W{v['w']}A{v['a']}" for v in h["bit_map"].values())
-                rows.append({"board": board, "metric": r["metric"], "cost": cost, "lam": lam, "accuracy": h["accuracy"],
-                             "measured": h["measured"], "predicted": h["predicted"], "bits": bits})
-                print(f"{board:<10} {cost:<7} lam {lam:<5g} acc {h['accuracy']:.2%}  measured {h['measured']:.4g}  "
-                      f"predicted {h['predicted']:.4g}  {bits}", flush=True)
-    with open(args.out / "hw_vs_bitops.csv", "w", newline="") as fh:
+    for name in args.targets:
+        board = load_board(name)
+        tgt = loop_target(board, MeasurementStore(args.out / "measurements.sqlite"), verify=not args.quick)
+        for seed in args.seeds:
+            for label, spec in configs(args.widths, args.lams):
+                r = run_point(args.out, board, tgt, label, spec, seed, args)
+                rows.append(r)
+                print(f"{name:<10} seed {seed} {label:<16} acc {r['accuracy']:.2%}  measured {r['measured']:.4g}  "
+                      f"{r['bits']}", flush=True)
+    with open(args.out / "points.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    summary = {}
-    for board in args.targets:
-        br = [r for r in rows if r["board"] == board]
-        pts = {c: [(r["measured"], r["accuracy"]) for r in br if r["cost"] == c] for c in ("bitops", "board")}
-        metric = br[0]["metric"]
-        k, u = (1e3, "ms") if metric == "latency" else (1, "LUT")
-        print(f"\n{board}: Pareto fronts, accuracy vs measured {metric} ({u})")
-        print(f"{'--cost bitops':>28} | {'--cost ' + board:>28}")
-        fa, fb = pareto(pts["bitops"]), pareto(pts["board"])
-        for i in range(max(len(fa), len(fb))):
-            left = f"{fa[i][0] * k:>14.4g} {fa[i][1]:>12.2%}" if i < len(fa) else " " * 27
-            right = f"{fb[i][0] * k:>14.4g} {fb[i][1]:>12.2%}" if i < len(fb) else ""
-            print(f"{left} | {right}")
-        red = reduction_at_equal_accuracy(pts["bitops"], pts["board"])
-        for a, c, bc, r in red:
-            print(f"  at accuracy {a:.2%} (-0.5 pt): BitOPs-trained {c * k:.4g} {u}, board-trained {bc * k:.4g} {u} "
-                  f"-> {r:+.1%} measured-cost reduction")
-        if not red:
-            print("  no board-trained point within 0.5 pt of a BitOPs front point")
-        summary[board] = {"bitops_front": fa, "board_front": fb, "reduction": red}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _plot(rows, args.targets, args.out / "hw_vs_bitops.png")
-    print(f"\nwrote {args.out / 'hw_vs_bitops.csv'}, summary.json and hw_vs_bitops.png")
+    stats = summarize(rows)
+    red = reductions(stats)
+    for name in args.targets:
+        st = [s for s in stats if s["board"] == name]
+        k, u = (1e3, "ms") if st[0]["metric"] == "latency" else (1, st[0]["metric"].upper())
+        print(f"\n{name}: Fashion-MNIST {args.model}, {len(args.seeds)} seed(s), mean +- sd; measured {st[0]['metric']} ({u})")
+        front = {s["label"] for s in [p[2] for p in pareto([(s["cost_mean"], s["acc_mean"], s) for s in st])]}
+        for s in sorted(st, key=lambda s: s["cost_mean"]):
+            print(f"  {s['label']:<16} acc {s['acc_mean']:.2%} +- {s['acc_sd']:.2%}   cost {s['cost_mean'] * k:.4g} "
+                  f"+- {s['cost_sd'] * k:.2g} {u}{'   (front)' if s['label'] in front else ''}")
+        for r in (r for r in red if r["board"] == name):
+            if r["board_trained"] is None:
+                print(f"  {r['bitops']}: no board-trained configuration within the seed spread of its accuracy")
+            else:
+                print(f"  {r['bitops']} ({r['bitops_acc']:.2%}, {r['bitops_cost'] * k:.4g} {u}) vs "
+                      f"{r['board_trained']} ({r['board_acc']:.2%}, {r['board_cost'] * k:.4g} {u}): "
+                      f"{r['reduction']:+.1%} measured-cost reduction")
+    (args.out / "summary.json").write_text(json.dumps({"stats": stats, "reductions": red,
+                                                       "args": {k: v for k, v in vars(args).items() if k != "out"}},
+                                                      indent=1, default=str))
+    _plot(stats, args.targets, args.out / "hw_vs_bitops.png")
+    print(f"\nwrote {args.out / 'points.csv'}, summary.json and hw_vs_bitops.png")
+    return {"stats": stats, "reductions": red}
 
 
-def _plot(rows, boards, path):
+def _plot(stats, boards, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(boards), figsize=(5.5 * len(boards), 4), squeeze=False)
-    for ax, board in zip(axes[0], boards):
-        br = [r for r in rows if r["board"] == board]
-        k = 1e3 if br[0]["metric"] == "latency" else 1
-        for cost, mk in (("bitops", "s"), ("board", "o")):
-            pts = [(r["measured"] * k, r["accuracy"]) for r in br if r["cost"] == cost]
-            ax.scatter(*zip(*pts), marker=mk, alpha=0.5, label=f"--cost {'bitops' if cost == 'bitops' else board}")
-            f = pareto(pts)
-            ax.plot(*zip(*f), "-" if cost == "board" else "--")
-        ax.set_xlabel(f"measured {br[0]['metric']} ({'ms' if k != 1 else 'LUT4'})")
-        ax.set_ylabel("digits test accuracy")
-        ax.set_title(board)
+    for ax, name in zip(axes[0], boards):
+        st = [s for s in stats if s["board"] == name]
+        k = 1e3 if st[0]["metric"] == "latency" else 1
+        for fam, mk in (("uniform", "^"), ("bitops", "s"), ("board", "o")):
+            pts = [s for s in st if s["family"] == fam]
+            if not pts:
+                continue
+            ax.errorbar([s["cost_mean"] * k for s in pts], [s["acc_mean"] for s in pts],
+                        xerr=[s["cost_sd"] * k for s in pts], yerr=[s["acc_sd"] for s in pts], fmt=mk, alpha=0.7,
+                        label={"uniform": "uniform W=A", "bitops": "AdaQAT on BitOPs", "board": f"AdaQAT on {name}"}[fam])
+        ax.set_xlabel(f"measured {st[0]['metric']} ({'ms' if k != 1 else st[0]['metric'].upper()})")
+        ax.set_ylabel("Fashion-MNIST test accuracy")
+        ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

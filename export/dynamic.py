@@ -19,13 +19,13 @@ from bitfold.export.onnx_export import output_step
 
 def export_dynamic_run(run_dir, out_path=None):
     from bitfold.toolchain.asq import ASQMethod, dynamic_export
-    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import dataset_of
     from bitfold.toolchain.runs import load_run
     cfg, model, _ = load_run(run_dir)
     if not isinstance(model.quant_method, ASQMethod):
         raise BitfoldError(f"run {run_dir} (--method {cfg.method}) has no adaptive activation steps",
                            "the dynamic form is for --method asq runs")
-    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    ds = dataset_of(cfg)
     out_path = Path(out_path or Path(run_dir) / "model.dynamic.onnx")
     model.eval()
     with torch.no_grad():

@@ -65,7 +65,7 @@ def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
 
 def export_index_run(run_dir, out_path=None):
     """Export an ADQ run in index + codebook form (QCDQ integer grid behind Gathers), verified."""
-    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import dataset_of
     from bitfold.toolchain.runs import load_run
 
     from bitfold.export.onnx_export import export_model
@@ -73,7 +73,7 @@ def export_index_run(run_dir, out_path=None):
     if not hasattr(model.quant_method, "snapped_codebooks"):
         raise BitfoldError(f"run {run_dir} (--method {cfg.method}) has no codebook weights",
                            "the index form is for --method adq / asq runs")
-    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    ds = dataset_of(cfg)
     model.quant_method.prepare_export(model, ds.x_train)
     snapped = model.quant_method.for_export(model).eval()
     out_path = Path(out_path or Path(run_dir) / "model.index.onnx")

@@ -282,14 +282,14 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
 
     ``bits_map`` (MEBQAT runs) sets the switchable model to those widths first - no retraining.
     """
-    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import dataset_of
     from bitfold.toolchain.runs import load_run
     if bits_map is not None:
         from bitfold.toolchain.select_bits import deploy_run
         cfg, model, ds = deploy_run(run_dir, bits_map)
     else:
         cfg, model, ck = load_run(run_dir)
-        ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+        ds = dataset_of(cfg)
     x = ds.x_test if max_samples is None else ds.x_test[:max_samples]
     out_path = Path(out_path) if out_path else Path(run_dir) / f"model.{fmt}.onnx"
     method = getattr(model, "quant_method", None)

@@ -115,6 +115,55 @@ def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int,
     return pe, simd
 
 
+def fold_at_rate(s, cycles_budget: float) -> tuple[int, int]:
+    """The smallest folding (PE, SIMD) of an MVAU stage whose cycles per frame
+    (:func:`stage_cycles`) fit ``cycles_budget``: SIMD widened first (divisors of the input channels),
+    then PE (divisors of the output channels), as the planner does. When even the full unroll misses
+    the budget, the full unroll (the fastest this stage can go)."""
+    simd, pe = 1, 1
+    for simd in divisors(s.ic):
+        if stage_cycles(s, 1, simd) <= cycles_budget:
+            return 1, simd
+    for pe in divisors(s.oc):
+        if stage_cycles(s, pe, simd) <= cycles_budget:
+            return pe, simd
+    return pe, simd
+
+
+def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
+    """The folding of a whole lowered model that reaches ``target_fps`` at ``clock_mhz``: each MVAU
+    stage folded just enough (:func:`fold_at_rate`). The cost tables price this folding when given a
+    rate, and ``bitfold run --fps`` builds it, so prediction and build describe the same design."""
+    budget = clock_mhz * 1e6 / target_fps
+    return Folding({s.name: dict(zip(("pe", "simd"), fold_at_rate(s, budget))) for s in im.mvaus})
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """The shape fields of an MVAU stage, from a cost model's layer record (no lowering needed)."""
+    name: str
+    ih: int
+    iw: int
+    ic: int
+    oc: int
+    k: int
+    oh: int
+    ow: int
+
+    @property
+    def mw(self):
+        return self.k * self.k * self.ic
+
+    @classmethod
+    def of_layer(cls, d) -> "StageShape":
+        """From a :class:`bitfold.hw_models.layers.LayerDesc` (dense layers are 1x1 pixels)."""
+        if d.kind == "conv":
+            _, ih, iw = d.in_shape
+            _, oh, ow = d.out_shape
+            return cls(d.name, ih, iw, d.in_features // max(1, d.groups), d.out_features, d.kernel[0], oh, ow)
+        return cls(d.name, 1, 1, d.in_features, d.out_features, 1, 1, 1)
+
+
 def table_folding(im) -> Folding:
     """The folding the cost tables assume (PE*SIMD ~ MACs per output vector / ``CYCLES``), for a
     whole lowered model: builds made with it are the ones a table's prediction describes."""

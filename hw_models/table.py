@@ -144,6 +144,25 @@ def _interp1(grid: torch.Tensor, x: torch.Tensor, extrapolate: bool = False):
 class TableCostModel:
     table: dict
     source: str = ""
+    target_fps: float | None = None   # FPGA tables: price the folding that reaches this rate
+
+    def at_rate(self, target_fps: float | None) -> "TableCostModel":
+        """The same table pricing each layer folded to reach ``target_fps`` inferences/s at the
+        board's clock (features-form FPGA tables; others are returned unchanged)."""
+        if target_fps is not None and target_fps <= 0:
+            raise BitfoldError(f"--target-fps must be > 0, got {target_fps}")
+        if not any(k.get("form") == "features" for k in self.table["kinds"].values()):
+            if target_fps:
+                raise BitfoldError(f"the {self.name} table is not an FPGA structural table: it has no rate",
+                                   "--target-fps applies to open-flow FPGA boards (ulx3s-85f, icebreaker)")
+            return self
+        return TableCostModel(self.table, self.source, target_fps)
+
+    def cycles_budget(self) -> float | None:
+        if not self.target_fps:
+            return None
+        from bitfold.boards import load_board
+        return load_board(self.table["board"]).clock_mhz * 1e6 / self.target_fps
 
     @property
     def name(self) -> str:
@@ -176,7 +195,7 @@ class TableCostModel:
         kinds = self.table["kinds"]
         if any(k.get("form") == "features" for k in kinds.values()):
             entry = next(k for k in kinds.values() if k.get("form") == "features")
-            per = features_cost(entry, layers, bits, self.scale)
+            per = features_cost(entry, layers, bits, self.scale, self.cycles_budget())
             total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
             return CostResult(total, per, self.unit)
         per = {}
@@ -314,13 +333,14 @@ def acc_bits_estimate(mw, bw, ba) -> torch.Tensor:
     return torch.log2(mw * (lim + 1) / 4 * (2 ** ba - 1) + 1) + 1
 
 
-def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5"):
+def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5", fold: tuple | None = None):
     """(linear features, lanes, block RAMs) of one folded layer; torch, differentiable in the
-    widths; ``bout=None``: raw accumulator output."""
+    widths; ``bout=None``: raw accumulator output; ``fold`` (PE, SIMD): default the fixed rule
+    the one-layer blocks were built with (:func:`bitfold.hw_models.fpga_rules.folding_for`)."""
     import math
 
     from bitfold.hw_models.fpga_rules import folding_for, rom_brams
-    pe, simd = folding_for(int(mw), int(oc), int(ic))
+    pe, simd = fold if fold is not None else folding_for(int(mw), int(oc), int(ic))
     lanes = pe * simd
     bw, ba = _t(bw), _t(ba)
     acc = acc_bits_estimate(mw, bw, ba)
@@ -351,9 +371,9 @@ def _grid1(h: dict, bout):
     return v[i0] * (1 - t) + v[i1] * t
 
 
-def mvau_cost(entry: dict, mw, oc, ic, bw, ba, bout):
+def mvau_cost(entry: dict, mw, oc, ic, bw, ba, bout, fold: tuple | None = None):
     """Predicted cost of one layer block under a fitted features entry (a torch scalar)."""
-    f, lanes, _ = mvau_terms(mw, oc, ic, bw, ba, bout, entry.get("family", "ecp5"))
+    f, lanes, _ = mvau_terms(mw, oc, ic, bw, ba, bout, entry.get("family", "ecp5"), fold)
     c = (f.to(torch.float32) * torch.tensor(entry["coef"], dtype=torch.float32)).sum()
     c = c + lanes * _grid2(entry["G"], bw, ba)
     if bout is not None and entry["H"]["o"]:
@@ -453,13 +473,18 @@ def check_features_entry(k: dict) -> None:
             raise ValueError("grid widths are not sorted")
 
 
-def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0) -> dict:
+def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0, cycles_budget: float | None = None) -> dict:
     """Per-layer cost of a chain of layers under the features form: layer i's thresholds produce
-    layer i+1's input width; the last layer streams its raw accumulator out."""
+    layer i+1's input width; the last layer streams its raw accumulator out. ``cycles_budget``
+    (clock / target rate): each layer folded just enough to meet it
+    (:func:`bitfold.hw_models.fpga_rules.fold_at_rate`) instead of the fixed rule."""
+    from bitfold.hw_models.fpga_rules import StageShape, fold_at_rate
     per = {}
     for i, d in enumerate(layers):
         bw, ba = bits[d.name]
         bout = None if i == len(layers) - 1 else bits[layers[i + 1].name][1]
         mw = d.kernel[0] * d.kernel[1] * d.in_features // max(1, d.groups)
-        per[d.name] = scale * mvau_cost(kind_entry, mw, d.out_features, d.in_features // max(1, d.groups), bw, ba, bout)
+        fold = fold_at_rate(StageShape.of_layer(d), cycles_budget) if cycles_budget else None
+        per[d.name] = scale * mvau_cost(kind_entry, mw, d.out_features, d.in_features // max(1, d.groups), bw, ba,
+                                        bout, fold)
     return per

@@ -130,7 +130,7 @@ class AdaQATMethod(QuantMethod):
     def __init__(self, per_channel: bool = False, cost: str = "bitops", lam: float = 0.1,
                  budget: float | None = None, estimator: str = DEFAULT_ESTIMATOR, min_bits: float = 2.0,
                  max_bits: float = 8.0, bit_lr: float | None = None, finetune_epochs: int = 2,
-                 learn_edges: bool = False, bit_opt: str = "sgd"):
+                 learn_edges: bool = False, bit_opt: str = "sgd", target_fps: float | None = None):
         if per_channel:
             raise BitfoldError("adaqat uses DoReFa-normalised weights with one constant scale",
                                "drop --per-channel for --method adaqat")
@@ -153,6 +153,12 @@ class AdaQATMethod(QuantMethod):
         self.finetune_epochs, self.learn_edges = int(finetune_epochs), bool(learn_edges)
         from bitfold.hw_models.cost import get_cost_model
         self.cost_model = get_cost_model(cost)  # fails early, with a clear message, on a bad name
+        self.target_fps = target_fps
+        if target_fps is not None:
+            if not hasattr(self.cost_model, "at_rate"):
+                raise BitfoldError(f"--target-fps needs a board's FPGA cost table, not {cost!r}",
+                                   "pass --cost <board> (ulx3s-85f, icebreaker)")
+            self.cost_model = self.cost_model.at_rate(target_fps)
         self._wq, self._aq_u, self._aq_s = _quantizers(self.min_bits, self.max_bits, estimator)
         self.trajectory: list[list] = []  # [step, layer or site, "w"|"a", N]
         self.layers = None
@@ -162,7 +168,8 @@ class AdaQATMethod(QuantMethod):
     def options(self) -> dict:
         return {"cost": self.cost_name, "lam": self.lam, "budget": self.budget, "estimator": self.estimator,
                 "min_bits": self.min_bits, "max_bits": self.max_bits, "bit_lr": self.bit_lr,
-                "finetune_epochs": self.finetune_epochs, "learn_edges": self.learn_edges, "bit_opt": self.bit_opt}
+                "finetune_epochs": self.finetune_epochs, "learn_edges": self.learn_edges, "bit_opt": self.bit_opt,
+                "target_fps": self.target_fps}
 
     # -- quantizers --------------------------------------------------------------------------
     def weight_kwargs(self, layer, bits):

@@ -257,7 +257,7 @@ def allocate_run(run_dir, cost: str, budget: float, candidates=(2, 3, 4, 5, 6, 8
 
     from bitfold.core.atomic import write_json
     from bitfold.toolchain.bitmap import bitmap_to_json
-    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import dataset_of
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.runs import load_run
     cfg, model, _ = load_run(run_dir)
@@ -265,7 +265,7 @@ def allocate_run(run_dir, cost: str, budget: float, candidates=(2, 3, 4, 5, 6, 8
     if not isinstance(method, ADQMethod):
         raise BitfoldError(f"run {run_dir} was trained with --method {cfg.method}", "allocate needs a --method adq run")
     cm = get_cost_model(cost)
-    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    ds = dataset_of(cfg)
     layers = describe_layers(model, ds.input_shape)
     names = [d.name for d in layers]
     edges = {names[0]: model.bit_map[names[0]], names[-1]: model.bit_map[names[-1]]}

@@ -153,6 +153,18 @@ def synthetic(shape=(3, 32, 32), num_classes: int = 10, n_train: int = 512, n_te
                    torch.randint(0, num_classes, (n_test,), generator=g), num_classes)
 
 
+def take_subset(ds: Dataset, n_train: int, n_test: int) -> Dataset:
+    """A fixed subset: ``n_train`` training samples drawn with a fixed seed (every class kept in
+    proportion, as a random draw does) and the first ``n_test`` test samples."""
+    import dataclasses
+    if n_train < 1 or n_test < 1:
+        raise BitfoldError(f"subset ({n_train}, {n_test}) must have at least one sample each")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(ds.x_train), generator=g)[:n_train]
+    return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx],
+                               x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0,
                  synthetic_shape=(3, 32, 32)) -> Dataset:
     if name == "digits":

@@ -44,10 +44,13 @@ class TrainConfig:
     weights: str | None = None       # float state dict to start from (user models: file.py:factory)
     init_from: str | None = None     # a run directory whose weights start this run (e.g. after allocate)
     synthetic_shape: tuple = (3, 32, 32)
+    subset: tuple | None = None      # (train, test) sample counts: a fixed subset (quick runs, smoke tests)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["synthetic_shape"] = list(self.synthetic_shape)
+        if self.subset is not None:
+            d["subset"] = list(self.subset)
         return d
 
     @classmethod
@@ -60,7 +63,16 @@ class TrainConfig:
         d = dict(d)
         if "synthetic_shape" in d:
             d["synthetic_shape"] = tuple(d["synthetic_shape"])
+        if d.get("subset") is not None:
+            d["subset"] = tuple(d["subset"])
         return cls(**d)
+
+
+def dataset_of(cfg: TrainConfig):
+    """The data set a run config names, cut to ``cfg.subset`` when it has one."""
+    from bitfold.toolchain.data import load_dataset, take_subset
+    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    return ds if cfg.subset is None else take_subset(ds, *cfg.subset)
 
 
 def load_config_file(path: str | Path) -> TrainConfig:

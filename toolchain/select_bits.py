@@ -47,7 +47,7 @@ def budget_cost_model(metric: str, board: str | None):
 
 
 def _load(run_dir):
-    from bitfold.toolchain.data import load_dataset
+    from bitfold.toolchain.runs import dataset_of
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.runs import load_run
     cfg, model, ck = load_run(run_dir)
@@ -55,7 +55,7 @@ def _load(run_dir):
     if not hasattr(method, "uniform_map"):
         raise BitfoldError(f"run {run_dir} was trained with --method {cfg.method}, whose widths are fixed",
                            "eval over bit-widths and select need a --method mebqat run")
-    ds = load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    ds = dataset_of(cfg)
     return cfg, model, method, ds, describe_layers(model, ds.input_shape)
 
 

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from bitfold.core.atomic import ensure_writable_dir, write_json
 from bitfold.toolchain.bitmap import bitmap_to_json
-from bitfold.toolchain.data import Dataset, load_dataset
+from bitfold.toolchain.data import Dataset
 from bitfold.toolchain.describe import describe_layers
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.models import build_model
 from bitfold.toolchain.quant import ACT_INIT_STEPS
-from bitfold.toolchain.runs import (BITMAP, CHECKPOINT, CONFIG, TrainConfig, load_checkpoint, read_config,
+from bitfold.toolchain.runs import (BITMAP, CHECKPOINT, CONFIG, TrainConfig, dataset_of, load_checkpoint, read_config,
                    save_checkpoint, write_metrics)
 
 
@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         raise BitfoldError(f"--resume: {out} holds no run to resume", "drop --resume to start a new run")
 
     torch.manual_seed(cfg.seed)
-    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed, cfg.synthetic_shape)
+    ds = dataset or dataset_of(cfg)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, bits=cfg.bits, method=cfg.method,
                         weights=cfg.weights if ck is None else None, **cfg.method_options).to(device)
     method = getattr(model, "quant_method", None)

@@ -131,3 +131,64 @@ def test_calibrate_needs_something_to_do(capsys):
     assert code != 0 and "--board B" in out
     code, out = _cli(["calibrate", "--board", "no-such-board"], capsys)
     assert code != 0 and "no-such-board" in out
+
+
+def test_fold_at_rate_is_the_smallest_folding_that_meets_the_rate():
+    from bitfold.hw_models.fpga_rules import StageShape, divisors, fold_at_rate, stage_cycles
+    s = StageShape("fc", 1, 1, 784, 64, 1, 1, 1)
+    for budget in (20000, 5000, 2000, 900):
+        pe, simd = fold_at_rate(s, budget)
+        assert stage_cycles(s, pe, simd) <= budget
+        if pe == 1:   # the next narrower SIMD misses it
+            narrower = [d for d in divisors(s.ic) if d < simd]
+            assert not narrower or stage_cycles(s, 1, narrower[-1]) > budget
+    assert fold_at_rate(s, 1e9) == (1, 1)
+    assert fold_at_rate(s, 1) == (64, 784)   # unreachable: the full unroll
+
+
+def test_fpga_cost_depends_on_the_target_rate_and_bitops_does_not():
+    from bitfold.hw_models.cost import bitops, get_cost_model
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.models import build_model
+    m = build_model("mlp", (1, 28, 28), 10, bits="w4a4:all")
+    layers = describe_layers(m, (1, 28, 28))
+    table = get_cost_model("ulx3s-85f")
+    cost = {}
+    for fps in (1e3, 1e4):
+        for bits in ((2, 2), (4, 4), (8, 8)):
+            b = {d.name: bits for d in layers}
+            cost[fps, bits] = float(table.at_rate(fps)(layers, b).total)
+    # a faster target needs more lanes: more LUTs at every width
+    assert all(cost[1e4, b] > cost[1e3, b] for b in ((2, 2), (4, 4), (8, 8)))
+    # the price of widening from W4A4 to W8A8 grows with the rate; BitOPs' is one fixed ratio (4x)
+    assert cost[1e4, (8, 8)] / cost[1e4, (4, 4)] > cost[1e3, (8, 8)] / cost[1e3, (4, 4)]
+    b4, b8 = ({d.name: (w, w) for d in layers} for w in (4, 8))
+    assert float(bitops(layers, b8).total) / float(bitops(layers, b4).total) == 4.0
+    with pytest.raises(BitfoldError, match="no rate"):
+        get_cost_model("host-cpu").at_rate(100.0)
+    with pytest.raises(BitfoldError, match="target-fps"):
+        table.at_rate(-1.0)
+
+
+def test_the_build_folds_what_the_rate_aware_table_prices(tmp_path):
+    """The loop's build folding at a rate (lowered stages) equals the folding the cost model
+    derives from the layer records: prediction and build describe one design."""
+    import torch
+
+    from bitfold.export.lower import lower
+    from bitfold.export.onnx_export import export_model
+    from bitfold.hw_models.fpga_rules import StageShape, fold_at_rate, rate_folding
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.train import init_activation_stats
+    for name in ("mlp", "cnn"):
+        m = build_model(name, (1, 8, 8), 10, bits="w3a3:all")
+        init_activation_stats(m, torch.rand(64, 1, 8, 8), 32)
+        path = export_model(m, "qonnx", tmp_path / f"{name}.onnx", torch.rand(8, 1, 8, 8)).path
+        im = lower(str(path))
+        layers = describe_layers(m, (1, 8, 8))
+        for fps in (2e3, 2e4):
+            fold = rate_folding(im, 25.0, fps)
+            budget = 25e6 / fps
+            ours = [fold_at_rate(StageShape.of_layer(d), budget) for d in layers]
+            assert [fold.of(s.name) for s in im.mvaus] == ours

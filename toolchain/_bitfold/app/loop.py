@@ -133,11 +133,15 @@ class OpenFpgaTarget(LoopTarget):
         self.store.add(rows)
         return self._write_table(d, fit_table(rows, self.b.name, "lut"))
 
+    target_fps: float | None = None   # fold to reach this rate (the table prices the same folding)
+
     def build(self, onnx, d):
         from bitfold.export.backends import build
         from bitfold.export.lower import lower
-        from bitfold.hw_models.fpga_rules import table_folding
-        write_json(d / "folding.json", table_folding(lower(onnx)).as_dict())
+        from bitfold.hw_models.fpga_rules import rate_folding, table_folding
+        im = lower(onnx)
+        fold = rate_folding(im, self.b.clock_mhz, self.target_fps) if self.target_fps else table_folding(im)
+        write_json(d / "folding.json", fold.as_dict())
         return build(onnx, self.b.name, d / "fpga", folding=d / "folding.json", verify=self.verify,
                      bitstream=self.bitstream).as_dict()
 
@@ -199,14 +203,15 @@ def run_layers(run_dir) -> list[dict]:
     return json.loads(json.dumps([d.as_dict() for d in describe_layers(model, tuple(ck["input_shape"]))]))
 
 
-def predicted_cost(run_dir, table_file, bit_map) -> float:
-    """The table's cost of a trained run at its integer widths (without the table's correction)."""
+def predicted_cost(run_dir, table_file, bit_map, target_fps: float | None = None) -> float:
+    """The table's cost of a trained run at its integer widths (without the table's correction);
+    ``target_fps``: folded to reach that rate (FPGA tables)."""
     from bitfold.hw_models.table import load_table_file
 
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.runs import load_run
     cfg, model, ck = load_run(run_dir)
-    cm = load_table_file(table_file)
+    cm = load_table_file(table_file).at_rate(target_fps)
     cm.table.pop("calibration", None)
     layers = describe_layers(model, tuple(ck["input_shape"]))
     return float(cm(layers, {k: (v["w"], v["a"]) for k, v in bit_map.items()}).total)
@@ -216,7 +221,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
              model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
              lam: float = 1.0, bitstream: bool = False, verify: bool = True, cost: str | None = None,
              table: str | Path | None = None, tracker: str | None = None, key: str | None = None, nproc: int = 1,
-             events=None) -> dict:
+             events=None, fps: float | None = None) -> dict:
     """The loop (module docstring). ``cost``: train against this cost model instead of the board's
     table (e.g. ``bitops``, for comparison; predictions still come from the table); ``table``: start
     from this table file instead of the board's shipped/measured one."""
@@ -233,6 +238,13 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     b = load_board(board)
     out = Path(out)
     tgt = loop_target(b, None, bitstream, verify, tracker, key)
+    if fps is not None:
+        if not isinstance(tgt, OpenFpgaTarget):
+            raise BitfoldError(f"--fps applies to open-flow FPGA boards; {b.name} is measured in {tgt.metric}",
+                               "drop --fps (CPU boards: a latency budget, --budget \"latency<=2ms\")")
+        if fps <= 0:
+            raise BitfoldError(f"--fps must be > 0, got {fps}")
+        tgt.target_fps = float(fps)
     metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
     if metric != tgt.metric:
         raise BitfoldError(f"{b.name}'s cost table measures {tgt.metric}, not {metric!r}",
@@ -255,13 +267,15 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         opts = {"cost": cost or str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
         if limit is not None:
             opts["budget"] = limit
+        if fps is not None:
+            opts["target_fps"] = float(fps)
         cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs,
                           method_options=opts if method == "adaqat" else {})
 
         def do_train(d, cfg=cfg, table_file=table_file):
             m = train(cfg, d / "run", progress=False) if nproc <= 1 else _train_torchrun(cfg, d / "run", nproc)
             bit_map = {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}
-            raw = predicted_cost(d / "run", table_file, bit_map)
+            raw = predicted_cost(d / "run", table_file, bit_map, fps)
             scale = float(json.loads(table_file.read_text()).get("calibration", {}).get("scale", 1.0))
             return {"accuracy": m["accuracy"], "predicted_raw": raw, "predicted": raw * scale, "bit_map": bit_map,
                     "layers": run_layers(d / "run")}
@@ -271,7 +285,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         ex = _stage(rd / "export", _sha("export", ck, tgt.export_format),
                     lambda d: {"onnx": str(export_run(run_dir, tgt.export_format, d / "model.onnx",
                                                       allow_saturation=tgt.allow_int16_saturation).path)}, log)
-        bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name, bitstream, verify),
+        bd = _stage(rd / "build", _sha("build", Path(ex["onnx"]), b.name, bitstream, verify, fps),
                     lambda d: tgt.build(ex["onnx"], d), log)
         ms = _stage(rd / "measure", _sha("measure", Path(bd["out_dir"]) / "build.json"),
                     lambda d: tgt.measure(bd["out_dir"], tr["predicted_raw"],

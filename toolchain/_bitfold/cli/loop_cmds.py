@@ -31,11 +31,14 @@ def run_cmd(
     tracker: Optional[str] = typer.Option(None, help="CPU boards: measure on the board(s) behind this TVM RPC tracker"),
     key: Optional[str] = typer.Option(None, help="RPC key (default: the board file's rpc_key)"),
     nproc: int = typer.Option(1, min=1, help="train under torchrun with N processes (DDP)"),
+    fps: Optional[float] = typer.Option(None, help="FPGA boards: the target rate (inferences/s) the table prices "
+                                                   "and the build folds for"),
 ):
     """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
     from bitfold.app.loop import format_metric, run_loop
     r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
-                 verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, events=Events(on_say=console.print))
+                 verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, events=Events(on_say=console.print),
+                 fps=fps)
     for h in r["history"]:
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
                       f"{format_metric(r['metric'], h['predicted'])}, measured {format_metric(r['metric'], h['measured'])}")

@@ -25,6 +25,18 @@ def _method_options(method: str, per_channel: bool, **adaqat) -> dict:
     return opts
 
 
+def _parse_subset(text: str | None):
+    if text is None:
+        return None
+    try:
+        n_train, n_test = (int(v) for v in text.split(","))
+    except ValueError:
+        raise BitfoldError(f"--subset {text!r} is not TRAIN,TEST", "e.g. --subset 6000,1000") from None
+    if n_train < 1 or n_test < 1:
+        raise BitfoldError(f"--subset {text!r} needs at least one sample each", "e.g. --subset 6000,1000")
+    return (n_train, n_test)
+
+
 def _parse_opts(items) -> dict:
     out = {}
     for it in items or []:
@@ -52,6 +64,8 @@ def train(
     estimator: Optional[str] = typer.Option(None, help="adaqat: bit-width gradient estimator, ste | fd"),
     finetune_epochs: Optional[int] = typer.Option(None, help="adaqat: epochs at frozen widths (default 2)"),
     bit_lr: Optional[float] = typer.Option(None, help="adaqat: learning rate of the widths (default 2.0 sgd, 0.05 adam)"),
+    target_fps: Optional[float] = typer.Option(None, help="adaqat with an FPGA board's --cost: price each layer "
+                                                         "folded to reach this many inferences/s"),
     bit_opt: Optional[str] = typer.Option(None, help="adaqat: width optimizer - sgd (default: a layer priced "
                                                      "higher moves faster) | adam (normalised steps)"),
     epochs: int = typer.Option(10, min=1),
@@ -60,6 +74,7 @@ def train(
     seed: int = typer.Option(0),
     data: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | synthetic"),
     data_dir: Optional[Path] = typer.Option(None, help="local files for mnist / cifar10 (fashion-mnist: default /usr/share/datasets/fashion-mnist)"),
+    subset: Optional[str] = typer.Option(None, help="TRAIN,TEST: train and test on a fixed subset of that many samples"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     config: Optional[Path] = typer.Option(None, "--config", help="a saved TrainConfig JSON (e.g. a run's config.json): "
                                           "train exactly that; the other training flags are ignored"),
@@ -82,9 +97,10 @@ def train(
     bm = BitMap.parse(str(bits_map) if bits_map else bits)
     spec = bm.text or bm.to_json()
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
+                      subset=_parse_subset(subset),
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
-                                                     bit_lr=bit_lr, bit_opt=bit_opt) | _parse_opts(opt), epochs=epochs,
+                                                     bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | _parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
     _report_train(run_train(cfg, out, resume=resume, progress=not quiet), out)
