@@ -2,7 +2,7 @@
 
     python benchmarks/hw_aware_vs_bitops.py [--targets host-cpu ulx3s-85f] [--model mlp|cnn]
         [--seeds 0 1 2] [--epochs 4] [--subset TRAIN,TEST] [--widths 2 3 4 6 8] [--lams 0.3 1 3]
-        [--out runs/hw_vs_bitops] [--quick]
+        [--fps N] [--out runs/hw_vs_bitops] [--quick]
 
 Per target and seed, three families of points, each trained on Fashion-MNIST, exported, built with
 the board's own flow and *measured* there (host-cpu: TVM build, median latency; open-flow boards:
@@ -69,6 +69,8 @@ def run_point(root: Path, board, tgt, label, spec, seed, args) -> dict:
     if spec["method"] == "adaqat":
         opts = {"cost": board.name if spec["cost"] == "board" else "bitops", "lam": spec["lam"],
                 "learn_edges": True, "finetune_epochs": 1 if args.epochs > 1 else 0}
+        if args.fps and spec["cost"] == "board":
+            opts["target_fps"] = args.fps
     cfg = TrainConfig(model=args.model, data="fashion-mnist", bits=spec["bits"], method=spec["method"],
                       method_options=opts, epochs=args.epochs, seed=seed, subset=args.subset)
     m = train(cfg, d / "run", progress=False)
@@ -130,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     ap.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     ap.add_argument("--out", type=Path, default=Path("runs/hw_vs_bitops"))
+    ap.add_argument("--fps", type=float, default=None,
+                    help="FPGA targets: the rate every point is folded for, and the board table prices")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -140,6 +144,8 @@ def main(argv=None):
     for name in args.targets:
         board = load_board(name)
         tgt = loop_target(board, MeasurementStore(args.out / "measurements.sqlite"), verify=not args.quick)
+        if args.fps and tgt.metric != "latency":
+            tgt.target_fps = args.fps
         for seed in args.seeds:
             for label, spec in configs(args.widths, args.lams):
                 r = run_point(args.out, board, tgt, label, spec, seed, args)
