@@ -134,6 +134,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("runs/hw_vs_bitops"))
     ap.add_argument("--fps", type=float, default=None,
                     help="FPGA targets: the rate every point is folded for, and the board table prices")
+    ap.add_argument("--no-verify", action="store_true", help="FPGA: skip the verilator simulation of each build")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -143,7 +144,7 @@ def main(argv=None):
     rows = []
     for name in args.targets:
         board = load_board(name)
-        tgt = loop_target(board, MeasurementStore(args.out / "measurements.sqlite"), verify=not args.quick)
+        tgt = loop_target(board, MeasurementStore(args.out / "measurements.sqlite"), verify=not (args.quick or args.no_verify))
         if args.fps and tgt.metric != "latency":
             tgt.target_fps = args.fps
         for seed in args.seeds:

@@ -22,6 +22,9 @@ from bitfold.toolchain.train import init_activation_stats
 
 OUTCOMES = {"verified": 0, "refused": 0}
 REASONS: dict[str, int] = {}
+#: QCDQ files refused because full-range 8-bit layers could saturate CPUs without VNNI (then
+#: exported with allow_saturation and checked like the others)
+SATURATION_REFUSED = [0]
 #: the open-FPGA leg: lowered to the integer model and checked against QONNX execution on fresh
 #: inputs, or refused with a clear error; the first SIM_BUDGET lowered cases also run in verilator,
 #: checked exactly against the integer model and under the float gate against QONNX execution
@@ -126,12 +129,17 @@ def test_every_case_verifies_or_is_refused(tmp_path_factory, case):
         ref = q(fresh).numpy()
     for fmt in ("qonnx", "qcdq"):
         path = out / f"m.{fmt}.onnx"
+        xv = torch.randn(64, in_ch, 8, 8, generator=g)
         try:
-            res = bitfold.export(q, x, fmt, path, x_verify=torch.randn(64, in_ch, 8, 8, generator=g))
+            res = bitfold.export(q, x, fmt, path, x_verify=xv)
         except BitfoldError as e:
-            _refused(e)
             assert not path.exists(), f"refused ({e}) but left {path}"
-            continue
+            if "int16 pair sums" not in e.message:
+                _refused(e)
+                continue
+            # refused for CPUs without VNNI only: the same file, allowed, must be right here
+            SATURATION_REFUSED[0] += 1
+            res = bitfold.export(q, x, fmt, path, x_verify=xv, allow_saturation=True)
         assert res.report.passed
         got = run_qonnx(str(path), fresh.numpy()) if fmt == "qonnx" else run_ort(str(path), fresh.numpy())
         # no silent mismatch: the written file agrees with torch, under the same strict gate, on inputs
@@ -166,7 +174,8 @@ def test_fuzz_outcomes_were_mostly_verified():
     # runs after the fuzz test (file order); a fuzzer that refuses everything proves nothing
     if not OUTCOMES["verified"] and not OUTCOMES["refused"]:
         pytest.skip("fuzz test did not run in this session")
-    print("FUZZ-COUNTS", json.dumps({"outcomes": OUTCOMES, "reasons": REASONS, "fpga": FPGA}))
+    print("FUZZ-COUNTS", json.dumps({"outcomes": OUTCOMES, "reasons": REASONS, "fpga": FPGA,
+                                     "qcdq_int16_refusals": SATURATION_REFUSED[0]}))
     # expected refusals: QCDQ has no 1-bit (bipolar) quantizer, and a random map may give two layers
     # that read one tensor (a concat's branches) different input widths. Anything else is a finding.
     expected = ("QCDQ cannot represent 1-bit", "layers ")

@@ -51,7 +51,7 @@ def test_selection_respects_the_budget_and_exports_at_it(meta_run, tmp_path):
     r = select(meta_run, "bitops<=5e6", out_path=tmp_path / "sel.json")
     assert r["cost"] <= 5e6
     sel = json.loads((tmp_path / "sel.json").read_text())
-    assert sel == r["bit_map"] and sel["convs.0"] == {"w": 8, "a": 8}
+    assert sel == r["bit_map"] and sel["convs.0"] == {"w": 7, "a": 8}   # the run's edge widths
     res = export_run(meta_run, "qcdq", tmp_path / "sel.onnx", bits_map=str(tmp_path / "sel.json"))
     assert res.report.passed and res.bit_map == sel
     with pytest.raises(BitfoldError, match="no per-layer choice"):
