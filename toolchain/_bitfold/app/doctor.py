@@ -12,6 +12,8 @@ CORE = [
     Requirement("qonnx", ("dist", "qonnx"), "QONNX export and its verification", "pip install -e ."),
     Requirement("onnxruntime", ("dist", "onnxruntime"), "QCDQ export verification, TVM build checks",
                 "pip install -e ."),
+    Requirement("openvino", ("dist", "openvino"), "QCDQ exports also checked in OpenVINO (optional)",
+                "pip install -e '.[openvino]'"),
 ]
 
 
