@@ -252,6 +252,15 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
         with _quiet():
             report = verify_file(fmt, str(tmp), x_verify.numpy(), ref, step, **tol)
         if not report.passed:
+            others = [r for r in report.runtimes or () if not r["passed"]]
+            if others and report.flips <= report.max_flips and report.max_abs_diff <= report.step + report.tolerance:
+                # the file computes the model; a runtime's own fused kernels do not
+                names = ", ".join(r["executor"] for r in others)
+                raise BitfoldError(f"the {names} computes this QCDQ file differently from the model, beyond "
+                                   f"rounding-boundary flips - {report.summary()}",
+                                   "nothing was written: its fused int8 kernels requantize differently on this "
+                                   "graph; deploy with QDQ fusions off (onnxruntime session option "
+                                   "session.disable_quant_qdq=1), TVM or OpenVINO, or export --format qonnx")
             raise BitfoldError(f"exported {fmt} does not match the torch model - {report.summary()}",
                                "nothing was written; please report this model as a bitfold bug")
         # the report lands first: an .onnx under its final name always has its verification beside it
