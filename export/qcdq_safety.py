@@ -10,10 +10,7 @@ CPUs (``vpdpbusd``, int32 sums) do not, so the same file is exact on one CPU and
 
 :func:`pair_sum_bounds` computes, per layer, the largest pair sum the layer's *actual* weight
 codes can produce with its activation code range (the two largest |w| of each output channel, a
-sound bound whatever pairing the kernel packs). :func:`float_weights` rewrites the layers that
-can saturate so that their weights are float constants holding the same dequantized values: no
-runtime fuses them into an int8 kernel, and the file computes the same numbers everywhere.
-A layer keeps int8 weights when its weights have at most 7 bits (|w| <= 64) or its inputs are
+sound bound whatever pairing the kernel packs). A layer is safe int8 weights when its weights have at most 7 bits (|w| <= 64) or its inputs are
 unsigned codes of at most 7 bits - train it so to run it in int8 on every CPU.
 """
 from __future__ import annotations
@@ -51,7 +48,7 @@ def _producers(m) -> dict:
     return {o: n for n in m.graph.node for o in n.output}
 
 
-def _code_range(q_out: str, prod: dict, vals: dict, zp_dtype) -> tuple[int, int] | None:
+def _code_range(q_out: str, prod: dict, vals: dict, zp_dtype) -> tuple[int, int]:
     """Integer range of the codes flowing into a DequantizeLinear: a Clip's bounds, else the dtype's."""
     n = prod.get(q_out)
     if n is not None and n.op_type == "Clip" and len(n.input) == 3 and n.input[1] in vals and n.input[2] in vals:
@@ -110,41 +107,3 @@ def pair_sum_bounds(m) -> list[PairSumBound]:
                                 int(a_max) * w_pair <= INT16_MAX))
     return out
 
-
-def float_weights(m, nodes: set[str]):
-    """Replace the dequantized weights of ``nodes`` by float constants (same values); returns ``m``."""
-    import onnx
-    from onnx import numpy_helper
-    vals, prod = _values(m), _producers(m)
-    for n in m.graph.node:
-        if (n.name or n.output[0]) not in nodes:
-            continue
-        wdq = _dequant_input(n.input[1], prod, skip=("Transpose",))
-        codes = _weight_codes(wdq, prod, vals).astype(np.float32)
-        scale = vals[wdq.input[1]].astype(np.float32)
-        zp = vals[wdq.input[2]].astype(np.float32) if len(wdq.input) > 2 else np.float32(0)
-        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:  # per-channel: broadcast along ``axis``
-            shape = [1] * codes.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), np.broadcast_to(zp, scale.shape).reshape(shape)
-        name = wdq.output[0] + "_float"
-        m.graph.initializer.append(numpy_helper.from_array(((codes - zp) * scale).astype(np.float32), name))
-        for c in m.graph.node:  # the Transpose (or the layer) now reads the float constant
-            for i, inp in enumerate(c.input):
-                if inp == wdq.output[0]:
-                    c.input[i] = name
-    # drop the weight chains nobody reads any more
-    while True:
-        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-        dead = [n for n in m.graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            m.graph.node.remove(n)
-    used = {i for n in m.graph.node for i in n.input}
-    keep = [i for i in m.graph.initializer if i.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
-    onnx.checker.check_model(m)
-    return m
