@@ -37,13 +37,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors: click's, or typer's own copy of click (typer >= 0.29)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and isinstance(getattr(e, "exit_code", None), int):
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         raise
