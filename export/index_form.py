@@ -20,7 +20,8 @@ from bitfold.core.atomic import atomic_path, write_json
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import compute_layers
 
-from bitfold.export.verify import compare, output_step_of, run_ort
+from bitfold.export.qcdq_safety import pair_sum_bounds
+from bitfold.export.verify import verify_file
 
 
 def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
@@ -65,8 +66,9 @@ def rewrite_to_index_form(onnx_path: Path, snapped_model) -> dict:
 
 def export_index_run(run_dir, out_path=None):
     """Export an ADQ run in index + codebook form (QCDQ integer grid behind Gathers), verified."""
-    from bitfold.toolchain.runs import dataset_of
-    from bitfold.toolchain.runs import load_run
+    import onnx
+
+    from bitfold.toolchain.runs import dataset_of, load_run
 
     from bitfold.export.onnx_export import export_model
     cfg, model, _ = load_run(run_dir)
@@ -83,10 +85,19 @@ def export_index_run(run_dir, out_path=None):
         export_model(snapped, "qcdq", tmp, ds.x_test, ds.input_shape)
         Path(str(tmp) + ".verify.json").unlink(missing_ok=True)
         stats = rewrite_to_index_form(tmp, snapped)
-        report = compare("qcdq-index", "onnxruntime (QDQ fusions off)", ref, run_ort(str(tmp), ds.x_test.numpy()),
-                         output_step_of(tmp))
+        # the same gates as a QCDQ file: pair sums of the weights the Gathers produce, then the
+        # file's own arithmetic (fusions off), the default onnxruntime session and OpenVINO
+        bounds = pair_sum_bounds(onnx.load(str(tmp)))
+        unsafe = [b for b in bounds if not b.safe]
+        if unsafe:
+            raise BitfoldError("index-form export: int8 kernels without VNNI can saturate in "
+                               + ", ".join(f"{b.node} (pair sum {b.bound} > 32767)" for b in unsafe),
+                               "train these layers with <= 7-bit weights or <= 7-bit unsigned inputs")
+        report = verify_file("qcdq", str(tmp), ds.x_test.numpy(), ref)
         if not report.passed:
-            raise BitfoldError(f"index-form export does not match the torch model - {report.summary()}")
-    write_json(out_path.with_name(out_path.name + ".verify.json"), {"format": "qcdq-index", "layers": stats,
-                                                                    **report.as_dict()})
+            raise BitfoldError(f"index-form export does not match the torch model - {report.summary()}; "
+                               f"runtimes: {report.runtimes}")
+    write_json(out_path.with_name(out_path.name + ".verify.json"),
+               {"format": "qcdq-index", "layers": stats, **report.as_dict(),
+                "int8_pair_sums": [b.as_dict() for b in bounds]})
     return out_path, report, stats

@@ -65,14 +65,31 @@ def _dequant_input(name: str, prod: dict, skip=("Transpose", "Reshape", "Flatten
     return n if n is not None and n.op_type == "DequantizeLinear" else None
 
 
+def _constant(name: str, prod: dict, vals: dict) -> np.ndarray | None:
+    """A tensor computable from initializers alone: an initializer, a Cast of one, or a Gather of
+    one by one (the index form's ``Gather(codebook, Cast(index))``)."""
+    if name in vals:
+        return vals[name]
+    n = prod.get(name)
+    if n is None:
+        return None
+    if n.op_type == "Cast":
+        src = _constant(n.input[0], prod, vals)
+        return None if src is None else src.astype(np.int64)
+    if n.op_type == "Gather" and len(n.input) == 2:
+        data, idx = _constant(n.input[0], prod, vals), _constant(n.input[1], prod, vals)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        return None if data is None or idx is None else np.take(data, idx.astype(np.int64), axis=axis)
+    return None
+
+
 def _weight_codes(dq, prod: dict, vals: dict) -> np.ndarray | None:
     src = dq.input[0]
     n = prod.get(src)
-    if src in vals:
-        return vals[src]
-    if n is not None and n.op_type == "Clip" and n.input[0] in vals and len(n.input) == 3:
-        return np.clip(vals[n.input[0]], vals[n.input[1]], vals[n.input[2]])
-    return None
+    if n is not None and n.op_type == "Clip" and len(n.input) == 3:
+        w = _constant(n.input[0], prod, vals)
+        return None if w is None else np.clip(w, vals[n.input[1]], vals[n.input[2]])
+    return _constant(src, prod, vals)
 
 
 def pair_sum_bounds(m) -> list[PairSumBound]:

@@ -145,6 +145,7 @@ class TableCostModel:
     table: dict
     source: str = ""
     target_fps: float | None = None   # FPGA tables: price the folding that reaches this rate
+    clock_mhz: float | None = None    # the board's clock, read once by at_rate
 
     def at_rate(self, target_fps: float | None) -> "TableCostModel":
         """The same table pricing each layer folded to reach ``target_fps`` inferences/s at the
@@ -156,13 +157,23 @@ class TableCostModel:
                 raise BitfoldError(f"the {self.name} table is not an FPGA structural table: it has no rate",
                                    "--target-fps applies to open-flow FPGA boards (ulx3s-85f, icebreaker)")
             return self
-        return TableCostModel(self.table, self.source, target_fps)
+        clock = None
+        if target_fps:
+            from bitfold.boards import load_board
+            clock = load_board(self.table["board"]).clock_mhz
+        return TableCostModel(self.table, self.source, target_fps, clock)
 
     def cycles_budget(self) -> float | None:
-        if not self.target_fps:
-            return None
-        from bitfold.boards import load_board
-        return load_board(self.table["board"]).clock_mhz * 1e6 / self.target_fps
+        return self.clock_mhz * 1e6 / self.target_fps if self.target_fps and self.clock_mhz else None
+
+    @property
+    def measured_out_bits(self) -> int | None:
+        """FPGA structural tables: the widest thresholded layer output the table was fitted on
+        (wider outputs would be extrapolated); None for tables without a threshold term."""
+        for k in self.table["kinds"].values():
+            if k.get("form") == "features" and k["H"]["o"]:
+                return int(max(k["H"]["o"]))
+        return None
 
     @property
     def name(self) -> str:

@@ -159,11 +159,15 @@ class AdaQATMethod(QuantMethod):
                 raise BitfoldError(f"--target-fps needs a board's FPGA cost table, not {cost!r}",
                                    "pass --cost <board> (ulx3s-85f, icebreaker)")
             self.cost_model = self.cost_model.at_rate(target_fps)
+        # an FPGA table prices a layer's thresholds only up to the output width it was fitted on:
+        # learnable layer outputs stay inside that range (wider ones would be priced by extrapolation)
+        self.out_cap = getattr(self.cost_model, "measured_out_bits", None)
         self._wq, self._aq_u, self._aq_s = _quantizers(self.min_bits, self.max_bits, estimator)
         self.trajectory: list[list] = []  # [step, layer or site, "w"|"a", N]
         self.layers = None
         self.c_ref = None
         self.edges: set[str] = set()
+        self.capped: list = []
 
     def options(self) -> dict:
         return {"cost": self.cost_name, "lam": self.lam, "budget": self.budget, "estimator": self.estimator,
@@ -229,9 +233,16 @@ class AdaQATMethod(QuantMethod):
         self.layers = layers
         names = [d.name for d in layers]
         self.edges = set() if self.learn_edges else {names[0], names[-1]}
+        learn = self._learnable(model)
         for m in self._all_widths(model):
-            if m not in self._learnable(model):
+            if m not in learn:
                 m.n.requires_grad_(False)
+        # thresholded outputs: every site except the one feeding the first layer (the model input)
+        self.capped = [m for k, m in self.site_widths(model).items() if names[0] not in k and m in learn] \
+            if self.out_cap is not None and self.out_cap < self.max_bits else []
+        with torch.no_grad():
+            for m in self.capped:
+                m.n.clamp_(max=float(self.out_cap))
         with torch.no_grad():
             self.c_ref = float(self.cost_model(layers, self.layer_bits(model)).total)
         if self.budget is not None and self.c_ref <= 0:
@@ -309,6 +320,8 @@ class AdaQATMethod(QuantMethod):
                         m.n.grad = None
             for m in self._all_widths(model):
                 m.n.clamp_(self.min_bits, self.max_bits)
+            for m in self.capped:
+                m.n.clamp_(max=float(self.out_cap))
 
     def on_epoch_end(self, model, epoch, epochs):
         if epoch >= epochs - self.finetune_epochs and not self.frozen(model):
@@ -351,8 +364,9 @@ class AdaQATMethod(QuantMethod):
         improved = True
         while improved:
             improved = False
+            capped = {id(c) for c in self.capped}
             for m in sorted(learn, key=lambda m: ints[id(m)] - frac[id(m)]):
-                if ints[id(m)] < self.max_bits:
+                if ints[id(m)] < (self.out_cap if id(m) in capped else self.max_bits):
                     ints[id(m)] += 1
                     if self._cost_of(model, ints) <= self.budget:
                         improved = True
@@ -382,7 +396,7 @@ class AdaQATMethod(QuantMethod):
         with torch.no_grad():
             final = float(self.cost_model(self.layers, self.layer_bits(model, continuous=False)).total)
         return {"adaqat": {**self.options(), "cost_ref": self.c_ref, "final_cost": final,
-                           "cost_unit": self.cost_model.unit,
+                           "cost_unit": self.cost_model.unit, "out_cap": self.out_cap,
                            "budget_met": None if self.budget is None else bool(final <= self.budget)}}
 
     def _plot(self, path):

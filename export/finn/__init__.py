@@ -1,9 +1,10 @@
 """The FINN backend (Xilinx boards): FINN's builder in its own environment, driven as a subprocess
-through a versioned JSON contract (``worker.py``); estimates, HW-layer execution checks and RTL
-lint here, Vivado-gated steps named when Vivado is missing.
+through a versioned JSON contract (``worker.py``); estimates, HW-layer execution checks, RTL lint
+and verilator simulation of FINN's RTL layers here; Vivado-gated steps named when Vivado is missing.
 
 Modules: ``backend`` (environment set-up, build), ``worker`` (runs inside the FINN environment),
-``probe`` (cost-table measurement driver: FINN estimates of one-layer models).
+``rtlsim`` (FINN's RTL layers in verilator), ``probe`` (cost-table measurement driver: FINN
+estimates of one-layer models).
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ class FinnBackend(Backend):
         samples: int = 20
         env: Optional[object] = None          # the FINN environment (default: bitfold setup finn's)
         impl_style: Optional[str] = None      # MVAU style for every layer ("hls" | "rtl"); None: FINN chooses
+        rtl_sim: bool = True                  # simulate FINN's generated RTL layers in verilator (with verify)
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
         from bitfold.export.finn.backend import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), folding=o.folding, verify=o.verify, samples=o.samples,
                      bitstream=o.bitstream, events=events, target_fps=o.target_fps, env=o.env,
-                     impl_style=o.impl_style)
+                     impl_style=o.impl_style, rtl_sim=o.rtl_sim)
 
     def probe(self, board, full: bool = False, events=None, **kw):
         from bitfold.export.finn.probe import measure

@@ -206,10 +206,101 @@ def run(req: dict) -> dict:
         res.update(status="tool_missing", missing_tool=", ".join(missing))
         return res
     res["rtl_sources"] = _rtl_sources(out_dir) if req.get("codegen") else {}
+    res["rtl_vectors"] = _rtl_vectors(out_dir, req.get("verify_samples")) if req.get("codegen") else {}
     import finn
     res["finn_rtllib"] = str(Path(finn.__file__).parent / "finn-rtllib")
     res["status"] = "ok"
     return res
+
+
+#: RTL layers whose generated HDL instantiates Xilinx primitives (DSP48E1/E2, DSP58): simulating
+#: them needs Vivado's unisim library, so they are linted, not simulated
+XILINX_PRIMITIVE_OPS = {"MVAU_rtl": "DSP48/DSP58 primitives", "VVAU_rtl": "DSP48/DSP58 primitives"}
+
+
+def _stream_order(inst, op_type: str, y):
+    """A node's output tensor in the order its RTL streams it. Python execution of a depthwise
+    sliding window (SIMD < channels) yields im2col order (kernel position, then channel); the
+    hardware streams channel folds outside kernel positions (FINN's own SWG tests reorder their
+    golden output the same way)."""
+    if op_type.startswith("ConvolutionInputGenerator") and inst.get_nodeattr("depthwise"):
+        simd, ch = inst.get_nodeattr("SIMD"), inst.get_nodeattr("IFMChannels")
+        kh, kw = inst.get_nodeattr("ConvKernelDim")
+        if simd < ch:
+            shape = y.shape
+            y = y.reshape(*shape[:-1], kh * kw, ch // simd, simd).swapaxes(-3, -2).reshape(shape)
+    return y
+
+
+def _rtl_vectors(out_dir: Path, samples_path) -> dict:
+    """Stimulus and expected responses for simulating FINN's generated RTL layers outside FINN.
+
+    For every ``*_rtl`` node of the code-generated model, the node's input and output tensors come
+    from Python (HW-abstraction) execution of the whole model on every verification sample; they
+    are packed into stream words the way FINN's own rtlsim packs them
+    (``npy_to_rtlsim_input``, the node's folded shapes and padded stream widths). Written to
+    ``<out_dir>/bitfold_rtlsim/<node>/`` as ``in.mem`` / ``expected.mem`` (hex, one word a line)
+    and ``meta.json`` (top module, sources, widths, words per sample). Returns node -> meta (or
+    ``{"skipped": reason}``); paths inside ``out_dir`` are written ``@/relative``."""
+    import numpy as np
+    from finn.core.onnx_exec import execute_onnx
+    from finn.util.data_packing import npy_to_rtlsim_input
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+    models = sorted((out_dir / "intermediate_models").glob("*hw_codegen*.onnx"))
+    if not models or not samples_path:
+        return {}
+    model = ModelWrapper(str(models[-1]))
+    nodes = [n for n in model.graph.node if n.op_type.endswith("_rtl")]
+    if not nodes:
+        return {}
+    root = out_dir / "bitfold_rtlsim"
+    view = _python_view(model, root / "view")
+    data = np.load(samples_path)
+    iname = model.graph.input[0].name
+    ishape = model.get_tensor_shape(iname)
+    ctxs = []
+    for i in range(len(data["x"])):
+        xi = data["x"][i:i + 1]
+        if list(xi.shape) != list(ishape) and int(np.prod(ishape)) == xi.size:
+            xi = xi.transpose(0, 2, 3, 1) if len(ishape) == 4 and ishape[-1] == xi.shape[1] else xi
+            xi = xi.reshape(ishape)
+        ctxs.append(execute_onnx(view, {iname: xi.astype(np.float32)}, return_full_exec_context=True))
+    out = {}
+    for n in nodes:
+        if n.op_type in XILINX_PRIMITIVE_OPS:
+            out[n.name] = {"skipped": f"{n.op_type} uses {XILINX_PRIMITIVE_OPS[n.op_type]}: simulating it "
+                                      "needs Vivado's unisim library"}
+            continue
+        inst = getCustomOp(n)
+        idt, odt = inst.get_input_datatype(0), inst.get_output_datatype(0)
+        if idt == DataType["BIPOLAR"] or odt == DataType["BIPOLAR"]:
+            out[n.name] = {"skipped": "bipolar streams are not packed by this harness"}
+            continue
+        iw, ow = inst.get_instream_width_padded(0), inst.get_outstream_width_padded(0)
+        words_in, words_out = [], []
+        for c in ctxs:
+            words_in += npy_to_rtlsim_input(c[n.input[0]].reshape(inst.get_folded_input_shape(0)), idt, iw)
+            y = _stream_order(inst, n.op_type, c[n.output[0]])
+            words_out += npy_to_rtlsim_input(y.reshape(inst.get_folded_output_shape(0)), odt, ow)
+        d = root / n.name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "in.mem").write_text("\n".join(format(w, "x") for w in words_in) + "\n")
+        (d / "expected.mem").write_text("\n".join(format(w, "x") for w in words_out) + "\n")
+        def rel(p):      # paths inside the build as "@/..." (bitfold renames the build directory)
+            p = Path(p).resolve()
+            return f"@/{p.relative_to(out_dir.resolve())}" if p.is_relative_to(out_dir.resolve()) else str(p)
+        meta = {"op": n.op_type, "top": inst.get_nodeattr("gen_top_module") or n.name,
+                "code_gen_dir": rel(inst.get_nodeattr("code_gen_dir_ipgen")),
+                "files": [rel(f) for f in inst.get_rtl_file_list(abspath=True)],
+                "in_width": int(iw), "out_width": int(ow), "samples": len(ctxs),
+                "in_words": len(words_in), "out_words": len(words_out),
+                "out_elem_bits": int(odt.bitwidth()), "out_elems_per_word": int(inst.get_folded_output_shape(0)[-1]),
+                "in_dtype": idt.get_canonical_name(), "out_dtype": odt.get_canonical_name()}
+        (d / "meta.json").write_text(json.dumps(meta, indent=1))
+        out[n.name] = {**meta, "dir": rel(d)}
+    return out
 
 
 def _applied_folding(out_dir: Path) -> dict:

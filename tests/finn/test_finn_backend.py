@@ -66,7 +66,8 @@ def test_env_is_separate_and_reused(finn_env):
 def test_estimates_verified(finn_env, exports, tmp_path, model, board):
     from bitfold.export.backends import build
     out = tmp_path / "b"
-    r = build(exports[model], board, out, bitstream=False)
+    sim = board == "pynq-z2"            # FINN's RTL layers in verilator: once per model (same generator)
+    r = build(exports[model], board, out, bitstream=False, rtl_sim=sim)
     info = json.loads((out / "build.json").read_text())
     assert r.backend == "finn" and info["status"] == "ok"
     checks = info["verification"]
@@ -83,7 +84,36 @@ def test_estimates_verified(finn_env, exports, tmp_path, model, board):
     assert "step_generate_estimate_reports" in info["steps"]
     if model == "mlp":
         assert info["rtl_lint"] and all(v["rc"] == 0 for v in info["rtl_lint"].values())
+    if sim:                 # FINN's generated RTL in verilator vs FINN's Python execution, exact
+        rs = info["rtl_sim"]
+        done = {k: v for k, v in rs.items() if not v.get("skipped")}
+        assert done and all(v["passed"] and v["mode"] == "exact" and v["samples"] == 20 and v["stall"]
+                            for v in done.values())
+        assert all("unisim" in v["skipped"] for k, v in rs.items() if k.startswith("MVAU_rtl"))
+        if model == "mlp":
+            assert "Thresholding_rtl_0" in done
+            _wrong_threshold_is_caught(out / "finn")
+        else:       # padding and sliding windows, the pooling one depthwise with SIMD < channels
+            assert any(k.startswith("FMPadding_rtl") for k in done)
+            assert sum(k.startswith("ConvolutionInputGenerator_rtl") for k in done) >= 2
+    else:
+        assert info["rtl_sim"] == {}
     assert "| total |" in (out / "report.md").read_text()
+
+
+def _wrong_threshold_is_caught(finn_dir):
+    """The RTL comparison can fail: one threshold of FINN's generated image moved -> mismatch."""
+    from bitfold.export.finn.rtlsim import read_meta, simulate_node
+    d = finn_dir / "bitfold_rtlsim" / "Thresholding_rtl_0"
+    meta = read_meta(d)
+    lib = str(Path(meta["files"][0]).parents[2])        # finn-rtllib
+    ok = simulate_node("Thresholding_rtl_0", meta, lib, finn_dir, stall=False)
+    assert ok["passed"]
+    root = sorted((finn_dir / meta["code_gen_dir"][2:]).glob("*_threshs_0_0.dat"))[0]
+    assert root.read_text().split()[0] != "3f000000"
+    root.write_text("3f000000\n")       # the search tree's root threshold -> 0.5 (float32 bits)
+    bad = simulate_node("Thresholding_rtl_0", meta, lib, finn_dir)
+    assert not bad["passed"] and bad["flips"] > 0
 
 
 def test_gated_steps_name_vivado_and_keep_estimates(finn_env, exports, tmp_path):
@@ -123,11 +153,11 @@ def test_foreign_brevitas_tfc(finn_env, tmp_path):
 
 def test_folding_file_and_small_budget(finn_env, exports, tmp_path):
     from bitfold.export.backends import build
-    build(exports["cnn"], "pynq-z2", tmp_path / "auto", bitstream=False, target_fps=200_000)
+    build(exports["cnn"], "pynq-z2", tmp_path / "auto", bitstream=False, target_fps=200_000, rtl_sim=False)
     auto = json.loads((tmp_path / "auto" / "build.json").read_text())
     fold = {r["layer"]: {"PE": 1, "SIMD": 1} for r in auto["layers"] if r["type"].startswith("MVAU")}
     (tmp_path / "fold.json").write_text(json.dumps({"Defaults": {}, **fold}))
-    build(exports["cnn"], "pynq-z2", tmp_path / "serial", bitstream=False, folding=tmp_path / "fold.json")
+    build(exports["cnn"], "pynq-z2", tmp_path / "serial", bitstream=False, folding=tmp_path / "fold.json", rtl_sim=False)
     ser = json.loads((tmp_path / "serial" / "build.json").read_text())
     assert all(r["PE"] == 1 and r["SIMD"] == 1 for r in ser["layers"] if r["type"].startswith("MVAU"))
     assert ser["totals"]["LUT"] < auto["totals"]["LUT"]
@@ -136,7 +166,7 @@ def test_folding_file_and_small_budget(finn_env, exports, tmp_path):
     tiny.write_text(next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()).joinpath("boards", "pynq-z2.toml").read_text()
                     .replace('name = "pynq-z2"', 'name = "tiny-z2"').replace("lut = 53200", "lut = 500"))
     with pytest.raises(BitfoldError, match=r"does not fit tiny-z2: LUT .* > 500 \(largest layer"):
-        build(exports["cnn"], str(tiny), tmp_path / "t", bitstream=False, target_fps=200_000)
+        build(exports["cnn"], str(tiny), tmp_path / "t", bitstream=False, target_fps=200_000, rtl_sim=False)
 
 
 def test_bad_inputs(finn_env, exports, tmp_path, monkeypatch):

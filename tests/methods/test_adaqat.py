@@ -146,6 +146,24 @@ def test_budget_repair_does_not_narrow_when_narrowing_cannot_help():
     assert all(b.w == 8 and b.a == 8 for b in bm.values())
 
 
+def test_layer_outputs_stay_in_the_fpga_tables_measured_range():
+    """ulx3s-85f's table fitted thresholds on <= 6-bit outputs: a learnable layer output is kept
+    there (start, steps and the budget repair's raising pass); the model input may stay at 8."""
+    from bitfold.toolchain.models import build_model
+    method = AdaQATMethod(cost="ulx3s-85f", budget=1e12, lam=1.0, learn_edges=True)
+    assert method.out_cap == 6
+    model = build_model("mlp", (1, 8, 8), 10, bits="w8a8:all", method=method)
+    layers = describe_layers(model, (1, 8, 8))
+    method.setup(model, layers)
+    sites = method.site_widths(model)
+    first = layers[0].name
+    assert all(float(m.n) <= 6 for k, m in sites.items() if first not in k) and len(method.capped) == len(sites) - 1
+    method.after_step(model, 0)
+    bm = method.freeze(model)          # a huge budget: the raising pass widens what it may
+    assert bm[first].a == 8 and all(b.a <= 6 for n, b in bm.items() if n != first)
+    assert all(b.w == 8 for b in bm.values())
+
+
 def _width_drops(tmp_path, bit_opt):
     """Two linear layers, the first priced 4x the second per (b_w * b_a): how far each width fell."""
     from pathlib import Path

@@ -1,5 +1,6 @@
 """ADQ: codebook init/EMA, Fisher allocation, snapped + index-form exports, exact resume."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,14 @@ def test_index_form_verifies_and_stores_indices(adq_run, tmp_path):
     assert sum(n.op_type == "Gather" for n in m.graph.node) == 4
     idx = next(i for i in m.graph.initializer if i.name == "convs_1_index")
     assert onnx.numpy_helper.to_array(idx).max() < 8
+    # the int16 pair-sum check reads the weights the Gathers produce: every layer has its bound
+    from bitfold.export.qcdq_safety import pair_sum_bounds
+    layers = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    bounds = pair_sum_bounds(m)
+    assert len(bounds) == len(layers) and all(b.safe for b in bounds)
+    info = json.loads(Path(str(path) + ".verify.json").read_text())
+    assert len(info["int8_pair_sums"]) == len(layers)
+    assert {r["executor"] for r in info["runtimes"]} >= {"onnxruntime default session"}
 
 
 def test_resume_keeps_codebooks_bit_exact(tmp_path):
