@@ -19,8 +19,7 @@ from bitfold.export.onnx_export import output_step
 
 def export_dynamic_run(run_dir, out_path=None):
     from bitfold.toolchain.asq import ASQMethod, dynamic_export
-    from bitfold.toolchain.runs import dataset_of
-    from bitfold.toolchain.runs import load_run
+    from bitfold.toolchain.runs import dataset_of, load_run
     cfg, model, _ = load_run(run_dir)
     if not isinstance(model.quant_method, ASQMethod):
         raise BitfoldError(f"run {run_dir} (--method {cfg.method}) has no adaptive activation steps",

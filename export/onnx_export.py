@@ -291,8 +291,7 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
 
     ``bits_map`` (MEBQAT runs) sets the switchable model to those widths first - no retraining.
     """
-    from bitfold.toolchain.runs import dataset_of
-    from bitfold.toolchain.runs import load_run
+    from bitfold.toolchain.runs import dataset_of, load_run
     if bits_map is not None:
         from bitfold.toolchain.select_bits import deploy_run
         cfg, model, ds = deploy_run(run_dir, bits_map)

@@ -308,8 +308,9 @@ class AdaQATMethod(QuantMethod):
     def after_step(self, model, step):
         with torch.no_grad():
             if self.bit_opt == "sgd":
-                live = [m for m in self._learnable(model) if m.n.grad is not None]
-                steps = [self.bit_lr * m.n.grad if m.frozen <= 0 else torch.zeros(()) for m in live]
+                # frozen widths no longer require grad, so they have none
+                live = [m for m in self._cached(model, "learn", lambda: self._learnable(model)) if m.n.grad is not None]
+                steps = [self.bit_lr * m.n.grad for m in live]
                 if steps:
                     # one clip for all widths (largest move MAX_BIT_STEP per step): the relative sizes,
                     # which carry the cost's relative prices, are kept
@@ -336,6 +337,7 @@ class AdaQATMethod(QuantMethod):
         for m in self._all_widths(model):
             m.frozen.fill_(ints[id(m)])
             m.n.requires_grad_(False)
+            m.n.grad = None
         return self.bit_map(model)
 
     def _cost_of(self, model, ints) -> float:

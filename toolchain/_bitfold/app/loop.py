@@ -121,6 +121,7 @@ class CpuTarget(LoopTarget):
 class OpenFpgaTarget(LoopTarget):
     metric, unit, export_format, default_model = "lut", "LUT4", "qonnx", "mlp"
     default_bits = "w6a6:all"
+    target_fps: float | None = None   # fold to reach this rate (the table prices the same folding)
 
     def calibrate(self, d):
         from bitfold.hw_models.table import find_table, fit_table
@@ -132,8 +133,6 @@ class OpenFpgaTarget(LoopTarget):
         rows = backend_for(self.b).probe(self.b)   # no table yet: the quick synthesis grid (minutes)
         self.store.add(rows)
         return self._write_table(d, fit_table(rows, self.b.name, "lut"))
-
-    target_fps: float | None = None   # fold to reach this rate (the table prices the same folding)
 
     def build(self, onnx, d):
         from bitfold.export.backends import build
