@@ -17,7 +17,7 @@ def test_fpga_loop_failure_resume_and_report(tmp_path, monkeypatch):
     def broken(self, onnx, d):
         raise BitfoldError("injected build failure")
     exp = tmp_path / "exp"
-    kw = dict(model="mlp", epochs=2, bits="w3a3:all")
+    kw = dict(model="mlp", epochs=2, bits="w3a3:all", method_options={"max_bits": 5})   # --opt max_bits=5
     with monkeypatch.context() as m:
         m.setattr(loop.OpenFpgaTarget, "build", broken)
         with pytest.raises(BitfoldError, match="injected build failure"):
@@ -30,6 +30,8 @@ def test_fpga_loop_failure_resume_and_report(tmp_path, monkeypatch):
     assert [x.split(":")[0].strip() for x in logs if "skipped" in x] == ["calibrate", "train", "export"]
     assert onnx.read_bytes() == before
     h = r["history"][0]
+    cfg = json.loads((exp / "round1" / "train" / "run" / "config.json").read_text())
+    assert cfg["method_options"]["max_bits"] == 5 and all(b["w"] <= 5 and b["a"] <= 5 for b in h["bit_map"].values())
     rep = json.loads((exp / "round1" / "build" / "fpga" / "build.json").read_text())
     assert rep["simulation"]["bit_exact"] and rep["folding"]["dense0"]["simd"] == 64   # the table's folding
     from bitfold.export.open_fpga.probe import model_resources

@@ -15,6 +15,7 @@ BAD = [
     "train --data fashion-mnist --data-dir {file} -o {out}", "train --data nope -o {out}",
     "train --method nope -o {out}", "fewshot -o {out} --seen a,b", "setup nothing", "boards {file}",
     "run -b nope -o {out}", "run -b host-cpu -o {out} --budget lut<=5",
+    "run -b ulx3s-85f -o {out} --opt nope=1", "run -b ulx3s-85f -o {out} --opt max_bits=99",
     "export {dir} --out {out}", "train --epochs many -o {out}",   # unknown option, wrong type
 ]
 

@@ -220,10 +220,12 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
              model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
              lam: float = 1.0, bitstream: bool = False, verify: bool = True, cost: str | None = None,
              table: str | Path | None = None, tracker: str | None = None, key: str | None = None, nproc: int = 1,
-             events=None, fps: float | None = None) -> dict:
+             events=None, fps: float | None = None, method_options: dict | None = None) -> dict:
     """The loop (module docstring). ``cost``: train against this cost model instead of the board's
     table (e.g. ``bitops``, for comparison; predictions still come from the table); ``table``: start
-    from this table file instead of the board's shipped/measured one."""
+    from this table file instead of the board's shipped/measured one; ``method_options``: further
+    options of the training method (``bitfold run --opt KEY=VALUE``, e.g. ``max_bits=6``), applied
+    over the loop's own (cost, lam, budget, rate)."""
     from bitfold.core.events import events_of
     log = events_of(events).say
     from bitfold.boards import load_board
@@ -244,6 +246,12 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         if fps <= 0:
             raise BitfoldError(f"--fps must be > 0, got {fps}")
         tgt.target_fps = float(fps)
+    if method_options:      # a wrong option is one clear error before any stage runs
+        from bitfold.toolchain.quant import get_method
+        bad = {k: v for k, v in method_options.items() if k == "cost"}
+        if bad:
+            raise BitfoldError("--opt cost=... is the loop's own; use --cost", "bitfold run --cost bitops")
+        get_method(method, **({"cost": "bitops"} if method == "adaqat" else {}), **method_options)
     metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
     if metric != tgt.metric:
         raise BitfoldError(f"{b.name}'s cost table measures {tgt.metric}, not {metric!r}",
@@ -268,8 +276,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
             opts["budget"] = limit
         if fps is not None:
             opts["target_fps"] = float(fps)
-        cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs,
-                          method_options=opts if method == "adaqat" else {})
+        opts = (opts if method == "adaqat" else {}) | dict(method_options or {})
+        cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs, method_options=opts)
 
         def do_train(d, cfg=cfg, table_file=table_file):
             m = train(cfg, d / "run", progress=False) if nproc <= 1 else _train_torchrun(cfg, d / "run", nproc)

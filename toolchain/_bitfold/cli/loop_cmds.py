@@ -33,12 +33,15 @@ def run_cmd(
     nproc: int = typer.Option(1, min=1, help="train under torchrun with N processes (DDP)"),
     fps: Optional[float] = typer.Option(None, help="FPGA boards: the target rate (inferences/s) the table prices "
                                                    "and the build folds for"),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="training method option KEY=VALUE, repeatable "
+                                            "(as for `bitfold train`, e.g. max_bits=6, bit_opt=adam)"),
 ):
     """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
     from bitfold.app.loop import format_metric, run_loop
+    from bitfold.cli.train_cmds import parse_opts
     r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
                  verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, events=Events(on_say=console.print),
-                 fps=fps)
+                 fps=fps, method_options=parse_opts(opt))
     for h in r["history"]:
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
                       f"{format_metric(r['metric'], h['predicted'])}, measured {format_metric(r['metric'], h['measured'])}")

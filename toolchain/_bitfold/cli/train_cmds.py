@@ -37,7 +37,8 @@ def _parse_subset(text: str | None):
     return (n_train, n_test)
 
 
-def _parse_opts(items) -> dict:
+def parse_opts(items) -> dict:
+    """``--opt KEY=VALUE`` items -> a dict (values parsed as JSON where they are)."""
     out = {}
     for it in items or []:
         k, sep, v = it.partition("=")
@@ -100,7 +101,7 @@ def train(
                       subset=_parse_subset(subset),
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
-                                                     bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | _parse_opts(opt), epochs=epochs,
+                                                     bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
     _report_train(run_train(cfg, out, resume=resume, progress=not quiet), out)
