@@ -7,14 +7,15 @@ Choices made here (and tested):
   ``(k + 0.5) / 2^b`` of the layer's weights on the first training forward (equal counts per bin),
   and adapted online: on every training forward each weight is assigned to its nearest entry and
   each non-empty entry moves to ``m * c_k + (1 - m) * mean(assigned weights)`` (``momentum`` m,
-  default 0.9). The forward uses ``w + (c[assign] - w).detach()`` (straight-through to the latent
+  default 0.9; ``--opt ema=false`` keeps the initial codebook, ``--opt init=uniform`` starts from
+  evenly spaced entries - the paper's ablations). The forward uses ``w + (c[assign] - w).detach()`` (straight-through to the latent
   weights). The codebook lives in a torch parametrization of the Brevitas layer's weight; the
   Brevitas weight quantizer itself is off during training.
 * Activations: Brevitas' learned-scale uniform quantizer (LSQ-style threshold), as in ``fixed``.
 * Sensitivity: the empirical **Fisher** trace per layer, ``mean over batches of sum(g^2)`` on the
   latent weights (chosen over Hutchinson's Hessian trace: no double backward through Brevitas'
   rounding functions, one backward per batch). The allocator minimises
-  ``sum_l F_l * MSE_l(b_l)`` - the second-order loss increase with the Fisher as Hessian proxy and
+  ``sum_l F_l * MSE_l(b_l)`` (F a sum over weights, MSE a mean per weight) - the second-order loss increase with the Fisher as Hessian proxy and
   the layer's codebook quantization error at ``b`` bits, measured by fitting that codebook - under a
   budget in any ``CostModel``: start at the widest candidate, repeatedly take the one-bit step that
   adds the least objective per unit of cost saved.
@@ -45,6 +46,15 @@ def quantile_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.quantile(w.detach().flatten().double(), q).float()
 
 
+def uniform_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``2^bits`` evenly spaced entries over [min(w), max(w)] (the ablation of the quantile init)."""
+    w = w.detach().flatten()
+    return torch.linspace(float(w.min()), float(w.max()), 2 ** bits)
+
+
+INITS = {"quantile": quantile_codebook, "uniform": uniform_codebook}
+
+
 def assign(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every weight (codebook sorted ascending)."""
     c = codebook.sort().values if not bool((codebook[1:] >= codebook[:-1]).all()) else codebook
@@ -67,16 +77,16 @@ def lloyd_mse(w: torch.Tensor, bits: int, iters: int = 8) -> float:
 class CodebookWeight(nn.Module):
     """Parametrization: weight -> its nearest codebook entry (STE), codebook adapted by EMA."""
 
-    def __init__(self, bits: int, momentum: float):
+    def __init__(self, bits: int, momentum: float, init: str = "quantile"):
         super().__init__()
-        self.bits, self.momentum = int(bits), float(momentum)
+        self.bits, self.momentum, self.init = int(bits), float(momentum), init
         self.register_buffer("codebook", torch.zeros(2 ** self.bits))
         self.register_buffer("initialized", torch.tensor(False))
 
     def forward(self, w):
         if not bool(self.initialized):
             with torch.no_grad():
-                self.codebook.copy_(quantile_codebook(w, self.bits))
+                self.codebook.copy_(INITS[self.init](w, self.bits))
                 self.initialized.fill_(True)
         q = self.codebook[assign(w, self.codebook)]
         return w + (q - w).detach()
@@ -107,7 +117,8 @@ def _cb(layer) -> CodebookWeight:
 class ADQMethod(FixedMethod):
     weight_bits_range = (1, 8)
 
-    def __init__(self, per_channel: bool = False, momentum: float = 0.9, grid_bits: int = 8):
+    def __init__(self, per_channel: bool = False, momentum: float = 0.9, grid_bits: int = 8,
+                 init: str = "quantile", ema: bool = True):
         if per_channel:
             raise BitfoldError("adq codebooks are per layer", "drop --per-channel")
         super().__init__(per_channel=False)
@@ -115,19 +126,25 @@ class ADQMethod(FixedMethod):
             raise BitfoldError(f"ADQ momentum {momentum} must be in [0, 1)")
         if not 2 <= grid_bits <= 8:
             raise BitfoldError(f"ADQ grid_bits {grid_bits} must be in 2..8")
-        self.momentum, self.grid_bits = float(momentum), int(grid_bits)
+        if init not in INITS:
+            raise BitfoldError(f"unknown ADQ codebook init {init!r}", f"choose one of: {', '.join(INITS)}")
+        if not isinstance(ema, bool):
+            raise BitfoldError(f"ADQ ema must be true or false, got {ema!r}", "--opt ema=false")
+        self.momentum, self.grid_bits, self.init, self.ema = float(momentum), int(grid_bits), init, ema
 
     def options(self):
-        return {"momentum": self.momentum, "grid_bits": self.grid_bits}
+        return {"momentum": self.momentum, "grid_bits": self.grid_bits, "init": self.init, "ema": self.ema}
 
     def weight_kwargs(self, layer, bits):
         return {"weight_quant": None}  # the codebook parametrization quantizes; see for_export
 
     def prepare_layer(self, name, layer, bits):
-        parametrize.register_parametrization(layer, "weight", CodebookWeight(bits.w, self.momentum))
+        parametrize.register_parametrization(layer, "weight", CodebookWeight(bits.w, self.momentum, self.init))
         return layer
 
     def after_step(self, model, step):
+        if not self.ema:         # ablation: the codebook stays where it was initialised
+            return
         for layer in compute_layers(model).values():
             _cb(layer).ema_update(layer.parametrizations.weight.original)
 
@@ -213,7 +230,11 @@ def fisher_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 def allocate(layers, weights: dict[str, torch.Tensor], sensitivity: dict[str, float], cost_model, budget: float,
              candidates=(2, 3, 4, 5, 6, 8), fixed: dict[str, LayerBits] | None = None, a_bits: dict | None = None):
-    """Greedy bit allocation: minimise sum F_l * MSE_l(b_l) * n_l subject to cost <= budget."""
+    """Greedy bit allocation: minimise sum F_l * MSE_l(b_l) subject to cost <= budget.
+
+    ``F_l`` is the Fisher trace (already a sum over the layer's weights) and ``MSE_l`` the mean
+    squared codebook error per weight, so ``F_l * MSE_l`` estimates the loss increase
+    ``sum_i g_i^2 * d_i^2``; multiplying by the layer's size again would count it twice."""
     fixed = fixed or {}
     cands = sorted(candidates)
     mse = {n: {b: lloyd_mse(w, b) for b in cands} for n, w in weights.items() if n not in fixed}
@@ -224,7 +245,7 @@ def allocate(layers, weights: dict[str, torch.Tensor], sensitivity: dict[str, fl
         return float(cost_model(layers, {n: (bm[n], a[n]) for n in bm}).total)
 
     def obj(n, b):
-        return sensitivity[n] * mse[n][b] * weights[n].numel()
+        return sensitivity[n] * mse[n][b]
 
     cur = cost(bits)
     while cur > budget:

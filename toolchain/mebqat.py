@@ -4,10 +4,13 @@ Choices made here:
 
 * Every quantizer's width is a :class:`SwitchableBitWidth` buffer, so the *same weights* run at
   any width by writing buffers (:meth:`MEBQATMethod.set_map`) - per layer, at run time.
-* Meta-training: each optimizer step samples ``tasks_per_step`` uniform (w, a) pairs from the
-  candidate set plus the high-precision task (``high_bits``, default 16 bit: the stand-in for FP,
-  which keeps every task on the same quantizer path), runs the batch under each and averages
-  the gradients into the shared weights (one step). First and last layer stay at their widths
+* Meta-training: each optimizer step runs ``tasks_per_step`` (w, a) tasks on the batch and
+  averages their gradients into the shared weights (one step). Every step holds the
+  high-precision task (``high_bits``, default 16 bit: the stand-in for FP, which keeps every task
+  on the same quantizer path) and the lowest-width task, the others drawn from the candidate pairs
+  (``sandwich``, default on, as in the authors' code); the quantized tasks learn the
+  high-precision task's output distribution (``distill``, default on: KL to its detached softmax).
+  ``--opt sandwich=false`` / ``distill=false`` restore uniform draws and label losses (ablations). First and last layer stay at their widths
   in the run's bit map (8 bit by default), as in the dedicated-QAT baseline.
 * Quantizers (``quantizer``): ``"lsq"`` - learned weight threshold (initialised from max |w|) and
   learned activation clipping; ``"dorefa"`` - tanh-normalised weights on a constant grid (as
@@ -86,7 +89,7 @@ class MEBQATMethod(QuantMethod):
     act_bits_range = (2, 8)
 
     def __init__(self, per_channel: bool = False, quantizer: str = "lsq", candidates=DEFAULT_CANDIDATES,
-                 tasks_per_step: int = 3, high_bits: int = 16):
+                 tasks_per_step: int = 3, high_bits: int = 16, sandwich: bool = True, distill: bool = True):
         if per_channel:
             raise BitfoldError("mebqat uses per-tensor learned thresholds", "drop --per-channel")
         super().__init__(per_channel=False)
@@ -99,12 +102,16 @@ class MEBQATMethod(QuantMethod):
             raise BitfoldError("tasks_per_step must be >= 1")
         self.quantizer, self.candidates, self.tasks_per_step = quantizer, cands, int(tasks_per_step)
         self.high_bits = int(high_bits)
+        for k, v in (("sandwich", sandwich), ("distill", distill)):
+            if not isinstance(v, bool):
+                raise BitfoldError(f"MEBQAT {k} must be true or false, got {v!r}", f"--opt {k}=false")
+        self.sandwich, self.distill = sandwich, distill
         self._wq, self._aq_u, self._aq_s = _quantizers(quantizer)
         self.edges: set[str] = set()
 
     def options(self) -> dict:
         return {"quantizer": self.quantizer, "candidates": self.candidates, "tasks_per_step": self.tasks_per_step,
-                "high_bits": self.high_bits}
+                "high_bits": self.high_bits, "sandwich": self.sandwich, "distill": self.distill}
 
     def weight_kwargs(self, layer, bits):
         return {"weight_quant": self._wq, "weight_bit_width": bits}
@@ -144,18 +151,39 @@ class MEBQATMethod(QuantMethod):
 
     # -- meta-training ---------------------------------------------------------------------------
     def tasks(self, step: int) -> list[tuple[int, int]]:
+        """This step's (w, a) tasks. With ``sandwich`` (and >= 2 tasks a step) the high-precision
+        task and the lowest-width task come first in every step, the rest drawn from the other
+        pairs; otherwise all are drawn from candidates^2 + the high-precision task."""
         g = torch.Generator().manual_seed(1000003 + step)
-        pool = [(w, a) for w in self.candidates for a in self.candidates] + [(self.high_bits, self.high_bits)]
+        high, low = (self.high_bits, self.high_bits), (self.candidates[0], self.candidates[0])
+        pool = [(w, a) for w in self.candidates for a in self.candidates] + [high]
+        if self.sandwich and self.tasks_per_step >= 2:
+            fixed = [high] + ([low] if low != high else [])
+            rest = [p for p in pool if p not in fixed]
+            idx = torch.randperm(len(rest), generator=g)[: max(0, self.tasks_per_step - len(fixed))].tolist()
+            return fixed + [rest[i] for i in idx]
         idx = torch.randperm(len(pool), generator=g)[: self.tasks_per_step].tolist()
         return [pool[i] for i in idx]
 
     def backward_step(self, net, model, x, y, step):
+        """One meta step: each task's loss backpropagated into the shared weights (averaged). With
+        ``distill``, a quantized task that follows the high-precision one in the step learns the
+        high-precision task's output distribution (KL to its detached softmax) instead of the labels."""
         base = model.bit_map
-        total = 0.0
-        for w, a in self.tasks(step):
+        total, teacher = 0.0, None
+        tasks = self.tasks(step)
+        for w, a in tasks:
             m = {n: (base[n] if n in self._edges(model) else LayerBits(w, a)) for n in base}
             self._set_raw(model, m)
-            loss = F.cross_entropy(net(x), y) / self.tasks_per_step
+            logits = net(x)
+            if (w, a) == (self.high_bits, self.high_bits):
+                loss = F.cross_entropy(logits, y)
+                teacher = logits.detach() if self.distill else None
+            elif teacher is not None:
+                loss = F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher, 1), reduction="batchmean")
+            else:
+                loss = F.cross_entropy(logits, y)
+            loss = loss / len(tasks)
             loss.backward()
             total += float(loss)
         self.set_map(model, base)

@@ -56,6 +56,40 @@ def test_allocation_respects_the_budget_and_favours_the_sensitive_layer():
         allocate(layers, weights, {"a": 1.0, "b": 1.0}, weight_bits, budget=100)
 
 
+def test_allocation_counts_layer_size_once():
+    """Same weight distribution, one layer 100x larger with 10x the Fisher trace, cost = weight bits:
+    narrowing the large layer saves 100x the cost for 10x the loss estimate (F * MSE), so it is
+    narrowed first. (With the size counted twice - F * MSE * n - the small layer went to 2 bits.)"""
+    g = torch.Generator().manual_seed(0)
+    weights = {"big": torch.randn(20000, generator=g), "small": torch.randn(200, generator=g)}
+    layers = [_desc("big", 20000), _desc("small", 200)]
+    bm, _ = allocate(layers, weights, {"big": 10.0, "small": 1.0}, weight_bits, budget=8 * 20200 - 2 * 20000,
+                     candidates=(2, 4, 6, 8))
+    assert bm["big"].w == 6 and bm["small"].w == 8
+
+
+def test_init_and_ema_ablations():
+    from bitfold.toolchain.adq import ADQMethod, uniform_codebook
+    w = torch.tensor([-1.0, -0.9, 0.0, 0.05, 0.1, 2.0])
+    assert torch.allclose(uniform_codebook(w, 2), torch.tensor([-1.0, 0.0, 1.0, 2.0]))
+    cw = CodebookWeight(2, 0.5, init="uniform")
+    cw(w)
+    assert torch.allclose(cw.codebook, torch.tensor([-1.0, 0.0, 1.0, 2.0]))
+    with pytest.raises(BitfoldError, match="init"):
+        ADQMethod(init="kmeans")
+    from bitfold.toolchain.models import build_model
+    m = build_model("mlp", (1, 8, 8), 10, bits="w3a4", method=ADQMethod(ema=False))
+    m.train()
+    m(torch.randn(4, 1, 8, 8))
+    from bitfold.toolchain.quant import compute_layers
+    before = [l.parametrizations.weight[0].codebook.clone() for l in compute_layers(m).values()]
+    with torch.no_grad():
+        for l in compute_layers(m).values():
+            l.parametrizations.weight.original.mul_(1.5)
+    m.quant_method.after_step(m, 0)
+    assert all(torch.equal(b, l.parametrizations.weight[0].codebook) for b, l in zip(before, compute_layers(m).values()))
+
+
 @pytest.fixture(scope="module")
 def adq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("adq") / "run"

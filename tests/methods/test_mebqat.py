@@ -36,6 +36,39 @@ def test_switching_changes_outputs_and_switching_back_restores_them(meta_run):
     assert method.bit_map(model)["convs.1"] == LayerBits(8, 8)
 
 
+def test_every_step_holds_the_high_and_lowest_task_and_distils_from_the_high_one():
+    import torch.nn.functional as F
+
+    from bitfold.toolchain.mebqat import MEBQATMethod
+    from bitfold.toolchain.models import build_model
+    from bitfold.toolchain.train import init_activation_stats
+    qm = MEBQATMethod(tasks_per_step=3)
+    for step in range(20):
+        t = qm.tasks(step)
+        assert t[:2] == [(16, 16), (2, 2)] and len(t) == 3 and t[2] not in t[:2]
+    assert len({tuple(qm.tasks(s)[2]) for s in range(20)}) > 3            # the third is drawn
+    plain = MEBQATMethod(tasks_per_step=3, sandwich=False)
+    assert any((16, 16) not in plain.tasks(s) for s in range(20))
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    model = build_model("cnn", (1, 8, 8), 10, bits="w8a8", method=MEBQATMethod(tasks_per_step=2))
+    init_activation_stats(model, x, 32)
+    model.eval()                        # fixed BN statistics: the same logits in both computations
+    q = model.quant_method
+    total = float(q.backward_step(model, model, x, y, 0))
+    base = model.bit_map
+    q._set_raw(model, {n: (base[n] if n in q._edges(model) else LayerBits(16, 16)) for n in base})
+    with torch.no_grad():
+        hi = model(x)
+        q.set_map(model, q.uniform_map(model, 2, 2))
+        lo = model(x)
+    q.set_map(model, base)
+    want = (F.cross_entropy(hi, y) + F.kl_div(F.log_softmax(lo, 1), F.softmax(hi, 1), reduction="batchmean")) / 2
+    assert total == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(BitfoldError, match="distill"):
+        MEBQATMethod(distill="yes")
+
+
 def test_meta_training_beats_single_width_training_over_the_candidates(meta_run, tmp_path):
     single = tmp_path / "single"
     train(TrainConfig(model="cnn", bits="w8a8", method="mebqat", epochs=4,
