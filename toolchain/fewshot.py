@@ -3,18 +3,28 @@ examples adapt the shared weights to classes the model never saw.
 
 Choices made here (first-order meta-learning, as MEBQAT's few-shot setting after MAML):
 
-* Classes are split into *seen* (meta-training) and *unseen* (evaluation only); digits: 0-5 / 6-9.
+* Classes are split into *seen* (meta-training) and *unseen* (evaluation only), default 0-5 / 6-9,
+  on digits or Fashion-MNIST (``data``).
+* Head (``head``): ``"slots"`` (MAML's N-way head) - the first N logits are the episode's N
+  slots and each episode assigns its classes to slots in random order, so every slot is
+  meta-trained and an unseen class uses trained rows; ``"proto"`` (a ProtoNet variant) -
+  prototypes are the support embeddings' class means (the input of the model's last layer) and a
+  query's logits are minus its squared distances to them; with ``proto`` the inner loop adapts the
+  embedding on the support's prototype loss.
 * A meta-training episode samples a (w, a) task from the MEBQAT candidates (plus the high-precision
   task) and an N-way subset of the seen classes; K support and Q query images per class from the
   training split. Inner loop: ``inner_steps`` SGD steps (``inner_lr``) on the support at (w, a);
   outer: the query loss at the adapted weights, its gradient applied to the weights before
   adaptation (first-order MAML), several episodes averaged per outer step. BatchNorm runs on its
   running statistics (eval mode) throughout, so tiny support sets do not disturb it.
-* ``meta=False`` trains the same model on the same episodes without the inner loop (plain
-  multi-bit-width training on the seen classes): the baseline the meta-learning must beat.
+* ``meta=False`` trains the same model on the same episodes without the inner loop: with the
+  ``slots`` head on the seen classes' own logits (plain multi-bit-width training on the seen
+  classes, then fine-tuning on the support at evaluation), with ``proto`` on the prototype loss.
+  The baseline the meta-learning must beat.
 * Evaluation on unseen classes, per (w, a): N-way episodes with K support images from the training
   split and the query from the *test* split; accuracy of the N-way prediction (logits restricted to
-  the episode's classes) before and after ``inner_steps`` adaptation steps, averaged over episodes.
+  the episode's slots or prototypes) before and after ``inner_steps`` adaptation steps, averaged
+  over episodes.
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ from bitfold.core.errors import BitfoldError
 @dataclass
 class FewShotConfig:
     model: str = "mlp"
+    data: str = "digits"
+    head: str = "slots"            # "slots" (MAML N-way head) | "proto" (prototypes in embedding space)
     seen: tuple = (0, 1, 2, 3, 4, 5)
     ways: int = 3
     shots: int = 5
@@ -69,17 +81,40 @@ def _episode(pool: dict, classes: list, ways: int, shots: int, queries: int, g, 
     return pick, torch.cat(sx), torch.tensor(sy), torch.cat(qx), torch.tensor(qy)
 
 
-def _nway_loss(model, x, y, classes):
-    logits = model(x)[:, classes]
+def _embed(model, x):
+    """The input of the model's last compute layer (the embedding a ProtoNet compares)."""
+    from bitfold.toolchain.quant import compute_layers
+    last = list(compute_layers(model).values())[-1]
+    got = {}
+    h = last.register_forward_pre_hook(lambda mod, inp: got.__setitem__("z", inp[0]))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    z = got["z"]
+    return (z.value if hasattr(z, "value") else z).flatten(1)
+
+
+def _nway_loss(model, x, y, classes, head: str = "slots", support=None):
+    """N-way loss and accuracy; targets are the classes' slots in this episode (``classes`` order)."""
     target = torch.tensor([classes.index(int(c)) for c in y])
+    if head == "proto":
+        sx, sy = support
+        zs, zq = _embed(model, sx), _embed(model, x)
+        protos = torch.stack([zs[sy == c].mean(0) for c in classes])
+        logits = -torch.cdist(zq, protos) ** 2
+    elif head == "global":                  # the classes' own logits (the no-meta baseline's training)
+        logits = model(x)[:, classes]
+    else:
+        logits = model(x)[:, :len(classes)]
     return F.cross_entropy(logits, target), (logits.argmax(1) == target).float().mean()
 
 
-def _adapt(model, sx, sy, classes, steps, lr):
+def _adapt(model, sx, sy, classes, steps, lr, head: str = "slots"):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        _nway_loss(model, sx, sy, classes)[0].backward()
+        _nway_loss(model, sx, sy, classes, head, (sx, sy))[0].backward()
         opt.step()
 
 
@@ -96,8 +131,10 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
     from bitfold.toolchain.train import init_activation_stats
     if cfg.ways < 2 or cfg.shots < 1 or cfg.inner_steps < 0:
         raise BitfoldError("few-shot needs ways >= 2, shots >= 1, inner_steps >= 0")
+    if cfg.head not in ("slots", "proto"):
+        raise BitfoldError(f"unknown few-shot head {cfg.head!r}", "choose slots or proto")
     torch.manual_seed(cfg.seed)
-    ds = load_dataset("digits", None, cfg.seed)
+    ds = load_dataset(cfg.data, None, cfg.seed)
     seen = sorted(int(c) for c in cfg.seen)
     unseen = sorted(set(range(ds.num_classes)) - set(seen))
     if len(seen) < cfg.ways or len(unseen) < cfg.ways:
@@ -121,13 +158,14 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
             classes, sx, sy, qx, qy = _episode(train_pool, seen, cfg.ways, cfg.shots, cfg.queries, g)
             if cfg.meta:
                 saved = copy.deepcopy(model.state_dict())
-                _adapt(model, sx, sy, classes, cfg.inner_steps, cfg.inner_lr)
+                _adapt(model, sx, sy, classes, cfg.inner_steps, cfg.inner_lr, cfg.head)
                 model.zero_grad()
-                _nway_loss(model, qx, qy, classes)[0].backward()
+                _nway_loss(model, qx, qy, classes, cfg.head, (sx, sy))[0].backward()
                 model.load_state_dict(saved)
             else:
                 model.zero_grad()
-                _nway_loss(model, torch.cat([sx, qx]), torch.cat([sy, qy]), classes)[0].backward()
+                plain = "global" if cfg.head == "slots" else cfg.head
+                _nway_loss(model, torch.cat([sx, qx]), torch.cat([sy, qy]), classes, plain, (sx, sy))[0].backward()
             for mg, p in zip(meta_grads, model.parameters()):
                 if p.grad is not None:
                     mg += p.grad / cfg.episodes_per_step
@@ -145,10 +183,10 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
             _set_task(m, w, a)
             classes, sx, sy, qx, qy = _episode(train_pool, unseen, cfg.ways, cfg.shots, cfg.queries, ge, test_pool)
             with torch.no_grad():
-                before.append(float(_nway_loss(m, qx, qy, classes)[1]))
-            _adapt(m, sx, sy, classes, cfg.inner_steps, cfg.inner_lr)
+                before.append(float(_nway_loss(m, qx, qy, classes, cfg.head, (sx, sy))[1]))
+            _adapt(m, sx, sy, classes, cfg.inner_steps, cfg.inner_lr, cfg.head)
             with torch.no_grad():
-                after.append(float(_nway_loss(m, qx, qy, classes)[1]))
+                after.append(float(_nway_loss(m, qx, qy, classes, cfg.head, (sx, sy))[1]))
         results.append({"w": w, "a": a, "before": sum(before) / len(before), "after": sum(after) / len(after),
                         "episodes": cfg.eval_episodes})
     rep = {"config": {**asdict(cfg), "unseen": unseen}, "chance": 1 / cfg.ways, "results": results}

@@ -142,3 +142,23 @@ def test_fewshot_adapts_to_unseen_classes_at_every_width(tmp_path, capsys):
     # (0.036 to 0.2 seen); a broken inner loop gives 0
     assert gain > 0.02 and all(r["after"] > rep["chance"] for r in rep["results"])
     assert (tmp_path / "fs" / "fewshot.pt").is_file()
+
+
+def test_fewshot_heads_slots_and_prototypes(tmp_path):
+    """Slots: an episode's targets are its slot positions, the first N logits - the same rows for
+    seen and unseen classes. Proto: logits are minus squared distances to the support means in the
+    embedding (the last layer's input); a short ProtoNet run beats chance on unseen classes."""
+    from bitfold.toolchain.fewshot import FewShotConfig, _nway_loss, run_fewshot
+    from bitfold.toolchain.models import build_model
+    torch.manual_seed(0)
+    m = build_model("mlp", (1, 8, 8), 10, bits="w8a8", method="mebqat").eval()
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([9, 9, 7, 7, 8, 8])
+    loss, _ = _nway_loss(m, x, y, [9, 7, 8])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(m(x)[:, :3], torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert float(loss) == pytest.approx(float(want))
+    rep = run_fewshot(tmp_path / "p", FewShotConfig(head="proto", episodes=30, eval_episodes=20, eval_bits=((8, 8),)))
+    assert rep["config"]["head"] == "proto" and rep["results"][0]["after"] > rep["chance"] + 0.1
+    with pytest.raises(BitfoldError, match="head"):
+        run_fewshot(tmp_path / "q", FewShotConfig(head="knn"))

@@ -214,6 +214,8 @@ def fewshot(
     episodes: int = typer.Option(300, min=1, help="outer meta-training steps"),
     meta: bool = typer.Option(True, help="--no-meta: the same episodes without the inner loop (baseline)"),
     eval_bits: str = typer.Option("w2a2,w4a4,w8a8"),
+    data: str = typer.Option("digits", help="digits | fashion-mnist"),
+    head: str = typer.Option("slots", help="slots (MAML N-way head) | proto (ProtoNet prototypes)"),
 ):
     """MEBQAT few-shot: meta-train on (bit-width, seen-class subset) tasks, then adapt to unseen classes
     with a few SGD steps; prints accuracy before/after adaptation per bit-width."""
@@ -224,7 +226,7 @@ def fewshot(
     except ValueError:
         raise BitfoldError(f"--seen {seen!r} / --eval-bits {eval_bits!r} not understood",
                            "e.g. --seen 0,1,2,3,4,5 --eval-bits w2a2,w4a4") from None
-    cfg = FewShotConfig(model=model, seen=seen_c, ways=ways, shots=shots, inner_steps=inner_steps, inner_lr=inner_lr,
+    cfg = FewShotConfig(model=model, data=data, head=head, seen=seen_c, ways=ways, shots=shots, inner_steps=inner_steps, inner_lr=inner_lr,
                         episodes=episodes, meta=meta, eval_bits=bits)
     with progress_events("meta-training" if meta else "training (no inner loop)") as ev:
         rep = run_fewshot(out, cfg, events=ev)
