@@ -8,7 +8,8 @@ Choices made here (and tested):
   and adapted online: on every training forward each weight is assigned to its nearest entry and
   each non-empty entry moves to ``m * c_k + (1 - m) * mean(assigned weights)`` (``momentum`` m,
   default 0.9; ``--opt ema=false`` keeps the initial codebook, ``--opt init=uniform`` starts from
-  evenly spaced entries - the paper's ablations). The forward uses ``w + (c[assign] - w).detach()`` (straight-through to the latent
+  evenly spaced entries - the paper's ablations; ``--opt init=signed`` splits the entries between
+  the signs with an explicit zero that the EMA keeps at zero). The forward uses ``w + (c[assign] - w).detach()`` (straight-through to the latent
   weights). The codebook lives in a torch parametrization of the Brevitas layer's weight; the
   Brevitas weight quantizer itself is off during training.
 * Activations: Brevitas' learned-scale uniform quantizer (LSQ-style threshold), as in ``fixed``.
@@ -52,7 +53,22 @@ def uniform_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.linspace(float(w.min()), float(w.max()), 2 ** bits)
 
 
-INITS = {"quantile": quantile_codebook, "uniform": uniform_codebook}
+def signed_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Sign split with an explicit zero: one entry exactly 0, the other ``2^bits - 1`` shared
+    between the negative and the positive weights in proportion to their counts (at least one
+    each), each side at the quantiles ``(k + 0.5) / n`` of its own weights."""
+    w = w.detach().flatten().double()
+    k = 2 ** bits - 1
+    neg, pos = w[w < 0], w[w > 0]
+    n_neg = min(k - 1, max(1, round(k * len(neg) / max(1, len(neg) + len(pos)))))
+    parts = [torch.zeros(1, dtype=torch.float64)]
+    for side, n in ((neg, n_neg), (pos, k - n_neg)):
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        parts.append(torch.quantile(side, q) if len(side) else torch.zeros(n, dtype=torch.float64))
+    return torch.cat(parts).sort().values.float()
+
+
+INITS = {"quantile": quantile_codebook, "uniform": uniform_codebook, "signed": signed_codebook}
 
 
 def assign(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -106,7 +122,10 @@ class CodebookWeight(nn.Module):
         sums = torch.zeros_like(self.codebook).index_add_(0, fi, flat)
         cnt = torch.zeros_like(self.codebook).index_add_(0, fi, torch.ones_like(flat))
         upd = self.momentum * self.codebook + (1 - self.momentum) * sums / cnt.clamp_min(1)
-        self.codebook.copy_(torch.where(cnt > 0, upd, self.codebook).sort().values)
+        move = cnt > 0
+        if self.init == "signed":          # the explicit zero stays exactly zero
+            move &= self.codebook != 0
+        self.codebook.copy_(torch.where(move, upd, self.codebook).sort().values)
 
 
 def _cb(layer) -> CodebookWeight:

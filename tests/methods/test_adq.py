@@ -77,6 +77,14 @@ def test_init_and_ema_ablations():
     assert torch.allclose(cw.codebook, torch.tensor([-1.0, 0.0, 1.0, 2.0]))
     with pytest.raises(BitfoldError, match="init"):
         ADQMethod(init="kmeans")
+    # sign split with an explicit zero, kept at zero by the EMA
+    g = torch.Generator().manual_seed(1)
+    ws = torch.cat([-torch.rand(300, generator=g), torch.rand(100, generator=g)])
+    sc = CodebookWeight(3, 0.5, init="signed")
+    sc.ema_update(ws)
+    sc.ema_update(ws * 0.7)
+    cb = sc.codebook
+    assert len(cb) == 8 and int((cb == 0).sum()) == 1 and int((cb < 0).sum()) == 5 and int((cb > 0).sum()) == 2
     from bitfold.toolchain.models import build_model
     m = build_model("mlp", (1, 8, 8), 10, bits="w3a4", method=ADQMethod(ema=False))
     m.train()
