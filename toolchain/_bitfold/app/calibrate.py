@@ -14,8 +14,12 @@ from bitfold.core.errors import BitfoldError
 
 
 def probe_board(board: str, full: bool = False, tracker: str | None = None, key: str | None = None,
-                db: str | Path | None = None, events=None):
-    """Measure ``board`` with its backend's probe and record the rows; returns (rows, store)."""
+                db: str | Path | None = None, events=None, scheduler: str | None = None):
+    """Measure ``board`` with its backend's probe and record the rows; returns (rows, store).
+
+    Open-flow boards: one Dask task per block (``scheduler``: an existing cluster's HOST:PORT,
+    ``"inprocess"``, or None for a local cluster); blocks already in the database are skipped, so an
+    interrupted sweep resumes and no block is recorded twice. Only this process writes the database."""
     from bitfold.boards import load_board
     from bitfold.export.backends import backend_for
     from bitfold.hw_models.store import MeasurementStore
@@ -23,8 +27,12 @@ def probe_board(board: str, full: bool = False, tracker: str | None = None, key:
     be = backend_for(b)
     if tracker and be.board_kind != "cpu":
         raise BitfoldError("--tracker is for CPU boards; FPGA boards are measured by their synthesis flow")
-    rows = be.probe(b, full=full, events=events, tracker=tracker, key=key)
+    if scheduler and be.board_kind != "fpga":
+        raise BitfoldError("--scheduler spreads FPGA calibration blocks over a Dask cluster",
+                           "CPU boards are measured over their RPC tracker (--tracker)")
     store = MeasurementStore(db)
+    extra = {"scheduler": scheduler, "skip": store.task_keys(b.name)} if be.board_kind == "fpga" else {}
+    rows = be.probe(b, full=full, events=events, tracker=tracker, key=key, **extra)
     store.add(rows)
     return rows, store
 
@@ -62,9 +70,9 @@ def carry_model_factor(table: dict, previous) -> dict:
 
 
 def calibrate_board(board: str, full: bool = False, tracker: str | None = None, key: str | None = None,
-                    db: str | Path | None = None, events=None):
+                    db: str | Path | None = None, events=None, scheduler: str | None = None):
     """Measure, record, refit; returns (rows, table path, table)."""
-    rows, _ = probe_board(board, full, tracker, key, db, events)
+    rows, _ = probe_board(board, full, tracker, key, db, events, scheduler)
     path, table = fit_board(board, db=db)
     return rows, path, table
 

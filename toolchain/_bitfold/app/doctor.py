@@ -14,6 +14,8 @@ CORE = [
                 "pip install -e ."),
     Requirement("openvino", ("dist", "openvino"), "QCDQ exports also checked in OpenVINO (optional)",
                 "pip install -e '.[openvino]'"),
+    Requirement("distributed", ("dist", "distributed"), "sweeps on Dask (calibration blocks; else in-process)",
+                "pip install -e '.[dist]'"),
 ]
 
 

@@ -22,6 +22,9 @@ def calibrate(
                                               "(op,bits,energy_pj) that replace the literature table's values"),
     name: str = typer.Option("energy-user", help="--energy-csv: name of the new energy cost model (energy-*)"),
     db: Optional[Path] = typer.Option(None, help="measurement database (default $BITFOLD_HOME/measurements.sqlite)"),
+    scheduler: Optional[str] = typer.Option(None, help="FPGA boards: Dask scheduler HOST:PORT to spread the blocks "
+                                            "over (default $DASK_SCHEDULER_ADDRESS, else a local cluster on "
+                                            "127.0.0.1; 'inprocess' runs them here)"),
 ):
     """Measure a board and refit its cost table (--board), or calibrate the energy model from a CSV."""
     if energy_csv is not None:
@@ -36,7 +39,8 @@ def calibrate(
         raise BitfoldError("nothing to calibrate", "pass --board B (measure and refit) or --energy-csv FILE")
     from bitfold.app.calibrate import calibrate_board
     with progress_events(f"measuring {board}") as ev:
-        _, path, table = calibrate_board(board, full=full, tracker=tracker, key=key, db=db, events=ev)
+        _, path, table = calibrate_board(board, full=full, tracker=tracker, key=key, db=db, events=ev,
+                                         scheduler=scheduler)
     console.print(f"wrote {path}")
     cost_table(table)
 
