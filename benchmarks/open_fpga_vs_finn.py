@@ -34,7 +34,8 @@ NETS = {"digits-mlp": ("mlp", "digits", None), "fashion-mlp": ("mlp", "fashion-m
 
 def _bits(net: str, b: str):
     if b == "mixed":
-        return MIXED if net.endswith("mlp") else "w4a4"
+        from bitfold.app.demo import DEMO_MAP       # the demo's CNN map
+        return MIXED if net.endswith("mlp") else DEMO_MAP
     return f"w{b}a{b}:all"
 
 
