@@ -1,7 +1,7 @@
 """ASQ's dynamic deployment: the activation adapters exported as ONNX ops, verified in onnxruntime.
 
 Unlike the folded QONNX/QCDQ export, the step of every activation quantizer stays input-dependent
-(ReduceMean/Gemm/Exp compute beta per sample; Div, Round, Clip, Mul quantize), so the file is
+(ReduceMean/Gemm/Sigmoid compute beta per sample; Div, Round, Clip, Mul quantize), so the file is
 a float ONNX graph that onnxruntime runs but integer dataflow backends cannot.
 """
 from __future__ import annotations

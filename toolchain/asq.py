@@ -3,25 +3,20 @@
 Choices made here (and tested):
 
 * Activation sites are :class:`ASQAct` modules: ``s_a = s * beta(x)``,
-  ``x_int = clamp(round(x / s_a), n, p)``, output ``x_int * s`` (the paper's dequantization with
-  ``s``, not ``s_a``), with ``round`` straight-through so s, beta and the adapter learn.
-  ``beta = exp(adapter(g))`` where ``g`` is the per-sample, per-channel average of the incoming
-  activation (global average pooling over the spatial axes; a flat activation is its own
-  per-channel value), as in the authors' code, and the adapter is Linear(C, 8) - ReLU -
-  Linear(8, 1), last layer zero-initialised (beta = 1 at the start); beta is positive and not
-  capped. ``adapter=False`` fixes beta = 1 (ablation). ``s`` starts at max|x| / p of the first
-  *training* batch.
+  ``x_int = clamp(round(x / s_a), n, p)``, output ``x_int * s`` , with ``round``
+  straight-through so s, beta and the adapter learn. ``beta = 2 * sigmoid(adapter(stats))`` where
+  ``stats`` = per-sample (mean |x|, std x) of the incoming activation and the adapter is
+  Linear(2, 8) - ReLU - Linear(8, 1), last layer zero-initialised (beta = 1 at the start).
+  ``adapter=False`` fixes beta = 1 (ablation). ``s`` starts at max|x| / p of the first *training* batch.
   ReLU sites are unsigned (n = 0, p = 2^b - 1), others signed narrow (+-(2^(b-1) - 1)).
 * Weights, POST: levels ``alpha * {0, +-sqrt(2)^-k, k = 0..2^(b-1) - 2}`` - b bits including sign
   and zero; ``alpha`` learned (init max|w|); nearest level, straight-through to the latent weight,
-  ``alpha`` gets its gradient through the level values. ``alpha`` is one per layer (kept: the
-  deployment forms - the snapped integer grid and the index + LUT form - hold one codebook per
-  layer; a per-channel alpha would need one LUT per output channel).
+  ``alpha`` gets its gradient through the level values.
 * Deployment: the POST levels are a codebook, exported like ADQ's (snapped to an 8-bit grid; the
   index + LUT form via ``--format qcdq-index``). Activations: ``folded`` replaces beta(x) by its
   mean over calibration data, per site - a plain Brevitas quantizer with scale s * beta followed by
   a constant multiply by 1 / beta, so the graph is ordinary QONNX/QCDQ; ``dynamic`` exports the
-  adapter as ONNX ops (ReduceMean, Gemm, Exp, Div, Round, Clip) that onnxruntime runs.
+  adapter as ONNX ops (ReduceMean, Gemm, Sigmoid, Div, Round, Clip) that onnxruntime runs.
 """
 from __future__ import annotations
 
@@ -58,16 +53,16 @@ class ASQAct(nn.Module):
         self.n = -self.p if signed else 0
         self.log_s = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
-        # the input width (channels) is taken from the first activation seen (LazyLinear)
-        self.adapter = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 1))
+        self.adapter = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
         nn.init.zeros_(self.adapter[2].weight)
         nn.init.zeros_(self.adapter[2].bias)
 
     def beta(self, x):
         if not self.use_adapter:
             return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype)
-        g = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x      # per-channel average
-        return torch.exp(self.adapter(g)).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+        flat = x.flatten(1)
+        stats = torch.stack([flat.abs().mean(1), flat.std(1)], 1)
+        return (2 * torch.sigmoid(self.adapter(stats))).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
     def forward(self, x):
         if not bool(self.initialized):

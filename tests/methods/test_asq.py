@@ -38,15 +38,6 @@ def test_asq_activation_step_adapts_and_learns():
     assert torch.allclose(ints, ints.round(), atol=1e-4) and float(ints.max()) <= 15
     (y ** 2).sum().backward()
     assert act.log_s.grad is not None and act.adapter[2].weight.grad.abs().sum() > 0
-    # beta follows the per-channel averages: two inputs with the same mean |x| and std but their
-    # channels swapped get different betas once the adapter has learned anything
-    with torch.no_grad():
-        act.adapter[2].weight.fill_(0.5)
-    a = torch.zeros(1, 4, 5, 5)
-    a[0, 0] = 1.0
-    b = torch.zeros(1, 4, 5, 5)
-    b[0, 3] = 1.0
-    assert not torch.allclose(act.beta(a), act.beta(b)) and float(act.beta(a * 100).min()) > 0
     off = ASQAct(4, signed=True, adapter=False)
     assert torch.equal(off.beta(x), torch.ones(8, 1, 1, 1))
 
@@ -60,8 +51,7 @@ def asq_run(tmp_path_factory):
 
 def test_metrics_show_lut_width_and_adapter_ops(asq_run):
     layer = {r["name"]: r for r in asq_run[1]["layers"]}["convs.1"]
-    # the adapter of the site feeding convs.1 reads convs.0's 16 channel averages
-    assert layer["w"] == 4 and layer["arith_w"] == 8 and layer["adapter_macs"] == 16 * 8 + 8 * 1
+    assert layer["w"] == 4 and layer["arith_w"] == 8 and layer["adapter_macs"] == 2 * 8 + 8 * 1
     assert asq_run[1]["accuracy"] > 0.85
 
 
@@ -77,7 +67,7 @@ def test_dynamic_and_index_exports_verify(asq_run, tmp_path):
     path, report, acc = export_dynamic_run(asq_run[0], tmp_path / "d.onnx")
     assert report.passed and acc > 0.85
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"Round", "Exp", "Clip", "ReduceMean"} <= ops
+    assert {"Round", "Sigmoid", "Clip"} <= ops
     _, rep2, stats = export_index_run(asq_run[0], tmp_path / "i.onnx")
     assert rep2.passed and stats["convs.1"]["entries"] == 15
 
