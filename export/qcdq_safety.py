@@ -10,8 +10,9 @@ CPUs (``vpdpbusd``, int32 sums) do not, so the same file is exact on one CPU and
 
 :func:`pair_sum_bounds` computes, per layer, the largest pair sum the layer's *actual* weight
 codes can produce with its activation code range (the two largest |w| of each output channel, a
-sound bound whatever pairing the kernel packs). A layer is safe int8 weights when its weights have at most 7 bits (|w| <= 64) or its inputs are
-unsigned codes of at most 7 bits - train it so to run it in int8 on every CPU.
+sound bound whatever pairing the kernel packs). A layer is safe when its weights have at most
+7 bits (|w| <= 64) or its inputs are unsigned codes of at most 7 bits - train it so to run it in
+int8 on every CPU.
 """
 from __future__ import annotations
 

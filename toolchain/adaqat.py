@@ -363,10 +363,10 @@ class AdaQATMethod(QuantMethod):
                 break  # the budget cannot be reached by narrowing: keep the widths (finalize reports it)
             _, m, cur = max(helps, key=lambda t: t[0])
             ints[id(m)] -= 1
+        capped = {id(c) for c in self.capped}
         improved = True
         while improved:
             improved = False
-            capped = {id(c) for c in self.capped}
             for m in sorted(learn, key=lambda m: ints[id(m)] - frac[id(m)]):
                 if ints[id(m)] < (self.out_cap if id(m) in capped else self.max_bits):
                     ints[id(m)] += 1

@@ -9,14 +9,16 @@ Choices made here (and tested):
   each non-empty entry moves to ``m * c_k + (1 - m) * mean(assigned weights)`` (``momentum`` m,
   default 0.9; ``--opt ema=false`` keeps the initial codebook, ``--opt init=uniform`` starts from
   evenly spaced entries - the paper's ablations; ``--opt init=signed`` splits the entries between
-  the signs with an explicit zero that the EMA keeps at zero). The forward uses ``w + (c[assign] - w).detach()`` (straight-through to the latent
+  the signs with an explicit zero that the EMA keeps at zero). The forward uses
+  ``w + (c[assign] - w).detach()`` (straight-through to the latent
   weights). The codebook lives in a torch parametrization of the Brevitas layer's weight; the
   Brevitas weight quantizer itself is off during training.
 * Activations: Brevitas' learned-scale uniform quantizer (LSQ-style threshold), as in ``fixed``.
 * Sensitivity: the empirical **Fisher** trace per layer, ``mean over batches of sum(g^2)`` on the
   latent weights (chosen over Hutchinson's Hessian trace: no double backward through Brevitas'
   rounding functions, one backward per batch). The allocator minimises
-  ``sum_l F_l * MSE_l(b_l)`` (F a sum over weights, MSE a mean per weight) - the second-order loss increase with the Fisher as Hessian proxy and
+  ``sum_l F_l * MSE_l(b_l)`` (F a sum over weights, MSE a mean per weight) - the second-order
+  loss increase with the Fisher as Hessian proxy and
   the layer's codebook quantization error at ``b`` bits, measured by fitting that codebook - under a
   budget in any ``CostModel``: start at the widest candidate, repeatedly take the one-bit step that
   adds the least objective per unit of cost saved.

@@ -10,7 +10,8 @@ Choices made here:
   on the same quantizer path) and the lowest-width task, the others drawn from the candidate pairs
   (``sandwich``, default on, as in the authors' code); the quantized tasks learn the
   high-precision task's output distribution (``distill``, default on: KL to its detached softmax).
-  ``--opt sandwich=false`` / ``distill=false`` restore uniform draws and label losses (ablations). First and last layer stay at their widths
+  ``--opt sandwich=false`` / ``distill=false`` restore uniform draws and label losses
+  (ablations). First and last layer stay at their widths
   in the run's bit map (8 bit by default), as in the dedicated-QAT baseline.
 * Quantizers (``quantizer``): ``"lsq"`` - learned weight threshold (initialised from max |w|) and
   learned activation clipping; ``"dorefa"`` - tanh-normalised weights on a constant grid (as

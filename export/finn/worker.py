@@ -256,6 +256,11 @@ def _rtl_vectors(out_dir: Path, samples_path) -> dict:
     if not nodes:
         return {}
     root = out_dir / "bitfold_rtlsim"
+    base = out_dir.resolve()
+
+    def rel(p):      # paths inside the build as "@/..." (bitfold renames the build directory)
+        p = Path(p).resolve()
+        return f"@/{p.relative_to(base)}" if p.is_relative_to(base) else str(p)
     view = _python_view(model, root / "view")
     data = np.load(samples_path)
     iname = model.graph.input[0].name
@@ -288,9 +293,6 @@ def _rtl_vectors(out_dir: Path, samples_path) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         (d / "in.mem").write_text("\n".join(format(w, "x") for w in words_in) + "\n")
         (d / "expected.mem").write_text("\n".join(format(w, "x") for w in words_out) + "\n")
-        def rel(p):      # paths inside the build as "@/..." (bitfold renames the build directory)
-            p = Path(p).resolve()
-            return f"@/{p.relative_to(out_dir.resolve())}" if p.is_relative_to(out_dir.resolve()) else str(p)
         meta = {"op": n.op_type, "top": inst.get_nodeattr("gen_top_module") or n.name,
                 "code_gen_dir": rel(inst.get_nodeattr("code_gen_dir_ipgen")),
                 "files": [rel(f) for f in inst.get_rtl_file_list(abspath=True)],

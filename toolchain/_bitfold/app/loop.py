@@ -248,8 +248,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         tgt.target_fps = float(fps)
     if method_options:      # a wrong option is one clear error before any stage runs
         from bitfold.toolchain.quant import get_method
-        bad = {k: v for k, v in method_options.items() if k == "cost"}
-        if bad:
+        if "cost" in method_options:
             raise BitfoldError("--opt cost=... is the loop's own; use --cost", "bitfold run --cost bitops")
         get_method(method, **({"cost": "bitops"} if method == "adaqat" else {}), **method_options)
     metric, limit = parse_budget(budget) if budget else (tgt.metric, None)
