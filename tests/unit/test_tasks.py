@@ -38,6 +38,13 @@ def test_inprocess_runs_each_key_once_skips_done_and_names_failures():
     res = run_tasks([Task(f"b{x}", fails_on, (x, 2)) for x in (1, 2)], scheduler="inprocess", retries=1)
     bad = failures(res)
     assert len(bad) == 1 and isinstance(bad[0], TaskFailure) and bad[0].name == "b2" and "broken" in bad[0].error
+    calls.clear()
+
+    def refused(x):      # a refused input is the same on every try: reported at once, not retried
+        calls.append(x)
+        raise BitfoldError(f"width {x} is outside [1, 8]", "use 1..8")
+    bad = failures(run_tasks([Task("r", refused, (9,))], scheduler="inprocess", retries=2))
+    assert calls == [9] and bad[0].error == "BitfoldError: width 9 is outside [1, 8] -> use 1..8"
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ calls the documented Python API and renders the result (:mod:`bitfold.cli.render
 * :mod:`.train_cmds` — train, export, eval, select, allocate, fewshot
 * :mod:`.build_cmds` — build, inspect, boards, setup, run-fpga, measure, rpc-server
 * :mod:`.hw_cmds`    — calibrate, costs, hw measure|fit|show
-* :mod:`.loop_cmds`  — run, report, demo, doctor
+* :mod:`.loop_cmds`  — run, sweep, report, demo, doctor
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loop commands: run (the closed loop), report, demo, doctor."""
+"""Loop commands: run (the closed loop), sweep, report, demo, doctor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from bitfold.cli.render import console, rows_table
+from bitfold.core.errors import BitfoldError
 from bitfold.core.events import Events
 
 app = typer.Typer()
@@ -46,6 +47,43 @@ def run_cmd(
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
                       f"{format_metric(r['metric'], h['predicted'])}, measured {format_metric(r['metric'], h['measured'])}")
     console.print(f"report: {r['report']}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    grid: Path = typer.Argument(..., help="a TOML grid file: [sweep] shared settings, [[grid]] blocks of lists"),
+    out: Path = typer.Option(..., "-o", "--out", help="where points, sweep.csv/json and pareto.png go (re-run: resumes)"),
+    scheduler: Optional[str] = typer.Option(None, help="Dask scheduler HOST:PORT (default $DASK_SCHEDULER_ADDRESS, "
+                                            "else a local cluster on 127.0.0.1; 'inprocess' runs here)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="local cluster: worker processes (default: free cores)"),
+):
+    """Train + export + build + measure every point of a grid; one table and a Pareto plot of accuracy vs
+    measured cost.
+
+    Grid keys: board, method, model, data, bits, epochs, seed, subset, lam, cost, budget, fps, verify,
+    bitstream, tracker, key, device, options. Example: [sweep] board = "host-cpu" / model = "mlp" /
+    [[grid]] method = ["fixed"] / bits = ["w2a2:all", "w8a8:all"] / seed = [0, 1, 2]."""
+    from bitfold.app.sweep import load_grid, run_sweep
+    from bitfold.cli.render import progress_events
+    points = load_grid(grid)
+    with progress_events("sweep") as ev:
+        r = run_sweep(points, out, scheduler=scheduler, workers=workers, events=ev)
+    stats = r["configurations"]
+    for b in sorted({s["board"] for s in stats}):
+        st = sorted((s for s in stats if s["board"] == b), key=lambda s: s["cost_mean"])
+        k, unit = (1e3, "ms") if st[0]["metric"] == "latency" else (1, st[0]["unit"])
+        rows_table(f"sweep on {b}: mean +- sd over seeds (* on the Pareto front)",
+                   ("configuration", "seeds", "accuracy", f"measured ({unit})", f"predicted ({unit})", "front"),
+                   [(s["config"], s["seeds"], f"{s['acc_mean']:.2%} +- {s['acc_sd']:.2%}",
+                     f"{s['cost_mean'] * k:.4g} +- {s['cost_sd'] * k:.2g}",
+                     "-" if s["predicted_mean"] is None else f"{s['predicted_mean'] * k:.4g}",
+                     "*" if s["front"] else "") for s in st])
+    console.print(f"{r['ran']} point(s) run, {r['skipped']} already done; wrote {', '.join(r['files'].values())}")
+    if r["failed"]:
+        for f in r["failed"]:
+            console.print(f"[red]failed:[/] {f['point']}: {f['error']}")
+        raise BitfoldError(f"{len(r['failed'])} point(s) of the sweep failed (listed above)",
+                           "fix the cause and run the same command again: finished points are kept")
 
 
 @app.command("report")

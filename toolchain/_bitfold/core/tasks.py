@@ -15,8 +15,9 @@ Guarantees: a task's key is the content hash of its function and arguments, so t
 given twice runs once, and a re-run of a sweep can skip what was recorded (the key travels with the
 result); only the caller writes results anywhere (tasks return them); a worker that dies
 mid-task has its task retried elsewhere, a task that raises is retried ``retries`` times and then
-reported by name with its error (:class:`TaskFailure`), never as a value; Ctrl-C cancels every
-pending task and stops a cluster this call started.
+reported by name with its error (:class:`TaskFailure`), never as a value - except a
+:class:`BitfoldError` (a refused input: the same again on any worker), which is reported at once;
+Ctrl-C cancels every pending task and stops a cluster this call started.
 """
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ class TaskFailure:
 
     def __str__(self) -> str:
         return f"{self.name}: {self.error}"
+
+
+@dataclass
+class Refused:
+    """What a task returns in place of raising a BitfoldError (reported, not retried)."""
+    error: str
+
+
+def call_task(fn: Callable, *args):
+    """Run ``fn(*args)`` on a worker; a BitfoldError comes back as :class:`Refused`."""
+    try:
+        return fn(*args)
+    except BitfoldError as e:
+        return Refused(f"BitfoldError: {e}"[:500])
 
 
 def distributed_available() -> bool:
@@ -136,14 +151,16 @@ def run_tasks(tasks: list[Task], scheduler: str | None = None, workers: int | No
             # resources place tasks on a cluster whose workers declare them; on a cluster of alike
             # workers (a local one, or workers started without --resources) every worker takes any task
             res = (t.resources or None) if offered else None
-            futs[client.submit(t.fn, *t.args, key=f"bitfold-{k}", retries=retries, pure=False, resources=res)] = k
+            futs[client.submit(call_task, t.fn, *t.args, key=f"bitfold-{k}", retries=retries, pure=False,
+                               resources=res)] = k
         for done, f in enumerate(as_completed(futs), 1):
             k = futs[f]
             if f.status == "error":
                 exc = f.exception()
                 out[k] = TaskFailure(todo[k].name, k, f"{type(exc).__name__}: {exc}"[:500])
             else:
-                out[k] = f.result()
+                r = f.result()
+                out[k] = TaskFailure(todo[k].name, k, r.error) if isinstance(r, Refused) else r
             ev.progress(done, len(todo))
     except KeyboardInterrupt:
         client.cancel(list(futs))
@@ -166,6 +183,8 @@ def _run_here(t: Task, retries: int):
             return t.fn(*t.args)
         except KeyboardInterrupt:
             raise
+        except BitfoldError as e:
+            return TaskFailure(t.name, t.key, f"BitfoldError: {e}"[:500])
         except Exception as e:  # noqa: BLE001 - reported by name, never as a value
             err = f"{type(e).__name__}: {e}"[:500]
     return TaskFailure(t.name, t.key, err)
