@@ -17,26 +17,29 @@ warnings.filterwarnings("ignore")
 
 
 def main():
+    from bitfold.app.sweep import train_runs
     from bitfold.toolchain.runs import TrainConfig
-    from bitfold.toolchain.train import train
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("runs/pareto"))
     ap.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.03, 0.1, 0.3, 1.0, 3.0])
     ap.add_argument("--estimators", action="store_true", help="also run the finite-difference estimator")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
+                    "(default: a local cluster on the free cores)")
     args = ap.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
-    rows = []
+    jobs, keys = [], []
     for bits in ("w8a8", "w4a4", "w3a3", "w2a2"):
-        m = train(TrainConfig(model="cnn", bits=bits, epochs=args.epochs), args.out / f"fixed_{bits}", progress=False)
-        rows.append(("fixed", bits, "", m["accuracy"], m["bitops"], _map(m)))
+        jobs.append((TrainConfig(model="cnn", bits=bits, epochs=args.epochs), args.out / f"fixed_{bits}"))
+        keys.append(("fixed", bits, ""))
     for est in (["ste", "fd"] if args.estimators else ["ste"]):
         for lam in args.lams:
-            cfg = TrainConfig(model="cnn", bits="w8a8", method="adaqat", epochs=args.epochs,
-                              method_options={"lam": lam, "estimator": est})
-            m = train(cfg, args.out / f"adaqat_{est}_{lam}", progress=False)
-            rows.append((f"adaqat-{est}", "w8a8 init", lam, m["accuracy"], m["bitops"], _map(m)))
+            jobs.append((TrainConfig(model="cnn", bits="w8a8", method="adaqat", epochs=args.epochs,
+                                     method_options={"lam": lam, "estimator": est}), args.out / f"adaqat_{est}_{lam}"))
+            keys.append((f"adaqat-{est}", "w8a8 init", lam))
+    # the penalty grid: one Dask task per run (bitfold.app.sweep.train_runs)
+    rows = [(*k, m["accuracy"], m["bitops"], _map(m)) for k, m in zip(keys, train_runs(jobs, args.scheduler))]
     print(f"{'method':<12}{'bits':<11}{'lambda':>7}{'acc':>9}{'BitOPs':>11}  per-layer W/A")
     for r in rows:
         print(f"{r[0]:<12}{r[1]:<11}{str(r[2]):>7}{r[3]:>9.2%}{r[4]:>11.3g}  {r[5]}")

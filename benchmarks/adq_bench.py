@@ -25,14 +25,16 @@ def step_ratio(rounds=7, steps=15):
 
 
 def main():
+    from bitfold.app.sweep import train_runs
     from bitfold.toolchain.adq import allocate_run
     from bitfold.toolchain.runs import TrainConfig
-    from bitfold.toolchain.train import train
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("runs/adq_bench"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="every row is trained once per seed; the table gives mean, std and each seed")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
+                    "(default: a local cluster on the free cores)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     med = step_ratio()
@@ -45,20 +47,28 @@ def main():
     def avg_bits(m):
         return sum(r["weight_bits"] for r in m["layers"]) / sum(r["weights"] for r in m["layers"])
 
+    # phase 1: every seed's fixed and uniform-ADQ runs, one Dask task each (bitfold.app.sweep.train_runs)
+    jobs, names = [], []
     for seed in args.seeds:
-        out = args.out / f"seed{seed}"
         for method in ("fixed", "adq"):
             for w in (2, 3, 4):
                 bits = {"*": {"w": w, "a": 4}, "convs.0": {"w": 8, "a": 8}, "head": {"w": 8, "a": 8}}
-                m = train(TrainConfig(model="cnn", bits=bits, method=method, epochs=args.epochs, seed=seed),
-                          out / f"{method}_w{w}", progress=False)
-                res.setdefault(f"{method} uniform W{w}A4", []).append((avg_bits(m), m["accuracy"]))
+                jobs.append((TrainConfig(model="cnn", bits=bits, method=method, epochs=args.epochs, seed=seed),
+                             args.out / f"seed{seed}" / f"{method}_w{w}"))
+                names.append(f"{method} uniform W{w}A4")
+    for name, m in zip(names, train_runs(jobs, args.scheduler)):
+        res.setdefault(name, []).append((avg_bits(m), m["accuracy"]))
+    # phase 2: allocate from each seed's ADQ W4 run (here), then continue those runs (tasks again)
+    jobs = []
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
         total_w = sum(r["weights"] for r in json.loads((out / "adq_w4" / "metrics.json").read_text())["layers"])
         rep = allocate_run(out / "adq_w4", "weight_bits", 3.0 * total_w, out_path=out / "alloc.json")
-        m = train(TrainConfig(model="cnn", bits=rep["bit_map"], method="adq", epochs=max(1, args.epochs // 2),
-                              init_from=str(out / "adq_w4"), seed=seed), out / "adq_alloc", progress=False)
-        res.setdefault("adq Fisher-allocated <=3 avg bits", []).append((avg_bits(m), m["accuracy"]))
+        jobs.append((TrainConfig(model="cnn", bits=rep["bit_map"], method="adq", epochs=max(1, args.epochs // 2),
+                                 init_from=str(out / "adq_w4"), seed=seed), out / "adq_alloc"))
         print(f"seed {seed}: allocation " + " ".join(f"{k}:{v['w']}" for k, v in rep["bit_map"].items()), flush=True)
+    for m in train_runs(jobs, args.scheduler):
+        res.setdefault("adq Fisher-allocated <=3 avg bits", []).append((avg_bits(m), m["accuracy"]))
     print(f"{'configuration':<40}{'avg w bits':>11}{'test acc (mean over ' + str(len(args.seeds)) + ' seeds)':>32}  per seed")
     rows = []
     for name, v in res.items():

@@ -27,12 +27,14 @@ ROWS = {"asq": ("asq", {}), "asq, no adapter (beta=1)": ("asq", {"adapter": Fals
 def main():
     from bitfold.export.dynamic import export_dynamic_run
     from bitfold.export.onnx_export import export_run
+    from bitfold.app.sweep import train_runs
     from bitfold.toolchain.runs import TrainConfig
-    from bitfold.toolchain.train import train
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/asq_bench"))
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
+                    "(default: a local cluster on the free cores)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from _timing import train_step_times
@@ -44,26 +46,27 @@ def main():
     if args.out.exists():
         shutil.rmtree(args.out)
     acc: dict[tuple, list] = {}
+    # every training run of the grid is one Dask task (bitfold.app.sweep.train_runs); exports follow here
+    jobs, keys = [], []
     for seed in args.seeds:
-        m = train(TrainConfig(model="cnn", method="float", epochs=args.epochs, seed=seed),
-                  args.out / f"s{seed}_fp", progress=False)
-        acc.setdefault(("FP32", "-"), []).append(m["accuracy"])
+        jobs.append((TrainConfig(model="cnn", method="float", epochs=args.epochs, seed=seed), args.out / f"s{seed}_fp"))
+        keys.append((seed, "FP32", "-"))
         for bits in ("w4a4", "w3a3"):
             for label, (method, opts) in ROWS.items():
                 d = args.out / f"s{seed}_{bits}_{label.split(',')[0].replace(' ', '_')}_{len(opts)}{''.join(opts)}"
-                m = train(TrainConfig(model="cnn", bits=bits, method=method, method_options=opts, epochs=args.epochs,
-                                      seed=seed), d, progress=False)
-                acc.setdefault((label, bits), []).append(m["accuracy"])
-                if label == "asq":
-                    f = export_run(d, "qcdq", d / "folded.onnx")
-                    acc.setdefault((label + ": folded QCDQ export (onnxruntime)", bits), []).append(f.accuracy["exported"])
-                    _, rep, dyn = export_dynamic_run(d, d / "dynamic.onnx")
-                    assert f.report.passed and rep.passed
-                    acc.setdefault((label + ": dynamic ONNX export (adapter in the graph)", bits), []).append(dyn)
-                    acc.setdefault((label + ": dynamic export, onnxruntime argmax agreement", bits), []).append(
-                        rep.argmax_agreement)
-            print(f"seed {seed} {bits}: " + ", ".join(f"{k[0]} {v[-1]:.2%}" for k, v in acc.items() if k[1] == bits),
-                  flush=True)
+                jobs.append((TrainConfig(model="cnn", bits=bits, method=method, method_options=opts, epochs=args.epochs,
+                                         seed=seed), d))
+                keys.append((seed, label, bits))
+    for (seed, label, bits), (_, d), m in zip(keys, jobs, train_runs(jobs, args.scheduler)):
+        acc.setdefault((label, bits), []).append(m["accuracy"])
+        if label == "asq":
+            f = export_run(d, "qcdq", d / "folded.onnx")
+            acc.setdefault((label + ": folded QCDQ export (onnxruntime)", bits), []).append(f.accuracy["exported"])
+            _, rep, dyn = export_dynamic_run(d, d / "dynamic.onnx")
+            assert f.report.passed and rep.passed
+            acc.setdefault((label + ": dynamic ONNX export (adapter in the graph)", bits), []).append(dyn)
+            acc.setdefault((label + ": dynamic export, onnxruntime argmax agreement", bits), []).append(
+                rep.argmax_agreement)
     print(f"\n{'configuration':<52}{'bits':>6}{'mean':>9}{'spread':>9}  per seed")
     for (label, bits), v in acc.items():
         sd = statistics.stdev(v) if len(v) > 1 else 0.0

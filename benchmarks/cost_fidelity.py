@@ -15,7 +15,8 @@ BitOPs (MACs * b_w * b_a) scaled by the least-squares factor that fits these ver
 (BitOPs has no unit; the factor is its best case). Prints Spearman rho and MAPE side by side and
 writes fidelity.csv + fidelity.png into --out. Measured values are kept in --out/measured.json
 (and the trained models in --out/models/): running again after a refit re-scores without
-re-measuring (--remeasure measures again).
+re-measuring (--remeasure measures again). Syntheses run as Dask tasks (``--scheduler HOST:PORT``, a
+local cluster by default, ``inprocess`` here); CPU timings run one at a time in this process.
 """
 from __future__ import annotations
 
@@ -75,11 +76,38 @@ class Cache:
 CACHE: Cache | None = None
 
 
-def ecp5_layers(board, n, rng, jobs=2):
-    """n held-out one-layer blocks, synthesized ``jobs`` at a time (yosys is one process each)."""
-    from concurrent.futures import ThreadPoolExecutor
+SCHEDULER: str | None = None     # --scheduler: where the synthesis tasks run (bitfold.core.tasks)
 
-    from bitfold.export.open_fpga.probe import synth_block, one_layer_intmodel
+
+def synth_layer_task(board_name, i, n_in, n_out, bw, ba, bout) -> float:
+    """One held-out block synthesized by yosys (a Dask task)."""
+    from bitfold.boards import load_board
+    from bitfold.export.open_fpga.probe import one_layer_intmodel, synth_block
+    return float(synth_block(one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out,
+                             load_board(board_name))[0][0])
+
+
+def measure_all(items, fn, parallel: bool):
+    """``{cache key: value}`` for ``items = [(cache key, args)]``: cached values reused, the others
+    measured by ``fn(*args)`` - as Dask tasks when ``parallel`` (synthesis: the count does not depend
+    on the machine's load), else one at a time here (timings must not share the machine)."""
+    from bitfold.core.tasks import Task, failures, run_tasks
+    todo = [(k, a) for k, a in items if k not in CACHE.values]
+    if parallel and todo:
+        tasks = [Task(k, fn, a) for k, a in todo]
+        res = run_tasks(tasks, scheduler=SCHEDULER)
+        bad = failures(res)
+        if bad:
+            raise SystemExit("failed: " + "; ".join(map(str, bad)))
+        for t in tasks:
+            CACHE.get(t.name, lambda v=res[t.key]: v)
+    for k, a in todo if not parallel else []:
+        CACHE.get(k, lambda a=a: fn(*a))
+    return {k: CACHE.values[k] for k, _ in items}
+
+
+def ecp5_layers(board, n, rng):
+    """n held-out one-layer blocks, synthesized as Dask tasks (yosys is one process each)."""
     from bitfold.hw_models.table import find_table, mvau_cost
     from bitfold.toolchain.describe import LayerDesc
     cm = find_table(board.name)
@@ -87,24 +115,23 @@ def ecp5_layers(board, n, rng, jobs=2):
     for i in range(n):
         n_in, n_out = ECP5_SHAPES[i % len(ECP5_SHAPES)]
         cfgs.append((i, n_in, n_out, rng.choice([2, 3, 4, 5, 6]), rng.choice([2, 3, 4, 5]), rng.choice([None, 2, 3, 4, 5])))
-
-    def one(c):
+    name = (lambda c: f"{board.name} layer {c[0]} {c[1]}x{c[2]} W{c[3]}A{c[4]}->{c[5] or 'raw'}")
+    luts = measure_all([(name(c), (board.name, *c)) for c in cfgs], synth_layer_task, parallel=True)
+    rows = []
+    for c in cfgs:
         i, n_in, n_out, bw, ba, bout = c
-        cfg = f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}"
-        lut = CACHE.get(f"{board.name} layer {i} {cfg}", lambda: synth_block(
-            one_layer_intmodel(n_in, n_out, bw, ba, seed=i, b_out=bout), n_in, n_out, board)[0][0])
+        lut = luts[name(c)]
         k = cm.table["kinds"]["linear"]
         if k.get("form") == "features":   # the measured design: this block, streaming its output to the host
             pred = float(mvau_cost(k, n_in, n_out, n_in, bw, ba, bout))   # one block: no whole-model factor
         else:
             d = LayerDesc("l", "linear", (n_in,), (n_out,), n_in, n_out, (1, 1), (1, 1), 1, n_in * n_out, n_in * n_out, None)
             pred = float(cm([d], {"l": (bw, ba)}).total)
-        row = {"target": board.name, "what": "layer", "config": cfg,
-               "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba}
-        print(f"  layer {i + 1}/{n}: {row['config']:<22} measured {lut:>7,.0f} predicted {pred:>9,.0f}", flush=True)
-        return row
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(one, cfgs))
+        cfg = f"{n_in}x{n_out} W{bw}A{ba}->{bout or 'raw'}"
+        rows.append({"target": board.name, "what": "layer", "config": cfg,
+                     "measured": float(lut), "predicted": pred, "bitops": n_in * n_out * bw * ba})
+        print(f"  layer {i + 1}/{n}: {cfg:<22} measured {lut:>7,.0f} predicted {pred:>9,.0f}", flush=True)
+    return rows
 
 
 def _mlp_at(bits, root: Path, fmt: str):
@@ -132,11 +159,9 @@ def _table_cost(cm, run_dir, bits):
         sum(d.macs * bits[d.name]["w"] * bits[d.name]["a"] for d in layers)
 
 
-def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
+def whole_models(board, n, rng, root, fmt, measure_one, unit="", parallel=False):
     """n digits MLPs at random per-layer widths: trained 1 epoch and exported (fmt) one after the
-    other, then measured ``jobs`` at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    other, then measured by ``measure_one(board name, onnx, build dir)`` (see measure_all)."""
     from bitfold.hw_models.table import find_table
     cm = find_table(board.name)
     made = []
@@ -144,11 +169,12 @@ def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
         bits = _random_bits(rng)
         run, onnx = _mlp_at(bits, root, fmt)
         made.append((i, bits, run, onnx))
-    with ThreadPoolExecutor(jobs) as pool:
-        values = list(pool.map(lambda m: CACHE.get(f"{board.name} model {m[3].stem}",
-                                                   lambda: measure_one(m[3], root / f"b{m[0]}")), made))
+    keys = [f"{board.name} model {m[3].stem}" for m in made]
+    vals = measure_all([(k, (board.name, str(m[3]), str(root / f"b{m[0]}"))) for k, m in zip(keys, made)],
+                       measure_one, parallel)
     rows = []
-    for (i, bits, run, onnx), value in zip(made, values):
+    for (i, bits, run, onnx), key in zip(made, keys):
+        value = vals[key]
         pred, bo = _table_cost(cm, run, bits)
         cfg = " ".join(f"W{v['w']}A{v['a']}" for v in bits.values())
         rows.append({"target": board.name, "what": "model", "config": cfg, "measured": float(value), "predicted": pred,
@@ -157,19 +183,30 @@ def whole_models(board, n, rng, root, fmt, measure_one, unit="", jobs=1):
     return rows
 
 
-def ecp5_models(board, n, rng, root):
+def fpga_model_luts(board_name, onnx, d) -> float:
+    """LUT4 of one whole model synthesized with the table's folding (a Dask task)."""
+    from bitfold.boards import load_board
+    from bitfold.core.atomic import write_json
     from bitfold.export.lower import lower
     from bitfold.export.open_fpga.flow import build
     from bitfold.export.open_fpga.probe import model_resources
     from bitfold.hw_models.fpga_rules import table_folding
-    from bitfold.core.atomic import write_json
+    d = Path(d)
+    fold = d.with_suffix(".fold.json")
+    write_json(fold, table_folding(lower(onnx)).as_dict())
+    build(onnx, load_board(board_name), d, folding=fold, verify=False, bitstream=False)
+    return float(model_resources(d / "build.json")["lut"])
 
-    def luts(onnx, d):
-        fold = d.with_suffix(".fold.json")
-        write_json(fold, table_folding(lower(onnx)).as_dict())
-        build(onnx, board, d, folding=fold, verify=False, bitstream=False)
-        return model_resources(d / "build.json")["lut"]
-    return whole_models(board, n, rng, root, "qonnx", luts, "LUT4", jobs=2)
+
+def cpu_model_latency(board_name, onnx, d) -> float:
+    import bitfold.export.tvm.backend as tvm_backend
+    from bitfold.boards import load_board
+    tvm_backend.build(onnx, load_board(board_name), d)
+    return tvm_backend.measure_local(d)["median"]
+
+
+def ecp5_models(board, n, rng, root):
+    return whole_models(board, n, rng, root, "qonnx", fpga_model_luts, "LUT4", parallel=True)
 
 
 def cpu_layers(board, n):
@@ -188,12 +225,7 @@ def cpu_layers(board, n):
 
 
 def cpu_models(board, n, rng, root):
-    import bitfold.export.tvm.backend as tvm_backend
-
-    def latency(onnx, d):
-        tvm_backend.build(onnx, board, d)
-        return tvm_backend.measure_local(d)["median"]
-    return whole_models(board, n, rng, root, "qcdq", latency, "s")
+    return whole_models(board, n, rng, root, "qcdq", cpu_model_latency, "s", parallel=False)   # timings: one at a time
 
 
 def main():
@@ -206,9 +238,12 @@ def main():
     ap.add_argument("--remeasure", action="store_true", help="ignore --out/measured.json (values measured by an "
                     "earlier run with the same --out, reused by default so a refitted table is re-scored for free)")
     ap.add_argument("--summarize", type=Path, help="re-print the summary of an earlier run's fidelity.csv (no measuring)")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT for the synthesis tasks; "
+                    "'inprocess' runs them here (default: a local cluster on the free cores)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global CACHE
+    global CACHE, SCHEDULER
+    SCHEDULER = args.scheduler
     CACHE = Cache(args.out / "measured.json")
     if args.remeasure:
         CACHE.values = {}

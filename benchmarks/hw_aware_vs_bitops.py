@@ -16,7 +16,9 @@ Prints per configuration mean +- sd over the seeds (accuracy and measured cost),
 mean accuracy vs mean measured cost, and - for each BitOPs-trained configuration - the cheapest
 board-trained one whose mean accuracy is at least as high up to the seed spread (the larger of the
 two sds), with the measured-cost reduction. Writes points.csv, summary.json and hw_vs_bitops.png.
-Each point is kept in its own directory with its result: an interrupted run resumes.
+Each point is one task of ``bitfold.app.sweep`` (the engine of ``bitfold sweep``): on a local Dask
+cluster by default, ``--scheduler HOST:PORT`` for an existing one, ``inprocess`` to run here; its
+directory keeps its result, so an interrupted run resumes.
 ``--quick``: 2000/500 samples, 1 epoch, 1 seed, widths 2 and 8, lambda 1 - the end-to-end check
 the test suite runs.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import statistics
 import warnings
 from pathlib import Path
@@ -53,36 +54,16 @@ def configs(widths, lams):
     return out
 
 
-def run_point(root: Path, board, tgt, label, spec, seed, args) -> dict:
-    """Train, export, build and measure one configuration at one seed (cached in its directory)."""
-    from bitfold.export.onnx_export import export_run
-    from bitfold.toolchain.runs import TrainConfig
-    from bitfold.toolchain.train import train
-    d = root / board.name / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
-    done = d / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    opts = {}
+def point(board, label, spec, seed, args):
+    """One configuration at one seed as a sweep point (bitfold.app.sweep: train, export, build, measure)."""
+    from bitfold.app.sweep import Point
+    kw = {}
     if spec["method"] == "adaqat":
-        opts = {"cost": board.name if spec["cost"] == "board" else "bitops", "lam": spec["lam"],
-                "learn_edges": True, "finetune_epochs": 1 if args.epochs > 1 else 0}
-        if args.fps and spec["cost"] == "board":
-            opts["target_fps"] = args.fps
-    cfg = TrainConfig(model=args.model, data="fashion-mnist", bits=spec["bits"], method=spec["method"],
-                      method_options=opts, epochs=args.epochs, seed=seed, subset=args.subset)
-    m = train(cfg, d / "run", progress=False)
-    onnx = export_run(d / "run", tgt.export_format, d / "model.onnx",
-                      allow_saturation=tgt.allow_int16_saturation).path
-    bd = tgt.build(str(onnx), d)
-    meas = tgt.measure(bd["out_dir"], 0.0, {"label": label, "seed": seed})
-    res = {"board": board.name, "metric": tgt.metric, "label": label, "family": label.split()[0], "seed": seed,
-           "accuracy": m["accuracy"], "measured": meas["value"], "bitops": m.get("bitops"),
-           "bits": " ".join(f"W{x['w']}A{x['a']}" for x in m["layers"])}
-    done.write_text(json.dumps(res))
-    return res
+        kw = {"cost": spec["cost"], "lam": spec["lam"],
+              "options": (("finetune_epochs", 1 if args.epochs > 1 else 0), ("learn_edges", True))}
+    return Point(board.name, method=spec["method"], model=args.model, data="fashion-mnist", bits=spec["bits"],
+                 epochs=args.epochs, seed=seed, subset=args.subset,
+                 fps=args.fps if board.backend != "tvm" else None, verify=not (args.quick or args.no_verify), **kw)
 
 
 def summarize(rows):
@@ -120,9 +101,8 @@ def reductions(stats):
 
 
 def main(argv=None):
-    from bitfold.app.loop import loop_target
+    from bitfold.app.sweep import point_key, run_sweep
     from bitfold.boards import load_board
-    from bitfold.hw_models.store import MeasurementStore
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", nargs="+", default=["host-cpu", "ulx3s-85f"])
     ap.add_argument("--model", default="mlp")
@@ -136,23 +116,33 @@ def main(argv=None):
                     help="FPGA targets: the rate every point is folded for, and the board table prices")
     ap.add_argument("--no-verify", action="store_true", help="FPGA: skip the verilator simulation of each build")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
+                    "(default: a local cluster on the free cores)")
+    ap.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
     args = ap.parse_args(argv)
     if args.quick:
         args.subset, args.epochs, args.seeds, args.widths, args.lams = "2000,500", 1, [0], [2, 8], [1.0]
     args.subset = tuple(int(v) for v in args.subset.split(",")) if args.subset else None
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    labels = {}
     for name in args.targets:
         board = load_board(name)
-        tgt = loop_target(board, MeasurementStore(args.out / "measurements.sqlite"), verify=not (args.quick or args.no_verify))
-        if args.fps and tgt.metric != "latency":
-            tgt.target_fps = args.fps
         for seed in args.seeds:
             for label, spec in configs(args.widths, args.lams):
-                r = run_point(args.out, board, tgt, label, spec, seed, args)
-                rows.append(r)
-                print(f"{name:<10} seed {seed} {label:<16} acc {r['accuracy']:.2%}  measured {r['measured']:.4g}  "
-                      f"{r['bits']}", flush=True)
+                labels[point(board, label, spec, seed, args)] = label
+    # every point is one Dask task (CPU latencies are timed one at a time after the parallel phase)
+    sweep = run_sweep(list(labels), args.out, scheduler=args.scheduler, workers=args.workers)
+    if sweep["failed"]:
+        raise SystemExit("failed points: " + "; ".join(f"{f['point']}: {f['error']}" for f in sweep["failed"]))
+    by_key = {r["key"]: r for r in sweep["rows"]}
+    rows = []
+    for p, label in labels.items():
+        r = by_key[point_key(p)]
+        rows.append({"board": p.board, "metric": r["metric"], "label": label, "family": label.split()[0],
+                     "seed": p.seed, "accuracy": r["accuracy"], "measured": r["measured"], "bitops": r["bitops"],
+                     "bits": r["bits"]})
+        print(f"{p.board:<10} seed {p.seed} {label:<16} acc {r['accuracy']:.2%}  measured {r['measured']:.4g}  "
+              f"{r['bits']}", flush=True)
     with open(args.out / "points.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

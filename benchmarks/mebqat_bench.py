@@ -49,13 +49,15 @@ def step_times(rounds=5, steps=10):
 
 
 def main():
+    from bitfold.app.sweep import train_runs
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.select_bits import eval_table
-    from bitfold.toolchain.train import train
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("runs/mebqat_bench"))
     ap.add_argument("--pairs", default="2x2,3x3,4x4,8x8,2x4,4x2")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
+                    "(default: a local cluster on the free cores)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     med, k = step_times()
@@ -65,12 +67,13 @@ def main():
     if args.out.exists():
         shutil.rmtree(args.out)
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.pairs.split(",")]
-    train(TrainConfig(model="cnn", bits="w8a8", method="mebqat", epochs=args.epochs), args.out / "meta", progress=False)
+    # the meta model and every dedicated run: one Dask task each (bitfold.app.sweep.train_runs)
+    runs = train_runs([(TrainConfig(model="cnn", bits="w8a8", method="mebqat", epochs=args.epochs), args.out / "meta")]
+                      + [(TrainConfig(model="cnn", bits=f"w{w}a{a}", epochs=args.epochs), args.out / f"fixed_w{w}a{a}")
+                         for w, a in pairs], args.scheduler)
     meta = {(r["w"], r["a"]): r["accuracy"] for r in eval_table(args.out / "meta", pairs)}
     print(f"{'w/a':<6}{'dedicated fixed':>16}{'MEBQAT (one model)':>20}{'diff':>8}")
-    for w, a in pairs:
-        m = train(TrainConfig(model="cnn", bits=f"w{w}a{a}", epochs=args.epochs), args.out / f"fixed_w{w}a{a}",
-                  progress=False)
+    for (w, a), m in zip(pairs, runs[1:]):
         print(f"W{w}A{a:<4}{m['accuracy']:>16.2%}{meta[(w, a)]:>20.2%}{(meta[(w, a)] - m['accuracy']) * 100:>+7.2f}")
 
 

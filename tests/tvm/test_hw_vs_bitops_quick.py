@@ -19,7 +19,7 @@ def test_quick_mode_runs_every_configuration_and_reports(tmp_path):
     spec = importlib.util.spec_from_file_location("hw_aware_vs_bitops", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--quick", "--targets", "host-cpu", "--out", str(tmp_path)])
+    out = bench.main(["--quick", "--targets", "host-cpu", "--out", str(tmp_path), "--scheduler", "inprocess"])
     labels = {s["label"] for s in out["stats"]}
     assert labels == {"uniform W2A2", "uniform W8A8", "bitops lam=1", "board lam=1"}
     assert all(s["cost_mean"] > 0 and 0.1 < s["acc_mean"] <= 1 for s in out["stats"])
@@ -29,5 +29,5 @@ def test_quick_mode_runs_every_configuration_and_reports(tmp_path):
     assert [r["bitops"] for r in out["reductions"]] == ["bitops lam=1"]
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "hw_vs_bitops.png").stat().st_size > 0
     # a second call resumes from the cached points (same numbers, nothing retrained)
-    again = bench.main(["--quick", "--targets", "host-cpu", "--out", str(tmp_path)])
+    again = bench.main(["--quick", "--targets", "host-cpu", "--out", str(tmp_path), "--scheduler", "inprocess"])
     assert again["stats"] == out["stats"]

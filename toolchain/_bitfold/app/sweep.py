@@ -47,7 +47,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from bitfold.core.atomic import atomic_path, write_json
@@ -111,6 +111,8 @@ def load_grid(path: str | Path) -> list[Point]:
     """Read a grid file into its points (in file order, duplicates once); one clear error per mistake."""
     import tomllib
     p = Path(path)
+    if p.is_dir():
+        raise BitfoldError(f"{p} is a directory, not a grid file", "pass the TOML grid file (see `bitfold sweep --help`)")
     if not p.is_file():
         raise BitfoldError(f"grid file {p} does not exist", "write a TOML grid (see `bitfold sweep --help`)")
     try:
@@ -455,3 +457,27 @@ def plot_pareto(stats: list[dict], path: Path):
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
+
+
+def train_task(cfg: dict, out_dir: str, threads: int = 1) -> dict:
+    """Train one run (a Dask task): ``cfg`` is a TrainConfig as JSON; returns its metrics."""
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return train(TrainConfig.from_json(cfg), out_dir, progress=False)
+
+
+def train_runs(jobs: list, scheduler: str | None = None, workers: int | None = None, events=None) -> list[dict]:
+    """Train independent runs ``[(TrainConfig, out_dir), ...]`` as Dask tasks (the seed and penalty
+    grids of the benchmarks); returns their metrics in order. A run that fails stops the whole call
+    with every failure named (its directory is left for inspection)."""
+    from bitfold.core.tasks import Task, TaskFailure, free_cores, run_tasks
+    n = workers or free_cores()
+    threads = max(1, free_cores() // max(1, n))
+    tasks = [Task(str(d), train_task, (cfg.to_json(), str(d), threads),
+                  {"GPU": 1} if cfg.device.startswith("cuda") else {"CPU": 1}) for cfg, d in jobs]
+    res = run_tasks(tasks, scheduler=scheduler, workers=workers, events=events)
+    bad = [r for r in res.values() if isinstance(r, TaskFailure)]
+    if bad:
+        raise BitfoldError(f"{len(bad)} training run(s) failed: " + "; ".join(str(b) for b in bad))
+    return [res[t.key] for t in tasks]
