@@ -72,11 +72,12 @@ def sweep_cmd(
     for b in sorted({s["board"] for s in stats}):
         st = sorted((s for s in stats if s["board"] == b), key=lambda s: s["cost_mean"])
         k, unit = (1e3, "ms") if st[0]["metric"] == "latency" else (1, st[0]["unit"])
+        fmt = (lambda v: f"{v * k:.4g}") if st[0]["metric"] == "latency" else (lambda v: f"{v:,.0f}")
         rows_table(f"sweep on {b}: mean +- sd over seeds (* on the Pareto front)",
                    ("configuration", "seeds", "accuracy", f"measured ({unit})", f"predicted ({unit})", "front"),
                    [(s["config"], s["seeds"], f"{s['acc_mean']:.2%} +- {s['acc_sd']:.2%}",
-                     f"{s['cost_mean'] * k:.4g} +- {s['cost_sd'] * k:.2g}",
-                     "-" if s["predicted_mean"] is None else f"{s['predicted_mean'] * k:.4g}",
+                     f"{fmt(s['cost_mean'])} +- {fmt(s['cost_sd'])}",
+                     "-" if s["predicted_mean"] is None else fmt(s["predicted_mean"]),
                      "*" if s["front"] else "") for s in st])
     console.print(f"{r['ran']} point(s) run, {r['skipped']} already done; wrote {', '.join(r['files'].values())}")
     if r["failed"]:
