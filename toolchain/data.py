@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -64,6 +65,18 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file's array (read-only; decoded once per process and file version: a sweep or a
+    benchmark that trains many runs in one process reads Fashion-MNIST's 30 MB of gzip once)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise BitfoldError(f"{path} cannot be read ({e.strerror})", "point --data-dir at the original MNIST files") from e
+    return _read_idx_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(name: str, mtime_ns: int, size: int) -> np.ndarray:
+    path = Path(name)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
@@ -87,14 +100,18 @@ def _find(data_dir: Path, stem: str) -> Path:
                        "bitfold never downloads: put the four MNIST IDX files into --data-dir")
 
 
+_UNIT = (np.arange(256) / 255.0).astype(np.float32)
+
+
 def load_mnist(data_dir: Path, name: str = "mnist") -> Dataset:
     """MNIST-format IDX files (MNIST or Fashion-MNIST: the same four file names), 28x28 in [0, 1]."""
     data_dir = Path(data_dir)
     arrays = [_read_idx(_find(data_dir, s)) for s in (
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
     xtr, ytr, xte, yte = arrays
-    xtr, ytr = _to_tensors(xtr[:, None] / 255.0, ytr)
-    xte, yte = _to_tensors(xte[:, None] / 255.0, yte)
+    # byte -> [0, 1] through a table of the 256 values (the same float32 values as x / 255.0, 8x less work)
+    xtr, ytr = _to_tensors(_UNIT[xtr][:, None], ytr)
+    xte, yte = _to_tensors(_UNIT[xte][:, None], yte)
     return Dataset(name, xtr, ytr, xte, yte, 10)
 
 
