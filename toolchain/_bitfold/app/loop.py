@@ -360,21 +360,32 @@ def write_report(out: Path, meta: dict) -> Path:
     hist, metric, board = meta["history"], meta["metric"], meta["board"]
     k = 1e3 if metric == "latency" else 1.0
     xl = f"{metric} on {board} ({'ms' if metric == 'latency' else meta['unit']})"
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot([h["measured"] * k for h in hist], [h["accuracy"] for h in hist], "o-", label="measured")
-    for h in hist:
-        ax.annotate(f"r{h['round']}", (h["measured"] * k, h["accuracy"]), fontsize=8)
-    ax.plot([h["predicted"] * k for h in hist], [h["accuracy"] for h in hist], "x--", label="predicted (cost table)")
+    unit = "ms" if metric == "latency" else meta["unit"]
+    name = {"lut": "LUTs", "latency": "latency"}.get(metric, metric)
+    xl = f"{name} on {board} ({unit})"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    meas, pred, acc = [h["measured"] * k for h in hist], [h["predicted"] * k for h in hist], [h["accuracy"] for h in hist]
+    ax.plot(meas, acc, "o-", ms=7, label="measured")
+    ax.plot(pred, acc, "x--", ms=7, label="predicted by the cost table")
+    for h, m, p, a in zip(hist, meas, pred, acc):
+        ax.annotate(f"round {h['round']}", (m, a), fontsize=9, xytext=(5, 5), textcoords="offset points")
+        ax.plot([p, m], [a, a], color="0.6", lw=0.8)      # how far the table was off, per round
     if hist and hist[0]["budget"]:
-        ax.axvline(hist[0]["budget"] * k, color="r", ls=":", label="budget")
+        ax.axvline(hist[0]["budget"] * k, color="r", ls=":", label=f"budget {format_metric(metric, hist[0]['budget'])}")
     ax.set_xlabel(xl)
     ax.set_ylabel("test accuracy")
-    ax.legend()
-    lim = max([h["measured"] * k for h in hist] + [h["predicted"] * k for h in hist] + [1e-9])
-    ax2.plot([0, lim * 1.1], [0, lim * 1.1], "k:", lw=0.8)
-    ax2.scatter([h["predicted"] * k for h in hist], [h["measured"] * k for h in hist])
-    ax2.set_xlabel("predicted " + xl)
-    ax2.set_ylabel("measured")
+    ax.set_title(f"bitfold run on {board}: accuracy vs measured {name}, per round")
+    ax.legend(fontsize=8)
+    lim = max(meas + pred + [1e-9])
+    ax2.plot([0, lim * 1.1], [0, lim * 1.1], "k:", lw=0.8, label="prediction = measurement")
+    ax2.scatter(pred, meas, s=40)
+    for h, m, p in zip(hist, meas, pred):
+        err = f" ({(p - m) / m:+.0%})" if m else ""
+        ax2.annotate(f"round {h['round']}{err}", (p, m), fontsize=9, xytext=(5, -12), textcoords="offset points")
+    ax2.set_xlabel(f"predicted {name} ({unit})")
+    ax2.set_ylabel(f"measured {name} ({unit})")
+    ax2.set_title("cost table vs measurement")
+    ax2.legend(fontsize=8, loc="upper left")
     for a in (ax, ax2):
         a.grid(alpha=0.3)
     fig.tight_layout()
