@@ -99,6 +99,15 @@ def test_estimates_verified(finn_env, exports, tmp_path, model, board):
     else:
         assert info["rtl_sim"] == {}
     assert "| total |" in (out / "report.md").read_text()
+    if (model, board) == ("mlp", "pynq-z2"):    # what `bitfold run` / `bitfold sweep` record for a FINN board
+        from bitfold.app.loop import FinnTarget
+        from bitfold.app.sweep import RowCollector
+        from bitfold.boards import load_board
+        rows = RowCollector()
+        m = FinnTarget(load_board(board), rows).measure(str(out), 0.0, {"run": "t"})
+        assert m["value"] == info["totals"]["LUT"] and m["fps"] == info["performance"]["estimated_throughput_fps"]
+        assert sorted(r.metric for r in rows.rows) == ["bram", "dsp", "lut"]
+        assert all(r.source == "estimated" and r.tool == "finn-plus" and r.extra["run"] == "t" for r in rows.rows)
 
 
 def _wrong_threshold_is_caught(finn_dir):

@@ -175,8 +175,37 @@ class OpenFpgaTarget(LoopTarget):
         return f"{v:,.0f} LUT"
 
 
+class FinnTarget(OpenFpgaTarget):
+    """Xilinx boards through FINN: the cost is FINN's estimate for the design it builds (its folding
+    at the rate asked, its RTL/HLS choice per layer) - an estimate, recorded as such: post-route
+    numbers need Vivado, which the build stops before."""
+    unit = "LUT (FINN estimate)"
+
+    def build(self, onnx, d):
+        from bitfold.export.backends import build
+        return build(onnx, self.b.name, d / "finn", verify=self.verify, bitstream=False,
+                     target_fps=self.target_fps).as_dict()
+
+    def measure(self, build_dir, predicted_raw, tag):
+        from bitfold.hw_models.store import Measurement
+        info = json.loads((Path(build_dir) / "build.json").read_text())
+        tot, ver = info["totals"], info.get("finn", {}).get("finn-plus", "")
+        self.store.add([Measurement(board=self.b.name, kind="model", macs=0, weights=0, b_w=0, b_a=0, metric=m,
+                                    value=float(tot[key]), unit=u, source="estimated", tool="finn-plus",
+                                    tool_version=str(ver), device_id=self.b.part,
+                                    extra={**tag, "predicted_raw": predicted_raw if m == "lut" else None,
+                                           "fps": info["performance"].get("estimated_throughput_fps")})
+                        for m, key, u in (("lut", "LUT", "LUT (FINN estimate)"), ("bram", "BRAM_18K", "BRAM18"),
+                                          ("dsp", "DSP", "DSP"))])
+        return {"value": float(tot["LUT"]), "lut": float(tot["LUT"]), "bram": float(tot["BRAM_18K"]),
+                "dsp": float(tot["DSP"]), "fps": info["performance"].get("estimated_throughput_fps")}
+
+    def show(self, v):
+        return f"{v:,.0f} LUT (FINN estimate)"
+
+
 #: the loop's measurement target per backend name
-TARGETS = {"tvm": CpuTarget, "open-fpga": OpenFpgaTarget}
+TARGETS = {"tvm": CpuTarget, "open-fpga": OpenFpgaTarget, "finn": FinnTarget}
 
 
 def loop_target(board, store, bitstream=False, verify=True, tracker=None, key=None) -> LoopTarget:
@@ -190,8 +219,9 @@ def loop_target(board, store, bitstream=False, verify=True, tracker=None, key=No
                            "measurement driver: a TVM RPC tracker the board is registered with",
                            f"pass --tracker HOST:PORT [--key {getattr(board, 'rpc_key', None) or board.name}]")
     raise BitfoldError(f"bitfold run cannot measure board {board.name} ({board.backend}) from here: it needs its own "
-                       "measurement driver (Xilinx: Vivado reports), not in this version",
-                       "use --board host-cpu, ulx3s-85f or icebreaker (or a CPU board with --tracker)")
+                       "measurement driver, not in this version",
+                       "use --board host-cpu, ulx3s-85f, icebreaker, a FINN board (pynq-z2, zcu104, ultra96-v2) "
+                       "or a CPU board with --tracker")
 
 
 def run_layers(run_dir) -> list[dict]:
@@ -200,6 +230,11 @@ def run_layers(run_dir) -> list[dict]:
     from bitfold.toolchain.runs import load_run
     cfg, model, ck = load_run(run_dir)
     return json.loads(json.dumps([d.as_dict() for d in describe_layers(model, tuple(ck["input_shape"]))]))
+
+
+def _has_rate(table_file) -> bool:
+    t = json.loads(Path(table_file).read_text())
+    return any(k.get("form") == "features" for k in t.get("kinds", {}).values())
 
 
 def predicted_cost(run_dir, table_file, bit_map, target_fps: float | None = None) -> float:
@@ -241,7 +276,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     tgt = loop_target(b, None, bitstream, verify, tracker, key)
     if fps is not None:
         if not isinstance(tgt, OpenFpgaTarget):
-            raise BitfoldError(f"--fps applies to open-flow FPGA boards; {b.name} is measured in {tgt.metric}",
+            raise BitfoldError(f"--fps applies to FPGA boards; {b.name} is measured in {tgt.metric}",
                                "drop --fps (CPU boards: a latency budget, --budget \"latency<=2ms\")")
         if fps <= 0:
             raise BitfoldError(f"--fps must be > 0, got {fps}")
@@ -273,15 +308,18 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         opts = {"cost": cost or str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
         if limit is not None:
             opts["budget"] = limit
-        if fps is not None:
-            opts["target_fps"] = float(fps)
+        # the open-flow tables price a layer at the rate; a FINN board's table prices one folding, so
+        # there the rate only steers FINN's build
+        priced_fps = fps if fps is not None and _has_rate(table_file) else None
+        if priced_fps is not None:
+            opts["target_fps"] = float(priced_fps)
         opts = (opts if method == "adaqat" else {}) | dict(method_options or {})
         cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs, method_options=opts)
 
-        def do_train(d, cfg=cfg, table_file=table_file):
+        def do_train(d, cfg=cfg, table_file=table_file, priced_fps=priced_fps):
             m = train(cfg, d / "run", progress=False) if nproc <= 1 else _train_torchrun(cfg, d / "run", nproc)
             bit_map = {x["name"]: {"w": x["w"], "a": x["a"]} for x in m["layers"]}
-            raw = predicted_cost(d / "run", table_file, bit_map, fps)
+            raw = predicted_cost(d / "run", table_file, bit_map, priced_fps)
             scale = float(json.loads(table_file.read_text()).get("calibration", {}).get("scale", 1.0))
             return {"accuracy": m["accuracy"], "predicted_raw": raw, "predicted": raw * scale, "bit_map": bit_map,
                     "layers": run_layers(d / "run")}

@@ -241,9 +241,17 @@ def _method_options(p: Point, board, tgt) -> dict:
                 "finetune_epochs": max(1, p.epochs // 5)}
         if p.budget:
             opts["budget"] = parse_budget(p.budget)[1]
-        if p.fps is not None and opts["cost"] == board.name:
+        if p.fps is not None and opts["cost"] == board.name and table_has_rate(board.name):
             opts["target_fps"] = p.fps
     return opts | dict(p.options)
+
+
+def table_has_rate(board: str) -> bool:
+    """Whether the board's cost table prices a layer at a target rate (the open-flow structural
+    tables); FINN boards' tables price one folding, so a rate only steers their builds."""
+    from bitfold.hw_models.table import find_table
+    t = find_table(board)
+    return t is not None and any(k.get("form") == "features" for k in t.table["kinds"].values())
 
 
 class RowCollector:
@@ -291,7 +299,7 @@ def prepare_point(out: str, p: Point, threads: int = 1) -> dict:
     table = find_table(b.name)
     predicted = None
     if table is not None:
-        raw = predicted_cost(d / "run", table.source, bit_map, p.fps)
+        raw = predicted_cost(d / "run", table.source, bit_map, p.fps if table_has_rate(b.name) else None)
         predicted = raw * float(table.table.get("calibration", {}).get("scale", 1.0))
     onnx = export_run(d / "run", tgt.export_format, d / "model.onnx", allow_saturation=tgt.allow_int16_saturation).path
     t0 = time.time()
