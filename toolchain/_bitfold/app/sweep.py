@@ -31,7 +31,8 @@ in a grid block, a table of lists).
 
 Each point is one :class:`~bitfold.core.tasks.Task` keyed by the hash of its settings: trained,
 exported with the board's format, built with the board's flow and - for FPGA boards, whose cost
-is the synthesized design - measured on the worker. Latencies of CPU boards are timed after the
+is the synthesized design (FINN boards: FINN's estimate of the design it builds) - measured on the
+worker. Latencies of CPU boards are timed after the
 parallel phase, one build at a time, so that no timing shares the machine with training or with
 another timing. Only this process writes: ``OUT/points/<key>/result.json`` per point (a re-run
 skips finished points), the measurement rows in ``OUT/measurements.sqlite``, and
