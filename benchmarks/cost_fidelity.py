@@ -8,7 +8,8 @@ Per target:
   table's measurement grid, each measured by the real flow (ulx3s-85f: yosys LUT4 of the
   building block; host-cpu: TVM latency);
 * whole models: --models digits MLPs at random per-layer widths (trained 1 epoch, exported,
-  built: ulx3s-85f synthesized with the table's folding; host-cpu compiled by TVM and timed).
+  built: ulx3s-85f synthesized with the table's folding; host-cpu compiled by TVM and timed; FINN boards
+  such as pynq-z2 built by FINN as `bitfold build` builds them, its LUT estimate - whole models only).
 
 Prediction: the board's cost table (as shipped or calibrated; no refit on these points) and
 BitOPs (MACs * b_w * b_a) scaled by the least-squares factor that fits these very points best
@@ -198,6 +199,18 @@ def fpga_model_luts(board_name, onnx, d) -> float:
     return float(model_resources(d / "build.json")["lut"])
 
 
+def finn_model_luts(board_name, onnx, d) -> float:
+    """FINN's LUT estimate of one whole model as `bitfold build` builds it (no folding or rate given:
+    FINN's default for the board), no verification - a Dask task."""
+    from bitfold.export.backends import build
+    build(onnx, board_name, d, verify=False, bitstream=False)
+    return float(json.loads((Path(d) / "build.json").read_text())["totals"]["LUT"])
+
+
+def finn_models(board, n, rng, root):
+    return whole_models(board, n, rng, root, "qonnx", finn_model_luts, "LUT", parallel=True)
+
+
 def cpu_model_latency(board_name, onnx, d) -> float:
     import bitfold.export.tvm.backend as tvm_backend
     from bitfold.boards import load_board
@@ -258,7 +271,9 @@ def main():
         print(f"{t}:", flush=True)
         root = args.out / "models" / t
         root.mkdir(parents=True, exist_ok=True)
-        if b.kind == "fpga":
+        if b.backend == "finn":   # whole models only: the table's own rows are FINN's one-layer estimates
+            rows += finn_models(b, args.models, rng, root)
+        elif b.kind == "fpga":
             rows += ecp5_layers(b, args.layers, rng) + ecp5_models(b, args.models, rng, root)
         else:
             rows += cpu_layers(b, args.layers) + cpu_models(b, args.models, rng, root)
