@@ -109,8 +109,13 @@ def _client(address: str | None, workers: int | None):
                                "start one (dask scheduler) and pass its HOST:PORT to --scheduler, "
                                "or leave --scheduler out for a local cluster") from None
     n = workers or free_cores()
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=40)
+    import warnings
+    with warnings.catch_warnings():
+        # the scheduler's HTTP endpoints (health, metrics; no dashboard) listen on 127.0.0.1 too and
+        # take another port when a second local cluster runs: say nothing about it
+        warnings.filterwarnings("ignore", message=".*already in use.*")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None, silence_logs=40)
     return Client(cluster), cluster
 
 
