@@ -37,16 +37,6 @@ warnings.filterwarnings("ignore")
 INIT = "w8a8:all"
 
 
-def pareto(points):
-    """(cost, acc, label) points not dominated by a cheaper-or-equal, at-least-as-accurate point."""
-    front, best = [], -1.0
-    for p in sorted(points, key=lambda p: (p[0], -p[1])):
-        if p[1] > best:
-            front.append(p)
-            best = p[1]
-    return front
-
-
 def configs(widths, lams):
     out = [(f"uniform W{b}A{b}", {"method": "fixed", "bits": f"w{b}a{b}:all"}) for b in widths]
     for cost in ("bitops", "board"):
@@ -101,6 +91,7 @@ def reductions(stats):
 
 
 def main(argv=None):
+    from bitfold.app.sweep import pareto as sweep_pareto
     from bitfold.app.sweep import point_key, run_sweep
     from bitfold.boards import load_board
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -158,7 +149,7 @@ def main(argv=None):
         st = [s for s in stats if s["board"] == name]
         k, u = (1e3, "ms") if st[0]["metric"] == "latency" else (1, st[0]["metric"].upper())
         print(f"\n{name}: Fashion-MNIST {args.model}, {len(args.seeds)} seed(s), mean +- sd; measured {st[0]['metric']} ({u})")
-        front = {s["label"] for s in [p[2] for p in pareto([(s["cost_mean"], s["acc_mean"], s) for s in st])]}
+        front = {s["label"] for s in [p[2] for p in sweep_pareto([(s["cost_mean"], s["acc_mean"], s) for s in st])]}
         for s in sorted(st, key=lambda s: s["cost_mean"]):
             print(f"  {s['label']:<16} acc {s['acc_mean']:.2%} +- {s['acc_sd']:.2%}   cost {s['cost_mean'] * k:.4g} "
                   f"+- {s['cost_sd'] * k:.2g} {u}{'   (front)' if s['label'] in front else ''}")
