@@ -47,16 +47,18 @@ def main():
     ap.add_argument("--sims", type=int, default=40, help="verilator simulations in all (split over the shards)")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--scheduler", default=None)
+    ap.add_argument("--only", type=int, nargs="+", default=None, help="run these shard numbers only (a re-check)")
     args = ap.parse_args()
     n = max(1, args.shards)
     t = time.time()
-    tasks = [Task(f"shard {k}", shard, (k, -(-args.cases // n), -(-args.sims // n))) for k in range(n)]
+    tasks = [Task(f"shard {k}", shard, (k, -(-args.cases // n), -(-args.sims // n))) for k in range(n)
+             if args.only is None or k in args.only]
     res = run_tasks(tasks, scheduler=args.scheduler, retries=0)
     bad = failures(res)
     if bad:
         raise SystemExit("shards that did not run: " + "; ".join(map(str, bad)))
     out = [res[tk.key] for tk in tasks]
-    print(f"{sum(-(-args.cases // n) for _ in range(n))} cases in {n} shards, {time.time() - t:.0f} s")
+    print(f"{len(tasks) * -(-args.cases // n)} cases in {len(tasks)} shard(s), {time.time() - t:.0f} s")
     outcomes, fpga, groups = {"verified": 0, "refused": 0}, {"lowered": 0, "refused": 0, "simulated": 0}, {}
     for r in out:
         c = r["counts"]

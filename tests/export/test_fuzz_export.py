@@ -140,9 +140,16 @@ def test_every_case_verifies_or_is_refused(tmp_path_factory, case):
             if "int16 pair sums" not in e.message:
                 _refused(e)
                 continue
-            # refused for CPUs without VNNI only: the same file, allowed, must be right here
+            # refused for CPUs without VNNI only: the same file, allowed, must be right here - or be
+            # refused for another reason by the same gates (found by the long run: the default
+            # onnxruntime session's fused kernels on a few graphs), with nothing written
             SATURATION_REFUSED[0] += 1
-            res = bitfold.export(q, x, fmt, path, x_verify=xv, allow_saturation=True)
+            try:
+                res = bitfold.export(q, x, fmt, path, x_verify=xv, allow_saturation=True)
+            except BitfoldError as e2:
+                assert not path.exists(), f"refused ({e2}) but left {path}"
+                _refused(e2)
+                continue
         assert res.report.passed
         got = run_qonnx(str(path), fresh.numpy()) if fmt == "qonnx" else run_ort(str(path), fresh.numpy())
         # no silent mismatch: the written file agrees with torch, under the same strict gate, on inputs
