@@ -144,7 +144,7 @@ def post(args, out, keys, jobs, runs, base, subset):
                 edges = sum(r["weight_bits"] for r in (m["layers"][0], m["layers"][-1]))
                 budget = 3.0 * sum(r["weights"] for r in hid) + edges       # <= 3 average bits on the hidden layers
                 rep = allocate_run(d, "weight_bits", budget, out_path=d.parent / "alloc.json")
-                cont.append((s, TrainConfig(**base, method="adq", bits=rep["bit_map"], epochs=max(1, args.epochs // 2),
+                cont.append((s, TrainConfig(**base, method="adq", bits=rep["bit_map"], epochs=args.epochs,
                                             seed=s, init_from=str(d)), d.parent / "alloc"))
         for (s, _, _), m in zip(cont, train_runs([(c, d) for _, c, d in cont], args.scheduler, args.workers)):
             extra.append({"seed": s, "row": "adq Fisher-allocated <=3 avg bits", "accuracy": m["accuracy"],
