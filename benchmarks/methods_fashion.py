@@ -72,6 +72,26 @@ def rows_for(method: str, quick: bool):
     raise SystemExit(f"unknown --method {method!r}: adaqat, mebqat, adq or asq")
 
 
+def train_or_load(jobs, scheduler, workers):
+    """Metrics of every ``(TrainConfig, dir)``: finished runs (same config, metrics.json written) are read,
+    the others trained as Dask tasks."""
+    from bitfold.app.sweep import train_runs
+    done = {}
+    for i, (cfg, d) in enumerate(jobs):
+        try:
+            if json.loads((d / "config.json").read_text()) == json.loads(json.dumps(cfg.to_json())):
+                done[i] = json.loads((d / "metrics.json").read_text())
+        except (OSError, ValueError):
+            pass
+    todo = [(i, (cfg, d)) for i, (cfg, d) in enumerate(jobs) if i not in done]
+    for (_, (_, d)) in todo:
+        if d.exists():
+            shutil.rmtree(d)
+    for (i, _), m in zip(todo, train_runs([j for _, j in todo], scheduler, workers) if todo else []):
+        done[i] = m
+    return [done[i] for i in range(len(jobs))]
+
+
 def hidden_weight_bits(m):
     """Average weight bits of the hidden layers (first and last excluded: they stay at 8 in every row)."""
     hid = m["layers"][1:-1] or m["layers"]
@@ -79,7 +99,6 @@ def hidden_weight_bits(m):
 
 
 def main(argv=None):
-    from bitfold.app.sweep import train_runs
     from bitfold.toolchain.runs import TrainConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, choices=["adaqat", "mebqat", "adq", "asq"])
@@ -93,17 +112,19 @@ def main(argv=None):
                     "(default: a local cluster on the free cores)")
     ap.add_argument("--workers", type=int, default=None, help="local cluster: worker processes (default: free cores)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="retrain every run (default: a run directory that "
+                    "holds a finished run is read, so an interrupted benchmark resumes)")
     args = ap.parse_args(argv)
     if args.quick:
         args.subset, args.epochs, args.float_epochs, args.seeds = "1000,500", 1, 1, [0]
     subset = tuple(int(v) for v in args.subset.split(",")) if args.subset else None
     out = args.out / f"{args.method}_{args.model}"
-    if out.exists():
+    if out.exists() and args.fresh:
         shutil.rmtree(out)
     t0 = time.time()
     base = {"model": args.model, "data": "fashion-mnist", "subset": subset}
-    fp = train_runs([(TrainConfig(**base, method="float", epochs=args.float_epochs, seed=s), out / f"s{s}" / "float")
-                     for s in args.seeds], args.scheduler, args.workers)
+    fp = train_or_load([(TrainConfig(**base, method="float", epochs=args.float_epochs, seed=s), out / f"s{s}" / "float")
+                        for s in args.seeds], args.scheduler, args.workers)
     # the FP32 row: the float checkpoint trained as long again as every other row
     rows = [("FP32", {"method": "float"})] + rows_for(args.method, args.quick)
     jobs, keys = [], []
@@ -112,7 +133,7 @@ def main(argv=None):
             jobs.append((TrainConfig(**base, **kw, epochs=args.epochs, seed=s, init_from=str(out / f"s{s}" / "float")),
                          out / f"s{s}" / f"r{i}"))
             keys.append((s, label))
-    runs = train_runs(jobs, args.scheduler, args.workers)
+    runs = train_or_load(jobs, args.scheduler, args.workers)
     res = [{"seed": s, "row": "float checkpoint (start of every row)", "accuracy": m["accuracy"],
             "bitops": None, "wbits": None} for s, m in zip(args.seeds, fp)]
     res += [{"seed": s, "row": label, "accuracy": m["accuracy"], "bitops": m.get("bitops"), "wbits": 32.0 if label == "FP32" else hidden_weight_bits(m),
@@ -134,7 +155,6 @@ def post(args, out, keys, jobs, runs, base, subset):
                     extra.append({"seed": s, "row": f"mebqat at W{r['w']}A{r['a']}", "accuracy": r["accuracy"],
                                   "bitops": None, "wbits": float(r["w"])})
     if args.method == "adq":
-        from bitfold.app.sweep import train_runs
         from bitfold.toolchain.adq import allocate_run
         from bitfold.toolchain.runs import TrainConfig
         cont = []
@@ -146,7 +166,7 @@ def post(args, out, keys, jobs, runs, base, subset):
                 rep = allocate_run(d, "weight_bits", budget, out_path=d.parent / "alloc.json")
                 cont.append((s, TrainConfig(**base, method="adq", bits=rep["bit_map"], epochs=args.epochs,
                                             seed=s, init_from=str(d)), d.parent / "alloc"))
-        for (s, _, _), m in zip(cont, train_runs([(c, d) for _, c, d in cont], args.scheduler, args.workers)):
+        for (s, _, _), m in zip(cont, train_or_load([(c, d) for _, c, d in cont], args.scheduler, args.workers)):
             extra.append({"seed": s, "row": "adq Fisher-allocated <=3 avg bits", "accuracy": m["accuracy"],
                           "bitops": m.get("bitops"), "wbits": hidden_weight_bits(m),
                           "map": " ".join(f"W{x['w']}A{x['a']}" for x in m["layers"])})
@@ -163,9 +183,13 @@ def post(args, out, keys, jobs, runs, base, subset):
                 except BitfoldError as e:     # the export gate refused the file: counted, with its reason
                     extra.append({"seed": s, "row": f"{label}: folded QCDQ (onnxruntime)", "accuracy": None,
                                   "bitops": None, "wbits": None, "map": f"refused: {e.message[:120]}"})
-                _, rep, dyn = export_dynamic_run(d, d / "dynamic.onnx")
-                extra.append({"seed": s, "row": f"{label}: dynamic ONNX (onnxruntime)", "accuracy": dyn,
-                              "bitops": None, "wbits": None})
+                try:
+                    _, rep, dyn = export_dynamic_run(d, d / "dynamic.onnx")
+                    extra.append({"seed": s, "row": f"{label}: dynamic ONNX (onnxruntime)", "accuracy": dyn,
+                                  "bitops": None, "wbits": None})
+                except BitfoldError as e:
+                    extra.append({"seed": s, "row": f"{label}: dynamic ONNX (onnxruntime)", "accuracy": None,
+                                  "bitops": None, "wbits": None, "map": f"refused: {e.message[:160]}"})
     return extra
 
 
