@@ -115,21 +115,29 @@ def output_step(model: nn.Module, x: torch.Tensor, samples: int = 16) -> float:
     straight-through gradient) is moved by one quantization step, up and down, on each of the first
     ``samples`` verification inputs, and the real change of the outputs - through every later
     quantizer - is measured. The step is ``STEP_MARGIN`` times the largest change seen. 0.0 (no
-    flip allowed) when the model has no quantized activation with a known scale."""
+    flip allowed) when the model has no quantized activation with a known scale (Brevitas
+    quantizers give theirs on the output; a quantizer of its own states it as ``quant_step``)."""
     from bitfold.toolchain.quant import act_sites
     quants = {}   # site -> the module whose activation quantizer gives the site's output scale
+    steps = {}    # site -> a quantizer that states its step itself (``quant_step``: ASQ's adaptive ones)
     for k, s in act_sites(model).items():
         q = [m for m in s.modules() if hasattr(m, "act_quant")]
+        own = [m for m in s.modules() if hasattr(m, "quant_step")]
         if q:
             quants[k] = q[-1]
-    sites = {k: s for k, s in act_sites(model).items() if k in quants}
+        elif own:
+            steps[k] = own[-1]
+    sites = {k: s for k, s in act_sites(model).items() if k in quants or k in steps}
     if not sites:
         return 0.0
     xs = x[:samples]
     scales, outs, hooks = {}, {}, []
     for key, site in sites.items():
-        hooks.append(quants[key].act_quant.register_forward_hook(
-            lambda m, i, o, k=key: scales.__setitem__(k, getattr(o, "scale", None))))
+        if key in quants:
+            hooks.append(quants[key].act_quant.register_forward_hook(
+                lambda m, i, o, k=key: scales.__setitem__(k, getattr(o, "scale", None))))
+        else:
+            scales[key] = steps[key].quant_step
 
         def keep(mod, inp, out, k=key):
             v = getattr(out, "value", out)

@@ -64,6 +64,12 @@ class ASQAct(nn.Module):
         stats = torch.stack([flat.abs().mean(1), flat.std(1)], 1)
         return (2 * torch.sigmoid(self.adapter(stats))).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
+    @property
+    def quant_step(self) -> torch.Tensor:
+        """The dequantized output's step (x_hat = x_int * s): one rounding-boundary flip moves an
+        output element by this much."""
+        return self.log_s.exp()
+
     def forward(self, x):
         if not bool(self.initialized):
             first = math.log(float(x.detach().abs().max().clamp_min(1e-6)) / self.p)
