@@ -102,8 +102,9 @@ def measure_all(items, fn, parallel: bool):
             raise SystemExit("failed: " + "; ".join(map(str, bad)))
         for t in tasks:
             CACHE.get(t.name, lambda v=res[t.key]: v)
-    for k, a in todo if not parallel else []:
-        CACHE.get(k, lambda a=a: fn(*a))
+    elif todo:
+        for k, a in todo:
+            CACHE.get(k, lambda a=a: fn(*a))
     return {k: CACHE.values[k] for k, _ in items}
 
 

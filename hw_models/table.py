@@ -147,12 +147,18 @@ class TableCostModel:
     target_fps: float | None = None   # FPGA tables: price the folding that reaches this rate
     clock_mhz: float | None = None    # the board's clock, read once by at_rate
 
+    @property
+    def prices_rate(self) -> bool:
+        """Whether the table prices a layer at a target rate (the open-flow structural tables);
+        the others (e.g. FINN boards') price the one folding their rows were measured at."""
+        return any(k.get("form") == "features" for k in self.table["kinds"].values())
+
     def at_rate(self, target_fps: float | None) -> "TableCostModel":
         """The same table pricing each layer folded to reach ``target_fps`` inferences/s at the
         board's clock (features-form FPGA tables; others are returned unchanged)."""
         if target_fps is not None and target_fps <= 0:
             raise BitfoldError(f"--target-fps must be > 0, got {target_fps}")
-        if not any(k.get("form") == "features" for k in self.table["kinds"].values()):
+        if not self.prices_rate:
             if target_fps:
                 raise BitfoldError(f"the {self.name} table is not an FPGA structural table: it has no rate",
                                    "--target-fps applies to open-flow FPGA boards (ulx3s-85f, icebreaker)")

@@ -232,11 +232,6 @@ def run_layers(run_dir) -> list[dict]:
     return json.loads(json.dumps([d.as_dict() for d in describe_layers(model, tuple(ck["input_shape"]))]))
 
 
-def _has_rate(table_file) -> bool:
-    t = json.loads(Path(table_file).read_text())
-    return any(k.get("form") == "features" for k in t.get("kinds", {}).values())
-
-
 def predicted_cost(run_dir, table_file, bit_map, target_fps: float | None = None) -> float:
     """The table's cost of a trained run at its integer widths (without the table's correction);
     ``target_fps``: folded to reach that rate (FPGA tables)."""
@@ -266,6 +261,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     from bitfold.boards import load_board
     from bitfold.export.onnx_export import export_run
     from bitfold.hw_models.store import MeasurementStore
+    from bitfold.hw_models.table import load_table_file
 
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.select_bits import parse_budget
@@ -295,7 +291,6 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
     history = []
     log(f"round 0: cost table for {b.name}")
     if table is not None:
-        from bitfold.hw_models.table import load_table_file
         start = load_table_file(table, b.name).table
         _stage(out / "round0" / "calibrate", _sha("calibrate-from", Path(table)),
                lambda d: tgt._write_table(d, start), log)
@@ -310,7 +305,7 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
             opts["budget"] = limit
         # the open-flow tables price a layer at the rate; a FINN board's table prices one folding, so
         # there the rate only steers FINN's build
-        priced_fps = fps if fps is not None and _has_rate(table_file) else None
+        priced_fps = fps if fps is not None and load_table_file(table_file, b.name).prices_rate else None
         if priced_fps is not None:
             opts["target_fps"] = float(priced_fps)
         opts = (opts if method == "adaqat" else {}) | dict(method_options or {})

@@ -48,7 +48,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bitfold.core.atomic import atomic_path, write_json
@@ -105,7 +105,7 @@ class Point:
     @property
     def config(self) -> "Point":
         """The same point without its seed (the unit that seeds are averaged over)."""
-        return Point(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "seed": 0})
+        return replace(self, seed=0)
 
 
 def load_grid(path: str | Path) -> list[Point]:
@@ -248,11 +248,9 @@ def _method_options(p: Point, board, tgt) -> dict:
 
 
 def table_has_rate(board: str) -> bool:
-    """Whether the board's cost table prices a layer at a target rate (the open-flow structural
-    tables); FINN boards' tables price one folding, so a rate only steers their builds."""
     from bitfold.hw_models.table import find_table
     t = find_table(board)
-    return t is not None and any(k.get("form") == "features" for k in t.table["kinds"].values())
+    return t is not None and t.prices_rate
 
 
 class RowCollector:
@@ -271,7 +269,16 @@ def point_key(p: Point) -> str:
     return hashlib.sha256(json.dumps(p.settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_point(out: str, p: Point, threads: int = 1) -> dict:
+def task_placement(device: str, scheduler: str | None, workers: int | None) -> tuple[int | None, dict]:
+    """(torch threads per task, resources) for a training task: a worker gets the free cores shared
+    by the workers (None in process: the trainer chooses), a "cuda" task asks for a GPU."""
+    from bitfold.core.tasks import INPROCESS, distributed_available, free_cores
+    here = scheduler == INPROCESS or not distributed_available()
+    threads = None if here else max(1, free_cores() // max(1, workers or free_cores()))
+    return threads, ({"GPU": 1} if device.startswith("cuda") else {"CPU": 1})
+
+
+def prepare_point(out: str, p: Point, threads: int | None = None) -> dict:
     """Train, export and build one point under ``out/points/<key>/`` (and, for FPGA boards, read
     its measured resources). A Dask task: returns a JSON-ready record and the measurement rows."""
     import shutil
@@ -282,7 +289,8 @@ def prepare_point(out: str, p: Point, threads: int = 1) -> dict:
     from bitfold.hw_models.table import find_table
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.train import train
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     d = Path(out) / "points" / point_key(p)
     if d.exists():       # a half-done point (a worker died): start it again
         shutil.rmtree(d)
@@ -300,7 +308,7 @@ def prepare_point(out: str, p: Point, threads: int = 1) -> dict:
     table = find_table(b.name)
     predicted = None
     if table is not None:
-        raw = predicted_cost(d / "run", table.source, bit_map, p.fps if table_has_rate(b.name) else None)
+        raw = predicted_cost(d / "run", table.source, bit_map, p.fps if table.prices_rate else None)
         predicted = raw * float(table.table.get("calibration", {}).get("scale", 1.0))
     onnx = export_run(d / "run", tgt.export_format, d / "model.onnx", allow_saturation=tgt.allow_int16_saturation).path
     t0 = time.time()
@@ -327,7 +335,7 @@ def run_sweep(points: list[Point], out: str | Path, scheduler: str | None = None
     """Run every point (module docstring); returns ``{"rows", "configurations", "failed", "files", "ran",
     "skipped"}``."""
     from bitfold.core.events import events_of
-    from bitfold.core.tasks import Task, TaskFailure, free_cores, run_tasks
+    from bitfold.core.tasks import Task, TaskFailure, run_tasks
     from bitfold.hw_models.store import MeasurementStore
     ev = events_of(events)
     check_points(points)
@@ -339,12 +347,12 @@ def run_sweep(points: list[Point], out: str | Path, scheduler: str | None = None
         if f.is_file():
             done[point_key(p)] = json.loads(f.read_text())
     todo = [p for p in points if point_key(p) not in done]
-    n_workers = workers or free_cores()
-    threads = max(1, free_cores() // max(1, n_workers))
     ev.say(f"sweep: {len(points)} point(s), {len(points) - len(todo)} already done")
     varying = varying_keys(points)
-    tasks = [Task(f"{p.label(varying)} seed={p.seed}", prepare_point, (str(out), p, threads),
-                  {"GPU": 1} if p.device.startswith("cuda") else {"CPU": 1}) for p in todo]
+    tasks = []
+    for p in todo:
+        threads, res = task_placement(p.device, scheduler, workers)
+        tasks.append(Task(f"{p.label(varying)} seed={p.seed}", prepare_point, (str(out), p, threads), res))
     by_task = {t.key: p for t, p in zip(tasks, todo)}
     results = run_tasks(tasks, scheduler=scheduler, workers=workers, events=ev) if tasks else {}
     store = MeasurementStore(out / "measurements.sqlite")
@@ -365,8 +373,9 @@ def run_sweep(points: list[Point], out: str | Path, scheduler: str | None = None
         write_json(out / "points" / rec["key"] / "result.json", rec)
         done[rec["key"]] = rec
     rows = [done[point_key(p)] for p in points if point_key(p) in done]
-    files = write_outputs(out, points, rows, failed)
-    return {"rows": rows, "configurations": summarize(points, rows) if rows else [], "failed": failed,
+    stats = summarize(points, rows)
+    files = write_outputs(out, points, rows, stats, failed)
+    return {"rows": rows, "configurations": stats, "failed": failed,
             "files": files, "ran": len(todo) - len(failed), "skipped": len(points) - len(todo)}
 
 
@@ -391,10 +400,10 @@ def summarize(points: list[Point], rows: list[dict]) -> list[dict]:
     """Per board and configuration (the point without its seed): mean and sd over seeds, and whether
     it is on its board's Pareto front of mean accuracy vs mean measured cost."""
     varying = varying_keys(points)
+    by_key = {point_key(p): p for p in points}
     groups: dict[tuple, list] = {}
     for r in rows:
-        p = Point(**{**r["settings"], "subset": tuple(r["settings"]["subset"]) if r["settings"]["subset"] else None,
-                     "options": tuple(sorted(r["settings"]["options"].items()))})
+        p = by_key[r["key"]]
         groups.setdefault((p.board, p.config.label(varying)), []).append(r)
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     stats = [{"board": b, "config": c, "seeds": len(rs), "metric": rs[0]["metric"], "unit": rs[0]["unit"],
@@ -411,8 +420,8 @@ def summarize(points: list[Point], rows: list[dict]) -> list[dict]:
     return stats
 
 
-def write_outputs(out: Path, points: list[Point], rows: list[dict], failed: list[dict]) -> dict:
-    stats = summarize(points, rows) if rows else []
+def write_outputs(out: Path, points: list[Point], rows: list[dict], stats: list[dict], failed: list[dict]) -> dict:
+    by_key = {point_key(p): p for p in points}
     on_front = {(s["board"], s["config"]) for s in stats if s["front"]}
     varying = varying_keys(points)
     csv_path, json_path, png_path = out / "sweep.csv", out / "sweep.json", out / "pareto.png"
@@ -423,7 +432,7 @@ def write_outputs(out: Path, points: list[Point], rows: list[dict], failed: list
         w.writeheader()
         for r in rows:
             s = dict(r["settings"], **{f"options.{k}": v for k, v in r["settings"]["options"].items()})
-            p = next(q for q in points if point_key(q) == r["key"])
+            p = by_key[r["key"]]
             w.writerow({**{k: s.get(k) for k in varying}, "board": s["board"], "accuracy": r["accuracy"],
                         "measured": r["measured"], "unit": r["unit"], "predicted": r["predicted"],
                         "bitops": r["bitops"], "trained_bits": r["bits"],
@@ -468,11 +477,12 @@ def plot_pareto(stats: list[dict], path: Path):
     plt.close(fig)
 
 
-def train_task(cfg: dict, out_dir: str, threads: int = 1) -> dict:
+def train_task(cfg: dict, out_dir: str, threads: int | None = None) -> dict:
     """Train one run (a Dask task): ``cfg`` is a TrainConfig as JSON; returns its metrics."""
     from bitfold.toolchain.runs import TrainConfig
     from bitfold.toolchain.train import train
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return train(TrainConfig.from_json(cfg), out_dir, progress=False)
 
 
@@ -480,11 +490,11 @@ def train_runs(jobs: list, scheduler: str | None = None, workers: int | None = N
     """Train independent runs ``[(TrainConfig, out_dir), ...]`` as Dask tasks (the seed and penalty
     grids of the benchmarks); returns their metrics in order. A run that fails stops the whole call
     with every failure named (its directory is left for inspection)."""
-    from bitfold.core.tasks import Task, TaskFailure, free_cores, run_tasks
-    n = workers or free_cores()
-    threads = max(1, free_cores() // max(1, n))
-    tasks = [Task(str(d), train_task, (cfg.to_json(), str(d), threads),
-                  {"GPU": 1} if cfg.device.startswith("cuda") else {"CPU": 1}) for cfg, d in jobs]
+    from bitfold.core.tasks import Task, TaskFailure, run_tasks
+    tasks = []
+    for cfg, d in jobs:
+        threads, res = task_placement(cfg.device, scheduler, workers)
+        tasks.append(Task(str(d), train_task, (cfg.to_json(), str(d), threads), res))
     res = run_tasks(tasks, scheduler=scheduler, workers=workers, events=events)
     bad = [r for r in res.values() if isinstance(r, TaskFailure)]
     if bad:
