@@ -22,7 +22,7 @@ _COMMON = {"name": (str, KINDS), "description": (str, KINDS), "kind": (str, KIND
            "clock_mhz": ((int, float), ("fpga",))}
 _FPGA = {"vendor": (str, ("fpga",)), "family": (str, ("fpga",)), "part": (str, ("fpga",)),
          "resources": (dict, ("fpga",)), "finn_board": (str, ()), "device": (str, ()), "package": (str, ()),
-         "speed": (int, ()), "pins": (dict, ())}
+         "speed": (int, ()), "pins": (dict, ()), "pll_mhz": ((int, float), ())}
 _CPU = {"triple": (str, ("cpu",)), "cpu": (str, ("cpu",)), "cores": (int, ("cpu",)), "mattr": (list, ()),
         "rpc_key": (str, ())}
 _FIELDS = {**_COMMON, **_FPGA, **_CPU}
@@ -49,7 +49,13 @@ class Board:
     cores: int | None = None
     mattr: tuple = ()
     rpc_key: str | None = None
+    pll_mhz: float | None = None   # open flow: the design clock a PLL makes from the oscillator (None: the oscillator)
     source: str = ""
+
+    @property
+    def design_mhz(self) -> float | None:
+        """The clock the design is planned for: the PLL's where the board has one, else the oscillator's."""
+        return self.pll_mhz or self.clock_mhz
 
 
 def _board_files() -> dict[str, Path]:
@@ -110,15 +116,17 @@ def validate_board(data: dict, source: str) -> Board:
             raise bad(f"field 'resources.{rk}' must be a non-negative integer, got {rv!r}")
     if kind == "fpga" and "lut" not in data["resources"]:
         raise bad("missing required field 'resources.lut'")
-    if "clock_mhz" in data and data["clock_mhz"] <= 0:
-        raise bad("field 'clock_mhz' must be positive")
+    for key in ("clock_mhz", "pll_mhz"):
+        if key in data and data[key] <= 0:
+            raise bad(f"field '{key}' must be positive")
     if data.get("triple") == "detect":
         data = _detect_host(data)
     kw = dict(data)
     if "mattr" in kw:
         kw["mattr"] = tuple(kw["mattr"])
-    if "clock_mhz" in kw:
-        kw["clock_mhz"] = float(kw["clock_mhz"])
+    for key in ("clock_mhz", "pll_mhz"):
+        if key in kw:
+            kw[key] = float(kw[key])
     return Board(**kw, source=source)
 
 

@@ -26,12 +26,38 @@ def divisors(n: int) -> list[int]:
 
 
 def stage_cycles(s, pe: int = 1, simd: int = 1) -> int:
-    """Cycles one frame spends in a stage (load + compute/emit), from the RTL's schedule."""
+    """Cycles per frame of a stage in steady state, from the RTL's schedule: an MVAU loads one bank
+    of its input buffer (SIMD elements a beat) while it computes on the other (one weight word per
+    cycle, OH*OW*NF*SF), so the slower of the two; a pool stage takes one beat of ``pe`` channels
+    a cycle (``pe``: the lanes of the stream it sits on, the PE of the stage before it)."""
     if is_pool(s):
-        return s.ih * s.iw * s.ch + s.oh * s.ow * s.ch * (s.k * s.k + 3)
+        return s.ih * s.iw * s.ch // pe
     sf = s.k * s.k * s.ic // simd
     nf = s.oc // pe
-    return s.ih * s.iw * s.ic + s.oh * s.ow * nf * (sf + 4 + pe)
+    return max(s.ih * s.iw * s.ic // simd, s.oh * s.ow * nf * sf)
+
+
+def pool_lanes(im, of) -> dict:
+    """Channels per beat of each pooling stage: the stream it sits on (the PE of the MVAU before
+    it, when that divides its channels; else 1). ``of(name) -> (pe, simd)``."""
+    lanes, n = {}, 1
+    for st in im.stages:
+        if is_pool(st):
+            n = n if st.ch % n == 0 else 1
+            lanes[st.name] = n
+        else:
+            n = of(st.name)[0]
+    return lanes
+
+
+def frame_cycles(im, of) -> int:
+    """Cycles per frame of a whole design in steady state (layers overlap, so the slowest part
+    decides): every stage, the input stream (one element a cycle) and the output stream."""
+    lanes = pool_lanes(im, of)
+    cyc = [stage_cycles(st, lanes[st.name]) if is_pool(st) else stage_cycles(st, *of(st.name)) for st in im.stages]
+    last = im.stages[-1]
+    n_out = last.oh * last.ow * (last.ch if is_pool(last) else last.oc)
+    return max(cyc + [int(math.prod(im.input.shape)), n_out])
 
 
 def estimate_luts(s, pe: int = 1, simd: int = 1) -> int:
@@ -56,7 +82,9 @@ BRAM_SHAPES = {"ice40": [(16, 256), (8, 512), (4, 1024), (2, 2048)],
 
 
 def buffer_brams(width: int, depth: int, family: str) -> int:
-    if width * depth <= 1024:          # small memories stay in LUTs/FFs
+    """Block RAMs of a read/write buffer: the iCE40 build asks yosys for block RAM (no LUT RAM);
+    on the ECP5 small memories stay in LUT RAM."""
+    if family != "ice40" and width * depth <= 1024:
         return 0
     return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in BRAM_SHAPES[family])
 
@@ -77,12 +105,12 @@ def rom_brams(width: int, depth: int, family: str) -> int:
 
 def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
     """Block RAMs of one stage: weight and threshold ROMs (as yosys places them) and input buffer."""
-    if is_pool(s):
-        return buffer_brams(s.bits, s.ih * s.iw * s.ch, family)
+    if is_pool(s):        # one row of running maxima (OW x CH codes)
+        return buffer_brams(s.bits, s.ow * s.ch, family) if family == "ice40" else 0
     w = rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), family)
     if s.thresholds is not None:
         w += rom_brams(pe * s.thresholds.shape[1] * s.acc_bits, s.oc // pe, family)
-    return w + buffer_brams(simd * s.ibits, s.ih * s.iw * s.ic // simd, family)
+    return w + buffer_brams(simd * s.ibits, 2 * s.ih * s.iw * s.ic // simd, family)   # two banks
 
 
 def bram_budget(board) -> int:
@@ -134,8 +162,18 @@ def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
     """The folding of a whole lowered model that reaches ``target_fps`` at ``clock_mhz``: each MVAU
     stage folded just enough (:func:`fold_at_rate`). The cost tables price this folding when given a
     rate, and ``bitfold run --fps`` builds it, so prediction and build describe the same design."""
-    budget = clock_mhz * 1e6 / target_fps
-    return Folding({s.name: dict(zip(("pe", "simd"), fold_at_rate(s, budget))) for s in im.mvaus})
+    # nothing goes faster than the input stream (one element a cycle): no lanes bought beyond it
+    budget = max(clock_mhz * 1e6 / target_fps, int(math.prod(im.input.shape)))
+    fold = {s.name: list(fold_at_rate(s, budget)) for s in im.mvaus}
+    prev = None
+    for st in im.stages:                  # a pool stage runs at the lanes of the stage before it
+        if is_pool(st) and prev is not None and stage_cycles(st, fold[prev.name][0]) > budget:
+            ok = [d for d in divisors(prev.oc) if st.ch % d == 0 and stage_cycles(st, d) <= budget]
+            if ok:
+                fold[prev.name][0] = max(fold[prev.name][0], ok[0])
+        elif not is_pool(st):
+            prev = st
+    return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
 
 
 @dataclass(frozen=True)
@@ -180,41 +218,61 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
     brams = bram_budget(board)
     fold = {s.name: [1, 1] for s in im.mvaus}
 
-    def f(st):
-        return fold.get(getattr(st, "name", ""), (1, 1)) if not is_pool(st) else (1, 1)
-
     def fits():
-        luts = sum(estimate_luts(st, *f(st)) for st in im.stages)
-        return luts <= budget and sum(estimate_brams(st, *f(st), board.family) for st in im.stages) <= brams
+        lanes = pool_lanes(im, of)
+        luts = sum(estimate_luts(st, lanes[st.name]) if is_pool(st) else estimate_luts(st, *fold[st.name])
+                   for st in im.stages)
+        return luts <= budget and sum(estimate_brams(st, family=board.family) if is_pool(st)
+                                      else estimate_brams(st, *fold[st.name], board.family)
+                                      for st in im.stages) <= brams
+
+    if target_fps is None:
+        target_fps = default_fps or 0
+    floor = int(math.prod(im.input.shape))          # the input stream: one element a cycle
+    feeder = {}                                     # pool stage -> the MVAU whose PE sets its lanes
+    prev = None
+    for st in im.stages:
+        if is_pool(st):
+            feeder[st.name] = prev
+        else:
+            prev = st
+
+    def of(name):
+        return tuple(fold.get(name, (1, 1)))
 
     frozen = set()
     while True:
-        cand = [s for s in im.mvaus if s.name not in frozen]
-        if not cand:
+        lanes = pool_lanes(im, of)
+        parts = [(stage_cycles(st, lanes[st.name]) if is_pool(st) else stage_cycles(st, *fold[st.name]), st)
+                 for st in im.stages if (feeder.get(st.name) if is_pool(st) else st) is not None
+                 and getattr(feeder.get(st.name) if is_pool(st) else st, "name") not in frozen]
+        if not parts:
             break
-        s = max(cand, key=lambda st: stage_cycles(st, *fold[st.name]))
-        slow = stage_cycles(s, *fold[s.name])
-        if target_fps is None:
-            target_fps = default_fps or 0
-        if target_fps and board.clock_mhz * 1e6 / slow >= target_fps:
+        slow, st = max(parts, key=lambda t: t[0])
+        if slow <= floor or (target_fps and board.design_mhz * 1e6 / slow >= target_fps):
             break
-        if any(stage_cycles(o, 1, 1) > slow for o in im.stages if is_pool(o)):
-            break   # a pool stage bounds throughput; more parallelism buys nothing
+        s = feeder[st.name] if is_pool(st) else st
         pe, simd = fold[s.name]
         nxt = None
-        bigger = [d for d in divisors(s.ic) if d > simd]
-        if bigger and simd * s.wbits * s.ibits < 64:
-            nxt = [pe, bigger[0]]
-        else:
-            bigger = [d for d in divisors(s.oc) if d > pe]
+        if is_pool(st):            # more channels a beat through the pool: the PE before it
+            bigger = [d for d in divisors(s.oc) if d > pe and st.ch % d == 0]
             if bigger:
                 nxt = [bigger[0], simd]
-        if nxt is None or stage_cycles(s, *nxt) >= slow:
+        else:
+            bigger = [d for d in divisors(s.ic) if d > simd]
+            if bigger and simd * s.wbits * s.ibits < 64:
+                nxt = [pe, bigger[0]]
+            else:
+                bigger = [d for d in divisors(s.oc) if d > pe]
+                if bigger:
+                    nxt = [bigger[0], simd]
+        if nxt is None:
             frozen.add(s.name)
             continue
         old = fold[s.name]
         fold[s.name] = nxt
-        if not fits():
+        after = (stage_cycles(st, pool_lanes(im, of)[st.name]) if is_pool(st) else stage_cycles(st, *nxt))
+        if after >= slow or not fits():
             fold[s.name] = old
             frozen.add(s.name)
     return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})

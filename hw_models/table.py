@@ -166,7 +166,7 @@ class TableCostModel:
         clock = None
         if target_fps:
             from bitfold.boards import load_board
-            clock = load_board(self.table["board"]).clock_mhz
+            clock = load_board(self.table["board"]).design_mhz
         return TableCostModel(self.table, self.source, target_fps, clock)
 
     def cycles_budget(self) -> float | None:

@@ -2,16 +2,22 @@
 //
 // One convolution (K x K window, STRIDE, PAD with the code PADCODE) or one dense layer
 // (IH = IW = K = 1), folded as PE output channels x SIMD input elements per cycle, followed by a
-// multi-threshold activation (NT sorted thresholds per channel: out = #{k : acc >= T[k]}, found by
-// binary search) or, when
-// NT = 0, the raw signed accumulator.
+// multi-threshold activation (NT sorted thresholds per channel: out = #{k : acc >= T[k]}) or, when
+// NT = 0, the low OBITS bits of the raw signed accumulator.
 //
-// Streams: valid/ready, one element per beat, pixel-major (H, W, C) order; inputs are unsigned
-// IBITS-bit codes, weights signed WBITS-bit integers.
-// Schedule per frame: LOAD the whole input map into a buffer (IH*IW*IC beats), then for every
-// output pixel and every group of PE channels read SF = K*K*IC/SIMD buffer/weight words (one per
-// cycle, 3-stage pipeline), threshold and EMIT the PE results. Weights and thresholds are ROMs
-// initialised from WFILE / TFILE ($readmemh), so yosys can map them to block RAM.
+// Streams: valid/ready. The input carries SIMD elements per beat (element 0 in the low bits),
+// pixel-major (H, W, C) order, unsigned IBITS-bit codes; the output carries PE channels per beat in
+// the same order. Weights are signed WBITS-bit integers.
+//
+// Schedule: the input map is written into one bank of a two-bank buffer while the other bank is
+// computed on, so loading frame n+1 overlaps computing frame n. For every output pixel and every
+// group of PE channels, SF = K*K*IC/SIMD buffer/weight words are issued, one per cycle, into a
+// pipeline: address register -> memory reads -> lane products -> adder tree (a register every two
+// levels) -> accumulator -> threshold compare -> count -> output FIFO. A new channel group starts
+// only when the FIFO has room for it (credits count groups in flight), so back-pressure never
+// drops a result and the issue never waits on the output otherwise: cycles per frame approach
+// max(input words, OH*OW*NF*SF). Weights and thresholds are ROMs initialised from WFILE / TFILE
+// ($readmemh), so yosys can map them to block RAM.
 module bf_mvau #(
   parameter IH = 1, IW = 1, IC = 4, OC = 4, K = 1, STRIDE = 1, PAD = 0, OH = 1, OW = 1,
   parameter SIMD = 1, PE = 1,
@@ -23,182 +29,278 @@ module bf_mvau #(
   input  wire rst,
   input  wire in_valid,
   output wire in_ready,
-  input  wire [IBITS-1:0] in_data,
+  input  wire [SIMD*IBITS-1:0] in_data,
   output wire out_valid,
   input  wire out_ready,
-  output wire [OBITS-1:0] out_data
+  output wire [PE*OBITS-1:0] out_data
 );
   localparam CG = IC / SIMD;       // channel groups per pixel
   localparam SF = K * K * CG;      // weight words per output channel group
   localparam NF = OC / PE;         // output channel groups
   localparam IWORDS = IH * IW * CG;
   localparam TW = (NT > 0) ? NT : 1;
-  // counter widths (one spare bit so comparisons with the bound never wrap)
-  localparam CW = $clog2(IWORDS + NF * SF + IH + IW + OC + K + 2) + 1;
+  localparam CW = $clog2(2 * IWORDS + NF * SF + IH + IW + OC + K + 2) + 1;
   localparam [IBITS-1:0] PADC = PADCODE;
-  localparam S_LOAD = 2'd0, S_COMP = 2'd1, S_WAIT = 2'd2, S_EMIT = 2'd3;
+  localparam PB = WBITS + IBITS + 1;            // product width
+  localparam LOG2 = $clog2(SIMD);               // adder tree levels
+  localparam P2 = 1 << LOG2;                    // lanes rounded up to a power of two
+  localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
+  localparam PAR = (NT > 0) && (NT <= 15);      // thresholds compared in parallel (else binary search)
+  localparam LAT = 7 + TL;                      // issue -> FIFO write
+  localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
+  localparam DEPTH = 1 << $clog2(NEED);
+  localparam DW = $clog2(DEPTH);
 
-  reg [SIMD*IBITS-1:0] ibuf [0:IWORDS-1];
+  // ---------------------------------------------------------------- two-bank input buffer
+`ifdef BF_BLOCK_RAM
+  (* ram_style = "block" *)
+`endif
+  reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
   reg [PE*SIMD*WBITS-1:0] wrom [0:NF*SF-1];
   reg [PE*TW*ACCB-1:0] trom [0:NF-1];
   initial $readmemh(WFILE, wrom);
   initial $readmemh(TFILE, trom);
 
-  reg [1:0] state;
+  reg full0, full1;                // bank holds a complete frame not yet computed
+  reg wb;                          // bank being written
+  reg [CW-1:0] wp;                 // write address within the two banks
+  wire wfull = wb ? full1 : full0;
+  assign in_ready = !rst && !wfull;
+  wire wr = in_valid && in_ready;
+  wire wlast = (wp == IWORDS - 1) || (wp == 2 * IWORDS - 1);
 
-  // ---------------------------------------------------------------- load
-  reg [(SIMD+1)*IBITS-1:0] sh;
-  wire [(SIMD+1)*IBITS-1:0] shn = {in_data, sh[(SIMD+1)*IBITS-1:IBITS]};
-  reg [CW-1:0] lane, waddr;
-  assign in_ready = (state == S_LOAD);
-
-  // ---------------------------------------------------------------- compute counters
+  // ---------------------------------------------------------------- issue
+  reg rb;                          // bank being computed
   reg [CW-1:0] oy, ox, nf, ky, kx, cg, sf, wbase;
+  reg [DW+1:0] used;               // groups issued and not yet read from the FIFO
+  wire rfull = rb ? full1 : full0;
+  wire last_sf = (sf == SF - 1);
+  wire go = rfull && ((sf != 0) || (used < DEPTH));
   wire signed [CW+1:0] iy = $signed({2'b00, oy}) * STRIDE + $signed({2'b00, ky}) - PAD;
   wire signed [CW+1:0] ix = $signed({2'b00, ox}) * STRIDE + $signed({2'b00, kx}) - PAD;
   wire padnow = (iy < 0) || (iy >= IH) || (ix < 0) || (ix >= IW);
-  wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg);
-  wire issue = (state == S_COMP);
-  wire last_sf = (sf == SF - 1);
+  wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg + (rb ? IWORDS : 0));
+  wire fifo_pop = out_valid && out_ready;
 
+  // stage 0: addresses
+  reg [CW+1:0] ra0;
+  reg [CW-1:0] wa0, nf0;
+  reg v0, first0, last0, pad0;
   // stage A: memory reads
   reg [SIMD*IBITS-1:0] rdA;
   reg [PE*SIMD*WBITS-1:0] wdA;
+  reg [CW-1:0] nfA;
   reg vA, firstA, lastA, padA;
-  reg [PE*TW*ACCB-1:0] thr;
-  // stage B: dot products
-  reg [PE*ACCB-1:0] dotB;
+  // stage B: lane products
+  reg [PE*SIMD*PB-1:0] prodB;
+  reg [CW-1:0] nfB;
   reg vB, firstB, lastB;
-  // stage C: accumulators
-  reg [PE*ACCB-1:0] acc;
-  reg doneC;
-  // results
-  reg [(PE+1)*OBITS-1:0] obuf;
-  reg [CW-1:0] ecnt;
 
-  integer p, s, k, q, r;
-  reg signed [ACCB-1:0] sum;
-  reg signed [WBITS-1:0] wv;
-  reg [IBITS-1:0] xv;
-  reg signed [WBITS+IBITS:0] prod;   // product at its natural width, then sign-extended
-  reg [PE*ACCB-1:0] dotc;
-  always @* begin
-    dotc = {PE*ACCB{1'b0}};
-    for (p = 0; p < PE; p = p + 1) begin
-      sum = {ACCB{1'b0}};
-      for (s = 0; s < SIMD; s = s + 1) begin
-        wv = wdA[(p*SIMD+s)*WBITS +: WBITS];
-        xv = padA ? PADC : rdA[s*IBITS +: IBITS];
-        prod = wv * $signed({1'b0, xv});
-        sum = sum + prod;
-      end
-      dotc[p*ACCB +: ACCB] = sum;
+  integer p, s;
+  always @(posedge clk) begin
+    ra0 <= raddr; wa0 <= wbase + sf; nf0 <= nf;
+    v0 <= go; first0 <= (sf == 0); last0 <= last_sf; pad0 <= padnow;
+    rdA <= ibuf[ra0]; wdA <= wrom[wa0]; nfA <= nf0;
+    vA <= v0; firstA <= first0; lastA <= last0; padA <= pad0;
+    for (p = 0; p < PE; p = p + 1)
+      for (s = 0; s < SIMD; s = s + 1)
+        prodB[(p*SIMD+s)*PB +: PB] <= $signed(wdA[(p*SIMD+s)*WBITS +: WBITS])
+                                      * $signed({1'b0, padA ? PADC : rdA[s*IBITS +: IBITS]});
+    nfB <= nfA; vB <= vA; firstB <= firstA; lastB <= lastA;
+    if (wr) ibuf[wp] <= in_data;
+    if (rst) begin
+      v0 <= 1'b0; vA <= 1'b0; vB <= 1'b0;
     end
   end
 
-  // multi-threshold activation as a binary search over the sorted thresholds: OBITS comparisons
-  // per channel instead of NT (and no NT-long chain of adders, which made deep logic for 8 bits)
-  reg [PE*OBITS-1:0] actc;
-  reg [OBITS:0] idx, cand;
-  integer b;
-  always @* begin
-    actc = {PE*OBITS{1'b0}};
+  // ---------------------------------------------------------------- adder tree (per PE lane)
+  // heap layout: node i has children 2i and 2i+1, leaves at P2..2*P2-1; a node at height h
+  // (leaves' parents: 1) is a register when h is even or it is the root
+  wire [PE*2*P2*ACCB-1:0] tree;
+  wire [PE*ACCB-1:0] sumT;
+  genvar gp, gi;
+  generate
+    for (gp = 0; gp < PE; gp = gp + 1) begin : lane
+      for (gi = 0; gi < P2; gi = gi + 1) begin : leaf
+        if (gi < SIMD) begin : used_leaf
+          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] =
+            {{(ACCB-PB){prodB[(gp*SIMD+gi)*PB + PB - 1]}}, prodB[(gp*SIMD+gi)*PB +: PB]};
+        end else begin : zero_leaf
+          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = {ACCB{1'b0}};
+        end
+      end
+      for (gi = 1; gi < P2; gi = gi + 1) begin : node
+        localparam integer H = LOG2 - $clog2(gi + 1) + 1;   // height of node gi
+        wire [ACCB-1:0] a = tree[(gp*2*P2 + 2*gi)*ACCB +: ACCB];
+        wire [ACCB-1:0] b = tree[(gp*2*P2 + 2*gi + 1)*ACCB +: ACCB];
+        if ((H % 2 == 0) || (gi == 1)) begin : r
+          reg [ACCB-1:0] q;
+          always @(posedge clk) q <= a + b;
+          assign tree[(gp*2*P2 + gi)*ACCB +: ACCB] = q;
+        end else begin : c
+          assign tree[(gp*2*P2 + gi)*ACCB +: ACCB] = a + b;
+        end
+      end
+      assign sumT[gp*ACCB +: ACCB] = tree[(gp*2*P2 + 1)*ACCB +: ACCB];   // the root (a leaf if SIMD = 1)
+    end
+  endgenerate
+  // the control bits travel alongside the tree's TL registers
+  reg [TL:0] vT, firstT, lastT;
+  reg [(TL+1)*CW-1:0] nfT;
+  integer t;
+  always @(posedge clk) begin
+    vT[0] <= 1'b0; firstT[0] <= 1'b0; lastT[0] <= 1'b0;
+    for (t = TL; t > 0; t = t - 1) begin
+      vT[t] <= (t == 1) ? vB : vT[t-1];
+      firstT[t] <= (t == 1) ? firstB : firstT[t-1];
+      lastT[t] <= (t == 1) ? lastB : lastT[t-1];
+      nfT[t*CW +: CW] <= (t == 1) ? nfB : nfT[(t-1)*CW +: CW];
+    end
+    if (rst) vT <= {(TL+1){1'b0}};
+  end
+  wire vS = (TL == 0) ? vB : vT[TL];
+  wire firstS = (TL == 0) ? firstB : firstT[TL];
+  wire lastS = (TL == 0) ? lastB : lastT[TL];
+  wire [CW-1:0] nfS = (TL == 0) ? nfB : nfT[TL*CW +: CW];
+  wire [PE*ACCB-1:0] sumS = sumT;
+
+  // ---------------------------------------------------------------- accumulate
+  reg [PE*ACCB-1:0] acc;
+  reg doneD;
+  reg [PE*TW*ACCB-1:0] thrD;
+  integer q;
+  always @(posedge clk) begin
+    if (vS)
+      for (q = 0; q < PE; q = q + 1)
+        acc[q*ACCB +: ACCB] <= firstS ? sumS[q*ACCB +: ACCB] : acc[q*ACCB +: ACCB] + sumS[q*ACCB +: ACCB];
+    doneD <= vS && lastS;
+    thrD <= trom[nfS];
+    if (rst) doneD <= 1'b0;
+  end
+
+  // ---------------------------------------------------------------- activation
+  // parallel: one comparison per threshold (registered), then the count of passed thresholds;
+  // more than 15 thresholds: a binary search (OBITS comparisons per channel)
+  reg [PE*TW-1:0] geE;
+  reg [PE*ACCB-1:0] accE;
+  reg doneE;
+  reg [PE*OBITS-1:0] actF;
+  reg doneF;
+  reg [OBITS:0] cnt;
+  reg [PE*OBITS-1:0] actF_bs;
+  integer r, k;
+  always @(posedge clk) begin
+    for (r = 0; r < PE; r = r + 1)
+      for (k = 0; k < TW; k = k + 1)
+        geE[r*TW + k] <= $signed(acc[r*ACCB +: ACCB]) >= $signed(thrD[(r*TW + k)*ACCB +: ACCB]);
+    accE <= acc;
+    doneE <= doneD;
     for (r = 0; r < PE; r = r + 1) begin
       if (NT == 0) begin
-        actc[r*OBITS +: OBITS] = acc[r*ACCB +: OBITS];
-      end else begin
-        idx = {(OBITS+1){1'b0}};
-        for (b = OBITS - 1; b >= 0; b = b - 1) begin
-          cand = idx | ({{OBITS{1'b0}}, 1'b1} << b);
-          if (cand <= NT)
-            if ($signed(acc[r*ACCB +: ACCB]) >= $signed(thr[(r*TW + cand - 1)*ACCB +: ACCB]))
-              idx = cand;
-        end
-        actc[r*OBITS +: OBITS] = idx[OBITS-1:0];
+        actF[r*OBITS +: OBITS] <= accE[r*ACCB +: OBITS];
+      end else if (PAR) begin
+        cnt = {(OBITS+1){1'b0}};
+        for (k = 0; k < TW; k = k + 1)
+          cnt = cnt + geE[r*TW + k];
+        actF[r*OBITS +: OBITS] <= cnt[OBITS-1:0];
       end
     end
+    doneF <= doneE;
+    if (rst) begin doneE <= 1'b0; doneF <= 1'b0; end
+  end
+  generate
+    if (NT > 15) begin : bsearch
+      // thresholds kept from stage D (the next group's thresholds arrive SF >= 1 cycles later,
+      // but with SF = 1 they may already have: so they are registered alongside accE)
+      reg [PE*TW*ACCB-1:0] thrE;
+      reg [PE*OBITS-1:0] actB;
+      reg [OBITS:0] idx, cand;
+      integer rr, b;
+      always @(posedge clk) thrE <= thrD;
+      always @* begin
+        actB = {PE*OBITS{1'b0}};
+        for (rr = 0; rr < PE; rr = rr + 1) begin
+          idx = {(OBITS+1){1'b0}};
+          for (b = OBITS - 1; b >= 0; b = b - 1) begin
+            cand = idx | ({{OBITS{1'b0}}, 1'b1} << b);
+            if (cand <= NT)
+              if ($signed(accE[rr*ACCB +: ACCB]) >= $signed(thrE[(rr*TW + cand - 1)*ACCB +: ACCB]))
+                idx = cand;
+          end
+          actB[rr*OBITS +: OBITS] = idx[OBITS-1:0];
+        end
+      end
+      always @(posedge clk) actF_bs <= actB;
+    end
+  endgenerate
+  wire [PE*OBITS-1:0] result = (NT > 15) ? actF_bs : actF;
+
+  // ---------------------------------------------------------------- output FIFO
+  reg [PE*OBITS-1:0] fifo [0:DEPTH-1];
+  reg [DW-1:0] fw, fr;
+  reg [DW:0] fcount;
+  assign out_valid = (fcount != 0);
+  assign out_data = fifo[fr];
+  always @(posedge clk) begin
+    if (doneF) begin
+      fifo[fw] <= result;
+      fw <= fw + 1'b1;
+    end
+    if (fifo_pop) fr <= fr + 1'b1;
+    fcount <= fcount + (doneF ? 1'b1 : 1'b0) - (fifo_pop ? 1'b1 : 1'b0);
+    if (rst) begin fw <= 0; fr <= 0; fcount <= 0; end
   end
 
-  assign out_valid = (state == S_EMIT);
-  assign out_data = obuf[OBITS-1:0];
-
+  // ---------------------------------------------------------------- control
+  reg rel0, rel1, relb0, relb1;
   always @(posedge clk) begin
-    // pipeline (runs every cycle)
-    rdA <= ibuf[raddr];
-    wdA <= wrom[wbase + sf];
-    thr <= trom[nf];
-    vA <= issue;
-    padA <= padnow;
-    firstA <= (sf == 0);
-    lastA <= last_sf;
-    dotB <= dotc;
-    vB <= vA;
-    firstB <= firstA;
-    lastB <= lastA;
-    if (vB)
-      for (q = 0; q < PE; q = q + 1)
-        acc[q*ACCB +: ACCB] <= firstB ? dotB[q*ACCB +: ACCB] : acc[q*ACCB +: ACCB] + dotB[q*ACCB +: ACCB];
-    doneC <= vB && lastB;
-
+    rel0 <= go && last_sf && (nf == NF - 1) && (ox == OW - 1) && (oy == OH - 1);
+    relb0 <= rb;
+    rel1 <= rel0; relb1 <= relb0;
     if (rst) begin
-      state <= S_LOAD;
-      lane <= 0; waddr <= 0;
+      rel0 <= 1'b0; rel1 <= 1'b0;
+      full0 <= 1'b0; full1 <= 1'b0; wb <= 1'b0; wp <= 0; rb <= 1'b0; used <= 0;
       oy <= 0; ox <= 0; nf <= 0; ky <= 0; kx <= 0; cg <= 0; sf <= 0; wbase <= 0;
-      vA <= 1'b0; vB <= 1'b0; doneC <= 1'b0; ecnt <= 0;
     end else begin
-      case (state)
-        S_LOAD: if (in_valid) begin
-          sh <= shn;
-          if (lane == SIMD - 1) begin
-            ibuf[waddr] <= shn[(SIMD+1)*IBITS-1:IBITS];
-            lane <= 0;
-            if (waddr == IWORDS - 1) begin
-              waddr <= 0;
-              state <= S_COMP;
-            end else
-              waddr <= waddr + 1;
-          end else
-            lane <= lane + 1;
+      if (rel1) begin
+        if (relb1) full1 <= 1'b0; else full0 <= 1'b0;
+      end
+      // writer
+      if (wr) begin
+        if (wlast) begin
+          if (wb) full1 <= 1'b1; else full0 <= 1'b1;
+          wb <= ~wb;
         end
-        S_COMP: begin
-          if (last_sf) begin
-            sf <= 0; cg <= 0; kx <= 0; ky <= 0;
-            state <= S_WAIT;
+        wp <= (wp == 2 * IWORDS - 1) ? {CW{1'b0}} : wp + 1'b1;
+      end
+      // credits: a group takes one when its first word issues, returns it when read out
+      used <= used + ((go && sf == 0) ? 1'b1 : 1'b0) - (fifo_pop ? 1'b1 : 1'b0);
+      // reader
+      if (go) begin
+        if (last_sf) begin
+          sf <= 0; cg <= 0; kx <= 0; ky <= 0;
+          if (nf == NF - 1) begin
+            nf <= 0; wbase <= 0;
+            if (ox == OW - 1) begin
+              ox <= 0;
+              if (oy == OH - 1) begin
+                oy <= 0;
+                rb <= ~rb;   // the bank is released two cycles later, once its last read is done
+              end else oy <= oy + 1;
+            end else ox <= ox + 1;
           end else begin
-            sf <= sf + 1;
-            if (cg == CG - 1) begin
-              cg <= 0;
-              if (kx == K - 1) begin kx <= 0; ky <= ky + 1; end
-              else kx <= kx + 1;
-            end else
-              cg <= cg + 1;
+            nf <= nf + 1; wbase <= wbase + SF;
           end
-        end
-        S_WAIT: if (doneC) begin
-          obuf <= {{OBITS{1'b0}}, actc};
-          ecnt <= 0;
-          state <= S_EMIT;
-        end
-        S_EMIT: if (out_ready) begin
-          obuf <= obuf >> OBITS;
-          if (ecnt == PE - 1) begin
-            ecnt <= 0;
-            if (nf == NF - 1) begin
-              nf <= 0; wbase <= 0;
-              if (ox == OW - 1) begin
-                ox <= 0;
-                if (oy == OH - 1) begin oy <= 0; state <= S_LOAD; end
-                else begin oy <= oy + 1; state <= S_COMP; end
-              end else begin
-                ox <= ox + 1; state <= S_COMP;
-              end
-            end else begin
-              nf <= nf + 1; wbase <= wbase + SF; state <= S_COMP;
-            end
+        end else begin
+          sf <= sf + 1;
+          if (cg == CG - 1) begin
+            cg <= 0;
+            if (kx == K - 1) begin kx <= 0; ky <= ky + 1; end
+            else kx <= kx + 1;
           end else
-            ecnt <= ecnt + 1;
+            cg <= cg + 1;
         end
-      endcase
+      end
     end
   end
 endmodule

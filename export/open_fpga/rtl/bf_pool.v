@@ -1,71 +1,85 @@
 // bitfold max-pool unit (Verilog-2005): K x K windows with stride K, no padding, on unsigned
 // BITS-bit codes (a monotonic activation commutes with max, so pooling codes is exact).
-// LOAD the whole IH x IW x CH map, then for every output pixel and channel read its K*K
-// elements (one per cycle) and EMIT the maximum. Stream order is pixel-major (H, W, C).
+// Streaming, no frame buffer: N channels per beat in pixel-major (H, W, C) order; one row of
+// running maxima (OW x CH/N words) is updated as each input beat arrives and an output beat leaves
+// with the window's last input (row K-1, column K-1 of the window; the row is read synchronously,
+// so it can sit in block RAM, with the last write forwarded). Rows and columns beyond
+// OH*K / OW*K are dropped, as floor-mode pooling does. One input beat per cycle: cycles per
+// frame = IH*IW*CH/N.
 module bf_pool #(
-  parameter IH = 2, IW = 2, CH = 1, K = 2, BITS = 2
+  parameter IH = 2, IW = 2, CH = 1, K = 2, BITS = 2, N = 1
 ) (
   input  wire clk,
   input  wire rst,
   input  wire in_valid,
   output wire in_ready,
-  input  wire [BITS-1:0] in_data,
+  input  wire [N*BITS-1:0] in_data,
   output wire out_valid,
   input  wire out_ready,
-  output wire [BITS-1:0] out_data
+  output wire [N*BITS-1:0] out_data
 );
-  localparam OH = IH / K, OW = IW / K, N = IH * IW * CH;
-  localparam S_LOAD = 2'd0, S_COMP = 2'd1, S_WAIT = 2'd2, S_EMIT = 2'd3;
-  reg [BITS-1:0] mem [0:N-1];
-  reg [1:0] state;
-  localparam CW = $clog2(N + 1) + 1;
-  reg [CW-1:0] waddr, oy, ox, c, ky, kx;
-  wire [CW+1:0] raddr = ((oy * K + ky) * IW + ox * K + kx) * CH + c;
-  wire last_k = (ky == K - 1) && (kx == K - 1);
-  reg [BITS-1:0] rd, m;
-  reg vA, firstA, lastA, done;
-  assign in_ready = (state == S_LOAD);
-  assign out_valid = (state == S_EMIT);
+  localparam OH = IH / K, OW = IW / K, CG = CH / N;
+  localparam CW = $clog2(IH + IW + CG + K + 2) + 1;
+`ifdef BF_BLOCK_RAM
+  (* ram_style = "block" *)
+`endif
+  reg [N*BITS-1:0] row [0:OW*CG-1];
+  reg [CW-1:0] y, x, c, ky, kx, wx;
+  wire in_win = (y < OH * K) && (x < OW * K);
+  wire [CW+CW-1:0] idx = wx * CG + c;
+
+  // stage B: the element taken last cycle, with its window row entry read synchronously (block RAM)
+  reg vB, firstB, lastB, winB;
+  reg [N*BITS-1:0] dB, rdB;
+  reg [CW+CW-1:0] idxB;
+  // the last write: a read in the same cycle as a write to its address sees the old word
+  reg fwdv;
+  reg [CW+CW-1:0] fwdi;
+  reg [N*BITS-1:0] fwdd;
+  wire [N*BITS-1:0] prev = (fwdv && fwdi == idxB) ? fwdd : rdB;
+  reg [N*BITS-1:0] m;
+  integer i;
+  always @* begin
+    for (i = 0; i < N; i = i + 1)
+      m[i*BITS +: BITS] = (firstB || dB[i*BITS +: BITS] > prev[i*BITS +: BITS])
+                          ? dB[i*BITS +: BITS] : prev[i*BITS +: BITS];
+  end
+  wire emitB = vB && winB && lastB;
+  wire stall = emitB && !out_ready;
+  assign out_valid = emitB;
   assign out_data = m;
+  assign in_ready = !rst && !stall;
+  wire take = in_valid && in_ready;
 
   always @(posedge clk) begin
-    rd <= mem[raddr];
-    vA <= (state == S_COMP);
-    firstA <= (ky == 0) && (kx == 0);
-    lastA <= last_k;
-    done <= 1'b0;
-    if (vA) begin
-      m <= (firstA || rd > m) ? rd : m;
-      done <= lastA;
+    if (!stall) begin
+      rdB <= row[idx];
+      vB <= take; dB <= in_data; idxB <= idx; winB <= in_win;
+      firstB <= (ky == 0) && (kx == 0); lastB <= (ky == K - 1) && (kx == K - 1);
+      if (vB && winB && !lastB) begin
+        row[idxB] <= m;
+        fwdv <= 1'b1; fwdi <= idxB; fwdd <= m;
+      end
     end
     if (rst) begin
-      state <= S_LOAD; waddr <= 0; oy <= 0; ox <= 0; c <= 0; ky <= 0; kx <= 0;
-      vA <= 1'b0; done <= 1'b0;
-    end else begin
-      case (state)
-        S_LOAD: if (in_valid) begin
-          mem[waddr] <= in_data;
-          if (waddr == N - 1) begin waddr <= 0; state <= S_COMP; end
-          else waddr <= waddr + 1;
-        end
-        S_COMP: begin
-          if (last_k) begin ky <= 0; kx <= 0; state <= S_WAIT; end
-          else if (kx == K - 1) begin kx <= 0; ky <= ky + 1; end
+      y <= 0; x <= 0; c <= 0; ky <= 0; kx <= 0; wx <= 0; vB <= 1'b0; fwdv <= 1'b0;
+    end else if (take) begin
+      if (c == CG - 1) begin
+        c <= 0;
+        if (x == IW - 1) begin
+          x <= 0; kx <= 0; wx <= 0;
+          if (y == IH - 1) begin y <= 0; ky <= 0; end
+          else begin
+            y <= y + 1;
+            ky <= (ky == K - 1) ? 0 : ky + 1;
+          end
+        end else begin
+          x <= x + 1;
+          if (kx == K - 1) begin kx <= 0; wx <= wx + 1; end
           else kx <= kx + 1;
         end
-        S_WAIT: if (done) state <= S_EMIT;
-        S_EMIT: if (out_ready) begin
-          state <= S_COMP;
-          if (c == CH - 1) begin
-            c <= 0;
-            if (ox == OW - 1) begin
-              ox <= 0;
-              if (oy == OH - 1) begin oy <= 0; state <= S_LOAD; end
-              else oy <= oy + 1;
-            end else ox <= ox + 1;
-          end else c <= c + 1;
-        end
-      endcase
+      end else
+        c <= c + 1;
     end
   end
 endmodule

@@ -139,7 +139,7 @@ class OpenFpgaTarget(LoopTarget):
         from bitfold.export.lower import lower
         from bitfold.hw_models.fpga_rules import rate_folding, table_folding
         im = lower(onnx)
-        fold = rate_folding(im, self.b.clock_mhz, self.target_fps) if self.target_fps else table_folding(im)
+        fold = rate_folding(im, self.b.design_mhz, self.target_fps) if self.target_fps else table_folding(im)
         write_json(d / "folding.json", fold.as_dict())
         return build(onnx, self.b.name, d / "fpga", folding=d / "folding.json", verify=self.verify,
                      bitstream=self.bitstream).as_dict()

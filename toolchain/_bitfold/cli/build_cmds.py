@@ -23,8 +23,10 @@ def build(
     folding: Optional[Path] = typer.Option(None, "--folding", help='FPGA: JSON {"layer": {"pe": N, "simd": M}} '
                                            "instead of the folding chosen from the board's budget"),
     target_fps: Optional[float] = typer.Option(None, "--target-fps", help="FPGA: widen layers until this many "
-                                               "inferences/s at the board clock (default: what the UART can feed; "
+                                               "inferences/s at the design clock (default: what the UART can feed; "
                                                "0: as fast as the board's budget allows)"),
+    clock_mhz: Optional[float] = typer.Option(None, "--clock-mhz", help="open flow: design clock made by the PLL "
+                                              "(default: the board's pll_mhz, stepped down once to the Fmax reached)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="FPGA: skip the bit-exact simulation check"),
     no_bitstream: bool = typer.Option(False, "--no-bitstream", help="FPGA: stop after synthesis (no place & route)"),
     tune_trials: int = typer.Option(0, "--tune-trials", min=0, help="CPU: MetaSchedule trials per conv/matmul kernel not yet "
@@ -41,7 +43,7 @@ def build(
     from bitfold.export.backends import build as run_build
     # only the flags the user set become backend options; the backend refuses those it does not have
     given = {"folding": folding, "verify": False if no_verify else None, "bitstream": False if no_bitstream else None,
-             "target_fps": target_fps, "tune_trials": tune_trials or None, "retune": retune or None,
+             "target_fps": target_fps, "clock_mhz": clock_mhz, "tune_trials": tune_trials or None, "retune": retune or None,
              "integer": False if no_int else None, "tracker": tracker, "key": key, "qemu": qemu}
     r = run_build(onnx_file, board, out, {k: v for k, v in given.items() if v is not None}, events=say_events())
     console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
