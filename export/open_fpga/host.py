@@ -163,8 +163,8 @@ def run_sim_uart(path, x: np.ndarray, clks_per_bit: int = 4) -> tuple[np.ndarray
     (sim / "uart_in.mem").write_text("\n".join(f"{v:02x}" for v in encode_frames(codes)) + "\n")
     for f in rtl.glob("*.mem"):
         shutil.copyfile(f, sim / f.name)
-    from bitfold.export.open_fpga.flow import RTL_FILES
-    srcs = [str(rtl / f) for f in (*RTL_FILES, "bf_uart.v", "bf_core.v", "bf_clock.v", "bf_top.v")] + ["tb_uart.v"]
+    from bitfold.export.open_fpga.flow import core_sources
+    srcs = [str(rtl / f) for f in (*core_sources(rtl), "bf_uart.v", "bf_clock.v", "bf_top.v")] + ["tb_uart.v"]
     run_tool(verilator_cmd() + ["--binary", "--timing", "-Wno-fatal", "-Wno-lint", "-Wno-style", "--top-module", "tb_uart",
                          "-O2", "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include", "-o", "Vtb_uart", *srcs],
          sim, "verilator.log", "verilator build of the UART simulation")

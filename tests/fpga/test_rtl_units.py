@@ -93,3 +93,29 @@ def test_layers_overlap_so_a_frame_costs_the_slowest_part(tmp_path):
     per_layer = [64 * 64 // (4 * 16), 64 * 10 // (2 * 8)]          # 64 and 40 cycles of MACs
     assert frame_cycles(im, fold.of) == 64                          # the input stream: 64 elements
     assert timing["cycles_per_frame"] <= 1.05 * max(per_layer) < sum(per_layer)
+
+
+def test_layer_by_layer_synthesis_stitches_a_placeable_netlist(tmp_path):
+    """Out-of-context synthesis (the path for designs the WebAssembly yosys cannot take whole):
+    every layer in its own yosys run, stitched and flattened; nextpnr places the result, and it
+    costs about what one whole-design run does."""
+    from bitfold.export.lower import IntModel
+    from bitfold.export.open_fpga.probe import count_cells
+    a = one_layer_intmodel(64, 32, 3, 2, seed=5, b_out=2)
+    b = one_layer_intmodel(32, 10, 2, 2, seed=6, b_out=None)
+    s2 = b.stages[0]
+    s2.name = "dense1"
+    im = IntModel(a.input, [a.stages[0], s2], b.out_alpha, b.out_beta)
+    fold = Folding({"dense0": {"pe": 2, "simd": 16}, "dense1": {"pe": 1, "simd": 8}})
+    board = load_board("ulx3s-85f")
+    luts = {}
+    for ooc in (False, True):
+        rtl = tmp_path / f"ooc{int(ooc)}"
+        design = flow.generate(im, fold, rtl, board)
+        syn = flow.synthesize(rtl, design, board, ooc=ooc)
+        assert syn["out_of_context"] is ooc
+        luts[ooc] = count_cells(syn["cells"], "ecp5")[0]
+    assert sorted(p.name for p in rtl.glob("bfl_*.json")) == ["bfl_dense0.json", "bfl_dense1.json"]
+    assert 0.9 * luts[False] <= luts[True] <= 1.25 * luts[False]
+    pnr = flow.place_and_route(rtl, board)
+    assert pnr["utilization"]["TRELLIS_COMB"]["used"] > 0 and pnr["fmax_mhz"] > 25
