@@ -180,7 +180,9 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             nt = 0 if s.thresholds is None else s.thresholds.shape[1]
             params = dict(IH=s.ih, IW=s.iw, IC=s.ic, OC=s.oc, K=s.k, STRIDE=s.stride, PAD=s.pad, OH=s.oh,
                           OW=s.ow, SIMD=simd, PE=pe, IBITS=s.ibits, WBITS=s.wbits, ACCB=s.acc_bits, OBITS=ob,
-                          NT=nt, PADCODE=s.pad_code)
+                          NT=nt, PADCODE=s.pad_code,
+                          # ECP5 block RAM has a 5.6 ns clock-to-out: its read gets a cycle of its own
+                          RDREG=int(board.family == "ecp5"))
             ps = ", ".join(f".{k}({v})" for k, v in params.items())
             ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{s.name}_t.mem")'
             # one wrapper module per layer: the unit of out-of-context synthesis (see synthesize)

@@ -12,7 +12,7 @@
 // Schedule: the input map is written into one bank of a two-bank buffer while the other bank is
 // computed on, so loading frame n+1 overlaps computing frame n. For every output pixel and every
 // group of PE channels, SF = K*K*IC/SIMD buffer/weight words are issued, one per cycle, into a
-// pipeline: address register -> memory reads -> lane products -> adder tree (a register every two
+// pipeline: address register -> memory reads (-> a second register, RDREG) -> lane products -> adder tree (a register every two
 // levels) -> accumulator -> threshold compare -> count -> output FIFO. A new channel group starts
 // only when the FIFO has room for it (credits count groups in flight), so back-pressure never
 // drops a result and the issue never waits on the output otherwise: cycles per frame approach
@@ -23,6 +23,7 @@ module bf_mvau #(
   parameter SIMD = 1, PE = 1,
   parameter IBITS = 2, WBITS = 2, ACCB = 16, OBITS = 2, NT = 3,
   parameter PADCODE = 0,
+  parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter WFILE = "w.mem", TFILE = "t.mem"
 ) (
   input  wire clk,
@@ -46,7 +47,7 @@ module bf_mvau #(
   localparam P2 = 1 << LOG2;                    // lanes rounded up to a power of two
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
   localparam PAR = (NT > 0) && (NT <= 15);      // thresholds compared in parallel (else binary search)
-  localparam LAT = 7 + TL;                      // issue -> FIFO write
+  localparam LAT = 7 + RDREG + TL;              // issue -> FIFO write
   localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
   localparam DEPTH = 1 << $clog2(NEED);
   localparam DW = $clog2(DEPTH);
@@ -96,20 +97,32 @@ module bf_mvau #(
   reg [CW-1:0] nfB;
   reg vB, firstB, lastB;
 
+  // stage R (RDREG = 1): the reads registered once more
+  reg [SIMD*IBITS-1:0] rdR;
+  reg [PE*SIMD*WBITS-1:0] wdR;
+  reg [CW-1:0] nfR;
+  reg vR, firstR, lastR, padR;
+  wire [SIMD*IBITS-1:0] rdX = RDREG ? rdR : rdA;
+  wire [PE*SIMD*WBITS-1:0] wdX = RDREG ? wdR : wdA;
+  wire [CW-1:0] nfX = RDREG ? nfR : nfA;
+  wire vX = RDREG ? vR : vA, firstX = RDREG ? firstR : firstA, lastX = RDREG ? lastR : lastA;
+  wire padX = RDREG ? padR : padA;
+
   integer p, s;
   always @(posedge clk) begin
     ra0 <= raddr; wa0 <= wbase + sf; nf0 <= nf;
     v0 <= go; first0 <= (sf == 0); last0 <= last_sf; pad0 <= padnow;
     rdA <= ibuf[ra0]; wdA <= wrom[wa0]; nfA <= nf0;
     vA <= v0; firstA <= first0; lastA <= last0; padA <= pad0;
+    rdR <= rdA; wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
     for (p = 0; p < PE; p = p + 1)
       for (s = 0; s < SIMD; s = s + 1)
-        prodB[(p*SIMD+s)*PB +: PB] <= $signed(wdA[(p*SIMD+s)*WBITS +: WBITS])
-                                      * $signed({1'b0, padA ? PADC : rdA[s*IBITS +: IBITS]});
-    nfB <= nfA; vB <= vA; firstB <= firstA; lastB <= lastA;
+        prodB[(p*SIMD+s)*PB +: PB] <= $signed(wdX[(p*SIMD+s)*WBITS +: WBITS])
+                                      * $signed({1'b0, padX ? PADC : rdX[s*IBITS +: IBITS]});
+    nfB <= nfX; vB <= vX; firstB <= firstX; lastB <= lastX;
     if (wr) ibuf[wp] <= in_data;
     if (rst) begin
-      v0 <= 1'b0; vA <= 1'b0; vB <= 1'b0;
+      v0 <= 1'b0; vA <= 1'b0; vR <= 1'b0; vB <= 1'b0;
     end
   end
 
