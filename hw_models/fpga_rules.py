@@ -37,6 +37,18 @@ def stage_cycles(s, pe: int = 1, simd: int = 1) -> int:
     return max(s.ih * s.iw * s.ic // simd, s.oh * s.ow * nf * sf)
 
 
+def pool_feeders(im) -> dict:
+    """Pooling stage name -> the MVAU stage before it (None for a pool at the input): its PE sets
+    how many channels a beat the pool takes."""
+    feeders, prev = {}, None
+    for st in im.stages:
+        if is_pool(st):
+            feeders[st.name] = prev
+        else:
+            prev = st
+    return feeders
+
+
 def pool_lanes(im, of) -> dict:
     """Channels per beat of each pooling stage: the stream it sits on (the PE of the MVAU before
     it, when that divides its channels; else 1). ``of(name) -> (pe, simd)``."""
@@ -50,14 +62,24 @@ def pool_lanes(im, of) -> dict:
     return lanes
 
 
+def input_cycles(im) -> int:
+    """Cycles per frame of the design's input stream (one element a cycle): nothing goes faster."""
+    return int(math.prod(im.input.shape))
+
+
+def stages_cycles(im, of) -> dict:
+    """Stage name -> cycles per frame under the folding ``of(name) -> (pe, simd)``."""
+    lanes = pool_lanes(im, of)
+    return {st.name: stage_cycles(st, lanes[st.name]) if is_pool(st) else stage_cycles(st, *of(st.name))
+            for st in im.stages}
+
+
 def frame_cycles(im, of) -> int:
     """Cycles per frame of a whole design in steady state (layers overlap, so the slowest part
     decides): every stage, the input stream (one element a cycle) and the output stream."""
-    lanes = pool_lanes(im, of)
-    cyc = [stage_cycles(st, lanes[st.name]) if is_pool(st) else stage_cycles(st, *of(st.name)) for st in im.stages]
     last = im.stages[-1]
     n_out = last.oh * last.ow * (last.ch if is_pool(last) else last.oc)
-    return max(cyc + [int(math.prod(im.input.shape)), n_out])
+    return max([*stages_cycles(im, of).values(), input_cycles(im), n_out])
 
 
 def estimate_luts(s, pe: int = 1, simd: int = 1) -> int:
@@ -162,17 +184,14 @@ def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
     """The folding of a whole lowered model that reaches ``target_fps`` at ``clock_mhz``: each MVAU
     stage folded just enough (:func:`fold_at_rate`). The cost tables price this folding when given a
     rate, and ``bitfold run --fps`` builds it, so prediction and build describe the same design."""
-    # nothing goes faster than the input stream (one element a cycle): no lanes bought beyond it
-    budget = max(clock_mhz * 1e6 / target_fps, int(math.prod(im.input.shape)))
+    budget = max(clock_mhz * 1e6 / target_fps, input_cycles(im))   # no lanes bought beyond the input stream
     fold = {s.name: list(fold_at_rate(s, budget)) for s in im.mvaus}
-    prev = None
-    for st in im.stages:                  # a pool stage runs at the lanes of the stage before it
-        if is_pool(st) and prev is not None and stage_cycles(st, fold[prev.name][0]) > budget:
+    for pool, prev in pool_feeders(im).items():     # a pool runs at the lanes of the stage before it
+        st = next(x for x in im.stages if x.name == pool)
+        if prev is not None and stage_cycles(st, fold[prev.name][0]) > budget:
             ok = [d for d in divisors(prev.oc) if st.ch % d == 0 and stage_cycles(st, d) <= budget]
             if ok:
                 fold[prev.name][0] = max(fold[prev.name][0], ok[0])
-        elif not is_pool(st):
-            prev = st
     return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
 
 
@@ -212,46 +231,38 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
                    default_fps: float | None = None) -> Folding:
     """Greedy: keep widening the slowest stage (SIMD first, then PE) while the estimated LUTs and
     block RAMs stay within budget (default ``LUT_FRACTION`` of the board's LUTs, all its block
-    RAMs), until the slowest stage reaches ``target_fps`` at the board clock. The default target is
-    the rate the board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows."""
+    RAMs), until the slowest part reaches ``target_fps`` at the design clock (``board.design_mhz``);
+    a slow pool stage widens the PE of the layer before it. The default target is the rate the
+    board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows."""
     budget = lut_budget if lut_budget is not None else int(board.resources.get("lut", 5000) * LUT_FRACTION)
     brams = bram_budget(board)
     fold = {s.name: [1, 1] for s in im.mvaus}
 
     def fits():
-        lanes = pool_lanes(im, of)
-        luts = sum(estimate_luts(st, lanes[st.name]) if is_pool(st) else estimate_luts(st, *fold[st.name])
-                   for st in im.stages)
+        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *fold[st.name]) for st in im.stages)
         return luts <= budget and sum(estimate_brams(st, family=board.family) if is_pool(st)
                                       else estimate_brams(st, *fold[st.name], board.family)
                                       for st in im.stages) <= brams
 
     if target_fps is None:
         target_fps = default_fps or 0
-    floor = int(math.prod(im.input.shape))          # the input stream: one element a cycle
-    feeder = {}                                     # pool stage -> the MVAU whose PE sets its lanes
-    prev = None
-    for st in im.stages:
-        if is_pool(st):
-            feeder[st.name] = prev
-        else:
-            prev = st
+    feeders = pool_feeders(im)
+    owner = {st.name: feeders[st.name] if is_pool(st) else st for st in im.stages}   # whose folding moves it
 
     def of(name):
         return tuple(fold.get(name, (1, 1)))
 
     frozen = set()
     while True:
-        lanes = pool_lanes(im, of)
-        parts = [(stage_cycles(st, lanes[st.name]) if is_pool(st) else stage_cycles(st, *fold[st.name]), st)
-                 for st in im.stages if (feeder.get(st.name) if is_pool(st) else st) is not None
-                 and getattr(feeder.get(st.name) if is_pool(st) else st, "name") not in frozen]
+        cyc = stages_cycles(im, of)
+        parts = [(cyc[st.name], st) for st in im.stages
+                 if owner[st.name] is not None and owner[st.name].name not in frozen]
         if not parts:
             break
         slow, st = max(parts, key=lambda t: t[0])
-        if slow <= floor or (target_fps and board.design_mhz * 1e6 / slow >= target_fps):
+        if slow <= input_cycles(im) or (target_fps and board.design_mhz * 1e6 / slow >= target_fps):
             break
-        s = feeder[st.name] if is_pool(st) else st
+        s = owner[st.name]
         pe, simd = fold[s.name]
         nxt = None
         if is_pool(st):            # more channels a beat through the pool: the PE before it
@@ -271,7 +282,7 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
             continue
         old = fold[s.name]
         fold[s.name] = nxt
-        after = (stage_cycles(st, pool_lanes(im, of)[st.name]) if is_pool(st) else stage_cycles(st, *nxt))
+        after = stage_cycles(st, nxt[0]) if is_pool(st) else stage_cycles(st, *nxt)   # a pool: PE divides ch
         if after >= slow or not fits():
             fold[s.name] = old
             frozen.add(s.name)

@@ -39,7 +39,7 @@ from bitfold.export.open_fpga.clock import Clock, clock_files
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
 from bitfold.hw_models.fpga_rules import (Folding, choose_folding as plan_folding, divisors, estimate_brams,
-                                          estimate_luts, frame_cycles, stage_cycles)
+                                          estimate_luts, frame_cycles, pool_lanes, stage_cycles)
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
@@ -153,6 +153,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
     lines += [f"  input wire in_valid, output wire in_ready, input wire [{in_bits - 1}:0] in_data,",
               f"  output wire out_valid, input wire out_ready, output wire [{out_bits - 1}:0] out_data", ");"]
     body, info, layer_files = [], [], []
+    lanes = pool_lanes(im, folding.of)
     prev = ("in_valid", "in_ready", "in_data")
     prev_n, prev_bits = 1, in_bits            # elements per beat and bits per element on the stream so far
 
@@ -201,7 +202,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                          "est_luts": estimate_luts(s, pe, simd), "est_brams": estimate_brams(s, pe, simd, board.family),
                          "mult_bits": s.wbits * (s.ibits + 1)})
         else:
-            n = prev_n if s.ch % prev_n == 0 else 1
+            n = lanes[s.name]
             convert(str(i), n, s.bits)
             ob, out_n = s.bits, n
             ps = f".IH({s.ih}), .IW({s.iw}), .CH({s.ch}), .K({s.k}), .BITS({s.bits}), .N({n})"
