@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitfold.core.atomic import ensure_writable_dir, write_json
+from bitfold.toolchain import fastquant
 from bitfold.toolchain.bitmap import bitmap_to_json
 from bitfold.toolchain.data import Dataset
 from bitfold.toolchain.describe import describe_layers
@@ -130,8 +131,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          dataset: Dataset | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``cfg`` into ``out_dir`` and return the final metrics (also written to metrics.json)."""
+          dataset: Dataset | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+          fast_quant: bool = True) -> dict:
+    """Train ``cfg`` into ``out_dir`` and return the final metrics (also written to metrics.json).
+
+    ``fast_quant``: run the training steps of fixed-width Brevitas quantizers fused
+    (:mod:`bitfold.toolchain.fastquant`; bit-identical, so it is not part of the run's options)."""
     world, rank = _dist_info()
     out = Path(out_dir)
     device = _resolve_device(cfg.device if world == 1 or not cfg.device.startswith("cuda")
@@ -205,7 +210,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             from rich.console import Console
             Console(stderr=True).print(f"[dim]training with {threads} torch thread(s) ({why})[/]")
     t0 = time.perf_counter()
-    with _progress(progress and rank == 0) as bar:
+    with fastquant.fast_quant(model, enabled=fast_quant and method is not None) as fused, \
+            _progress(progress and rank == 0) as bar:
+        if progress and rank == 0 and method is not None and fast_quant:
+            from rich.console import Console
+            Console(stderr=True).print(f"[dim]{fused.summary()}[/]")
         task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch) if bar else None
         for epoch in range(start_epoch, cfg.epochs):
             for group in opt.param_groups:  # closed-form cosine schedule: a function of the epoch only
@@ -251,6 +260,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     metrics = run_metrics(model, layers, history)
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["world_size"] = world
+    metrics["fast_quant"] = {"fused": list(fused.fused), "brevitas": dict(fused.brevitas)}
     if device.type == "cpu":
         metrics["threads"] = {"n": threads, "why": why}
         torch.set_num_threads(threads_before)

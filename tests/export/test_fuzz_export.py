@@ -194,10 +194,12 @@ def test_fuzz_outcomes_were_mostly_verified():
     # that read one tensor (a concat's branches) different input widths. Anything else is a finding.
     # Found by the default-runtime gate: on a few random graphs onnxruntime's *default* session (fused
     # int8 kernels) differs from the file's own arithmetic on many samples (each within one output
-    # step); such files are refused with their own reason - a minority, counted and printed.
-    expected = ("QCDQ cannot represent 1-bit", "layers ", "the onnxruntime default session computes")
+    # step); such files are refused with their own reason - a minority, counted and printed. The same
+    # holds for OpenVINO's CPU plugin (found by the long run: 7 of 750 cases).
+    expected = ("QCDQ cannot represent 1-bit", "layers ", "the onnxruntime default session computes",
+                "the OpenVINO CPU computes")
     assert all(k.startswith(expected) for k in REASONS), REASONS
-    runtime = sum(v for k, v in REASONS.items() if k.startswith(expected[2]))
+    runtime = sum(v for k, v in REASONS.items() if k.startswith(expected[2:]))
     assert runtime <= 0.05 * OUTCOMES["verified"], REASONS
     assert OUTCOMES["verified"] >= 100, OUTCOMES
     assert FPGA["lowered"] >= 10 and FPGA["simulated"] >= min(SIM_BUDGET, FPGA["lowered"]), FPGA

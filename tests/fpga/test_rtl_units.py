@@ -67,10 +67,14 @@ def _sim(im, fold, tmp_path, n=12, stall=False):
     return out, im.run_codes(codes), timing
 
 
-@pytest.mark.parametrize("b_out,pe,simd", [(2, 4, 8), (4, 2, 32), (5, 4, 16), (None, 8, 64)],
-                         ids=["thr2-parallel", "thr4-parallel", "thr5-binary-search", "raw-fully-unrolled"])
-def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, b_out, pe, simd):
-    im = one_layer_intmodel(64, 16, 3, 3, seed=b_out or 0, b_out=b_out)
+@pytest.mark.parametrize("shape,b_out,pe,simd", [
+    ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16), ((64, 16, 3, 3), None, 8, 64),
+    ((2, 4, 1, 1), None, 1, 2)],
+    ids=["thr2-parallel", "thr4-parallel", "thr5-binary-search", "raw-fully-unrolled", "accumulator-narrower-than-product"])
+def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe, simd):
+    # the last case: bipolar W1A1 on a fan-in of 2 - a 3-bit accumulator, narrower than one product's
+    # 4 bits (found by the long fuzz run: verilator refused the RTL's negative sign extension)
+    im = one_layer_intmodel(*shape, seed=b_out or 0, b_out=b_out)
     fold = Folding({"dense0": {"pe": pe, "simd": simd}})
     out, ref, _ = _sim(im, fold, tmp_path, stall=True)
     assert np.array_equal(out, ref)

@@ -135,9 +135,13 @@ module bf_mvau #(
   generate
     for (gp = 0; gp < PE; gp = gp + 1) begin : lane
       for (gi = 0; gi < P2; gi = gi + 1) begin : leaf
-        if (gi < SIMD) begin : used_leaf
+        if (gi < SIMD && ACCB > PB) begin : used_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] =
             {{(ACCB-PB){prodB[(gp*SIMD+gi)*PB + PB - 1]}}, prodB[(gp*SIMD+gi)*PB +: PB]};
+        end else if (gi < SIMD) begin : narrow_leaf
+          // the accumulator is sized for the whole dot product, so every single product fits its
+          // ACCB bits (e.g. bipolar 1-bit products on a small fan-in): the low bits are exact
+          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = prodB[(gp*SIMD+gi)*PB +: ACCB];
         end else begin : zero_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = {ACCB{1'b0}};
         end

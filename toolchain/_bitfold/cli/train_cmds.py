@@ -85,13 +85,15 @@ def train(
     quiet: bool = typer.Option(False, help="no progress bar"),
     opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option KEY=VALUE, repeatable (e.g. asq: "
                                             "adapter=false, levels=pot; mebqat: quantizer=dorefa)"),
+    fast_quant: bool = typer.Option(True, help="fused training steps for fixed-width quantizers (bit-identical "
+                                               "to Brevitas; --no-fast-quant runs Brevitas's own modules)"),
 ):
     """Quantization-aware training on Brevitas layers; writes a run directory."""
     from bitfold.toolchain.bitmap import BitMap
     from bitfold.toolchain.runs import TrainConfig, load_config_file
     from bitfold.toolchain.train import train as run_train
     if config is not None:
-        m = run_train(load_config_file(config), out, resume=resume, progress=not quiet)
+        m = run_train(load_config_file(config), out, resume=resume, progress=not quiet, fast_quant=fast_quant)
         _report_train(m, out)
         return
     # validate before any work; a map file is stored in the run config by value
@@ -104,7 +106,7 @@ def train(
                                                      bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
-    _report_train(run_train(cfg, out, resume=resume, progress=not quiet), out)
+    _report_train(run_train(cfg, out, resume=resume, progress=not quiet, fast_quant=fast_quant), out)
 
 
 def _report_train(m, out):

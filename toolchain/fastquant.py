@@ -1,0 +1,368 @@
+"""Fast QAT: the fixed-width Brevitas quantizers of a layer computed as one fused step, bit-identical.
+
+A Brevitas weight or activation quantizer is a tree of ~30 small modules (statistics, restrictions,
+clamps, integer range, rounding, zero point); a training step of a small network spends most of its
+time dispatching their ~45 tensor operations per quantizer and recording them for autograd, not in
+arithmetic. :func:`fast_quant` runs, for the duration of a ``with`` block, the training-mode forward
+of every layer whose quantizers are of the kinds below through :func:`int_quant_ste` (one autograd
+node: ``clamp(round(x / s)) * s`` with Brevitas's straight-through gradients) and a handful of
+operations for the scale, in the same floating-point order as Brevitas, so that outputs, gradients
+and therefore every trained weight, checkpoint and exported file are bit-identical to the Brevitas
+path (tests compare them with ``torch.equal``). Layers and quantizers stay Brevitas modules holding
+their own state; nothing is fused outside training mode (evaluation, export and calibration run
+Brevitas itself), and any quantizer of another kind keeps the Brevitas path, named in the report.
+
+Fused kinds: weights - integer, zero zero-point, constant bit-width, scale from the max-abs
+statistic of the weight (per tensor or per output channel, float scale); activations - ReLU or
+identity followed by an integer quantizer with a learned float scale whose statistics collection is
+over. These are the ``fixed`` method's quantizers (and those of layers other methods leave fixed).
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _IntQuantSTE(torch.autograd.Function):
+    """``clamp(round(x / scale), lo, hi) * scale`` with Brevitas's gradients: round is straight-through;
+    the clamp is straight-through for weights (``TensorClampSte``) and cuts the gradient outside the
+    range for activations (``TensorClamp``); ``scale`` gets both of its uses' gradients, reduced as
+    autograd reduces a broadcast operand. Every expression is the one autograd evaluates for the
+    Brevitas graph (``(g * s) / s`` is not ``g`` in floating point); the only rewrites are exact ones:
+    ``sum(-a * b) == -sum(a * b)``, and the in-range mask read as ``clamp(q) == q``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, lo: float, hi: float, ste_clamp: bool):
+        y = x / scale
+        q = torch.round(y)
+        c = torch.clamp(q, lo, hi)
+        keep = None if ste_clamp else c == q
+        ctx.save_for_backward(y, scale, c, keep)
+        return c * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scale, c, keep = ctx.saved_tensors
+        grad_c = g * scale
+        if keep is not None:
+            grad_c = torch.where(keep, grad_c, 0.0)
+        grad_x = grad_c / scale if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # the two uses of scale (x / scale, c * scale), each reduced to scale's shape as autograd does
+            grad_s = (g * c).sum_to_size(scale.shape) - (grad_c * (y / scale)).sum_to_size(scale.shape)
+        return grad_x, grad_s, None, None, None
+
+
+class _ClampMinSTE(torch.autograd.Function):
+    """``max(x, v)`` with the identity gradient (Brevitas's ``ScalarSignedClampMinSte`` on a
+    non-negative scale statistic)."""
+
+    @staticmethod
+    def forward(ctx, x, v):
+        return torch.clamp_min(x, v)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def int_quant_ste(x, scale, lo, hi, ste_clamp: bool):
+    return _IntQuantSTE.apply(x, scale, lo, hi, ste_clamp)
+
+
+class _Range:
+    """(lo, hi, threshold) of an integer quantizer at its current width: the clamp bounds and the
+    integer range the scale divides by (2^(b-1)-1 for narrow signed), as Brevitas computes them;
+    computed once per width (a switchable width, MEBQAT's, is read at each call)."""
+
+    def __init__(self, tq, restrict_threshold, switchable: bool):
+        self._tq, self._restrict, self._switchable = tq, restrict_threshold, switchable
+        self._seen: dict[float, tuple] = {}
+        self._fixed = None if switchable else self._compute()
+
+    @torch.no_grad()
+    def _compute(self):
+        bw = self._tq.msb_clamp_bit_width_impl()
+        iq = self._tq.int_quant
+        return float(iq.min_int(bw)), float(iq.max_int(bw)), self._restrict(self._tq.int_scaling_impl(bw))
+
+    def __call__(self):
+        if self._fixed is not None:
+            return self._fixed
+        key = float(self._tq.msb_clamp_bit_width_impl.bits)
+        if key not in self._seen:
+            self._seen[key] = self._compute()
+        return self._seen[key]
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """What the fused weight quantizer needs, read once from the Brevitas quantizer."""
+    range: _Range
+    per_channel: bool
+    stats_shape: tuple
+    min_val: float | None
+    ste_clamp: bool
+    learned_scale: bool = False   # a scale parameter initialised from the weight statistic (LSQ-style)
+
+
+@dataclass(frozen=True)
+class ActPlan:
+    range: _Range
+    relu: bool
+    min_val: float | None
+    ste_clamp: bool
+
+
+@dataclass
+class FastQuantReport:
+    """Which layers run fused, and why the others do not (layer -> reason)."""
+    fused: list[str] = field(default_factory=list)
+    brevitas: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = f"fast quantizers: {len(self.fused)} of {len(self.fused) + len(self.brevitas)} quantized layers fused"
+        if self.brevitas:
+            s += "; Brevitas path for " + ", ".join(f"{k} ({v})" for k, v in sorted(self.brevitas.items()))
+        return s
+
+
+def _min_val(mod) -> float | None:
+    from brevitas.core.function_wrapper import Identity
+    from brevitas.core.function_wrapper.ops_ste import ScalarSignedClampMinSte
+    if isinstance(mod, ScalarSignedClampMinSte):
+        return float(mod.min_val)
+    if isinstance(mod, Identity):
+        return None
+    raise _NotFusable(f"scale clamp {type(mod).__name__}")
+
+
+class _NotFusable(Exception):
+    pass
+
+
+def _is(mod, *names):
+    return type(mod).__name__ in names
+
+
+def _int_quant_parts(tq) -> tuple[bool, bool]:
+    """(switchable width, straight-through clamp) of a RescalingIntQuant with a constant or
+    switchable width and a zero zero-point; anything else is not fused."""
+    if not _is(tq, "RescalingIntQuant") or tq.observer_only:
+        raise _NotFusable(f"tensor quantizer {type(tq).__name__}")
+    iq = tq.int_quant
+    if not _is(iq, "IntQuant") or not _is(iq.float_to_int_impl, "RoundSte") \
+            or not _is(iq.input_view_impl, "Identity") or not _is(iq.delay_wrapper.delay_impl, "_NoDelay"):
+        raise _NotFusable("integer quantizer with delay, view or rounding other than round-to-nearest")
+    from bitfold.toolchain.mebqat import SwitchableBitWidth
+    if _is(tq.msb_clamp_bit_width_impl, "BitWidthConst"):
+        switchable = False
+    elif type(tq.msb_clamp_bit_width_impl) is SwitchableBitWidth:
+        switchable = True
+    else:
+        raise _NotFusable("bit-width that is learned")
+    if not _is(tq.zero_point_impl, "ZeroZeroPoint"):
+        raise _NotFusable("non-zero zero-point")
+    if _is(iq.tensor_clamp_impl, "TensorClampSte"):
+        return switchable, True
+    if _is(iq.tensor_clamp_impl, "TensorClamp"):
+        return switchable, False
+    raise _NotFusable(f"clamp {type(iq.tensor_clamp_impl).__name__}")
+
+
+def _float_restrict(mod) -> bool:
+    return _is(mod, "FloatRestrictValue")
+
+
+def weight_plan(layer) -> WeightPlan:
+    wq = layer.weight_quant
+    if not wq.is_quant_enabled or getattr(wq, "export_mode", False):
+        raise _NotFusable("weight quantization off")
+    tq = wq.tensor_quant
+    switchable, ste = _int_quant_parts(tq)
+    sc = tq.scaling_impl
+    learned = _is(sc, "ParameterFromStatsFromParameterScaling")
+    if not (_is(sc, "StatsFromParameterScaling") or learned and not sc.local_loss_mode):
+        raise _NotFusable(f"weight scale {type(sc).__name__}")
+    pls, ss = sc.parameter_list_stats, sc.stats_scaling_impl
+    if pls.extra_tracked_params_list is not None or not _is(pls.first_tracked_param, "_ViewParameter"):
+        raise _NotFusable("scale shared between parameters")
+    view = pls.first_tracked_param.view_shape_impl
+    stats = pls.stats.stats_impl
+    if not _is(stats, "AbsMax"):
+        raise _NotFusable(f"weight statistic {type(stats).__name__}")
+    if _is(view, "OverTensorView") and stats.stats_reduce_dim is None:
+        per_channel = False
+    elif _is(view, "OverOutputChannelView") and _is(view.permute_impl, "Identity") \
+            and stats.stats_reduce_dim == 1 and not stats.keepdim:
+        per_channel = True
+    else:
+        raise _NotFusable("weight statistic over another view")
+    if not (_is(ss.affine_rescaling, "Identity") and _float_restrict(ss.restrict_clamp_scaling.restrict_value_impl)
+            and _float_restrict(ss.restrict_clamp_threshold.restrict_value_impl)
+            and _is(ss.restrict_clamp_threshold.clamp_ste, "Identity")
+            and _is(ss.restrict_clamp_scale_threshold.restrict_value_impl, "Identity")
+            and _is(ss.restrict_clamp_scale_threshold.clamp_ste, "Identity")
+            and _is(ss.restrict_scaling_pre, "Abs") and _is(ss.restrict_threshold_pre, "Abs")):
+        raise _NotFusable("scale restricted other than to a float")
+    if learned:  # after initialisation: |value| clamped, over the threshold (the statistic is not used)
+        mins = {_min_val(ss.restrict_clamp_scaling.clamp_ste)} - {None}
+        pre = lambda t: ss.restrict_clamp_threshold(sc.restrict_threshold_pre(t))  # noqa: E731
+    else:
+        mins = {_min_val(ss.clamp_scaling.clamp_min_ste), _min_val(ss.restrict_clamp_scaling.clamp_ste)} - {None}
+        pre = lambda t: ss.restrict_clamp_threshold(ss.restrict_threshold_pre(t))  # noqa: E731
+    if len(mins) > 1:
+        raise _NotFusable("two different scale minima")
+    return WeightPlan(_Range(tq, pre, switchable), per_channel, tuple(pls.stats.stats_output_shape),
+                      next(iter(mins), None), ste, learned)
+
+
+def act_plan(site) -> ActPlan:
+    if getattr(site, "input_quant", None) is not None and site.input_quant.is_quant_enabled:
+        raise _NotFusable("input quantizer")
+    aq = site.act_quant
+    fap = aq.fused_activation_quant_proxy
+    if fap is None or not aq.is_quant_enabled:
+        raise _NotFusable("activation quantization off")
+    if isinstance(fap.activation_impl, nn.ReLU):
+        relu = True
+    elif _is(fap.activation_impl, "Identity"):
+        relu = False
+    else:
+        raise _NotFusable(f"activation {type(fap.activation_impl).__name__}")
+    tq = fap.tensor_quant
+    switchable, ste = _int_quant_parts(tq)
+    sc = tq.scaling_impl
+    if not _is(sc, "ParameterFromRuntimeStatsScaling") or sc.local_loss_mode:
+        raise _NotFusable(f"activation scale {type(sc).__name__}")
+    if not (_float_restrict(sc.restrict_scaling.restrict_value_impl)
+            and _float_restrict(sc.restrict_threshold.restrict_value_impl)
+            and _is(sc.restrict_scale_threshold.restrict_value_impl, "Identity")
+            and _is(sc.restrict_threshold_pre, "Abs")):
+        raise _NotFusable("scale restricted other than to a float")
+    rng = _Range(tq, lambda t: sc.restrict_threshold(sc.restrict_threshold_pre(t)), switchable)
+    return ActPlan(rng, relu, _min_val(sc.clamp_scaling.clamp_min_ste), ste)
+
+
+def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized weight; ``value``: the learned scale parameter of a ``learned_scale`` plan."""
+    if p.learned_scale:
+        s = torch.abs(value)
+        if p.min_val is not None:
+            s = _ClampMinSTE.apply(s, p.min_val)
+        lo, hi, thr = p.range()
+        return int_quant_ste(w, s / thr, lo, hi, p.ste_clamp)
+    if p.per_channel:
+        stats = torch.max(torch.abs(w.reshape(w.shape[0], -1)), dim=1)[0]
+    else:
+        stats = torch.max(torch.abs(w.reshape(-1)))
+    stats = stats.view(p.stats_shape)
+    if p.min_val is not None:
+        stats = _ClampMinSTE.apply(stats, p.min_val)
+    lo, hi, thr = p.range()
+    return int_quant_ste(w, stats / thr, lo, hi, p.ste_clamp)
+
+
+def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:
+    if p.relu:
+        x = torch.relu(x)
+    s = torch.abs(value)
+    if p.min_val is not None:
+        s = _ClampMinSTE.apply(s, p.min_val)
+    lo, hi, thr = p.range()
+    return int_quant_ste(x, s / thr, lo, hi, p.ste_clamp)
+
+
+#: plans of the layers inside an active :func:`fast_quant` block (a copy of a layer made inside the
+#: block is not in it and runs Brevitas)
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _fast_layer_forward(self, x):
+    plan = _ACTIVE.get(self)
+    sc = self.weight_quant.tensor_quant.scaling_impl
+    if plan is None or not self.training or type(x) is not torch.Tensor or plan.learned_scale and not sc.init_done:
+        return super(type(self), self).forward(x)
+    w = fused_weight(self.weight, plan, sc.value if plan.learned_scale else None)
+    if isinstance(self, FastQuantLinear):
+        return F.linear(x, w, self.bias)
+    conv = F.conv2d if isinstance(self, FastQuantConv2d) else F.conv1d
+    return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _fast_act_forward(self, x):
+    plan = _ACTIVE.get(self)
+    sc = self.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+    # statistics still being collected (or the step that turns them into the scale): Brevitas
+    if plan is None or not self.training or sc.counter <= sc.collect_stats_steps or type(x) is not torch.Tensor:
+        return super(type(self), self).forward(x)
+    return fused_act(x, sc.value, plan)
+
+
+def _fast_classes():
+    import brevitas.nn as qnn
+    global FastQuantLinear, FastQuantConv2d, FastQuantConv1d, FastQuantReLU, FastQuantIdentity
+    if "FastQuantLinear" not in globals():
+        FastQuantLinear = type("FastQuantLinear", (qnn.QuantLinear,), {"forward": _fast_layer_forward, "__module__": __name__})
+        FastQuantConv2d = type("FastQuantConv2d", (qnn.QuantConv2d,), {"forward": _fast_layer_forward, "__module__": __name__})
+        FastQuantConv1d = type("FastQuantConv1d", (qnn.QuantConv1d,), {"forward": _fast_layer_forward, "__module__": __name__})
+        FastQuantReLU = type("FastQuantReLU", (qnn.QuantReLU,), {"forward": _fast_act_forward, "__module__": __name__})
+        FastQuantIdentity = type("FastQuantIdentity", (qnn.QuantIdentity,), {"forward": _fast_act_forward, "__module__": __name__})
+    return {qnn.QuantLinear: FastQuantLinear, qnn.QuantConv2d: FastQuantConv2d, qnn.QuantConv1d: FastQuantConv1d,
+            qnn.QuantReLU: FastQuantReLU, qnn.QuantIdentity: FastQuantIdentity}
+
+
+def _layer_reason(layer) -> str | None:
+    if layer.input_quant.is_quant_enabled or layer.output_quant.is_quant_enabled:
+        return "input or output quantizer"
+    if layer.bias is not None and layer.bias_quant.is_quant_enabled:
+        return "quantized bias"
+    if layer.return_quant_tensor:
+        return "returns a QuantTensor"
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return f"padding mode {layer.padding_mode}"
+    return None
+
+
+@contextmanager
+def fast_quant(model: nn.Module, enabled: bool = True):
+    """Within the block, eligible Brevitas layers of ``model`` run their training-mode forward fused
+    (see the module docstring); yields a :class:`FastQuantReport`. On exit every layer is as it was."""
+    classes = _fast_classes() if enabled else {}
+    report = FastQuantReport()
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for name, m in model.named_modules():
+            fast = classes.get(type(m))
+            if fast is None:
+                if isinstance(m, tuple(classes)):  # e.g. a weight parametrization (ADQ, AdaQAT, ASQ)
+                    report.brevitas[name] = f"{type(m).__name__}, a subclass of {type(m).__mro__[1].__name__}"
+                continue
+            try:
+                if m.return_quant_tensor:
+                    raise _NotFusable("returns a QuantTensor")
+                if hasattr(m, "weight_quant"):
+                    reason = _layer_reason(m)
+                    if reason:
+                        raise _NotFusable(reason)
+                    plan = weight_plan(m)
+                else:
+                    plan = act_plan(m)
+            except _NotFusable as e:
+                report.brevitas[name] = str(e)
+                continue
+            _ACTIVE[m] = plan
+            swapped.append((m, type(m)))
+            m.__class__ = fast
+            report.fused.append(name)
+        yield report
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+            _ACTIVE.pop(m, None)
