@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -227,12 +228,19 @@ def check_int8_kernels(path: Path, allow_saturation: bool) -> list[dict]:
 
 
 def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: torch.Tensor,
-                 input_shape=None, allow_saturation: bool = False, **tol) -> ExportResult:
+                 input_shape=None, allow_saturation: bool = False, for_: str | None = None, **tol) -> ExportResult:
     """Export ``model`` to ``out_path`` and verify it on ``x_verify``; nothing is written on failure.
 
     QCDQ files are refused when an int8 layer can saturate CPUs without VNNI
-    (:func:`check_int8_kernels`) unless ``allow_saturation``.
+    (:func:`check_int8_kernels`) unless ``allow_saturation``. ``for_="hls4ml"`` (QONNX only): the
+    quantizers must have power-of-two scales, the hls4ml configuration is written beside the file
+    (``*.hls4ml.json``) and, where hls4ml is installed, its compiled C++ emulation must pass the
+    float gate against the file (:mod:`bitfold.export.hls4ml_form`).
     """
+    if for_ not in (None, "hls4ml"):
+        raise BitfoldError(f"--for {for_!r} is not a consumer bitfold prepares files for", "use --for hls4ml")
+    if for_ == "hls4ml" and fmt != "qonnx":
+        raise BitfoldError("--for hls4ml takes --format qonnx (hls4ml's ONNX front end reads QONNX)")
     method = getattr(model, "quant_method", None)
     if method is not None:
         model = method.for_export(model)
@@ -271,11 +279,34 @@ def export_model(model: nn.Module, fmt: str, out_path: str | Path, x_verify: tor
                                    "session.disable_quant_qdq=1), TVM or OpenVINO, or export --format qonnx")
             raise BitfoldError(f"exported {fmt} does not match the torch model - {report.summary()}",
                                "nothing was written; please report this model as a bitfold bug")
+        if for_ == "hls4ml":
+            _check_hls4ml(tmp, x_verify.numpy(), report, out_path)
         # the report lands first: an .onnx under its final name always has its verification beside it
         write_json(out_path.with_name(out_path.name + ".verify.json"),
                    {"format": fmt, "bit_map": bit_map, **report.as_dict(),
                     **({"int8_pair_sums": kernels} if kernels is not None else {})})
     return ExportResult(out_path, fmt, report, bit_map)
+
+
+def _check_hls4ml(tmp: Path, x: np.ndarray, report: VerifyReport, out_path: Path) -> None:
+    """--for hls4ml: configuration (refuses non-power-of-two scales), hls4ml's emulation under the float
+    gate when hls4ml is installed (recorded in ``report.runtimes``), the configuration beside the file."""
+    import tempfile
+    from bitfold.export import hls4ml_form
+    cfg = hls4ml_form.config_for(tmp)
+    report.runtimes = list(report.runtimes or [])
+    if hls4ml_form.available():
+        with tempfile.TemporaryDirectory(prefix="bitfold-hls4ml-") as d, _quiet():
+            r = hls4ml_form.verify_hls4ml(tmp, x, d, cfg)
+        report.runtimes.append({"executor": r.executor, "passed": r.passed, "max_abs_diff": r.max_abs_diff,
+                                "flips": r.flips, "argmax_agreement": r.argmax_agreement})
+        if not r.passed:
+            raise BitfoldError(f"hls4ml's C++ emulation computes this file differently - {r.summary()}",
+                               "nothing was written; please report this model as a bitfold bug")
+    else:
+        report.runtimes.append({"executor": "hls4ml C++ emulation", "passed": True, "skipped": "hls4ml not installed",
+                                "max_abs_diff": float("nan"), "flips": 0, "argmax_agreement": float("nan")})
+    write_json(hls4ml_form.config_path(out_path), cfg)
 
 
 def export_brevitas(model: nn.Module, example_input: torch.Tensor, fmt: str = "qonnx",
@@ -294,7 +325,7 @@ def export_brevitas(model: nn.Module, example_input: torch.Tensor, fmt: str = "q
 
 def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | None = None,
                max_samples: int | None = None, bits_map=None, allow_saturation: bool = False,
-               **tol) -> ExportResult:
+               for_: str | None = None, **tol) -> ExportResult:
     """Export a training run's final model, verified on its data set's held-out test split.
 
     ``bits_map`` (MEBQAT runs) sets the switchable model to those widths first - no retraining.
@@ -311,7 +342,7 @@ def export_run(run_dir: str | Path, fmt: str = "qonnx", out_path: str | Path | N
     method = getattr(model, "quant_method", None)
     if method is not None:
         method.prepare_export(model, ds.x_train)
-    res = export_model(model, fmt, out_path, x, ds.input_shape, allow_saturation=allow_saturation, **tol)
+    res = export_model(model, fmt, out_path, x, ds.input_shape, allow_saturation=allow_saturation, for_=for_, **tol)
     if method is not None:  # what the export-form conversion (snapping, baking) costs in accuracy
         y = ds.y_test if max_samples is None else ds.y_test[:max_samples]
         with torch.no_grad():

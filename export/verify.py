@@ -67,6 +67,9 @@ class VerifyReport:
              f"tol {self.tolerance:.3g}; {self.flips} rounding-boundary flip(s), allowed {self.max_flips} of at most "
              f"one step {self.step:.3g}), argmax agreement {self.argmax_agreement:.2%}")
         for r in self.runtimes or ():
+            if r.get("skipped"):
+                s += f"; {r['executor']}: not checked ({r['skipped']})"
+                continue
             s += (f"; {r['executor']}: {'ok' if r['passed'] else 'FAILED'} (max |diff| {r['max_abs_diff']:.3g}, "
                   f"{r['flips']} flip(s), argmax {r['argmax_agreement']:.2%})")
         return s

@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
 #: tools .ci/run installs (system packages) or the test extra brings (Python packages): under
 #: CI=true a skip that names one of them is a failure - CI must not be green with a feature off
 CI_PROVIDED = ("apache-tvm", "tvm", "tornado", "xgboost", "yowasp", "verilator", "aarch64", "qemu", "arm64",
-               "finn", "dataset-fashion-mnist", "openvino", "distributed")
+               "finn", "dataset-fashion-mnist", "openvino", "distributed", "hls4ml")
 
 
 def _ci_strict() -> bool:

@@ -154,13 +154,35 @@ class FixedMethod(QuantMethod):
     channel); 1-bit weights are bipolar {-s, +s}, s learned, initialised to the mean absolute weight.
     Activations: unsigned after ReLU, signed otherwise; learned scale initialised from runtime
     statistics (collected during the calibration pass at the start of training).
+
+    ``scales="pot"``: every scale a power of two (Brevitas's fixed-point quantizers: the weight scale
+    rounds the max-abs statistic's log2 up, activation scales learn their log2) - the form a
+    fixed-point datapath such as hls4ml's computes exactly (``bitfold export --for hls4ml``).
     """
 
+    SCALES = ("float", "pot")
+
+    def __init__(self, per_channel: bool = False, scales: str = "float"):
+        super().__init__(per_channel=per_channel)
+        if scales not in self.SCALES:
+            raise BitfoldError(f"scales={scales!r} is not a scale form", f"choose one of: {', '.join(self.SCALES)}")
+        self.scales = scales
+
+    def options(self) -> dict:
+        return {**super().options(), **({"scales": self.scales} if self.scales != "float" else {})}
+
     def weight_kwargs(self, layer, bits):
-        from brevitas.quant.scaled_int import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
         if bits == 1:
+            if self.scales == "pot":
+                raise BitfoldError(f"layer {layer}: 1-bit weights have a learned (not power-of-two) scale",
+                                   "use >= 2-bit weights with scales=pot")
             return {"weight_quant": _binary_weight_quant()}
-        quant = Int8WeightPerChannelFloat if self.per_channel else Int8WeightPerTensorFloat
+        if self.scales == "pot":
+            from brevitas.quant.fixed_point import Int8WeightPerChannelFixedPoint, Int8WeightPerTensorFixedPoint
+            quant = Int8WeightPerChannelFixedPoint if self.per_channel else Int8WeightPerTensorFixedPoint
+        else:
+            from brevitas.quant.scaled_int import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
+            quant = Int8WeightPerChannelFloat if self.per_channel else Int8WeightPerTensorFloat
         return {"weight_quant": quant, "weight_bit_width": bits}
 
     def act_module(self, site, bits, relu):
@@ -168,14 +190,21 @@ class FixedMethod(QuantMethod):
             # 1-bit activations are bipolar sign activations {-s, +s} as in BNNs (FINN's CNV-W1A1);
             # a ReLU in front would make them constant. (Brevitas also exports unsigned 1-bit
             # activations as BipolarQuant, i.e. wrongly - caught by our verification.)
+            if self.scales == "pot":
+                raise BitfoldError(f"site {site}: 1-bit activations have a learned (not power-of-two) scale",
+                                   "use >= 2-bit activations with scales=pot")
             import brevitas.nn as qnn
             return qnn.QuantIdentity(act_quant=_binary_act_quant(), return_quant_tensor=False)
         return super().act_module(site, bits, relu)
 
     def act_kwargs(self, site, bits, signed):
-        from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
-        return {"act_quant": Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat, "bit_width": bits,
-                "collect_stats_steps": ACT_INIT_STEPS}
+        if self.scales == "pot":
+            from brevitas.quant.fixed_point import Int8ActPerTensorFixedPoint, Uint8ActPerTensorFixedPoint
+            s_q, u_q = Int8ActPerTensorFixedPoint, Uint8ActPerTensorFixedPoint
+        else:
+            from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+            s_q, u_q = Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+        return {"act_quant": s_q if signed else u_q, "bit_width": bits, "collect_stats_steps": ACT_INIT_STEPS}
 
 
 def _binary_act_quant():

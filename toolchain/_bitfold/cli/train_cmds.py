@@ -126,6 +126,9 @@ def export(
         False, "--allow-int16-saturation",
         help="qcdq: keep full-range 8-bit layers that can saturate the int8 kernels of CPUs without VNNI "
              "(only for targets that accumulate in int32: VNNI CPUs, TVM builds)"),
+    for_: Optional[str] = typer.Option(None, "--for", help="hls4ml: check power-of-two scales, write the hls4ml "
+                                                           "config beside the QONNX file, and (hls4ml installed) "
+                                                           "check its C++ emulation"),
 ):
     """Export a run to QONNX or QCDQ ONNX and verify it against the torch model (refuses on mismatch)."""
     if format == "onnx-dynamic":
@@ -143,11 +146,11 @@ def export(
         console.print(f"wrote {path}")
         return
     from bitfold.export.onnx_export import export_run
-    r = export_run(run, format, output, bits_map=bits_map, allow_saturation=allow_int16_saturation)
+    r = export_run(run, format, output, bits_map=bits_map, allow_saturation=allow_int16_saturation, for_=for_)
     console.print(r.report.summary())
     if r.accuracy:
         console.print("torch test accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in r.accuracy.items()))
-    console.print(f"wrote {r.path}")
+    console.print(f"wrote {r.path}" + (f" and {r.path.name}.hls4ml.json (hls4ml configuration)" if for_ else ""))
 
 
 @app.command("eval")
