@@ -18,6 +18,7 @@ BAD = [
     "run -b ulx3s-85f -o {out} --opt nope=1", "run -b ulx3s-85f -o {out} --opt max_bits=99",
     "export {dir} --out {out}", "train --epochs many -o {out}",   # unknown option, wrong type
     "sweep {nope} -o {out}", "sweep {file} -o {out}", "sweep {dir} -o {out}", "sweep {file} -o {out} --workers 0",
+    "train --opt scales=decimal -o {out} --epochs 1", "export {dir} --for vivado", "demo --epochs 0",
 ]
 
 
