@@ -37,10 +37,16 @@ warnings.filterwarnings("ignore")
 INIT = "w8a8:all"
 
 
-def configs(widths, lams):
-    out = [(f"uniform W{b}A{b}", {"method": "fixed", "bits": f"w{b}a{b}:all"}) for b in widths]
+FAMILIES = ("uniform", "bitops", "board")
+
+
+def configs(widths, lams, families=FAMILIES):
+    out = [(f"uniform W{b}A{b}", {"method": "fixed", "bits": f"w{b}a{b}:all"}) for b in widths] \
+        if "uniform" in families else []
     for cost in ("bitops", "board"):
-        out += [(f"{cost} lam={lam:g}", {"method": "adaqat", "bits": INIT, "cost": cost, "lam": lam}) for lam in lams]
+        if cost in families:
+            out += [(f"{cost} lam={lam:g}", {"method": "adaqat", "bits": INIT, "cost": cost, "lam": lam})
+                    for lam in lams]
     return out
 
 
@@ -107,6 +113,9 @@ def main(argv=None):
                     help="FPGA targets: the rate every point is folded for, and the board table prices")
     ap.add_argument("--no-verify", action="store_true", help="FPGA: skip the verilator simulation of each build")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
+                    help="which point families to run (a later run with all of them into the same --out reuses "
+                         "the points already measured, e.g. the table-independent ones run while a table is re-measured)")
     ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
                     "(default: a local cluster on the free cores)")
     ap.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
@@ -119,7 +128,7 @@ def main(argv=None):
     for name in args.targets:
         board = load_board(name)
         for seed in args.seeds:
-            for label, spec in configs(args.widths, args.lams):
+            for label, spec in configs(args.widths, args.lams, args.families):
                 labels[point(board, label, spec, seed, args)] = label
     # every point is one Dask task (CPU latencies are timed one at a time after the parallel phase)
     sweep = run_sweep(list(labels), args.out, scheduler=args.scheduler, workers=args.workers)
