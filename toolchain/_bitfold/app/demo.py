@@ -88,8 +88,14 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 10, progress: bool = T
         loop = run_loop(loop_dir, board, "adaqat", budget=budget, rounds=1, model="mlp", epochs=epochs,
                         bitstream=True, verify=True, events=events, method_options={"learn_edges": True})
         h = loop["history"][0]
+        built = json.loads((Path(h["build"]) / "build.json").read_text())
+        sim = built.get("simulation") or {}
         fpga = {"board": board, "measured_lut": h["measured"], "predicted_lut": h["predicted"],
-                "build": h["build"], "report": loop["report"], "measurement": h["measurement"]}
+                "build": h["build"], "report": loop["report"], "measurement": h["measurement"],
+                "bitstream": str(Path(h["build"]) / "rtl" / built["bitstream"]) if built.get("bitstream") else None,
+                "bit_exact": sim.get("bit_exact"),
+                "simulated_samples": sim.get("samples"), "clock": built.get("clock"),
+                "throughput": built.get("throughput")}
     except ToolMissingError as e:
         skipped.append(f"FPGA build skipped: {e}")
         ev.say(f"  skipped: {e}")

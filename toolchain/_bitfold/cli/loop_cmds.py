@@ -120,8 +120,9 @@ def demo(
     for e in r["exports"].values():
         console.print(f"verified {e['path']}\n  " + e["summary"])
     if fpga:
-        m = fpga["measurement"]
-        console.print(f"bitstream and report: {fpga['build']}  ({m.get('note', '') or 'simulated bit-exactly'})")
+        sim = (f"verilator: bit-exact on {fpga['simulated_samples']} held-out inputs" if fpga["bit_exact"]
+               else "verilator: not simulated")
+        console.print(f"bitstream {fpga['bitstream']}  ({sim}); report {fpga['report']}")
     for s in r["skipped"]:
         console.print(f"[yellow]{s}[/]")
     console.print(f"summary: {r['table_png']}  (and {r['out']}/demo.json); took {r['seconds']['total']:.0f} s")
