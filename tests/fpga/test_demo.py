@@ -24,4 +24,5 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert list((tmp_path / "demo" / "mixed").rglob("top.bit")) and (tmp_path / "demo" / "mixed" / "report.png").is_file()
     assert r["cpu"]["tvm_median_s"] > 0 and r["cpu"]["ort_median_s"] > 0
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
-    assert "ECP5 LUT4 measured" in so and "onnxruntime" in so and "bit-exact on" in so
+    flat = " ".join(so.replace("│", " ").split())      # the console wraps table cells and long lines
+    assert "LUT4" in flat and "onnxruntime" in flat and "bit-exact on 64 held-out inputs" in flat, flat[-1500:]
