@@ -323,8 +323,6 @@ def _layer_reason(layer) -> str | None:
         return "input or output quantizer"
     if layer.bias is not None and layer.bias_quant.is_quant_enabled:
         return "quantized bias"
-    if layer.return_quant_tensor:
-        return "returns a QuantTensor"
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return f"padding mode {layer.padding_mode}"
     return None

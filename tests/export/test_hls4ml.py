@@ -3,7 +3,6 @@
 (the C++ emulation) and held to the float gate against qonnx on the held-out digits split."""
 import json
 
-import numpy as np
 import pytest
 
 from bitfold.core.errors import BitfoldError
