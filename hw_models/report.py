@@ -73,6 +73,16 @@ def summary_lines(cm) -> list[str]:
                 lines.append("    H      " + ", ".join(f"{o}b: {v:.3g}" for o, v in zip(k["H"]["o"], k["H"]["value"]))
                              + f"  ({GRID_TERMS['H']})")
             continue
+        if k.get("form") == "lanes":
+            lines.append(f"{kind}: FINN folding at a rate (default {t.get('default_fps', 0):,.0f} inferences/s), {q}; "
+                         f"rates fitted (cycles/frame) {f.get('rates')}; FINN's folding rule agrees on "
+                         f"{f.get('folding_rule_agrees')} builds; vs BitOPs of a 64x64 layer: Spearman {rho:.3f}")
+            for g, what in (("overhead", "per layer"), ("per_lane", "per PE x SIMD lane"),
+                            ("per_channel", "per input channel (its thresholds)")):
+                v = np.asarray(k[g])
+                lines.append(f"    {g:<12} {v.min():.4g} .. {v.max():.4g} {t['unit']} {what} over W{k['w'][0]}-{k['w'][-1]} "
+                             f"x A{k['a'][0]}-{k['a'][-1]}")
+            continue
         lines.append(f"{kind}: overhead {k['overhead']:.4g} {t['unit']}/layer; {q}; "
                      f"{'flat in bits' if k['flat_in_bits'] else 'spread ' + format(k['spread'], '.2f') + 'x'}; "
                      f"vs BitOPs on the grid: Spearman {rho:.3f}")

@@ -30,6 +30,7 @@ import torch
 from bitfold.core.errors import BitfoldError
 
 from bitfold.hw_models.cost import CostResult
+from bitfold.hw_models.finn_rules import DEFAULT_FPS, model_fold
 from bitfold.core.paths import bitfold_home
 from bitfold.hw_models.store import Measurement
 
@@ -52,6 +53,11 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
                  "dates": [min(r.date for r in rows), max(r.date for r in rows)]}}
     for kind in sorted({r.kind for r in rows}):
         kr = [r for r in rows if r.kind == kind]
+        if any("target_cycles" in r.extra for r in kr):   # FINN boards: rows at several rates
+            table["model"] = "sum over layers of overhead + lanes(layer, rate) * per_lane + in_channels * per_channel"
+            table["default_fps"] = DEFAULT_FPS
+            table["kinds"][kind] = fit_lanes([r for r in kr if "target_cycles" in r.extra])
+            continue
         if any(r.extra.get("block") for r in kr):   # open-flow building blocks: the structural model
             table["model"] = "sum over layers of coef . features(layer, b_w, b_a, next layer's b_a)"
             table["kinds"][kind] = fit_features([r for r in kr if r.extra.get("block")])
@@ -151,7 +157,7 @@ class TableCostModel:
     def prices_rate(self) -> bool:
         """Whether the table prices a layer at a target rate (the open-flow structural tables);
         the others (e.g. FINN boards') price the one folding their rows were measured at."""
-        return any(k.get("form") == "features" for k in self.table["kinds"].values())
+        return any(k.get("form") in RATE_FORMS for k in self.table["kinds"].values())
 
     def at_rate(self, target_fps: float | None) -> "TableCostModel":
         """The same table pricing each layer folded to reach ``target_fps`` inferences/s at the
@@ -161,7 +167,7 @@ class TableCostModel:
         if not self.prices_rate:
             if target_fps:
                 raise BitfoldError(f"the {self.name} table is not an FPGA structural table: it has no rate",
-                                   "--target-fps applies to open-flow FPGA boards (ulx3s-85f, icebreaker)")
+                                   "--target-fps applies to FPGA boards (ulx3s-85f, icebreaker, pynq-z2, ...)")
             return self
         clock = None
         if target_fps:
@@ -171,6 +177,14 @@ class TableCostModel:
 
     def cycles_budget(self) -> float | None:
         return self.clock_mhz * 1e6 / self.target_fps if self.target_fps and self.clock_mhz else None
+
+    def lanes_cycles(self) -> int:
+        """Lanes-form tables: FINN's cycles per frame at the asked rate, else at the rate ``bitfold
+        build`` asks FINN for by default (the table's ``default_fps``)."""
+        from bitfold.boards import load_board
+        from bitfold.hw_models.finn_rules import target_cycles
+        fps = self.target_fps or self.table.get("default_fps", DEFAULT_FPS)
+        return target_cycles(self.clock_mhz or load_board(self.table["board"]).design_mhz, fps)
 
     @property
     def measured_out_bits(self) -> int | None:
@@ -196,9 +210,13 @@ class TableCostModel:
 
     def per_mac(self, kind: str, bw, ba) -> torch.Tensor:
         k = self.table["kinds"].get(kind) or next(iter(self.table["kinds"].values()))
+        return self.bilinear(k, "per_mac", bw, ba)
+
+    def bilinear(self, k: dict, key: str, bw, ba) -> torch.Tensor:
+        """Grid ``k[key]`` over (k["w"], k["a"]) interpolated at (bw, ba), differentiable in both."""
         gw = torch.tensor(k["w"], dtype=torch.float32)
         ga = torch.tensor(k["a"], dtype=torch.float32)
-        v = torch.tensor(k["per_mac"], dtype=torch.float32)
+        v = torch.tensor(k[key], dtype=torch.float32)
         bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
         ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
         ext = bool(self.table.get("extrapolate", False))
@@ -216,6 +234,18 @@ class TableCostModel:
             total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
             return CostResult(total, per, self.unit)
         per = {}
+        if any(k.get("form") == "lanes" for k in kinds.values()):
+            folds = model_fold(layers, [int(round(float(bits[d.name][0]))) for d in layers], self.lanes_cycles())
+            for i, (d, (pe, simd)) in enumerate(zip(layers, folds)):
+                bw, ba = bits[d.name]
+                k = kinds.get(d.kind) or next(iter(kinds.values()))
+                lanes = pe * simd
+                c = self.bilinear(k, "overhead", bw, ba) + lanes * self.bilinear(k, "per_lane", bw, ba)
+                if i == 0:   # the input quantizer: FINN's one stand-alone thresholding layer (in LUTs)
+                    c = c + d.in_features * self.bilinear(k, "per_channel", bw, ba)
+                per[d.name] = self.scale * c
+            total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
+            return CostResult(total, per, self.unit)
         for d in layers:
             bw, ba = bits[d.name]
             k = self.table["kinds"].get(d.kind) or next(iter(self.table["kinds"].values()))
@@ -244,6 +274,9 @@ def load_table_file(path, board: str | None = None) -> TableCostModel:
         for k in kinds.values():
             if k.get("form") == "features":
                 check_features_entry(k)
+                continue
+            if k.get("form") == "lanes":
+                check_lanes_entry(k)
                 continue
             v = np.asarray(k["per_mac"], dtype=float)
             if v.shape != (len(k["w"]), len(k["a"])) or not np.isfinite(v).all() or list(k["w"]) != sorted(k["w"]) \
@@ -505,3 +538,64 @@ def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0, cycles_bud
         per[d.name] = scale * mvau_cost(kind_entry, mw, d.out_features, d.in_features // max(1, d.groups), bw, ba,
                                         bout, fold)
     return per
+
+
+# --- the "lanes" form: FINN boards priced at a rate ---------------------------------------------------
+# FINN folds every MVAU to reach the asked rate (hw_models.finn_rules): its LUTs grow with the lanes
+# (PE x SIMD) it was given. The model's input quantizer becomes a stand-alone thresholding layer whose
+# LUTs grow with the input channels and 2^b_a (priced on the first layer only); the thresholds of the
+# hidden activations are absorbed into the MVAU before them, whose threshold memory FINN puts in block
+# RAM (measured: a 64-channel MVAU with 8-bit output thresholds costs as many LUTs as with 2-bit ones).
+# Per measured (b_w, b_a) cell a non-negative least-squares fit (relative error) of
+#     cost = overhead + lanes * per_lane + in_channels * per_channel
+# over one-layer builds of several shapes at several rates.
+
+#: the table forms that price a layer at a target rate
+RATE_FORMS = ("features", "lanes")
+LANE_GRIDS = ("overhead", "per_lane", "per_channel")
+
+
+def fit_lanes(rows: list[Measurement]) -> dict:
+    from scipy.optimize import nnls
+    ws, as_ = sorted({r.b_w for r in rows}), sorted({r.b_a for r in rows})
+    grids = {g: np.full((len(ws), len(as_)), np.nan) for g in LANE_GRIDS}
+    rel, agree = [], 0
+    for r in rows:     # FINN's folding rule, as the cost model applies it, against what FINN chose
+        d = _row_layer(r)
+        pe, simd = model_fold([d], [r.b_w], int(r.extra["target_cycles"]))[0]
+        agree += pe * simd == r.parallelism
+    for i, w in enumerate(ws):
+        for j, a in enumerate(as_):
+            cell = [r for r in rows if r.b_w == w and r.b_a == a]
+            if not cell:
+                continue
+            X = np.array([[1.0, r.parallelism, r.in_features] for r in cell])
+            y = np.array([r.value for r in cell])
+            wgt = 1.0 / np.maximum(y, 1.0)
+            coef = nnls(X * wgt[:, None], y * wgt)[0]
+            for g, c in zip(LANE_GRIDS, coef):
+                grids[g][i, j] = c
+            rel += list(np.abs(X @ coef - y) / np.maximum(y, 1.0))
+    rel = np.array(rel)
+    return {"form": "lanes", "w": ws, "a": as_, **{g: _fill(v).tolist() for g, v in grids.items()},
+            "exponent": 1.0,
+            "fit": {"rows": len(rows), "shapes": len({(r.in_features, r.out_features) for r in rows}),
+                    "rates": sorted({int(r.extra["target_cycles"]) for r in rows}),
+                    "mape": float(rel.mean()), "max_rel_err": float(rel.max()),
+                    "folding_rule_agrees": f"{agree}/{len(rows)}"}}
+
+
+def _row_layer(r: Measurement):
+    from bitfold.hw_models.layers import LayerDesc
+    return LayerDesc("probe", "linear", (r.in_features,), (r.out_features,), r.in_features, r.out_features,
+                     (1, 1), (1, 1), 1, r.macs, r.weights, None)
+
+
+def check_lanes_entry(k: dict) -> None:
+    """Raise ValueError unless ``k`` is a well-formed lanes entry."""
+    if list(k["w"]) != sorted(k["w"]) or list(k["a"]) != sorted(k["a"]):
+        raise ValueError("lanes form: the width grids are not sorted")
+    for g in LANE_GRIDS:
+        v = np.asarray(k[g], dtype=float)
+        if v.shape != (len(k["w"]), len(k["a"])) or not np.isfinite(v).all() or (v < 0).any():
+            raise ValueError(f"lanes form: {g} does not match its grid or is negative / not finite")

@@ -27,7 +27,8 @@ class FinnBackend(Backend):
     class Options(FpgaOptions):
         samples: int = 20
         env: Optional[object] = None          # the FINN environment (default: bitfold setup finn's)
-        impl_style: Optional[str] = None      # MVAU style for every layer ("hls" | "rtl"); None: FINN chooses
+        impl_style: str = "hls"               # MVAU style for every layer: "hls" (LUT-based, what the cost
+                                              # tables price), "rtl" (DSP-based), "auto" (FINN chooses)
         rtl_sim: bool = True                  # simulate FINN's generated RTL layers in verilator (with verify)
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):

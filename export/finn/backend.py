@@ -15,7 +15,10 @@ streamline, convert to HW layers, partition, specialize, folding from a target F
 file, estimate reports, HDL code generation). The model is executed in Python after each of nine
 steps, through partitioning, specialisation and folding, on held-out samples and compared with the
 export under bitfold's float gate (rounding-boundary flips only); FINN's own single-sample checks
-are recorded too. FINN's generated RTL layers (thresholding, sliding window, padding, ...) are
+are recorded too. Matrix-vector units are built as FINN's LUT-based HLS MVAU by default (the style
+the FINN boards' cost tables are measured in, so a table prices what the build builds; FINN's
+DSP-based RTL MVAU is estimated at 0 LUT); ``impl_style="rtl"`` or ``"auto"`` (FINN chooses) change
+that, and build.json records the style. FINN's generated RTL layers (thresholding, sliding window, padding, ...) are
 linted and simulated in verilator under random back-pressure against the Python execution of the
 same layer (exact on every sample, :mod:`bitfold.export.finn.rtlsim`); the DSP-based RTL MVAU
 instantiates Xilinx primitives and is linted only. The steps after that (HLS IP generation,
@@ -234,7 +237,7 @@ def markdown(summary: dict, board, res: dict) -> str:
 
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
           samples: int = 20, bitstream: bool = True, events=None, target_fps: float | None = None,
-          env: str | Path | None = None, impl_style: str | None = None, rtl_sim: bool = True):
+          env: str | Path | None = None, impl_style: str | None = "hls", rtl_sim: bool = True):
     """``bitfold build model.onnx --board pynq-z2``: see the module docstring."""
     from bitfold.core.atomic import write_json
 
@@ -254,7 +257,10 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         fps = int(target_fps) if target_fps else (None if folding else 100_000)
         spec = None
-        if impl_style:   # e.g. "hls": LUT-based MVAUs instead of FINN's DSP-based RTL MVAU
+        if impl_style not in (None, "auto", "hls", "rtl"):
+            raise BitfoldError(f"unknown MVAU style {impl_style!r}", "choose hls (LUT-based, what the cost tables "
+                                                                    "price), rtl (DSP-based) or auto (FINN chooses)")
+        if impl_style in ("hls", "rtl"):   # the default "hls": LUT-based MVAUs, which the cost tables price
             spec = tmp / "specialize.json"
             spec.write_text(json.dumps({"Defaults": {"preferred_impl_style": [impl_style, ["MVAU"]]}}))
         req = {"onnx": str((tmp / "model.onnx").resolve()), "out_dir": str(finn_dir.resolve()), "part": board.part,
@@ -294,7 +300,8 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
                   "onnx": str(onnx_path), "finn": res.get("versions", {}), "steps": res.get("steps", []),
                   "verification": checks, "finn_single_sample_checks": res.get("verification"),
                   "hw_python_verification": hw, "inputs": src,
-                  "target_fps": fps, "folding_file": str(folding) if folding else None, "wall_s": wall,
+                  "target_fps": fps, "mvau_style": impl_style or "auto",
+                  "folding_file": str(folding) if folding else None, "wall_s": wall,
                   **summary, "rtl_lint": lint, "rtl_sim": rtl_sim, "status": res.get("status"), "missing_tool": res.get("missing_tool")}
         write_json(tmp / "build.json", report)
         (tmp / "report.md").write_text(markdown(summary, board, {**res, "_checks": checks}))

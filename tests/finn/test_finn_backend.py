@@ -110,6 +110,30 @@ def test_estimates_verified(finn_env, exports, tmp_path, model, board):
         assert all(r.source == "estimated" and r.tool == "finn-plus" and r.extra["run"] == "t" for r in rows.rows)
 
 
+@pytest.mark.parametrize("model,fps", [("mlp", 100_000), ("mlp", 20_000_000), ("cnn", 100_000)])
+def test_folding_rule_is_finns(finn_env, exports, trained_run, tmp_path, model, fps):
+    """The cost model's FINN folding rule (hw_models.finn_rules, with FINN's second pass when a layer
+    misses the rate) gives every MVAU the PE and SIMD that FINN's own SetFolding gave it in a real
+    build at that rate (the FINN tables price lanes by it), and the build uses the MVAU style the
+    tables are measured in."""
+    from bitfold.export.backends import build
+    from bitfold.hw_models.finn_rules import model_fold, target_cycles
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.runs import load_run
+    run = Path(exports["mlp"]).with_suffix("") if model == "mlp" else trained_run[0]
+    _, net, ck = load_run(run)
+    layers = describe_layers(net, tuple(ck["input_shape"]))
+    out = tmp_path / "b"
+    build(exports[model], "pynq-z2", out, {"verify": False, "bitstream": False, "target_fps": fps})
+    info = json.loads((out / "build.json").read_text())
+    assert info["mvau_style"] == "hls"
+    mvau = [r for r in info["layers"] if r["type"].startswith("MVAU")]
+    assert [r["type"] for r in mvau] == ["MVAU_hls"] * len(layers)
+    expect = model_fold(layers, [int(ck["bit_map"][d.name]["w"]) for d in layers],
+                        target_cycles(info["clock_mhz"], fps))
+    assert [(r["PE"], r["SIMD"]) for r in mvau] == [tuple(f) for f in expect]
+
+
 def _wrong_threshold_is_caught(finn_dir):
     """The RTL comparison can fail: one threshold of FINN's generated image moved -> mismatch."""
     from bitfold.export.finn.rtlsim import read_meta, simulate_node

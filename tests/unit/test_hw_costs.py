@@ -83,7 +83,7 @@ def test_corrupt_or_foreign_table_files(tmp_path, monkeypatch):
     user.write_text(shipped_table_path("icebreaker").read_text())   # a real table, of another board
     with pytest.raises(BitfoldError, match="belongs to board 'icebreaker', not 'ulx3s-85f'"):
         find_table("ulx3s-85f")
-    t = json.loads(shipped_table_path("pynq-z2").read_text())
+    t = json.loads(shipped_table_path("host-cpu").read_text())
     t["kinds"]["linear"]["per_mac"] = t["kinds"]["linear"]["per_mac"][:-1]    # grid and values disagree
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(t))

@@ -303,8 +303,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         opts = {"cost": cost or str(table_file.resolve()), "lam": lam, "finetune_epochs": max(1, epochs // 5)}
         if limit is not None:
             opts["budget"] = limit
-        # the open-flow tables price a layer at the rate; a FINN board's table prices one folding, so
-        # there the rate only steers FINN's build
+        # FPGA tables (open flow: structural; FINN boards: lanes) price a layer at the rate; a table
+        # without one (CPU latency, or a FINN table measured before rates) leaves the rate to the build
         priced_fps = fps if fps is not None and load_table_file(table_file, b.name).prices_rate else None
         if priced_fps is not None:
             opts["target_fps"] = float(priced_fps)

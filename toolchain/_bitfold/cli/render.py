@@ -66,6 +66,11 @@ def cost_table(table):
             grid_table(f"{table['board']} {table['metric']} per lane G ({table['unit']}) - {kind}",
                        k["G"]["w"], k["G"]["a"], k["G"]["value"])
             continue
+        if k.get("form") == "lanes":
+            for g in ("overhead", "per_lane", "per_channel"):
+                grid_table(f"{table['board']} {table['metric']} {g} ({table['unit']}) - {kind}, FINN folding at a rate",
+                           k["w"], k["a"], k[g])
+            continue
         grid_table(f"{table['board']} {table['metric']} per MAC ({table['unit']}) - {kind}, overhead {k['overhead']:.3g}",
                    k["w"], k["a"], k["per_mac"])
 
