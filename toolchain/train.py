@@ -118,7 +118,17 @@ def init_from_run(model: nn.Module, run_dir) -> dict:
         raise BitfoldError(f"--init-from {run_dir}: the weights of {', '.join(missing) or 'every layer'} do not fit "
                            f"this model (names or shapes differ)", "use a run of the same model and data set")
     model.load_state_dict(keep, strict=False)
-    return {"loaded": sorted(keep), "fresh": sorted(fresh)}
+    # quantizer state initialised from the data at build time (POST / codebook scales from the random
+    # init's weights, ASQ steps) and not loaded from the source starts again from the loaded weights:
+    # kept, e.g. ASQ's POST scale started at the random init's max|w| (7x below the trained weights'
+    # on the first layer of the Fashion-MNIST MLP) and could be driven through zero
+    reset = []
+    for name, mod in model.named_modules():
+        flag = getattr(mod, "initialized", None)
+        if isinstance(flag, torch.Tensor) and f"{name}.initialized" not in keep:
+            flag.fill_(False)
+            reset.append(name)
+    return {"loaded": sorted(keep), "fresh": sorted(fresh), "reinitialized": reset}
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
