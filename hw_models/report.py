@@ -78,7 +78,7 @@ def summary_lines(cm) -> list[str]:
                          f"rates fitted (cycles/frame) {f.get('rates')}; FINN's folding rule agrees on "
                          f"{f.get('folding_rule_agrees')} builds; vs BitOPs of a 64x64 layer: Spearman {rho:.3f}")
             for g, what in (("overhead", "per layer"), ("per_lane", "per PE x SIMD lane"),
-                            ("per_channel", "per input channel (its thresholds)")):
+                            ("per_threshold", "per threshold of the input quantizer (channels x (2^b_a - 1))")):
                 v = np.asarray(k[g])
                 lines.append(f"    {g:<12} {v.min():.4g} .. {v.max():.4g} {t['unit']} {what} over W{k['w'][0]}-{k['w'][-1]} "
                              f"x A{k['a'][0]}-{k['a'][-1]}")

@@ -54,7 +54,7 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
     for kind in sorted({r.kind for r in rows}):
         kr = [r for r in rows if r.kind == kind]
         if any("target_cycles" in r.extra for r in kr):   # FINN boards: rows at several rates
-            table["model"] = "sum over layers of overhead + lanes(layer, rate) * per_lane + in_channels * per_channel"
+            table["model"] = "sum over layers of overhead + lanes(layer, rate) * per_lane (+ input thresholds * per_threshold)"
             table["default_fps"] = DEFAULT_FPS
             table["kinds"][kind] = fit_lanes([r for r in kr if "target_cycles" in r.extra])
             continue
@@ -242,7 +242,7 @@ class TableCostModel:
                 lanes = pe * simd
                 c = self.bilinear(k, "overhead", bw, ba) + lanes * self.bilinear(k, "per_lane", bw, ba)
                 if i == 0:   # the input quantizer: FINN's one stand-alone thresholding layer (in LUTs)
-                    c = c + d.in_features * self.bilinear(k, "per_channel", bw, ba)
+                    c = c + thresholds(d.in_features, ba) * self.bilinear(k, "per_threshold", bw, ba)
                 per[d.name] = self.scale * c
             total = torch.stack(list(per.values())).sum() if per else torch.tensor(0.0)
             return CostResult(total, per, self.unit)
@@ -547,12 +547,21 @@ def features_cost(kind_entry: dict, layers, bits, scale: float = 1.0, cycles_bud
 # hidden activations are absorbed into the MVAU before them, whose threshold memory FINN puts in block
 # RAM (measured: a 64-channel MVAU with 8-bit output thresholds costs as many LUTs as with 2-bit ones).
 # Per measured (b_w, b_a) cell a non-negative least-squares fit (relative error) of
-#     cost = overhead + lanes * per_lane + in_channels * per_channel
-# over one-layer builds of several shapes at several rates.
+#     cost = overhead + lanes * per_lane + in_channels * (2^b_a - 1) * per_threshold
+# over one-layer builds of several shapes at several rates. The threshold count carries the 2^b_a
+# growth, so per_threshold is nearly flat in the widths (pynq-z2: 0.48-0.50 LUT) and interpolates
+# between measured widths (linear interpolation of a per-channel cost between A4 and A8 priced an A5
+# input 2.4x too high).
 
 #: the table forms that price a layer at a target rate
 RATE_FORMS = ("features", "lanes")
-LANE_GRIDS = ("overhead", "per_lane", "per_channel")
+LANE_GRIDS = ("overhead", "per_lane", "per_threshold")
+
+
+def thresholds(channels: int, b_a):
+    """Thresholds of a b_a-bit activation over ``channels`` channels (differentiable in b_a)."""
+    b = b_a if isinstance(b_a, torch.Tensor) else torch.tensor(float(b_a))
+    return channels * (2.0 ** b - 1.0)
 
 
 def fit_lanes(rows: list[Measurement]) -> dict:
@@ -569,7 +578,7 @@ def fit_lanes(rows: list[Measurement]) -> dict:
             cell = [r for r in rows if r.b_w == w and r.b_a == a]
             if not cell:
                 continue
-            X = np.array([[1.0, r.parallelism, r.in_features] for r in cell])
+            X = np.array([[1.0, r.parallelism, r.in_features * (2.0 ** r.b_a - 1)] for r in cell])
             y = np.array([r.value for r in cell])
             wgt = 1.0 / np.maximum(y, 1.0)
             coef = nnls(X * wgt[:, None], y * wgt)[0]

@@ -67,7 +67,7 @@ def cost_table(table):
                        k["G"]["w"], k["G"]["a"], k["G"]["value"])
             continue
         if k.get("form") == "lanes":
-            for g in ("overhead", "per_lane", "per_channel"):
+            for g in ("overhead", "per_lane", "per_threshold"):
                 grid_table(f"{table['board']} {table['metric']} {g} ({table['unit']}) - {kind}, FINN folding at a rate",
                            k["w"], k["a"], k[g])
             continue
