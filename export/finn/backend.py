@@ -235,6 +235,69 @@ def markdown(summary: dict, board, res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the rate FINN is asked for when none is given (inferences/s), if the design fits there
+DEFAULT_FPS = 100_000
+
+
+def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: int = 3,
+                known: tuple | None = None) -> tuple[int, list]:
+    """The rate to build at when none was asked: FINN's own estimates (no verification, no HDL) at
+    candidate rates. ``up`` (``--target-fps 0``): the fastest rate that fits the board, found by
+    raising the rate 4x from the default while it fits and FINN still reaches it, then bisecting
+    (geometric) ``steps`` times; where FINN cannot reach the asked rate (every lane used), the rate it
+    reaches. Otherwise the default rate if it fits, else the fastest slower
+    rate that fits (4x down, then bisecting). Returns (rate, [{fps, LUT, BRAM_18K, DSP, fits}]).
+    Raises when nothing down to 1 inference/s fits. ``known``: (fits, reached fps, totals) of a
+    build at the default rate already made."""
+    tried = []
+
+    def probe(fps):
+        r = dict(req, target_fps=int(fps), out_dir=str((work / str(int(fps))).resolve()), codegen=False,
+                 verify_samples=None, stage="estimate")
+        res = run_worker(r, env)
+        if res.get("status") == "error":
+            raise _finn_error(res, Path(req["onnx"]))
+        sm = summarize(res, board)
+        reached = float(sm["performance"].get("estimated_throughput_fps", 0))
+        tried.append({"fps": int(fps), **{k: sm["totals"][k] for k in ("LUT", "BRAM_18K", "DSP")},
+                      "fits": sm["fits"], "reached_fps": reached})
+        if say:
+            say(f"  rate {int(fps):,}/s: {sm['totals']['LUT']:,.0f} LUT, {'fits' if sm['fits'] else 'does not fit'}")
+        return sm["fits"], reached
+
+    if known is not None:
+        fits, reached = known[0], float(known[1])
+        tried.append({"fps": DEFAULT_FPS, **{k: known[2][k] for k in ("LUT", "BRAM_18K", "DSP")},
+                      "fits": fits, "reached_fps": reached})
+    else:
+        fits, reached = probe(DEFAULT_FPS)
+    if fits and not up:
+        return DEFAULT_FPS, tried
+    lo, hi = (DEFAULT_FPS, None) if fits else (None, DEFAULT_FPS)
+    while fits and up and hi is None:          # faster while it fits and FINN still gets faster
+        nxt = lo * 4
+        if nxt > 1e9:
+            break
+        fits, reached = probe(nxt)
+        if fits and reached < 0.5 * nxt:       # FINN cannot fold this fast: its fastest design fits
+            return int(reached), tried
+        lo, hi = (nxt, None) if fits else (lo, nxt)
+    while lo is None:                           # slower until it fits
+        nxt = hi // 4
+        if nxt < 1:
+            raise BitfoldError(f"FINN's estimate does not fit {board.name} at any rate down to 1 inference/s "
+                               f"(at {hi:,}/s: {tried[-1]['LUT']:,.0f} LUT)", "use a larger board or narrower widths")
+        fits, _ = probe(nxt)
+        lo, hi = (nxt, hi) if fits else (None, nxt)
+    for _ in range(steps if hi is not None else 0):
+        mid = int(round((lo * hi) ** 0.5))
+        if mid in (lo, hi):
+            break
+        fits, _ = probe(mid)
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    return int(lo), tried
+
+
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
           samples: int = 20, bitstream: bool = True, events=None, target_fps: float | None = None,
           env: str | Path | None = None, impl_style: str | None = "hls", rtl_sim: bool = True):
@@ -255,7 +318,7 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
         np.save(tmp / "verify_output.npy", y[:1])
         np.savez(tmp / "verify_samples.npz", x=x, y=y)
         shutil.copyfile(onnx_path, tmp / "model.onnx")
-        fps = int(target_fps) if target_fps else (None if folding else 100_000)
+        fps = None if folding else (DEFAULT_FPS if target_fps is None else int(target_fps))
         spec = None
         if impl_style not in (None, "auto", "hls", "rtl"):
             raise BitfoldError(f"unknown MVAU style {impl_style!r}", "choose hls (LUT-based, what the cost tables "
@@ -273,7 +336,20 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
                "verify_samples": str((tmp / "verify_samples.npz").resolve()) if verify else None}
         say(f"FINN {info.get('finn-plus')} estimate flow for {board.part}")
         t = time.time()
+        search = []
+        if not folding and fps == 0:     # --target-fps 0: the fastest rate that fits the board
+            fps, search = rate_search(req, env, board, tmp / "rate_search", up=True, say=say)
+            req["target_fps"] = fps
         res = run_worker(req, env)
+        if not folding and target_fps is None and res.get("status") != "error" and not summarize(res, board)["fits"]:
+            # no rate asked and the default does not fit: the fastest slower rate that does
+            say(f"the default {DEFAULT_FPS:,} inferences/s does not fit {board.name}: searching a slower rate")
+            first = summarize(res, board)
+            fps, search = rate_search(req, env, board, tmp / "rate_search", up=False, say=say,
+                                      known=(False, first["performance"].get("estimated_throughput_fps", 0), first["totals"]))
+            req["target_fps"] = fps
+            shutil.rmtree(finn_dir, ignore_errors=True)
+            res = run_worker(req, env)
         wall = round(time.time() - t, 1)
         if res.get("status") == "error":
             raise _finn_error(res, onnx_path)
@@ -300,7 +376,7 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
                   "onnx": str(onnx_path), "finn": res.get("versions", {}), "steps": res.get("steps", []),
                   "verification": checks, "finn_single_sample_checks": res.get("verification"),
                   "hw_python_verification": hw, "inputs": src,
-                  "target_fps": fps, "mvau_style": impl_style or "auto",
+                  "target_fps": fps, "rate_search": search, "mvau_style": impl_style or "auto",
                   "folding_file": str(folding) if folding else None, "wall_s": wall,
                   **summary, "rtl_lint": lint, "rtl_sim": rtl_sim, "status": res.get("status"), "missing_tool": res.get("missing_tool")}
         write_json(tmp / "build.json", report)

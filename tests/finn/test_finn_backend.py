@@ -227,3 +227,50 @@ def test_residual_network_gets_a_specific_error(finn_env, tmp_path):
     with pytest.raises(BitfoldError, match=r"could not map res.onnx to hardware .*MatMul x\d+ \(first MatMul_") as ei:
         build(res, "zcu104", tmp_path / "b", bitstream=False, verify=False)
     assert "residual" in ei.value.hint and not (tmp_path / "b").exists()
+
+
+def test_default_rate_steps_down_to_what_fits(finn_env, exports, tmp_path):
+    """No rate asked and the default does not fit the board: FINN's estimates at slower rates pick the
+    fastest one that fits (a fixed rate used to end in "does not fit" where a slower folding fits)."""
+    from bitfold.boards import load_board
+    from bitfold.export.finn.backend import DEFAULT_FPS
+    from bitfold.export.finn.backend import build as finn_build
+    b = load_board("pynq-z2")
+    finn_build(Path(exports["mlp"]), b, tmp_path / "d", verify=False, bitstream=False, rtl_sim=False)
+    lut = json.loads((tmp_path / "d" / "build.json").read_text())["totals"]["LUT"]
+    src = Path(__file__).parents[2] / "boards" / "pynq-z2.toml"
+    small = tmp_path / "small.toml"
+    small.write_text(src.read_text().replace('name = "pynq-z2"', 'name = "pynq-z2-small"')
+                     .replace("lut = 53200", f"lut = {int(lut) - 1}"))
+    finn_build(Path(exports["mlp"]), load_board(str(small)), tmp_path / "s", verify=False, bitstream=False,
+               rtl_sim=False)
+    info = json.loads((tmp_path / "s" / "build.json").read_text())
+    assert info["fits"] and info["totals"]["LUT"] < lut and info["target_fps"] < DEFAULT_FPS
+    tried = info["rate_search"]
+    assert tried[0] == {**tried[0], "fps": DEFAULT_FPS, "fits": False}
+    assert any(t["fits"] and t["fps"] == info["target_fps"] for t in tried)
+    assert all(not t["fits"] for t in tried if t["fps"] > info["target_fps"])
+
+
+def test_rate_search_logic(monkeypatch, tmp_path):
+    """The search alone, over a stand-in for FINN's estimates (LUT grows with the rate; FINN stops
+    getting faster at 1.6 M/s): up (--target-fps 0), down, and nothing fits."""
+    from bitfold.boards import load_board
+    from bitfold.export.finn import backend as be
+
+    def fake(req, env=None):
+        f = req["target_fps"]
+        reached = min(f, 1_600_000)
+        return {"estimates": {"estimate_layer_resources": {"MVAU_hls_0": {"LUT": 1000 + reached / 100}},
+                              "estimate_network_performance": {"estimated_throughput_fps": reached}}}
+    monkeypatch.setattr(be, "run_worker", fake)
+    b = load_board("pynq-z2")                                    # 53,200 LUT: fits up to ~5.2 M/s
+    fps, tried = be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=True)
+    assert fps == 1_600_000 and [t["fps"] for t in tried] == [100_000, 400_000, 1_600_000, 6_400_000]
+    fps, tried = be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False,
+                                known=(False, 100_000, {"LUT": 6e4, "BRAM_18K": 0, "DSP": 0}))
+    assert [t["fps"] for t in tried] == [100_000, 25_000, 50_000, 70_711, 84_090] and fps == 84_090
+    monkeypatch.setattr(be, "summarize", lambda res, board: {"fits": False, "totals": {"LUT": 9e9, "BRAM_18K": 0, "DSP": 0},
+                                                              "performance": {}})
+    with pytest.raises(BitfoldError, match="does not fit pynq-z2 at any rate"):
+        be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False)
