@@ -12,7 +12,9 @@ level, for its LayerNorm op): no CUDA, no second torch download.
 
 ``bitfold build model.onnx --board pynq-z2|zcu104|ultra96-v2`` runs FINN's estimate flow (tidy-up,
 streamline, convert to HW layers, partition, specialize, folding from a target FPS or a folding
-file, estimate reports, HDL code generation). The model is executed in Python after each of nine
+file, estimate reports, HDL code generation). Without a rate it folds for 100,000 inferences/s, or, where
+that does not fit the board, the fastest slower rate that does (:func:`rate_search`, over FINN's own
+estimates); ``target_fps=0`` asks for the fastest rate that fits. The model is executed in Python after each of nine
 steps, through partitioning, specialisation and folding, on held-out samples and compared with the
 export under bitfold's float gate (rounding-boundary flips only); FINN's own single-sample checks
 are recorded too. Matrix-vector units are built as FINN's LUT-based HLS MVAU by default (the style
