@@ -15,6 +15,7 @@ it chose against this rule.
 """
 from __future__ import annotations
 
+from bitfold.hw_models.fpga_rules import divisors
 from bitfold.hw_models.layers import LayerDesc
 
 #: FINN's ``DataflowBuildConfig.mvau_wwidth_max`` default: the widest weight word a PE reads per cycle
@@ -22,10 +23,6 @@ MVAU_WWIDTH_MAX = 36
 
 #: the rate ``bitfold build`` asks FINN for when none is given (inferences/s)
 DEFAULT_FPS = 100_000
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def target_cycles(clock_mhz: float, fps: float) -> int:
@@ -47,7 +44,7 @@ def mvau_fold(mw: int, mh: int, pixels: int, cycles: int, w_bits: int,
               wwidth_max: int = MVAU_WWIDTH_MAX) -> tuple[int, int]:
     """(PE, SIMD) FINN's SetFolding chooses for one MVAU at a target of ``cycles`` per frame."""
     simd = 1
-    for s in _divisors(mw):
+    for s in divisors(mw):
         prev, simd = simd, s
         if exp_cycles(mw, mh, pixels, 1, simd) <= cycles:
             break
@@ -55,18 +52,11 @@ def mvau_fold(mw: int, mh: int, pixels: int, cycles: int, w_bits: int,
             simd = prev
             break
     pe = 1
-    for p in _divisors(mh):
+    for p in divisors(mh):
         pe = p
         if exp_cycles(mw, mh, pixels, pe, simd) <= cycles:
             break
     return pe, simd
-
-
-def layer_lanes(layer: LayerDesc, cycles: int, w_bits: int) -> int:
-    """PE x SIMD of the MVAU FINN builds for ``layer`` alone at ``cycles`` per frame."""
-    mw, mh, pixels = mvau_shape(layer)
-    pe, simd = mvau_fold(mw, mh, pixels, cycles, w_bits)
-    return pe * simd
 
 
 def exp_cycles(mw: int, mh: int, pixels: int, pe: int, simd: int) -> int:

@@ -30,7 +30,8 @@ import torch
 from bitfold.core.errors import BitfoldError
 
 from bitfold.hw_models.cost import CostResult
-from bitfold.hw_models.finn_rules import DEFAULT_FPS, model_fold
+from bitfold.hw_models.finn_rules import DEFAULT_FPS, model_fold, target_cycles
+from bitfold.hw_models.layers import LayerDesc
 from bitfold.core.paths import bitfold_home
 from bitfold.hw_models.store import Measurement
 
@@ -181,10 +182,10 @@ class TableCostModel:
     def lanes_cycles(self) -> int:
         """Lanes-form tables: FINN's cycles per frame at the asked rate, else at the rate ``bitfold
         build`` asks FINN for by default (the table's ``default_fps``)."""
-        from bitfold.boards import load_board
-        from bitfold.hw_models.finn_rules import target_cycles
-        fps = self.target_fps or self.table.get("default_fps", DEFAULT_FPS)
-        return target_cycles(self.clock_mhz or load_board(self.table["board"]).design_mhz, fps)
+        if self.clock_mhz is None:   # read once: the cost is evaluated at every training step
+            from bitfold.boards import load_board
+            self.clock_mhz = load_board(self.table["board"]).design_mhz
+        return target_cycles(self.clock_mhz, self.target_fps or self.table.get("default_fps", DEFAULT_FPS))
 
     @property
     def measured_out_bits(self) -> int | None:
@@ -595,7 +596,6 @@ def fit_lanes(rows: list[Measurement]) -> dict:
 
 
 def _row_layer(r: Measurement):
-    from bitfold.hw_models.layers import LayerDesc
     return LayerDesc("probe", "linear", (r.in_features,), (r.out_features,), r.in_features, r.out_features,
                      (1, 1), (1, 1), 1, r.macs, r.weights, None)
 

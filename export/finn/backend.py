@@ -42,6 +42,7 @@ import numpy as np
 
 from bitfold.core.events import events_of
 from bitfold.core.errors import BitfoldError, ToolMissingError
+from bitfold.hw_models.finn_rules import DEFAULT_FPS
 
 FINN_VERSION = "1.6.1"
 CONTRACT = 1
@@ -237,10 +238,6 @@ def markdown(summary: dict, board, res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: the rate FINN is asked for when none is given (inferences/s), if the design fits there
-DEFAULT_FPS = 100_000
-
-
 def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: int = 3,
                 known: tuple | None = None) -> tuple[int, list]:
     """The rate to build at when none was asked: FINN's own estimates (no verification, no HDL) at
@@ -249,9 +246,15 @@ def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: in
     (geometric) ``steps`` times; where FINN cannot reach the asked rate (every lane used), the rate it
     reaches. Otherwise the default rate if it fits, else the fastest slower
     rate that fits (4x down, then bisecting). Returns (rate, [{fps, LUT, BRAM_18K, DSP, fits}]).
-    Raises when nothing down to 1 inference/s fits. ``known``: (fits, reached fps, totals) of a
-    build at the default rate already made."""
+    Raises when nothing down to 1 inference/s fits. ``known``: the :func:`summarize` of a build at
+    the default rate already made."""
     tried = []
+
+    def record(fps, sm):
+        reached = float(sm["performance"].get("estimated_throughput_fps", 0))
+        tried.append({"fps": int(fps), **{k: sm["totals"][k] for k in ("LUT", "BRAM_18K", "DSP")},
+                      "fits": sm["fits"], "reached_fps": reached})
+        return sm["fits"], reached
 
     def probe(fps):
         r = dict(req, target_fps=int(fps), out_dir=str((work / str(int(fps))).resolve()), codegen=False,
@@ -260,19 +263,11 @@ def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: in
         if res.get("status") == "error":
             raise _finn_error(res, Path(req["onnx"]))
         sm = summarize(res, board)
-        reached = float(sm["performance"].get("estimated_throughput_fps", 0))
-        tried.append({"fps": int(fps), **{k: sm["totals"][k] for k in ("LUT", "BRAM_18K", "DSP")},
-                      "fits": sm["fits"], "reached_fps": reached})
         if say:
             say(f"  rate {int(fps):,}/s: {sm['totals']['LUT']:,.0f} LUT, {'fits' if sm['fits'] else 'does not fit'}")
-        return sm["fits"], reached
+        return record(fps, sm)
 
-    if known is not None:
-        fits, reached = known[0], float(known[1])
-        tried.append({"fps": DEFAULT_FPS, **{k: known[2][k] for k in ("LUT", "BRAM_18K", "DSP")},
-                      "fits": fits, "reached_fps": reached})
-    else:
-        fits, reached = probe(DEFAULT_FPS)
+    fits, reached = record(DEFAULT_FPS, known) if known is not None else probe(DEFAULT_FPS)
     if fits and not up:
         return DEFAULT_FPS, tried
     lo, hi = (DEFAULT_FPS, None) if fits else (None, DEFAULT_FPS)
@@ -343,12 +338,11 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
             fps, search = rate_search(req, env, board, tmp / "rate_search", up=True, say=say)
             req["target_fps"] = fps
         res = run_worker(req, env)
-        if not folding and target_fps is None and res.get("status") != "error" and not summarize(res, board)["fits"]:
+        first = summarize(res, board) if not folding and target_fps is None and res.get("status") != "error" else None
+        if first is not None and not first["fits"]:
             # no rate asked and the default does not fit: the fastest slower rate that does
             say(f"the default {DEFAULT_FPS:,} inferences/s does not fit {board.name}: searching a slower rate")
-            first = summarize(res, board)
-            fps, search = rate_search(req, env, board, tmp / "rate_search", up=False, say=say,
-                                      known=(False, first["performance"].get("estimated_throughput_fps", 0), first["totals"]))
+            fps, search = rate_search(req, env, board, tmp / "rate_search", up=False, say=say, known=first)
             req["target_fps"] = fps
             shutil.rmtree(finn_dir, ignore_errors=True)
             res = run_worker(req, env)
@@ -466,7 +460,7 @@ def _finn_error(res: dict, onnx_path: Path) -> BitfoldError:
     return BitfoldError(f"FINN failed in {step} on {onnx_path.name}: {msg}", hint)
 
 
-def estimate(onnx_path, board_name: str, target_fps: int = 100_000, out_dir=None) -> dict:
+def estimate(onnx_path, board_name: str, target_fps: int = DEFAULT_FPS, out_dir=None) -> dict:
     """FINN estimate totals for a QONNX file on a board (used by benchmarks); no verification."""
     import tempfile
 

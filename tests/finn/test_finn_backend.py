@@ -233,8 +233,8 @@ def test_default_rate_steps_down_to_what_fits(finn_env, exports, tmp_path):
     """No rate asked and the default does not fit the board: FINN's estimates at slower rates pick the
     fastest one that fits (a fixed rate used to end in "does not fit" where a slower folding fits)."""
     from bitfold.boards import load_board
-    from bitfold.export.finn.backend import DEFAULT_FPS
     from bitfold.export.finn.backend import build as finn_build
+    from bitfold.hw_models.finn_rules import DEFAULT_FPS
     b = load_board("pynq-z2")
     finn_build(Path(exports["mlp"]), b, tmp_path / "d", verify=False, bitstream=False, rtl_sim=False)
     lut = json.loads((tmp_path / "d" / "build.json").read_text())["totals"]["LUT"]
@@ -268,7 +268,8 @@ def test_rate_search_logic(monkeypatch, tmp_path):
     fps, tried = be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=True)
     assert fps == 1_600_000 and [t["fps"] for t in tried] == [100_000, 400_000, 1_600_000, 6_400_000]
     fps, tried = be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False,
-                                known=(False, 100_000, {"LUT": 6e4, "BRAM_18K": 0, "DSP": 0}))
+                                known={"fits": False, "totals": {"LUT": 6e4, "BRAM_18K": 0, "DSP": 0},
+                                       "performance": {"estimated_throughput_fps": 100_000}})
     assert [t["fps"] for t in tried] == [100_000, 25_000, 50_000, 70_711, 84_090] and fps == 84_090
     monkeypatch.setattr(be, "summarize", lambda res, board: {"fits": False, "totals": {"LUT": 9e9, "BRAM_18K": 0, "DSP": 0},
                                                               "performance": {}})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitfold.core.errors import BitfoldError
-from bitfold.hw_models.finn_rules import DEFAULT_FPS, layer_lanes, model_fold, mvau_fold, mvau_shape, target_cycles
+from bitfold.hw_models.finn_rules import DEFAULT_FPS, model_fold, mvau_fold, mvau_shape, target_cycles
 from bitfold.hw_models.layers import LayerDesc
 
 
@@ -26,7 +26,7 @@ def test_folding_rule_by_hand():
     assert target_cycles(100.0, 100_000) == 1000 and target_cycles(100.0, 48_828) == 2048
     conv = LayerDesc("c", "conv", (8, 8, 8), (16, 8, 8), 8, 16, (3, 3), (1, 1), 1, 8 * 9 * 16 * 64, 8 * 9 * 16, None)
     assert mvau_shape(conv) == (72, 16, 64)
-    assert layer_lanes(conv, 10 ** 9, 4) == 1
+    assert mvau_fold(*mvau_shape(conv), 10 ** 9, 4) == (1, 1)
 
 
 def test_second_pass_when_a_layer_misses_the_rate():
