@@ -2,6 +2,7 @@
 against onnxruntime; latency measured on this host or over a TVM RPC tracker.
 
 Modules: ``backend`` (build, local timing), ``int_lowering`` (quantized conv/matmul -> int8
+kernels), ``bitserial`` (sub-8-bit bit-serial kernels), ``schedules`` (default schedules for untuned
 kernels), ``kernels`` (per-kernel entries), ``tune`` (MetaSchedule), ``rpc`` (tracker),
 ``qemu`` / ``qemu_runner`` (aarch64 under emulation), ``probe`` (cost-table measurement driver).
 """
@@ -40,13 +41,14 @@ class TVMBackend(Backend):
         tracker: Optional[str] = None
         key: Optional[str] = None
         qemu: Optional[bool] = None
+        kernels: str = "auto"
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
         from bitfold.export.tvm.backend import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), samples=o.samples, integer=o.integer,
                      tune_trials=o.tune_trials, retune=o.retune, tracker=o.tracker, key=o.key,
-                     events=events, qemu=o.qemu)
+                     events=events, qemu=o.qemu, kernels=o.kernels)
 
     def measure(self, build_dir, board, tracker: str | None = None, key: str | None = None, repeat: int = 7,
                 **kw) -> dict:

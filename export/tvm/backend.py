@@ -95,21 +95,29 @@ def run_vm(lib_path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
+KERNEL_MODES = ("auto", "int8", "bitserial")
+
+
 def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, retune: bool = False,
-                   tracker: str | None = None, key: str | None = None, events=None, for_host: bool = False):
+                   tracker: str | None = None, key: str | None = None, events=None, for_host: bool = False,
+                   bitserial=()):
     """ONNX model -> (prepared Relax module with kernel entries, info dict).
 
     Imports with the Relax ONNX frontend, lowers quantized conv/matmul to integer kernels (``integer``),
     legalizes and fuses, tunes with MetaSchedule (``tune_trials``; per-board database, reused) and
-    applies the database. The module is ready for ``tvm.compile``. ``for_host`` compiles a foreign
-    board's model for this host instead (the host-side check of a cross build).
+    applies the database; kernels without a record get the default schedules (:mod:`.schedules`). The
+    module is ready for ``tvm.compile``. ``for_host`` compiles a foreign board's model for this host
+    instead (the host-side check of a cross build). ``bitserial``: indices of the layers to run as
+    bit-serial kernels where they qualify (:mod:`.bitserial`).
     """
-    from bitfold.export.tvm import int_lowering as tvm_int, kernels as tvm_kernels, tune as tvm_tune
+    from bitfold.export.tvm import bitserial as tvm_bs, int_lowering as tvm_int, kernels as tvm_kernels, \
+        schedules as tvm_sched, tune as tvm_tune
     name, shape = _input_spec(model)
     mod = import_relax(model, name, shape)
     layers = []
     if integer:
-        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model))
+        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model), tvm_bs.operands(model),
+                                               bitserial)
     mod = tvm_tune.prepare(mod)
     host = for_host or is_host(board)
     target = target_for(board, host)
@@ -125,18 +133,65 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
                                key=key or board.rpc_key or board.name, cross=cross, events=events)
     mod, applied = tvm_tune.apply(mod, target, work)
     tuning["kernels_scheduled"] = applied
+    mod, tuning["default_scheduled"] = tvm_sched.apply_default(mod)
     mod, kernels = tvm_kernels.add_kernel_entries(mod, layers)
     return mod, {"target": target, "host": host, "cross": cross, "layers": [la.as_dict() for la in layers],
                  "kernels": kernels, "tuning": tuning, "input": (name, shape)}
 
 
+def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tuple[set, dict]:
+    """Which layers run bit-serial: ``(indices, record)``.
+
+    ``int8``: none; ``bitserial``: every layer that qualifies; ``auto``: on this host, each qualifying
+    layer's fused kernel is timed both ways (int8 and bit-serial, same requantize chain) and the faster
+    one is kept; for a foreign board (nothing to time it on here) every layer stays int8.
+    """
+    from bitfold.export.tvm import bitserial as tvm_bs
+    if mode not in KERNEL_MODES:
+        raise BitfoldError(f"unknown kernel choice {mode!r}", f"use one of: {', '.join(KERNEL_MODES)}")
+    ops = tvm_bs.operands(model)
+    able = {i for i, o in enumerate(ops) if o.why_not() is None}
+    record = {"mode": mode, "eligible": [ops[i].layer for i in sorted(able)]}
+    if mode == "int8" or not able:
+        return set(), record
+    if mode == "bitserial":
+        return able, record
+    if not is_host(board):
+        record["note"] = (f"not timed: {board.name} is not this host; every layer runs int8 "
+                          f"(--kernels bitserial forces the bit-serial kernels)")
+        return set(), record
+    tvm = import_tvm()
+    from tvm import relax
+
+    from bitfold.export.tvm.kernels import time_kernels
+    events_of(events).say(f"timing {len(able)} layer(s) as int8 and bit-serial kernels on this host")
+    per_layer = {}
+    for label, sel in (("int8", set()), ("bitserial", able)):
+        mod, info = compile_module(model, board, bitserial=sel, **compile_kw)
+        vm = relax.VirtualMachine(tvm.compile(mod, info["target"]), tvm.cpu())
+        ks = [k for k in info["kernels"] if "layer" in k]
+        for row in time_kernels(vm, tvm.cpu(), ks, number=50, repeat=7):
+            per_layer.setdefault(row["layer"], {})[label] = row["median"]
+    chosen, rows = set(), []
+    for i in sorted(able):
+        t = per_layer.get(ops[i].layer, {})
+        if "bitserial" in t and t["bitserial"] < t.get("int8", float("inf")):
+            chosen.add(i)
+        rows.append({"layer": ops[i].layer, "bits": ops[i].label, "int8_s": t.get("int8"),
+                     "bitserial_s": t.get("bitserial"), "chosen": "bitserial" if i in chosen else "int8"})
+    record["measured"] = rows
+    return chosen, record
+
+
 def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: bool = True, tune_trials: int = 0,
           retune: bool = False, tracker: str | None = None, key: str | None = None, events=None,
-          qemu: bool | None = None) -> BuildResult:
+          qemu: bool | None = None, kernels: str = "auto") -> BuildResult:
     """Compile a QCDQ export for a CPU board into ``out_dir`` (``model.so`` + ``build.json``), verified.
 
     ``qemu``: run a cross-compiled (aarch64) library under qemu-user and compare it with onnxruntime
     (None: when the arm64 sysroot of ``bitfold setup arm64`` is there; True: required).
+    ``kernels``: ``auto`` (sub-8-bit layers timed as int8 and bit-serial on this host, the faster kept),
+    ``int8`` or ``bitserial`` (every layer that qualifies) - see :func:`choose_kernels`.
     """
     tvm = import_tvm()
     model = load_onnx(onnx_path)
@@ -153,9 +208,13 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
                                    f"Debian/Ubuntu: apt-get install g++-{board.triple.split('-')[0]}-linux-gnu")
     if tune_trials < 0:
         raise BitfoldError(f"--tune-trials must be >= 0, got {tune_trials}")
+    if kernels not in KERNEL_MODES:
+        raise BitfoldError(f"unknown kernel choice {kernels!r}", f"use one of: {', '.join(KERNEL_MODES)}")
     t0 = time.perf_counter()
+    serial, choice = (choose_kernels(model, board, kernels, events=events) if integer
+                      else (set(), {"mode": "float"}))
     mod, cinfo = compile_module(model, board, integer=integer, tune_trials=tune_trials, retune=retune,
-                                tracker=tracker, key=key, events=events)
+                                tracker=tracker, key=key, events=events, bitserial=serial)
     tune_s = time.perf_counter() - t0
     target, cross = cinfo["target"], cinfo["cross"]
     name, shape = cinfo["input"]
@@ -169,7 +228,7 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
             from tvm.support import cc
             ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
             host_lib = tmp / "host_check.so"
-            hmod, _ = compile_module(model, board, integer=integer, for_host=True)
+            hmod, _ = compile_module(model, board, integer=integer, for_host=True, bitserial=serial)
             tvm.compile(hmod, target_for(board, True)).export_library(str(host_lib))
         else:
             ex.export_library(str(lib))
@@ -204,12 +263,17 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
                 "input": {"name": name, "shape": list(shape)},
                 "source": {"path": str(onnx_path), "sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()},
                 "bit_map": info["bit_map"], "compile_seconds": compile_s, "tune_seconds": tune_s,
-                "integer_lowering": integer, "layers": cinfo["layers"], "kernels": cinfo["kernels"],
+                "integer_lowering": integer, "layers": cinfo["layers"], "kernel_choice": choice,
+                "kernels": cinfo["kernels"],
                 "tuning": cinfo["tuning"], "artefacts": {"library": lib.name},
                 "verification": report.as_dict(), "verification_emulated": emulated, "notes": notes}
         (tmp / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
     notes = notes + [f"{n_int}/{len(cinfo['layers'])} conv/matmul layers run in integer arithmetic"
                      if integer else "integer lowering off: layers run as float fake-quant"]
+    n_bs = sum(1 for la in cinfo["layers"] if la.get("kernel", "").startswith("bitserial"))
+    if integer and choice.get("eligible"):
+        notes.append(f"{n_bs}/{len(choice['eligible'])} sub-8-bit layer(s) run bit-serial ({choice['mode']})"
+                     + (f"; {choice['note']}" if choice.get("note") else ""))
     return BuildResult(Path(out_dir), board.name, "tvm", {"library": str(Path(out_dir) / "model.so")},
                        verified=True, verification=report.as_dict(), notes=notes)
 

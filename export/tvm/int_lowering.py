@@ -33,6 +33,8 @@ class LayerArith:
     arith: str          # "int" or "float"
     detail: str         # dtypes for int layers, the reason for float ones
     layer: str = ""     # the ONNX node name, when it could be matched
+    kernel: str = ""    # what runs it: "int8", "bitserial W2A2" or "float"
+    bitserial: str = "" # "W2A2" when the layer can run bit-serial, else the reason it cannot
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,9 +55,11 @@ def _make_pass():
 
     @mutator
     class IntLowering(PyExprMutator):
-        def __init__(self, mod=None):
+        def __init__(self, mod=None, operands=None, bitserial=()):
             super().__init__(mod)
             self.layers: list[LayerArith] = []
+            self.operands = operands
+            self.bitserial = set(bitserial)
 
         def _value(self, e):
             if isinstance(e, relax.Var):
@@ -107,7 +111,7 @@ def _make_pass():
             xs, ws = self._int_source(x), self._weight_source(w)
 
             def keep(reason):
-                self.layers.append(LayerArith(idx, kind, "float", reason))
+                self.layers.append(LayerArith(idx, kind, "float", reason, kernel="float"))
                 return call
             if xs is None:
                 return keep("input is not a dequantized integer tensor")
@@ -131,21 +135,67 @@ def _make_pass():
                 xi = self.builder_.emit(relax.op.subtract(relax.op.astype(xq, "int32"),
                                                           relax.const(zx_v, "int32")))
             bb = self.builder_
+            serial = self._bitserial_operand(idx, xq, wq, zx_v, kind)
             if kind == "conv2d":
                 a = call.attrs
-                acc = bb.emit(relax.op.nn.conv2d(xi, wq, strides=a.strides, padding=a.padding, dilation=a.dilation,
-                                                 groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
-                                                 out_dtype="int32"))
+                if isinstance(serial, str):
+                    acc = bb.emit(relax.op.nn.conv2d(xi, wq, strides=a.strides, padding=a.padding,
+                                                     dilation=a.dilation, groups=a.groups, data_layout="NCHW",
+                                                     kernel_layout="OIHW", out_dtype="int32"))
+                else:
+                    from bitfold.export.tvm import bitserial as bs
+                    a_bits, w_bits = serial.a_bits, serial.w_bits
+                    word = bs.conv_word(int(serial.weight.shape[1]))
+                    acc = bb.emit(bb.call_te(
+                        bs.conv_te(a_bits, w_bits, int(serial.weight.shape[0]), word, a.strides, a.padding), xq,
+                        relax.const(bs.pack_conv_weights(serial.weight, w_bits, word)),
+                        primfunc_name_hint=f"bitserial_conv2d_w{w_bits}a{a_bits}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
             else:
-                acc = bb.emit(relax.op.matmul(xi, wq, out_dtype="int32"))
+                if isinstance(serial, str):
+                    acc = bb.emit(relax.op.matmul(xi, wq, out_dtype="int32"))
+                else:
+                    from bitfold.export.tvm import bitserial as bs
+                    a_bits, w_bits = serial.a_bits, serial.w_bits
+                    n_out = int(serial.weight.shape[0])
+                    acc = bb.emit(bb.call_te(bs.dense_te(a_bits, w_bits, n_out), xq,
+                                             relax.const(bs.pack_weights(serial.weight, w_bits), "uint32"),
+                                             primfunc_name_hint=f"bitserial_dense_w{w_bits}a{a_bits}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
+            op = self.operands[idx] if self.operands and idx < len(self.operands) else None
+            why = op.why_not() if op is not None else "no ONNX operand information"
+            if not isinstance(serial, str):
+                kernel = f"bitserial {serial.label}"
+            else:
+                kernel = "int8" if zx_v == 0 else "int32"
             self.layers.append(LayerArith(idx, kind, "int",
                                           f"{xq.ty.dtype if zx_v == 0 else 'int32'} x "
-                                          f"{wq.ty.dtype} -> int32"))
+                                          f"{wq.ty.dtype} -> int32", kernel=kernel,
+                                          bitserial=why or op.label))
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+        def _bitserial_operand(self, idx, xq, wq, zx_v, kind):
+            """The layer's Operand when it is asked to run bit-serial and can, else the reason why not."""
+            if idx not in self.bitserial:
+                return "not asked"
+            op = self.operands[idx] if self.operands and idx < len(self.operands) else None
+            if op is None:
+                return "no ONNX operand information"
+            why = op.why_not()
+            if why:
+                return why
+            if zx_v != 0:
+                return "input zero point is not 0"
+            xs, ws = [int(d) for d in xq.ty.shape], [int(d) for d in wq.ty.shape]
+            if kind == "conv2d":
+                if len(xs) != 4 or xs[0] != 1 or ws != list(op.weight.shape) or xs[1] != ws[1]:
+                    return "operand shapes do not match the ONNX weight"
+                return op
+            if len(xs) != 2 or xs[0] != 1 or ws != [op.weight.shape[1], op.weight.shape[0]] or xs[1] != ws[0]:
+                return "operand shapes do not match the ONNX weight"
+            return op
 
         def visit_call_(self, call):  # noqa: N802 - TVM's visitor name
             call = self.visit_expr_post_order(call)
@@ -158,13 +208,19 @@ def _make_pass():
     return IntLowering
 
 
-def lower_to_integer(mod, onnx_layers: list[str] | None = None):
-    """Rewrite ``mod['main']``'s quantized conv2d/matmul to integer kernels: ``(new_mod, [LayerArith])``."""
+def lower_to_integer(mod, onnx_layers: list[str] | None = None, operands=None, bitserial=()):
+    """Rewrite ``mod['main']``'s quantized conv2d/matmul to integer kernels: ``(new_mod, [LayerArith])``.
+
+    ``operands``: :func:`bitfold.export.tvm.bitserial.operands` of the ONNX model (graph order);
+    ``bitserial``: indices of the layers to run bit-serial where they qualify (the others run int8)."""
     from tvm import relax
-    lowering = _make_pass()(mod)
+    lowering = _make_pass()(mod, operands, bitserial)
     gv = mod.get_global_var("main")
     new_main = lowering.visit_expr(mod[gv])
     out = mod.__class__(dict(mod.functions_items()), attrs=mod.attrs)
+    for g, f in lowering.builder_.get().functions_items():   # kernels the pass added (bit-serial)
+        if g.name_hint not in [k.name_hint for k in out.get_global_vars()]:
+            out[g] = f
     out[gv] = new_main
     out = relax.transform.DeadCodeElimination(["main"])(out)
     layers = lowering.layers

@@ -128,7 +128,7 @@ def tune(mod, target, work_dir: Path, trials: int, *, retune: bool = False, trac
     # the kernels worth a search: those holding a convolution or matmul (element-wise, pooling and
     # quantize kernels are memory-bound and keep the default schedule)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if any(k in t.task_name for k in ("conv2d", "matmul", "dense"))]
+             if any(k in t.task_name for k in ("conv2d", "matmul", "dense")) and "bitserial" not in t.task_name]
     todo = [t for t in tasks if retune or db.query_tuning_record(t.dispatched[0], target, "main") is None]
     info = {"kernels": len(tasks), "tuned_now": len(todo), "reused": len(tasks) - len(todo), "trials": 0,
             "database": str(work_dir)}

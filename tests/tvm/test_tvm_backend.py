@@ -159,20 +159,6 @@ def test_tuning_a_remote_board_needs_its_tracker(qcdq, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.fixture(scope="session")
-def arm64_sysroot():
-    import subprocess
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian: g++-aarch64-linux-gnu)")
-    if shutil.which("qemu-aarch64-static") is None:
-        pytest.skip("qemu-aarch64-static is not installed (Debian: qemu-user-static)")
-    archs = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout.split()
-    if "arm64" not in archs:
-        pytest.skip("the arm64 apt architecture is not enabled (dpkg --add-architecture arm64 && apt-get update)")
-    from bitfold.export.tvm.qemu import setup
-    return setup()
-
-
 def test_rpi4_build_runs_correctly_under_qemu(arm64_sysroot, qcdq, tmp_path):
     r = build(qcdq / "m.qcdq.onnx", "rpi4", tmp_path / "b", qemu=True)
     meta = json.loads((tmp_path / "b" / "build.json").read_text())

@@ -35,6 +35,8 @@ def build(
                                     "in the board's tuning database (0: apply the database as it is)"),
     retune: bool = typer.Option(False, "--retune", help="CPU: tune every kernel again, even those with records"),
     no_int: bool = typer.Option(False, "--no-int", help="CPU: keep quantized layers as float fake-quant"),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="CPU: auto (default: layers of <= 4 bits timed "
+                                          "as int8 and bit-serial on this host, the faster kept) | int8 | bitserial"),
     tracker: Optional[str] = typer.Option(None, help="CPU: tune on the board behind this TVM RPC tracker"),
     key: Optional[str] = typer.Option(None, help="CPU: RPC key of the board (default: the board file's rpc_key)"),
     qemu: Optional[bool] = typer.Option(None, "--qemu/--no-qemu", help="aarch64 boards: run the library under "
@@ -46,7 +48,8 @@ def build(
     # only the flags the user set become backend options; the backend refuses those it does not have
     given = {"folding": folding, "verify": False if no_verify else None, "bitstream": False if no_bitstream else None,
              "target_fps": target_fps, "clock_mhz": clock_mhz, "tune_trials": tune_trials or None, "retune": retune or None,
-             "integer": False if no_int else None, "tracker": tracker, "key": key, "qemu": qemu, "impl_style": mvau_style}
+             "integer": False if no_int else None, "tracker": tracker, "key": key, "qemu": qemu, "impl_style": mvau_style,
+             "kernels": kernels}
     r = run_build(onnx_file, board, out, {k: v for k, v in given.items() if v is not None}, events=say_events())
     console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
     if r.verification:

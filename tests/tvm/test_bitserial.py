@@ -1,0 +1,212 @@
+"""Bit-serial sub-8-bit kernels in the TVM backend: exact against the int8 kernels and onnxruntime,
+chosen per layer by measured latency, recorded in build.json, and correct as aarch64 code under qemu."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[tvm]')")
+
+from bitfold.export.backends import build
+from bitfold.core.errors import BitfoldError
+
+
+def _one_layer_qcdq(path, op: str, w_bits: int, a_bits: int, seed: int = 0, k: int = 100, n: int = 24):
+    """A QCDQ model: ReLU -> uint8 quantizer clipped to a_bits -> dequantize -> Gemm / Conv whose int8
+    weights are clipped to w_bits (signed), then a float bias - the form bitfold's exports take."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+    if op == "gemm":
+        xshape, wshape, yshape = [1, k], (n, k), [1, n]
+    else:
+        xshape, wshape, yshape = [1, 12, 6, 6], (n, 12, 3, 3), [1, n, 6, 6]
+    w = rng.integers(-128, 128, size=wshape).astype(np.int8)   # wider than w_bits: the Clip narrows it
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "sx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xlo"),
+             numpy_helper.from_array(np.array((1 << a_bits) - 1, np.uint8), "xhi"),
+             numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.array(lo, np.int8), "wlo"),
+             numpy_helper.from_array(np.array(hi, np.int8), "whi"),
+             numpy_helper.from_array((0.01 + 0.02 * rng.random(n)).astype(np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
+    nodes = [helper.make_node("Relu", ["x"], ["xr"]),
+             helper.make_node("QuantizeLinear", ["xr", "sx", "zx"], ["xq"]),
+             helper.make_node("Clip", ["xq", "xlo", "xhi"], ["xc"]),
+             helper.make_node("DequantizeLinear", ["xc", "sx", "zx"], ["xd"]),
+             helper.make_node("Clip", ["w", "wlo", "whi"], ["wc"]),
+             helper.make_node("DequantizeLinear", ["wc", "sw", "zw"], ["wd"], axis=0)]
+    if op == "gemm":
+        nodes.append(helper.make_node("Gemm", ["xd", "wd", "b"], ["y"], name="fc", transB=1))
+    else:
+        nodes.append(helper.make_node("Conv", ["xd", "wd", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "one_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def _outputs(build_dir, x):
+    from bitfold.export.tvm.backend import run_vm
+    return run_vm(build_dir / "model.so", x)
+
+
+def _conv_ref(x, w, pad):
+    """Integer NCHW convolution, stride 1, by explicit sums (the independent reference)."""
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    o, c, kh, kw = w.shape
+    h, wd = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    y = np.zeros((1, o, h, wd), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("chw,oc->ohw", xp[0, :, i:i + h, j:j + wd], w[:, :, i, j].astype(np.int64))[None]
+    return y
+
+
+@pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 1, 1), ("gemm", 2, 2), ("gemm", 3, 4), ("gemm", 4, 3),
+                                              ("conv", 1, 2), ("conv", 2, 1), ("conv", 4, 4)])
+def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
+    """The kernel alone (as the build schedules it) gives exactly the integer dot products, over the
+    full code ranges, odd sizes included (K and C not multiples of the word)."""
+    import tvm
+    from tvm import te
+
+    from bitfold.export.tvm import bitserial as bs, schedules
+    rng = np.random.default_rng(w_bits * 10 + a_bits)
+    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+    if op == "gemm":
+        x = rng.integers(0, 1 << a_bits, size=(1, 77)).astype(np.uint8)
+        w = rng.integers(lo, hi + 1, size=(13, 77))
+        packed, ref = bs.pack_weights(w, w_bits), x.astype(np.int64) @ w.T
+        fn = bs.dense_te(a_bits, w_bits, 13)
+        name = "bitserial_dense"
+    else:
+        x = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
+        w = rng.integers(lo, hi + 1, size=(6, 12, 3, 3))
+        word = bs.conv_word(12)
+        packed, ref = bs.pack_conv_weights(w, w_bits, word), _conv_ref(x, w, 1)
+        fn = bs.conv_te(a_bits, w_bits, 6, word, (1, 1), (1, 1, 1, 1))
+        name = "bitserial_conv2d"
+    xt = te.placeholder(x.shape, "uint8", name="x")
+    wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
+    out = fn(xt, wt)
+    mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
+    mod, _ = schedules.apply_default(mod)
+    lib = tvm.compile(mod, "llvm")
+    y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
+    lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
+    assert np.array_equal(y.numpy(), ref)
+    assert x.max() == (1 << a_bits) - 1 and w.min() == lo and w.max() == hi
+
+
+@pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 2, 2), ("conv", 3, 4)])
+def test_bitserial_build_verifies_and_equals_the_int8_build(tmp_path, op, w_bits, a_bits):
+    """Built end to end: the bit-serial layer passes the export gate against onnxruntime, and its outputs
+    equal the int8 build's up to float rounding of the same integer accumulators (one ulp)."""
+    m = _one_layer_qcdq(tmp_path / "m.onnx", op, w_bits, a_bits)
+    build(m, "host-cpu", tmp_path / "bs", {"kernels": "bitserial"})
+    build(m, "host-cpu", tmp_path / "i8", {"kernels": "int8"})
+    bs = json.loads((tmp_path / "bs" / "build.json").read_text())
+    i8 = json.loads((tmp_path / "i8" / "build.json").read_text())
+    assert [la["kernel"] for la in bs["layers"]] == [f"bitserial W{w_bits}A{a_bits}"]
+    assert [la["kernel"] for la in i8["layers"]] == ["int8"]
+    assert bs["verification"]["passed"] and i8["verification"]["passed"]
+    shape = bs["input"]["shape"]
+    x = np.random.default_rng(1).standard_normal((16, *shape[1:])).astype(np.float32)
+    y_bs, y_i8 = _outputs(tmp_path / "bs", x), _outputs(tmp_path / "i8", x)
+    np.testing.assert_allclose(y_bs, y_i8, rtol=1e-6, atol=1e-6)
+    # the codes really span the clipped range (a wrong high bit would show)
+    assert (np.clip(np.round(np.maximum(x, 0) / 0.1), 0, 255) >= (1 << a_bits) - 1).any()
+
+
+def test_wrong_weight_packing_is_caught(tmp_path, monkeypatch):
+    """The comparison above can fail: weights packed with one plane shifted make the build refuse."""
+    from bitfold.export.tvm import bitserial as bs
+    good = bs.pack_weights
+
+    def bad(w, bits):
+        p = good(w, bits)
+        p[:-1, -1] = p[:-1, 0]        # the top plane replaced by the bottom one
+        return p
+    monkeypatch.setattr(bs, "pack_weights", bad)
+    m = _one_layer_qcdq(tmp_path / "m.onnx", "gemm", 3, 3)
+    with pytest.raises(BitfoldError, match="does not match onnxruntime"):
+        build(m, "host-cpu", tmp_path / "b", {"kernels": "bitserial"})
+    assert not (tmp_path / "b").exists()
+
+
+def test_auto_choice_is_measured_per_layer_and_recorded(tmp_path):
+    """--kernels auto (the default) times each qualifying layer both ways on this host and keeps the
+    faster; build.json holds the timings, the choice and what each layer runs; wider layers say why not."""
+    m = _one_layer_qcdq(tmp_path / "m.onnx", "gemm", 2, 2, k=256, n=64)
+    build(m, "host-cpu", tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "build.json").read_text())
+    choice = meta["kernel_choice"]
+    assert choice["mode"] == "auto" and choice["eligible"] == ["fc"]
+    (row,) = choice["measured"]
+    assert row["int8_s"] > 0 and row["bitserial_s"] > 0 and row["bits"] == "W2A2"
+    faster = "bitserial" if row["bitserial_s"] < row["int8_s"] else "int8"
+    assert row["chosen"] == faster
+    assert meta["layers"][0]["kernel"] == ("bitserial W2A2" if faster == "bitserial" else "int8")
+    m5 = _one_layer_qcdq(tmp_path / "m5.onnx", "gemm", 5, 2)
+    build(m5, "host-cpu", tmp_path / "b5")
+    meta5 = json.loads((tmp_path / "b5" / "build.json").read_text())
+    assert meta5["kernel_choice"]["eligible"] == [] and meta5["layers"][0]["kernel"] == "int8"
+    assert meta5["layers"][0]["bitserial"] == "W5A2 is wider than 4 bits"
+    with pytest.raises(BitfoldError, match="unknown kernel choice"):
+        build(m, "host-cpu", tmp_path / "x", {"kernels": "fast"})
+
+
+def test_signed_inputs_stay_int8(trained_run, tmp_path):
+    """The digits CNN's first layer reads signed 8-bit codes: it never runs bit-serial, and says why; the
+    whole mixed-width model built with bit-serial layers passes the gate against onnxruntime."""
+    from bitfold.export.onnx_export import export_run
+    run, _ = trained_run
+    q = tmp_path / "m.qcdq.onnx"
+    export_run(run, "qcdq", q)
+    build(q, "host-cpu", tmp_path / "b", {"kernels": "bitserial"})
+    layers = json.loads((tmp_path / "b" / "build.json").read_text())["layers"]
+    assert layers[0]["kernel"] == "int8" and "not unsigned" in layers[0]["bitserial"]
+    # the bit map's widths (a: the layer's input) decide the rest: W2A4 and W3A2 qualify, W5A6 does not
+    assert [la["kernel"] for la in layers[1:]] == ["bitserial W2A4", "bitserial W3A2", "int8"]
+    assert layers[3]["bitserial"] == "W5A6 is wider than 4 bits"
+
+
+def test_default_schedule_is_bit_identical_and_scheduled(tmp_path):
+    """Untuned integer matmuls get the default loop order; outputs equal the untuned kernel's exactly."""
+    import onnx
+    import tvm
+    from tvm import relax
+
+    from bitfold.boards import load_board
+    from bitfold.export.tvm import backend, schedules
+    m = _one_layer_qcdq(tmp_path / "m.onnx", "gemm", 4, 4, k=300, n=40)
+    mod, info = backend.compile_module(onnx.load(str(m)), load_board("host-cpu"), bitserial=())
+    assert info["tuning"]["default_scheduled"] == 1
+    x = tvm.runtime.tensor((np.random.default_rng(0).standard_normal((1, 300))).astype(np.float32), tvm.cpu())
+    # the same module without the default schedule
+    from bitfold.export.tvm import int_lowering, bitserial, tune
+    model = onnx.load(str(m))
+    raw = backend.import_relax(model, "x", (1, 300))
+    raw, _ = int_lowering.lower_to_integer(raw, int_lowering.onnx_compute_layers(model), bitserial.operands(model))
+    raw = tune.prepare(raw)
+    assert schedules.apply_default(raw)[1] == 1
+    target = backend.target_for(load_board("host-cpu"), True)
+    y_raw = relax.VirtualMachine(tvm.compile(raw, target), tvm.cpu())["main"](x).numpy()
+    y_def = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](x).numpy()
+    assert np.array_equal(y_raw, y_def)
+
+
+def test_bitserial_aarch64_build_is_exact_under_qemu(arm64_sysroot, tmp_path):
+    """The bit-serial kernels compiled for aarch64 (NEON popcount) run under qemu-user and match."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.fail("aarch64-linux-gnu-g++ is not installed (Debian: g++-aarch64-linux-gnu)")
+    m = _one_layer_qcdq(tmp_path / "m.onnx", "conv", 3, 2)
+    r = build(m, "rpi4", tmp_path / "b", {"kernels": "bitserial", "qemu": True})
+    meta = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert r.verified and meta["layers"][0]["kernel"] == "bitserial W3A2"
+    assert meta["verification_emulated"]["passed"]
