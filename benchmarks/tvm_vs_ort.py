@@ -12,11 +12,20 @@ For the digits CNN (8x8) and ResNet-20 (synthetic 32x32), FP32 ONNX and W4A4 QCD
   tuning database per run, so the tuning time is printed too; layers that share a shape share a record).
 
 Then (unless ``--no-bits``) per-layer latency of the digits CNN vs its uniform bit-width (W2..W8), tuned,
-showing where lower bits do and do not help on this CPU: every width up to 8 bits runs as an int8 kernel.
+showing where lower bits do and do not help on this CPU with int8 kernels only.
+
+``--kernel-rows`` (alone) instead prints, per model shape (digits CNN 8x8, Fashion-MNIST CNN and MLP
+28x28, ResNet-20 32x32) and uniform width W2A2..W4A4 (W1 has no QCDQ form), every layer's kernel time
+as int8 and as the bit-serial kernel (untuned, default schedules, same build otherwise), and the whole
+model: onnxruntime's default session, TVM int8 only, and TVM with the per-layer choice (``--kernels
+auto``) - all measured in one run:
+
+    python benchmarks/tvm_vs_ort.py --kernel-rows [--models cnn cnn28 mlp28 resnet20] [--widths 2 3 4]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -50,7 +59,12 @@ def main():
     ap.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per conv/matmul kernel")
     ap.add_argument("--models", nargs="+", default=["cnn", "resnet20"])
     ap.add_argument("--no-bits", action="store_true")
+    ap.add_argument("--kernel-rows", action="store_true", help="per-layer int8 vs bit-serial rows (see above)")
+    ap.add_argument("--widths", nargs="+", type=int, default=[2, 3, 4])
     args = ap.parse_args()
+    if args.kernel_rows:
+        return _kernel_rows(args.models if args.models != ["cnn", "resnet20"] else
+                            ["cnn", "cnn28", "mlp28", "resnet20"], args.widths)
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -112,6 +126,63 @@ def _bits_table(board, trials, td):
     for layer in per[8]:
         vals = [per[b].get(layer, float("nan")) for b in widths]
         print(f"{layer:<18}" + "".join(f"{v * 1e6:>9.2f}" for v in vals) + f"{vals[0] / vals[-1]:>8.2f}")
+
+
+def _kernel_rows(models, widths):
+    """Per-layer int8 vs bit-serial kernel latency and whole-model latency vs onnxruntime, one run."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import tvm
+    from _timing import interleaved
+    from tvm import relax
+
+    from bitfold.boards import load_board
+    from bitfold.export.tvm.backend import build, measure_local
+    torch.set_num_threads(1)
+    board = load_board("host-cpu")
+    spec = {"cnn": ("cnn", (1, 8, 8)), "cnn28": ("cnn", (1, 28, 28)), "mlp28": ("mlp", (1, 28, 28)),
+            "resnet20": ("resnet20", (3, 32, 32))}
+    print(f"batch 1, 1 thread; kernels untuned (default schedules); per-kernel medians of time_evaluator "
+          f"(200 x 9), whole models interleaved (9 rounds); TVM {tvm.__version__}, onnxruntime {ort.__version__}")
+    whole = []
+    with tempfile.TemporaryDirectory() as td:
+        os.environ["BITFOLD_HOME"] = td
+        td = Path(td)
+        for key in models:
+            name, shape = spec[key]
+            x = np.random.default_rng(0).standard_normal((1, *shape)).astype("float32")
+            print(f"\n{key} {shape}: per-layer kernel (us)")
+            print(f"{'layer':<22}{'bits':>6}{'int8':>10}{'bitserial':>11}{'bs/int8':>9}{'auto':>11}")
+            for bits in widths:
+                path = td / f"{key}_w{bits}.onnx"
+                _export(name, shape, f"w{bits}a{bits}", path)
+                per, fns = {}, {}
+                for mode in ("int8", "bitserial", "auto"):
+                    b = build(path, board, td / f"b_{key}_{bits}_{mode}", samples=4, kernels=mode)
+                    t = measure_local(td / f"b_{key}_{bits}_{mode}", number=200, repeat=9)
+                    per[mode] = {k["layer"]: k["median"] for k in t["kernels"] if "layer" in k}
+                    meta = json.loads((td / f"b_{key}_{bits}_{mode}" / "build.json").read_text())
+                    per[mode]["_kernel"] = {la["layer"]: la["kernel"] for la in meta["layers"]}
+                    vm = relax.VirtualMachine(tvm.runtime.load_module(b.artefacts["library"]), tvm.cpu())
+                    xt = tvm.runtime.tensor(x, tvm.cpu())
+                    fns[mode] = lambda v=vm, xt=xt: v["main"](xt)
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = 1
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                fns["ort"] = lambda s=sess: s.run(None, {"input": x})
+                for layer, k in per["bitserial"]["_kernel"].items():
+                    i8, bs = per["int8"].get(layer), per["bitserial"].get(layer)
+                    if not k.startswith("bitserial"):
+                        continue
+                    print(f"{layer:<22}{k.split()[-1]:>6}{i8 * 1e6:>10.2f}{bs * 1e6:>11.2f}{bs / i8:>9.2f}"
+                          f"{per['auto']['_kernel'][layer].split()[0]:>11}")
+                med = interleaved(fns, rounds=9, steps=100)
+                whole.append((key, bits, med))
+        print(f"\nwhole model (ms){'':<6}{'ORT':>9}{'TVM int8':>10}{'TVM auto':>10}{'auto/int8':>10}{'auto/ORT':>10}")
+        for key, bits, med in whole:
+            print(f"{key + f' W{bits}A{bits}':<22}{med['ort'] * 1e3:>9.4f}{med['int8'] * 1e3:>10.4f}"
+                  f"{med['auto'] * 1e3:>10.4f}{med['auto'] / med['int8']:>10.2f}{med['auto'] / med['ort']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 
 class OneLayer(nn.Module):
-    def __init__(self, qb, kind, shape):
+    def __init__(self, qb, kind, shape, unsigned_input: bool = False):
         super().__init__()
-        self.inp = qb.act("layer", relu=False)
+        self.inp = qb.act("layer", relu=unsigned_input)
         if kind == "conv":
             cin, cout, _ = shape
             self.layer = qb.conv("layer", cin, cout, 3, padding=1)
@@ -21,13 +21,15 @@ class OneLayer(nn.Module):
         return self.layer(self.inp(x))
 
 
-def one_layer_model(kind, shape, b_w, b_a):
+def one_layer_model(kind, shape, b_w, b_a, unsigned_input: bool = False):
+    """``unsigned_input``: the input quantizer after a ReLU (a hidden layer's input, unsigned codes)
+    instead of a signed one (a network's first layer)."""
     from bitfold.toolchain.bitmap import LayerBits
     from bitfold.toolchain.quant import LayerBuilder, get_method
     from bitfold.toolchain.train import init_activation_stats
     torch.manual_seed(0)
     qm = get_method("fixed")
-    m = OneLayer(LayerBuilder(qm, {"layer": LayerBits(b_w, b_a)}), kind, shape)
+    m = OneLayer(LayerBuilder(qm, {"layer": LayerBits(b_w, b_a)}), kind, shape, unsigned_input)
     m.bit_map, m.quant_method = {"layer": LayerBits(b_w, b_a)}, qm
     in_shape = (shape[0], shape[2], shape[2]) if kind == "conv" else (shape[0],)
     init_activation_stats(m, torch.randn(64, *in_shape), 64)

@@ -4,17 +4,23 @@
 
 1. imports the QCDQ export with ``tvm.relax.frontend.onnx.from_onnx`` at batch 1;
 2. lowers every quantized conv/matmul (``dequantize -> conv/matmul``) to int8 x int8 -> int32 kernels
-   (:mod:`.tvm_int`; ``integer=False`` keeps TVM's float fake-quant), then legalizes and fuses;
+   (:mod:`.int_lowering`; ``integer=False`` keeps TVM's float fake-quant), or - for layers of <= 4 bits
+   with unsigned inputs - to bit-serial kernels (:mod:`.bitserial`), each such layer timed both ways
+   on the host and the faster kept; then legalizes and fuses;
 3. tunes the conv/matmul kernels with MetaSchedule (``tune_trials`` per kernel; the board's tuning
-   database is applied on every build and only kernels without a record are tuned, :mod:`.tvm_tune`);
-4. adds one entry function per fused kernel (:mod:`.tvm_kernels`) so each layer can be timed alone;
+   database is applied on every build and only kernels without a record are tuned, :mod:`.tune`);
+   kernels without a record get the default schedules of :mod:`.schedules`;
+4. adds one entry function per fused kernel (:mod:`.kernels`) so each layer can be timed alone;
 5. compiles for the board's target: ``llvm`` with the board's triple / CPU / ``mattr`` (the host's CPU is
    asked from LLVM); a foreign triple is cross-compiled and linked with ``<triple>-g++``;
 6. verifies before anything is written: the module compiled for the host runs on seeded random inputs
    and is compared with onnxruntime (QDQ fusions off) under the export gate; an aarch64 library is also
    run under qemu-user when the arm64 sysroot exists (:mod:`.qemu`, ``bitfold setup arm64``);
-7. writes ``model.so`` and ``build.json`` (target, versions, input, source hash, bit map, per-layer
-   int/float report, kernels, tuning summary, verification).
+7. times a host build next to onnxruntime's default session on the same file (batch 1, alternating
+   rounds) and says both;
+8. writes ``model.so`` and ``build.json`` (target, versions, input, source hash, bit map, per-layer
+   int/float report and kernel (int8 / bit-serial, with the timings that chose it), kernels, tuning
+   summary, verification, latency next to onnxruntime).
 """
 from __future__ import annotations
 
@@ -258,6 +264,11 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
         if cross and emulated is None:
             notes.append(f"{lib.name} is {board.triple} code: the host check ran the same Relax module compiled "
                          f"for the host; run it on the board, or set up qemu (bitfold setup arm64) to check the ARM code")
+        latency = None
+        if not cross:
+            latency = latency_vs_ort(lib, onnx_path, x[:1])
+            notes.append(f"latency on this host, batch 1: TVM {latency['tvm_s'] * 1e3:.4f} ms, onnxruntime "
+                         f"(default session) {latency['onnxruntime_s'] * 1e3:.4f} ms ({latency['ratio']:.2f}x)")
         n_int = sum(1 for la in cinfo["layers"] if la["arith"] == "int")
         meta = {"board": board.name, "backend": "tvm", "target": str(target), "tvm": tvm.__version__,
                 "input": {"name": name, "shape": list(shape)},
@@ -266,7 +277,8 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
                 "integer_lowering": integer, "layers": cinfo["layers"], "kernel_choice": choice,
                 "kernels": cinfo["kernels"],
                 "tuning": cinfo["tuning"], "artefacts": {"library": lib.name},
-                "verification": report.as_dict(), "verification_emulated": emulated, "notes": notes}
+                "verification": report.as_dict(), "verification_emulated": emulated,
+                "latency_vs_onnxruntime": latency, "notes": notes}
         (tmp / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
     notes = notes + [f"{n_int}/{len(cinfo['layers'])} conv/matmul layers run in integer arithmetic"
                      if integer else "integer lowering off: layers run as float fake-quant"]
@@ -276,6 +288,33 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
                      + (f"; {choice['note']}" if choice.get("note") else ""))
     return BuildResult(Path(out_dir), board.name, "tvm", {"library": str(Path(out_dir) / "model.so")},
                        verified=True, verification=report.as_dict(), notes=notes)
+
+
+def latency_vs_ort(lib_path: Path, onnx_path: Path, x1: np.ndarray, rounds: int = 7, steps: int = 30) -> dict:
+    """Median seconds per batch-1 inference of the build and of onnxruntime's default session (what a user
+    of the same file gets), timed in alternating rounds on this host with each runtime's default threads."""
+    import statistics
+
+    import onnxruntime as ort
+    tvm = import_tvm()
+    from tvm import relax
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    xt = tvm.runtime.tensor(x1, tvm.cpu())
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x1}
+    fns = {"tvm": lambda: vm["main"](xt), "onnxruntime": lambda: sess.run(None, feed)}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[k].append((time.perf_counter() - t) / steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tvm_s": med["tvm"], "onnxruntime_s": med["onnxruntime"], "ratio": med["tvm"] / med["onnxruntime"],
+            "rounds": rounds, "steps": steps}
 
 
 def _summary(res) -> dict:

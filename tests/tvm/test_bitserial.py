@@ -152,6 +152,9 @@ def test_auto_choice_is_measured_per_layer_and_recorded(tmp_path):
     faster = "bitserial" if row["bitserial_s"] < row["int8_s"] else "int8"
     assert row["chosen"] == faster
     assert meta["layers"][0]["kernel"] == ("bitserial W2A2" if faster == "bitserial" else "int8")
+    # the build is timed next to onnxruntime's default session on the same file, and says so
+    lat = meta["latency_vs_onnxruntime"]
+    assert lat["tvm_s"] > 0 and lat["onnxruntime_s"] > 0 and lat["ratio"] == lat["tvm_s"] / lat["onnxruntime_s"]
     m5 = _one_layer_qcdq(tmp_path / "m5.onnx", "gemm", 5, 2)
     build(m5, "host-cpu", tmp_path / "b5")
     meta5 = json.loads((tmp_path / "b5" / "build.json").read_text())
