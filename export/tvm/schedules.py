@@ -9,10 +9,17 @@ host: a 784x64 int8 matmul at batch 1 took 29 us untuned, 1.4 us with the loop o
 the innermost *spatial* axis of its output (a matmul's columns), with the reduction loops directly
 outside it and the reduction's init split off. Consecutive iterations of that loop then write consecutive outputs from consecutive
 inputs, which LLVM vectorizes for the target's vector width (AVX2/AVX-512 on x86, NEON on aarch64).
-Nothing else changes: the same integer arithmetic per output, so results are bit-identical to the
-untuned kernel. Kernels scheduled from a tuning database (``tirx.is_scheduled``) keep theirs.
+Nothing else changes: the same integer arithmetic per output, so the accumulators are exactly the
+untuned kernel's. Kernels scheduled from a tuning database (``tirx.is_scheduled``) keep theirs.
 Integer matmuls and bit-serial convolutions are reordered (measured gains); int8 NCHW convolutions
 keep their nest (this order was slower there).
+
+Every unscheduled kernel also has its element-wise blocks inlined (:func:`_inline_elementwise`): the
+requantize chain that Relax fuses behind a convolution (cast, scale, BatchNorm's subtract / divide /
+multiply / add) otherwise makes one pass through memory per operation, and on the digits CNN took
+longer than the bit-serial convolution in front of it (14 us of a 14.1 us kernel vs 4.5 us inlined;
+whole model 77 -> 58 us int8, 35 -> 16 us bit-serial W2A2). Integer kernels stay exact; the float
+chain may differ from the un-inlined one in the last bit (FMA), which the export gate allows.
 """
 from __future__ import annotations
 
@@ -43,8 +50,32 @@ def _reorder_reduction(sch, block, any_rank: bool = False) -> bool:
     return True
 
 
+def _inline_elementwise(sch) -> bool:
+    """Inline every element-wise block behind the kernel's reduction (or, without one, every block) into
+    its consumer, the kernel's last block excepted: a fused kernel's requantize chain (cast, scale, BatchNorm, ...) then runs as one
+    loop over the output instead of one pass through memory per operation. The same float operations per
+    element, in the same order; LLVM may then fuse a multiply and an add into one FMA, so a float output
+    can differ in its last bit (the build's gate against onnxruntime checks the result as before)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    first_red = next((i for i, rv in enumerate(blocks) if sch.get(rv).init is not None), -1)
+    done = False
+    # only blocks behind the reduction: one in front of it (a packing, a zero-point shift) inlined into
+    # it would be recomputed for every output that reads it (measured: bit-serial W3A3 dense 0.7 -> 13 us)
+    for rv in blocks[first_red + 1:-1]:
+        b = sch.get(rv)
+        if b.init is not None or any(iv.iter_type != 0 for iv in b.iter_vars) or "pad" in b.name_hint:
+            continue
+        try:
+            sch.compute_inline(rv)
+            done = True
+        except Exception:  # noqa: BLE001 - a block that cannot be inlined (several consumers, ...) stays
+            continue
+    return done
+
+
 def apply_default(mod):
-    """``(module, n)``: every unscheduled PrimFunc's reduction blocks reordered as above; ``n`` kernels changed."""
+    """``(module, n)``: every unscheduled PrimFunc's reduction blocks reordered as above and its
+    element-wise blocks inlined; ``n`` kernels changed."""
     import tvm
     from tvm.s_tir import Schedule
 
@@ -55,14 +86,13 @@ def apply_default(mod):
             continue
         if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
             continue
-        if "bitserial_dense" in gv.name_hint:
-            continue        # popcount over packed words: LLVM vectorizes the word loop as it is
+        sch = Schedule(tvm.IRModule({"main": func}))
+        done = _inline_elementwise(sch)
+        # bit-serial dense: popcount over packed words, LLVM vectorizes the word loop as it is;
         # bit-serial convolutions: output width innermost (measured on a W4A4 3x3 conv, 32 -> 64 channels
         # at 4x4: 101 -> 22 us; slower on 16-bit words, which the per-layer timing then leaves to int8)
         any_rank = "bitserial_conv2d" in gv.name_hint
-        sch = Schedule(tvm.IRModule({"main": func}))
-        done = False
-        for block in _reduction_blocks(sch):
+        for block in ([] if "bitserial_dense" in gv.name_hint else _reduction_blocks(sch)):
             try:
                 done |= _reorder_reduction(sch, block, any_rank)
             except Exception:  # noqa: BLE001 - a block this simple rule cannot reorder keeps its order
