@@ -145,12 +145,12 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
                  "kernels": kernels, "tuning": tuning, "input": (name, shape)}
 
 
-def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tuple[set, dict]:
-    """Which layers run bit-serial: ``(indices, record)``.
+def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tuple[dict, dict]:
+    """Which layers run bit-serial, in which variant: ``({index: variant}, record)``.
 
     ``int8``: none; ``bitserial``: every layer that qualifies; ``auto``: on this host, each qualifying
-    layer's fused kernel is timed both ways (int8 and bit-serial, same requantize chain) and the faster
-    one is kept; for a foreign board (nothing to time it on here) every layer stays int8.
+    layer's fused kernel is timed as int8 and as bit-serial kernel variants (same requantize chain) and
+    the fastest is kept; for a foreign board (nothing to time it on here) every layer stays int8.
     """
     from bitfold.export.tvm import bitserial as tvm_bs
     if mode not in KERNEL_MODES:
@@ -159,32 +159,45 @@ def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tup
     able = {i for i, o in enumerate(ops) if o.why_not() is None}
     record = {"mode": mode, "eligible": [ops[i].layer for i in sorted(able)]}
     if mode == "int8" or not able:
-        return set(), record
+        return {}, record
     if mode == "bitserial":
-        return able, record
+        return {i: "" for i in able}, record
     if not is_host(board):
         record["note"] = (f"not timed: {board.name} is not this host; every layer runs int8 "
                           f"(--kernels bitserial forces the bit-serial kernels)")
-        return set(), record
+        return {}, record
     tvm = import_tvm()
     from tvm import relax
 
     from bitfold.export.tvm.kernels import time_kernels
-    events_of(events).say(f"timing {len(able)} layer(s) as int8 and bit-serial kernels on this host")
+    # the int8 kernel, and the bit-serial kernel in its variants: convolutions vary in packing word and loop
+    # nest, and no one variant was fastest on every shape (measured 3x3 convs: 2.8-165 us for one layer)
+    convs = any(ops[i].op == "conv2d" for i in able)
+    variants = [("int8", None), ("bitserial", "")] + ([("bitserial", "k32"), ("bitserial", "k32n")] if convs else [])
+    events_of(events).say(f"timing {len(able)} layer(s) as int8 and {len(variants) - 1} bit-serial kernel "
+                          f"variant(s) on this host")
     per_layer = {}
-    for label, sel in (("int8", set()), ("bitserial", able)):
+    for kind, variant in variants:
+        sel = {} if variant is None else {i: variant for i in able}
         mod, info = compile_module(model, board, bitserial=sel, **compile_kw)
         vm = relax.VirtualMachine(tvm.compile(mod, info["target"]), tvm.cpu())
         ks = [k for k in info["kernels"] if "layer" in k]
         for row in time_kernels(vm, tvm.cpu(), ks, number=50, repeat=7):
-            per_layer.setdefault(row["layer"], {})[label] = row["median"]
-    chosen, rows = set(), []
+            per_layer.setdefault(row["layer"], {})[(kind, variant)] = row["median"]
+    chosen, rows = {}, []
     for i in sorted(able):
         t = per_layer.get(ops[i].layer, {})
-        if "bitserial" in t and t["bitserial"] < t.get("int8", float("inf")):
-            chosen.add(i)
-        rows.append({"layer": ops[i].layer, "bits": ops[i].label, "int8_s": t.get("int8"),
-                     "bitserial_s": t.get("bitserial"), "chosen": "bitserial" if i in chosen else "int8"})
+        if ops[i].op != "conv2d":
+            t = {k: v for k, v in t.items() if k[1] in (None, "")}
+        best = min(t, key=t.get) if t else ("int8", None)
+        if best[0] == "bitserial":
+            chosen[i] = best[1]
+        serial = {k[1]: v for k, v in t.items() if k[0] == "bitserial"}
+        rows.append({"layer": ops[i].layer, "bits": ops[i].label, "int8_s": t.get(("int8", None)),
+                     "bitserial_s": min(serial.values()) if serial else None,
+                     "bitserial_variants_s": {v or "default": s for v, s in serial.items()},
+                     "chosen": "bitserial" if i in chosen else "int8",
+                     "variant": (chosen.get(i) or "default") if i in chosen else None})
     record["measured"] = rows
     return chosen, record
 
@@ -218,7 +231,7 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
         raise BitfoldError(f"unknown kernel choice {kernels!r}", f"use one of: {', '.join(KERNEL_MODES)}")
     t0 = time.perf_counter()
     serial, choice = (choose_kernels(model, board, kernels, events=events) if integer
-                      else (set(), {"mode": "float"}))
+                      else ({}, {"mode": "float"}))
     mod, cinfo = compile_module(model, board, integer=integer, tune_trials=tune_trials, retune=retune,
                                 tracker=tracker, key=key, events=events, bitserial=serial)
     tune_s = time.perf_counter() - t0

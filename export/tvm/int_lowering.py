@@ -59,7 +59,9 @@ def _make_pass():
             super().__init__(mod)
             self.layers: list[LayerArith] = []
             self.operands = operands
-            self.bitserial = set(bitserial)
+            # {layer index: variant}; "" (packing word from the channel count, output width innermost),
+            # "k32" (32-bit words, channels padded), "k32n" (32-bit words, the compute's own loop nest)
+            self.bitserial = dict(bitserial) if isinstance(bitserial, dict) else {i: "" for i in bitserial}
 
         def _value(self, e):
             if isinstance(e, relax.Var):
@@ -145,11 +147,13 @@ def _make_pass():
                 else:
                     from bitfold.export.tvm import bitserial as bs
                     a_bits, w_bits = serial.a_bits, serial.w_bits
-                    word = bs.conv_word(int(serial.weight.shape[1]))
+                    variant = self.bitserial.get(idx, "")
+                    word = 32 if variant.startswith("k32") else bs.conv_word(int(serial.weight.shape[1]))
                     acc = bb.emit(bb.call_te(
                         bs.conv_te(a_bits, w_bits, int(serial.weight.shape[0]), word, a.strides, a.padding), xq,
                         relax.const(bs.pack_conv_weights(serial.weight, w_bits, word)),
-                        primfunc_name_hint=f"bitserial_conv2d_w{w_bits}a{a_bits}"))
+                        primfunc_name_hint=f"bitserial_conv2d_w{w_bits}a{a_bits}"
+                                           f"{'_nat' if variant.endswith('n') else ''}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
             else:
@@ -212,7 +216,8 @@ def lower_to_integer(mod, onnx_layers: list[str] | None = None, operands=None, b
     """Rewrite ``mod['main']``'s quantized conv2d/matmul to integer kernels: ``(new_mod, [LayerArith])``.
 
     ``operands``: :func:`bitfold.export.tvm.bitserial.operands` of the ONNX model (graph order);
-    ``bitserial``: indices of the layers to run bit-serial where they qualify (the others run int8)."""
+    ``bitserial``: indices of the layers to run bit-serial where they qualify (the others run int8), or
+    ``{index: variant}`` with a convolution variant ("", "k32", "k32n": see the pass)."""
     from tvm import relax
     lowering = _make_pass()(mod, operands, bitserial)
     gv = mod.get_global_var("main")

@@ -92,7 +92,8 @@ def apply_default(mod):
         # bit-serial convolutions: output width innermost (measured on a W4A4 3x3 conv, 32 -> 64 channels
         # at 4x4: 101 -> 22 us; slower on 16-bit words, which the per-layer timing then leaves to int8)
         any_rank = "bitserial_conv2d" in gv.name_hint
-        for block in ([] if "bitserial_dense" in gv.name_hint else _reduction_blocks(sch)):
+        keep = "bitserial_dense" in gv.name_hint or "_nat" in gv.name_hint   # "_nat": the nest as computed
+        for block in ([] if keep else _reduction_blocks(sch)):
             try:
                 done |= _reorder_reduction(sch, block, any_rank)
             except Exception:  # noqa: BLE001 - a block this simple rule cannot reorder keeps its order

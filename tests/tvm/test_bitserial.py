@@ -87,19 +87,23 @@ def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
     else:
         x = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
         w = rng.integers(lo, hi + 1, size=(6, 12, 3, 3))
-        word = bs.conv_word(12)
-        packed, ref = bs.pack_conv_weights(w, w_bits, word), _conv_ref(x, w, 1)
-        fn = bs.conv_te(a_bits, w_bits, 6, word, (1, 1), (1, 1, 1, 1))
-        name = "bitserial_conv2d"
-    xt = te.placeholder(x.shape, "uint8", name="x")
-    wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
-    out = fn(xt, wt)
-    mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
-    mod, _ = schedules.apply_default(mod)
-    lib = tvm.compile(mod, "llvm")
-    y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
-    lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
-    assert np.array_equal(y.numpy(), ref)
+        ref = _conv_ref(x, w, 1)
+    # convolutions: every variant the per-layer choice may pick (packing word, loop nest)
+    variants = [("bitserial_dense", None)] if op == "gemm" else \
+        [("bitserial_conv2d", bs.conv_word(12)), ("bitserial_conv2d", 32), ("bitserial_conv2d_nat", 32)]
+    for name, word in variants:
+        if word is not None:
+            packed = bs.pack_conv_weights(w, w_bits, word)
+            fn = bs.conv_te(a_bits, w_bits, 6, word, (1, 1), (1, 1, 1, 1))
+        xt = te.placeholder(x.shape, "uint8", name="x")
+        wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
+        out = fn(xt, wt)
+        mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
+        mod, _ = schedules.apply_default(mod)
+        lib = tvm.compile(mod, "llvm")
+        y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
+        lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
+        assert np.array_equal(y.numpy(), ref), (name, word)
     assert x.max() == (1 << a_bits) - 1 and w.min() == lo and w.max() == hi
 
 
