@@ -1,24 +1,7 @@
 """Side-by-side timing for the benchmarks: callables run in interleaved rounds, medians compared."""
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable
-
-
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 7, steps: int = 20, warmup: int = 3) -> dict:
-    """Median seconds per call of each callable; the rounds alternate so machine noise hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+from bitfold.core.timing import interleaved  # noqa: F401 - the benchmarks import it from here
 
 
 def train_step_times(configs: dict, bits="w3a4", model="cnn", shape=(1, 8, 8), rounds=7, steps=15) -> dict:

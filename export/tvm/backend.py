@@ -306,26 +306,17 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
 def latency_vs_ort(lib_path: Path, onnx_path: Path, x1: np.ndarray, rounds: int = 7, steps: int = 30) -> dict:
     """Median seconds per batch-1 inference of the build and of onnxruntime's default session (what a user
     of the same file gets), timed in alternating rounds on this host with each runtime's default threads."""
-    import statistics
-
     import onnxruntime as ort
+
+    from bitfold.core.timing import interleaved
     tvm = import_tvm()
     from tvm import relax
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     xt = tvm.runtime.tensor(x1, tvm.cpu())
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x1}
-    fns = {"tvm": lambda: vm["main"](xt), "onnxruntime": lambda: sess.run(None, feed)}
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved({"tvm": lambda: vm["main"](xt), "onnxruntime": lambda: sess.run(None, feed)},
+                      rounds=rounds, steps=steps, warmup=1)
     return {"tvm_s": med["tvm"], "onnxruntime_s": med["onnxruntime"], "ratio": med["tvm"] / med["onnxruntime"],
             "rounds": rounds, "steps": steps}
 
