@@ -36,7 +36,8 @@ class PairSumBound:
         return asdict(self)
 
 
-def _values(m) -> dict:
+def values(m) -> dict:
+    """Initializers and Constant nodes of ``m``, by tensor name (the QCDQ graph helpers below read them)."""
     from onnx import numpy_helper
     vals = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     for n in m.graph.node:
@@ -45,11 +46,12 @@ def _values(m) -> dict:
     return vals
 
 
-def _producers(m) -> dict:
+def producers(m) -> dict:
+    """The node that writes each tensor, by tensor name."""
     return {o: n for n in m.graph.node for o in n.output}
 
 
-def _code_range(q_out: str, prod: dict, vals: dict, zp_dtype) -> tuple[int, int]:
+def code_range(q_out: str, prod: dict, vals: dict, zp_dtype) -> tuple[int, int]:
     """Integer range of the codes flowing into a DequantizeLinear: a Clip's bounds, else the dtype's."""
     n = prod.get(q_out)
     if n is not None and n.op_type == "Clip" and len(n.input) == 3 and n.input[1] in vals and n.input[2] in vals:
@@ -58,7 +60,7 @@ def _code_range(q_out: str, prod: dict, vals: dict, zp_dtype) -> tuple[int, int]
     return int(info.min), int(info.max)
 
 
-def _dequant_input(name: str, prod: dict, skip=("Transpose", "Reshape", "Flatten", "MaxPool")):
+def dequant_input(name: str, prod: dict, skip=("Transpose", "Reshape", "Flatten", "MaxPool")):
     """The DequantizeLinear that feeds ``name`` (through layout-only ops), or None."""
     n = prod.get(name)
     while n is not None and n.op_type in skip:
@@ -84,7 +86,8 @@ def _constant(name: str, prod: dict, vals: dict) -> np.ndarray | None:
     return None
 
 
-def _weight_codes(dq, prod: dict, vals: dict) -> np.ndarray | None:
+def weight_codes(dq, prod: dict, vals: dict) -> np.ndarray | None:
+    """The integer codes a weight DequantizeLinear reads: a constant, clipped by its Clip if there is one."""
     src = dq.input[0]
     n = prod.get(src)
     if n is not None and n.op_type == "Clip" and len(n.input) == 3:
@@ -95,19 +98,19 @@ def _weight_codes(dq, prod: dict, vals: dict) -> np.ndarray | None:
 
 def pair_sum_bounds(m) -> list[PairSumBound]:
     """One bound per integer-fusable layer of the QCDQ model ``m`` (an ``onnx.ModelProto``)."""
-    vals, prod = _values(m), _producers(m)
+    vals, prod = values(m), producers(m)
     out = []
     for n in m.graph.node:
         if n.op_type not in _LAYER_OPS or len(n.input) < 2:
             continue
-        xdq, wdq = _dequant_input(n.input[0], prod), _dequant_input(n.input[1], prod, skip=("Transpose",))
+        xdq, wdq = dequant_input(n.input[0], prod), dequant_input(n.input[1], prod, skip=("Transpose",))
         if xdq is None or wdq is None or len(xdq.input) < 3 or xdq.input[2] not in vals:
             continue
-        w = _weight_codes(wdq, prod, vals)
+        w = weight_codes(wdq, prod, vals)
         if w is None or w.dtype != np.int8:
             continue
         zp = vals[xdq.input[2]]
-        lo, hi = _code_range(xdq.input[0], prod, vals, zp.dtype)
+        lo, hi = code_range(xdq.input[0], prod, vals, zp.dtype)
         shift = 128 if zp.dtype == np.int8 else 0
         a_max = max(abs(lo + shift), abs(hi + shift))
         w = np.abs(w.astype(np.int64))

@@ -104,9 +104,14 @@ def run_vm(lib_path: Path, x: np.ndarray) -> np.ndarray:
 KERNEL_MODES = ("auto", "int8", "bitserial")
 
 
+def check_kernel_mode(mode: str) -> None:
+    if mode not in KERNEL_MODES:
+        raise BitfoldError(f"unknown kernel choice {mode!r}", f"use one of: {', '.join(KERNEL_MODES)}")
+
+
 def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, retune: bool = False,
                    tracker: str | None = None, key: str | None = None, events=None, for_host: bool = False,
-                   bitserial=()):
+                   bitserial=(), operands=None):
     """ONNX model -> (prepared Relax module with kernel entries, info dict).
 
     Imports with the Relax ONNX frontend, lowers quantized conv/matmul to integer kernels (``integer``),
@@ -114,7 +119,8 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
     applies the database; kernels without a record get the default schedules (:mod:`.schedules`). The
     module is ready for ``tvm.compile``. ``for_host`` compiles a foreign board's model for this host
     instead (the host-side check of a cross build). ``bitserial``: indices of the layers to run as
-    bit-serial kernels where they qualify (:mod:`.bitserial`).
+    bit-serial kernels where they qualify (:mod:`.bitserial`), ``operands`` the model's
+    :func:`.bitserial.operands` when the caller has them.
     """
     from bitfold.export.tvm import bitserial as tvm_bs, int_lowering as tvm_int, kernels as tvm_kernels, \
         schedules as tvm_sched, tune as tvm_tune
@@ -122,8 +128,8 @@ def compile_module(model, board, *, integer: bool = True, tune_trials: int = 0, 
     mod = import_relax(model, name, shape)
     layers = []
     if integer:
-        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model), tvm_bs.operands(model),
-                                               bitserial)
+        mod, layers = tvm_int.lower_to_integer(mod, tvm_int.onnx_compute_layers(model),
+                                               tvm_bs.operands(model) if operands is None else operands, bitserial)
     mod = tvm_tune.prepare(mod)
     host = for_host or is_host(board)
     target = target_for(board, host)
@@ -153,8 +159,7 @@ def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tup
     the fastest is kept; for a foreign board (nothing to time it on here) every layer stays int8.
     """
     from bitfold.export.tvm import bitserial as tvm_bs
-    if mode not in KERNEL_MODES:
-        raise BitfoldError(f"unknown kernel choice {mode!r}", f"use one of: {', '.join(KERNEL_MODES)}")
+    check_kernel_mode(mode)
     ops = tvm_bs.operands(model)
     able = {i for i, o in enumerate(ops) if o.why_not() is None}
     record = {"mode": mode, "eligible": [ops[i].layer for i in sorted(able)]}
@@ -179,7 +184,7 @@ def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tup
     per_layer = {}
     for kind, variant in variants:
         sel = {} if variant is None else {i: variant for i in able}
-        mod, info = compile_module(model, board, bitserial=sel, **compile_kw)
+        mod, info = compile_module(model, board, bitserial=sel, operands=ops, **compile_kw)
         vm = relax.VirtualMachine(tvm.compile(mod, info["target"]), tvm.cpu())
         ks = [k for k in info["kernels"] if "layer" in k]
         for row in time_kernels(vm, tvm.cpu(), ks, number=50, repeat=7):
@@ -227,8 +232,7 @@ def build(onnx_path: Path, board, out_dir: Path, samples: int = 32, integer: boo
                                    f"Debian/Ubuntu: apt-get install g++-{board.triple.split('-')[0]}-linux-gnu")
     if tune_trials < 0:
         raise BitfoldError(f"--tune-trials must be >= 0, got {tune_trials}")
-    if kernels not in KERNEL_MODES:
-        raise BitfoldError(f"unknown kernel choice {kernels!r}", f"use one of: {', '.join(KERNEL_MODES)}")
+    check_kernel_mode(kernels)
     t0 = time.perf_counter()
     serial, choice = (choose_kernels(model, board, kernels, events=events) if integer
                       else ({}, {"mode": "float"}))

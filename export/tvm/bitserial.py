@@ -73,114 +73,46 @@ class Operand:
 
 
 def operands(model) -> list[Operand]:
-    """One :class:`Operand` per Conv/Gemm/MatMul node of a QCDQ ONNX model, in graph order."""
-    from onnx import numpy_helper
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    producer = {}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-        for o in n.output:
-            producer[o] = n
-
-    def attr(node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return a.i
-        return default
-
-    def const_of(name):
-        """The integer codes of a constant tensor, through Clip / Transpose / Identity."""
-        if name in consts:
-            return consts[name]
-        n = producer.get(name)
-        if n is None:
-            return None
-        if n.op_type == "Clip":
-            v = const_of(n.input[0])
-            lo = consts.get(n.input[1]) if len(n.input) > 1 and n.input[1] else None
-            hi = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            if v is None:
-                return None
-            return np.clip(v, lo if lo is not None else v.min(), hi if hi is not None else v.max())
-        if n.op_type == "Identity":
-            return const_of(n.input[0])
-        return None
-
-    def weight_codes(name):
-        """(codes, transposed?) of a dequantized weight input with zero point 0."""
-        n = producer.get(name)
-        transposed = False
-        if n is not None and n.op_type == "Transpose":
-            perm = [a.ints for a in n.attribute if a.name == "perm"]
-            if perm and list(perm[0]) != [1, 0]:
-                return None, False
-            transposed, n = True, producer.get(n.input[0])
-        if n is None or n.op_type != "DequantizeLinear":
-            return None, False
-        zp = consts.get(n.input[2]) if len(n.input) > 2 else None
-        if zp is not None and np.any(zp != 0):
-            return None, False
-        codes = const_of(n.input[0])
-        return (None if codes is None or not np.issubdtype(codes.dtype, np.integer) else codes), transposed
-
-    def input_range(name):
-        n = producer.get(name)
-        while n is not None and n.op_type in ("Flatten", "Reshape", "MaxPool", "Identity"):
-            n = producer.get(n.input[0])
-        if n is None or n.op_type != "DequantizeLinear":
-            return None, None, None
-        zp = consts.get(n.input[2]) if len(n.input) > 2 else None
-        z = int(np.asarray(zp).reshape(-1)[0]) if zp is not None and np.asarray(zp).size == 1 else None
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Clip" and len(src.input) >= 3 \
-                and src.input[1] in consts and src.input[2] in consts:
-            return int(consts[src.input[1]]), int(consts[src.input[2]]), z
-        if src is not None and src.op_type == "QuantizeLinear" and zp is not None:
-            info = np.iinfo(np.asarray(zp).dtype)
-            return int(info.min), int(info.max), z
-        return None, None, None
-
+    """One :class:`Operand` per Conv/Gemm/MatMul node of a QCDQ ONNX model, in graph order (read with
+    the QCDQ graph helpers of :mod:`bitfold.export.qcdq_safety`)."""
+    from bitfold.export.qcdq_safety import code_range, dequant_input, producers, values, weight_codes
+    vals, prod = values(model), producers(model)
     out = []
     for i, n in enumerate(model.graph.node):
         if n.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        name = n.name or f"{n.op_type}_{i}"
-        op = Operand(name, "conv2d" if n.op_type == "Conv" else "matmul")
-        op.x_lo, op.x_hi, op.x_zero = input_range(n.input[0])
-        codes, transposed = weight_codes(n.input[1])
+        op = Operand(n.name or f"{n.op_type}_{i}", "conv2d" if n.op_type == "Conv" else "matmul")
+        attrs = {a.name: a for a in n.attribute}
+        xdq = dequant_input(n.input[0], prod, skip=("Flatten", "Reshape", "MaxPool", "Identity"))
+        if xdq is not None and len(xdq.input) > 2 and xdq.input[2] in vals and vals[xdq.input[2]].size == 1:
+            zp = vals[xdq.input[2]]
+            op.x_lo, op.x_hi = code_range(xdq.input[0], prod, vals, zp.dtype)
+            op.x_zero = int(zp.reshape(-1)[0])
+        wdq = dequant_input(n.input[1], prod, skip=("Transpose",))
+        codes = None
+        if wdq is not None and not (len(wdq.input) > 2 and wdq.input[2] in vals and np.any(vals[wdq.input[2]] != 0)):
+            codes = weight_codes(wdq, prod, vals)
+        if codes is not None and not np.issubdtype(codes.dtype, np.integer):
+            codes = None
         if op.op == "conv2d":
-            op.groups = attr(n, "group", 1)
-            op.dilated = any(d != 1 for a in n.attribute if a.name == "dilations" for d in a.ints)
+            op.groups = attrs["group"].i if "group" in attrs else 1
+            op.dilated = "dilations" in attrs and any(d != 1 for d in attrs["dilations"].ints)
             op.weight = None if codes is None or codes.ndim != 4 else codes.astype(np.int64)
-        if codes is not None and op.op == "matmul" and codes.ndim == 2:
-            if n.op_type == "Gemm":
-                if attr(n, "transA", 0):
-                    codes = None
-                elif not attr(n, "transB", 0):
-                    codes = codes.T            # B is (in, out)
-            elif not transposed:
-                codes = codes.T                # MatMul with (in, out) weights
-            op.weight = None if codes is None else np.ascontiguousarray(codes.astype(np.int64))
+        elif codes is not None and codes.ndim == 2 and not ("transA" in attrs and attrs["transA"].i):
+            # rows = output channels: a weight read through a Transpose, or a Gemm's with transB, is
+            # stored [out, in]; a plain MatMul's / Gemm's B is [in, out]
+            through_t = prod.get(n.input[1]) is not None and prod[n.input[1]].op_type == "Transpose"
+            trans_b = "transB" in attrs and attrs["transB"].i
+            op.weight = np.ascontiguousarray((codes if through_t or trans_b else codes.T).astype(np.int64))
         out.append(op)
     return out
 
 
 def pack_weights(w: np.ndarray, bits: int) -> np.ndarray:
     """(out, in) signed codes -> (out + 1, bits, ceil(in / 32)) uint32 planes of ``w + 2^(bits-1)``;
-    the last row is all ones (its output is the input's sum). Bit order within a word is
-    ``topi.nn.bitpack``'s: element ``32*i + t`` at bit ``31 - t``."""
-    n, k = w.shape
-    kp = -(-k // WORD) * WORD
-    wu = np.zeros((n + 1, kp), np.int64)
-    wu[:n, :k] = w.astype(np.int64) + (1 << (bits - 1))
-    wu[n, :k] = 1
-    planes = ((wu[:, None, :] >> np.arange(bits)[None, :, None]) & 1).astype(np.uint64)
-    planes = planes.reshape(n + 1, bits, kp // WORD, WORD)
-    shifts = (WORD - 1 - np.arange(WORD)).astype(np.uint64)
-    return (planes << shifts).sum(-1).astype(np.uint32)
+    the last row is all ones (its output is the input's sum): a dense layer packed as a 1x1 convolution,
+    in the layout ``topi.nn.bitserial_dense`` reads."""
+    return np.ascontiguousarray(pack_conv_weights(w[:, :, None, None], bits, WORD)[:, :, 0, 0, :].transpose(0, 2, 1))
 
 
 def conv_word(channels: int) -> int:

@@ -168,7 +168,7 @@ def _make_pass():
                                              primfunc_name_hint=f"bitserial_dense_w{w_bits}a{a_bits}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
-            op = self.operands[idx] if self.operands and idx < len(self.operands) else None
+            op = self._operand(idx)
             why = op.why_not() if op is not None else "no ONNX operand information"
             if not isinstance(serial, str):
                 kernel = f"bitserial {serial.label}"
@@ -180,11 +180,14 @@ def _make_pass():
                                           bitserial=why or op.label))
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
 
+        def _operand(self, idx):
+            return self.operands[idx] if self.operands and idx < len(self.operands) else None
+
         def _bitserial_operand(self, idx, xq, wq, zx_v, kind):
             """The layer's Operand when it is asked to run bit-serial and can, else the reason why not."""
             if idx not in self.bitserial:
                 return "not asked"
-            op = self.operands[idx] if self.operands and idx < len(self.operands) else None
+            op = self._operand(idx)
             if op is None:
                 return "no ONNX operand information"
             why = op.why_not()
@@ -223,8 +226,9 @@ def lower_to_integer(mod, onnx_layers: list[str] | None = None, operands=None, b
     gv = mod.get_global_var("main")
     new_main = lowering.visit_expr(mod[gv])
     out = mod.__class__(dict(mod.functions_items()), attrs=mod.attrs)
+    have = {g.name_hint for g in out.get_global_vars()}
     for g, f in lowering.builder_.get().functions_items():   # kernels the pass added (bit-serial)
-        if g.name_hint not in [k.name_hint for k in out.get_global_vars()]:
+        if g.name_hint not in have:
             out[g] = f
     out[gv] = new_main
     out = relax.transform.DeadCodeElimination(["main"])(out)

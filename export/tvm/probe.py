@@ -78,14 +78,14 @@ def measure(board, grid=QUICK_GRID, number: int = 20, repeat: int = 5, events=No
             else:
                 d = dict(macs=shape[0] * shape[1], weights=shape[0] * shape[1], in_features=shape[0],
                          out_features=shape[1])
-            target = json.loads((bdir / "build.json").read_text())["target"]
+            meta = json.loads((bdir / "build.json").read_text())
             rows.append(Measurement(board=board.name, kind=kind, b_w=b_w, b_a=b_a, metric="latency",
                                     value=t["median"], unit="s", source="measured", tool="tvm",
                                     tool_version=t["tvm"], device_id=where,
                                     extra={"p10": t["p10"], "p90": t["p90"], "std": t["std"], "number": number,
-                                           "repeat": repeat, "target": target, "via": "rpc" if tracker else "local",
+                                           "repeat": repeat, "target": meta["target"], "via": "rpc" if tracker else "local",
                                            "executor": "relax VM, integer kernels",
-                                           "kernel": json.loads((bdir / "build.json").read_text())["layers"][0].get("kernel")},
+                                           "kernel": meta["layers"][0].get("kernel")},
                                     **d))
             shutil.rmtree(bdir)
             events_of(events).progress(n + 1, len(jobs))
