@@ -10,7 +10,12 @@ Two forms:
 
 Widths are interpolated bilinearly between grid points (clamped outside), so the fractional widths
 of AdaQAT get a gradient; where the measurements say cost does not change with bits (int8 kernels
-on a CPU), the gradient is honestly (near) zero. A table may carry a whole-model factor fitted to
+on a CPU), the gradient is honestly (near) zero. Where CPU rows name the kernel that ran (``bitfold
+calibrate`` on a TVM board: ``extra["kernel"]``), the cells above the widest width any sub-8-bit
+kernel ran at are one kernel (the int8 fallback): they are fitted as one cell (``fallback``), and
+between that width and the top of the grid the cost is relaxed along ``max(b_w, b_a)`` - a layer gets
+cheaper only when its wider operand narrows, which is what the backend's rule (both widths small
+enough) means, so a width optimiser starting at W8A8 sees the way down instead of a flat plateau. A table may carry a whole-model factor fitted to
 built models (``calibration``).
 
 Tables are JSON with provenance, looked up in ``$BITFOLD_HOME/tables/<board>.json`` (written by
@@ -64,11 +69,13 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
             table["kinds"][kind] = fit_features([r for r in kr if r.extra.get("block")])
             continue
         ws, as_ = sorted({r.b_w for r in kr}), sorted({r.b_a for r in kr})
+        fallback = fallback_kernel(kr)
+        cell = _cell_key(fallback)
         slope = np.full((len(ws), len(as_)), np.nan)
         overheads = []
         for i, w in enumerate(ws):
             for j, a in enumerate(as_):
-                pts = [(r.macs, r.value) for r in kr if r.b_w == w and r.b_a == a]
+                pts = [(r.macs, r.value) for r in kr if cell(r.b_w, r.b_a) == cell(w, a)]
                 if not pts:
                     continue
                 macs = np.array([p[0] for p in pts], float)
@@ -100,7 +107,7 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
         pred = np.array([ov + r.macs * slope[ws.index(r.b_w), as_.index(r.b_a)] for r in kr])
         rel = np.abs(pred - meas) / np.maximum(np.abs(meas), 1e-30)
         exponent = 1.0
-        power = _fit_power(kr, ws, as_, noise_floor)
+        power = _fit_power(kr, ws, as_, noise_floor, cell)
         if power is not None and power[2].mean() < rel.mean():   # cost ~ MACs^p fits better (CPU caches)
             exponent, slope, rel = power
             ov, spread, flat = 0.0, float((slope.max() - slope.min()) / slope.mean()), bool((slope == slope.flat[0]).all())
@@ -108,27 +115,51 @@ def fit_table(rows: list[Measurement], board: str, metric: str, noise_floor: flo
                                 "spread": float(spread), "overhead": ov, "exponent": exponent,
                                 "fit": {"rows": len(kr), "shapes": len({(r.in_features, r.out_features, r.kernel, r.spatial) for r in kr}),
                                         "mape": float(rel.mean()), "max_rel_err": float(rel.max())}}
+        if fallback is not None:
+            table["kinds"][kind]["fallback"] = fallback
     return table
 
 
-def _fit_power(kr, ws, as_, noise_floor):
+def fallback_kernel(rows: list[Measurement]) -> dict | None:
+    """The int8 fallback of a CPU table's rows, when the rows name their kernels: every cell whose
+    wider width is above the widest width any other kernel ran at. None when the rows carry no kernel
+    names or every row ran int8."""
+    others = [max(r.b_w, r.b_a) for r in rows if r.extra.get("kernel") not in (None, "int8")]
+    if not others:
+        return None
+    above = max(others)
+    pooled = [r for r in rows if max(r.b_w, r.b_a) > above]
+    if not pooled or any(r.extra.get("kernel") != "int8" for r in pooled):
+        return None
+    return {"kernel": "int8", "above": above}
+
+
+def _cell_key(fallback: dict | None):
+    """Grid cell of a width pair; the fallback kernel's cells are one cell."""
+    def key(w, a):
+        return ("fallback",) if fallback and max(w, a) > fallback["above"] else (w, a)
+    return key
+
+
+def _fit_power(kr, ws, as_, noise_floor, cell=lambda w, a: (w, a)):
     """cost = c(b_w, b_a) * MACs^p with one exponent p per layer kind: least squares in log space
-    (relative error) with one intercept per measured width cell; None without two layer sizes.
-    Returns (p, c grid, relative errors)."""
+    (relative error) with one intercept per measured width cell (``cell`` maps a width pair to its
+    cell); None without two layer sizes. Returns (p, c grid, relative errors)."""
     macs = np.array([r.macs for r in kr], float)
     if len(set(macs)) < 2:
         return None
-    cells = sorted({(r.b_w, r.b_a) for r in kr})
+    cells = sorted({cell(r.b_w, r.b_a) for r in kr}, key=str)
     X = np.zeros((len(kr), 1 + len(cells)))
     X[:, 0] = np.log(macs)
     for i, r in enumerate(kr):
-        X[i, 1 + cells.index((r.b_w, r.b_a))] = 1.0
+        X[i, 1 + cells.index(cell(r.b_w, r.b_a))] = 1.0
     y = np.log([r.value for r in kr])
     sol = np.linalg.lstsq(X, y, rcond=None)[0]
     p = float(sol[0])
     c = np.full((len(ws), len(as_)), np.nan)
-    for (w, a), v in zip(cells, np.exp(sol[1:])):
-        c[ws.index(w), as_.index(a)] = v
+    fit = dict(zip(cells, np.exp(sol[1:])))
+    for (w, a) in {(r.b_w, r.b_a) for r in kr}:
+        c[ws.index(w), as_.index(a)] = fit[cell(w, a)]
     c = _fill(c)
     if (c.max() - c.min()) / c.mean() < noise_floor:
         c[:] = c.mean()
@@ -211,7 +242,18 @@ class TableCostModel:
 
     def per_mac(self, kind: str, bw, ba) -> torch.Tensor:
         k = self.table["kinds"].get(kind) or next(iter(self.table["kinds"].values()))
-        return self.bilinear(k, "per_mac", bw, ba)
+        fb = k.get("fallback")
+        if fb is None:
+            return self.bilinear(k, "per_mac", bw, ba)
+        # below the fallback's width: the grid; above it: relaxed from the grid's value at the capped
+        # widths to the fallback's cost along the wider width (see the module docstring)
+        bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
+        ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
+        above, top = float(fb["above"]), float(max(max(k["w"]), max(k["a"])))
+        low = self.bilinear(k, "per_mac", bw.clamp(max=above), ba.clamp(max=above))
+        high = float(k["per_mac"][-1][-1])
+        t = ((torch.maximum(bw, ba) - above) / max(top - above, 1e-9)).clamp(0.0, 1.0)
+        return low + t * (high - low)
 
     def bilinear(self, k: dict, key: str, bw, ba) -> torch.Tensor:
         """Grid ``k[key]`` over (k["w"], k["a"]) interpolated at (bw, ba), differentiable in both."""
@@ -284,6 +326,8 @@ def load_table_file(path, board: str | None = None) -> TableCostModel:
                     or list(k["a"]) != sorted(k["a"]):
                 raise ValueError("grid and per_mac do not match")
             float(k["overhead"])
+            if "fallback" in k and not float(k["fallback"]["above"]) < max(max(k["w"]), max(k["a"])):
+                raise ValueError("the fallback kernel's width is not inside the grid")
         t["board"], t["metric"], t["unit"], t["provenance"]["sources"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise BitfoldError(f"cost table {p} is corrupt or not a bitfold cost table ({type(e).__name__}: {e})", fix) from e

@@ -192,3 +192,53 @@ def test_the_build_folds_what_the_rate_aware_table_prices(tmp_path):
             budget = 25e6 / fps
             ours = [fold_at_rate(StageShape.of_layer(d), budget) for d in layers]
             assert [fold.of(s.name) for s in im.mvaus] == ours
+
+
+def _cpu_rows(labelled: bool):
+    """CPU latency rows at two layer sizes: a sub-8-bit kernel whose cost grows with w*a where both
+    widths are <= 4, the int8 kernel's flat cost (with timing noise of up to 20 %) above."""
+    from bitfold.hw_models.store import Measurement
+    rows = []
+    for w in (2, 4, 8):
+        for a in (2, 4, 8):
+            small = max(w, a) <= 4
+            noise = 1.0 + 0.2 * ((w * 3 + a) % 3 - 1)      # int8 cells: 0.8x, 1.0x, 1.2x
+            per_mac = 1e-12 * w * a if small else 1e-10 * noise
+            for macs in (10_000, 40_000):
+                extra = {"kernel": f"bitserial W{w}A{a}" if small else "int8"} if labelled else {}
+                rows.append(Measurement(board="cpu", kind="conv", macs=macs, weights=macs, b_w=w, b_a=a,
+                                        metric="latency", value=1e-6 + macs * per_mac, unit="s", source="measured",
+                                        tool="tvm", extra=extra))
+    return rows
+
+
+def test_cpu_table_with_kernel_names_prices_the_int8_fallback_as_one_kernel_and_relaxes_it():
+    """A width optimiser starting at W8A8 on a CPU table used to see a flat (or, from timing noise,
+    uphill) grid next to W8A8: the bit-serial kernel runs only when both widths are <= 4. Rows that
+    name their kernel make the int8 cells one fitted cell, and above the bit-serial widths the cost
+    falls along the wider width."""
+    from bitfold.hw_models.table import TableCostModel, fit_table
+    t = fit_table(_cpu_rows(labelled=True), "cpu", "latency")
+    k = t["kinds"]["conv"]
+    assert k["fallback"] == {"kernel": "int8", "above": 4}
+    pooled = [k["per_mac"][i][j] for i in range(3) for j in range(3) if max(k["w"][i], k["a"][j]) > 4]
+    assert len(pooled) == 5 and max(pooled) == min(pooled) == pytest.approx(1.1e-10, rel=0.1)
+    cm = TableCostModel(t)
+    conv = LayerDesc("c", "conv", (16, 8, 8), (16, 8, 8), 16, 16, (3, 3), (1, 1), 1, 147456, 2304, None)
+
+    def cost_and_grad(w, a):
+        bw, ba = torch.tensor(float(w), requires_grad=True), torch.tensor(float(a), requires_grad=True)
+        c = cm([conv], {"c": (bw, ba)}).total
+        c.backward()
+        return float(c), float(bw.grad), float(ba.grad)
+
+    c88, gw, ga = cost_and_grad(8, 8)
+    assert gw > 0 and ga > 0 and gw == pytest.approx(ga)         # narrowing both widths lowers the cost
+    c48, gw48, ga48 = cost_and_grad(4, 8)
+    assert c48 == pytest.approx(c88) and gw48 == 0 and ga48 > 0  # only the wider operand matters above 4
+    c44, _, _ = cost_and_grad(4, 4)
+    c22, _, _ = cost_and_grad(2, 2)
+    assert c22 < c44 < c88
+    # the same rows without kernel names: the grid as measured (noise kept), no fallback, flat at W8A8 in w
+    plain = fit_table(_cpu_rows(labelled=False), "cpu", "latency")["kinds"]["conv"]
+    assert "fallback" not in plain and plain["per_mac"][2][2] != plain["per_mac"][2][1]
