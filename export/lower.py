@@ -86,13 +86,19 @@ class QuantSpec:
 
 @dataclass
 class InputStage:
-    """Host side of the first quantizer: float input -> codes, in stream order."""
+    """Host side of the first quantizer: float input -> codes, in stream order. ``pre``: scalar
+    element-wise ops in front of the quantizer (e.g. FINN's classics map [0, 1] to [-1, 1] with
+    ``2x - 1``), applied in float32 in graph order, as ONNX computes them."""
     shape: tuple          # the model input without batch
     quant: QuantSpec
     nchw: bool            # 4-D input streamed as H, W, C
+    pre: tuple = ()       # ((op, value), ...) with op in add, sub, mul, div
 
     def codes(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32).reshape(len(x), *self.shape)
+        for op, v in self.pre:
+            c = np.float32(v)
+            x = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op](x, c)
         q = self.quant.to_code(x)
         if self.nchw:
             q = q.transpose(0, 2, 3, 1)
@@ -389,6 +395,7 @@ def lower(model_or_path) -> IntModel:
     flatten_first = False
     inp = None
     stages: list = []
+    pre: list = []        # scalar ops on the raw input, before its quantizer
     cur = None            # live activation: dict(quant, h, w, c, perm)
     pend = None           # pending compute stage: dict(stage, alpha, beta, chain)
     n_idx = {"conv": 0, "dense": 0, "pool": 0}
@@ -414,13 +421,15 @@ def lower(model_or_path) -> IntModel:
             if spec.scale.size != 1:
                 raise BitfoldError(f"input quantizer {n.name} has a per-channel scale", "use a per-tensor input scale")
             nchw = len(shape) == 3 and not flatten_first
-            inp = InputStage(shape, spec, nchw)
+            inp = InputStage(shape, spec, nchw, tuple(pre))
             if nchw:
                 c, h, w = shape
             else:
                 c, h, w = int(np.prod(shape)), 1, 1
             cur = {"quant": spec, "h": h, "w": w, "c": c, "perm": None}
             state = "codes"
+        elif op in ("Add", "Sub", "Mul", "Div") and state == "raw":
+            pre.append(_input_op(n, g, t))
         elif op in ("MatMul", "Gemm", "Conv"):
             if state != "codes":
                 raise BitfoldError(f"{op} {n.name} reads an unquantized tensor",
@@ -540,6 +549,16 @@ def _compute_stage(n, g: _Graph, cur, n_idx) -> dict:
                       oc, k, stride, pad, aq.code_bits, pad_code, wmat, wb, acc_lo, acc_hi, None, 0,
                       wbits_model=wspec.bits)
     return {"stage": stage, "alpha": alpha, "beta": beta, "chain": []}
+
+
+def _input_op(n, g: _Graph, t: str):
+    """A scalar Add/Sub/Mul/Div on the raw input (the tensor ``t``), kept for the host's quantizer."""
+    other = [i for i in n.input if i != t]
+    c = g.const(other[0]) if len(other) == 1 else None
+    if c is None or np.asarray(c).size != 1 or (n.op_type in ("Sub", "Div") and n.input[0] != t):
+        raise BitfoldError(f"{n.op_type} {n.name} on the model input is not 'input {n.op_type} scalar constant'",
+                           "the FPGA backends take scalar Add/Sub/Mul/Div constants in front of the input quantizer")
+    return (n.op_type.lower(), float(np.asarray(c, dtype=np.float32).reshape(())))
 
 
 def _chain_op(n, g: _Graph, oc: int):

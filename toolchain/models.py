@@ -27,10 +27,16 @@ def register_model(name: str):
 
 
 class MLP(nn.Module):
-    """TFC-like multilayer perceptron: input quantizer, 3 hidden layers of 64, BN + quantized ReLU."""
+    """TFC-like multilayer perceptron: input quantizer, 3 hidden layers of 64, BN + quantized ReLU
+    (dropout after the input quantizer and every hidden activation when ``dropout`` > 0; with
+    ``center`` the input in [0, 1] is mapped to [-1, 1] before its quantizer, as FINN's classics do,
+    so that a 1-bit (sign) input quantizer sees both signs)."""
 
-    def __init__(self, qb, input_shape, num_classes, hidden=(64, 64, 64)):
+    def __init__(self, qb, input_shape, num_classes, hidden=(64, 64, 64), dropout: float = 0.0,
+                 center: bool = False):
         super().__init__()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.center = center
         in_f = 1
         for d in input_shape:
             in_f *= d
@@ -46,9 +52,10 @@ class MLP(nn.Module):
         self.head = qb.linear("head", widths[-1], num_classes, bias=True)
 
     def forward(self, x):
-        x = self.inp(torch.flatten(x, 1))
+        x = torch.flatten(x, 1)
+        x = self.drop(self.inp(2.0 * x - 1.0 if self.center else x))
         for fc, bn, act in zip(self.fcs, self.bns, self.acts):
-            x = act(bn(fc(x)))
+            x = self.drop(act(bn(fc(x))))
         return self.head(x)
 
 
@@ -144,7 +151,67 @@ class ResNet20(nn.Module):
         return self.head(torch.flatten(self.pool_q(self.pool(x)), 1))
 
 
+class CNV(nn.Module):
+    """FINN's CNV (Umuroglu et al., FINN, 2017) for 32x32 inputs: six 3x3 convolutions without
+    padding (64, 64, 128, 128, 256, 256 channels; 2x2 max-pooling after the 2nd and 4th), two fully
+    connected layers of 512 and the classifier; BN + quantized activation after every hidden layer."""
+
+    CONVS = ((64, False), (64, True), (128, False), (128, True), (256, False), (256, False))
+    FCS = (512, 512)
+
+    def __init__(self, qb, input_shape, num_classes):
+        super().__init__()
+        c_in, h, w = input_shape
+        for _, pool in self.CONVS:
+            h, w = h - 2, w - 2
+            h, w = (h // 2, w // 2) if pool else (h, w)
+        if min(h, w) < 1:
+            raise BitfoldError(f"cnv needs inputs of at least 32x32 pixels (CIFAR-10), got {input_shape[1]}x{input_shape[2]}",
+                               "use --model tfc|sfc|lfc or cnn for 28x28 data sets")
+        names = [f"convs.{i}" for i in range(len(self.CONVS))] + [f"fcs.{i}" for i in range(len(self.FCS))] + ["head"]
+        self.inp = qb.act(names[0], relu=False)
+        self.convs, self.cbns, self.cacts, self.pools = (nn.ModuleList() for _ in range(4))
+        for i, (c, pool) in enumerate(self.CONVS):
+            self.convs.append(qb.conv(names[i], c_in, c, 3))
+            self.cbns.append(nn.BatchNorm2d(c))
+            self.cacts.append(qb.act(names[i + 1]))
+            self.pools.append(nn.MaxPool2d(2) if pool else nn.Identity())
+            c_in = c
+        f_in = c_in * h * w
+        self.fcs, self.fbns, self.facts = (nn.ModuleList() for _ in range(3))
+        for i, f in enumerate(self.FCS):
+            k = len(self.CONVS) + i
+            self.fcs.append(qb.linear(names[k], f_in, f, bias=False))
+            self.fbns.append(nn.BatchNorm1d(f))
+            self.facts.append(qb.act(names[k + 1]))
+            f_in = f
+        self.head = qb.linear("head", f_in, num_classes)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for conv, bn, act, pool in zip(self.convs, self.cbns, self.cacts, self.pools):
+            x = pool(act(bn(conv(x))))
+        x = torch.flatten(x, 1)
+        for fc, bn, act in zip(self.fcs, self.fbns, self.facts):
+            x = act(bn(fc(x)))
+        return self.head(x)
+
+
+def _fc_classic(hidden):
+    """FINN's fully connected classics (FINN paper, BNN-PYNQ): ``hidden`` layers, dropout 0.2, input
+    mapped from [0, 1] to [-1, 1] (MNIST-like data)."""
+    def factory(qb, input_shape, num_classes):
+        return MLP(qb, input_shape, num_classes, hidden=hidden, dropout=0.2, center=True)
+    return factory
+
+
 register_model("mlp")(MLP)
+#: FINN's classic networks (widths as in FINN's examples: W1A1, W1A2, W2A2 - `--bits w1a1`); 1-bit
+#: weights and activations are bipolar, the activations at FINN's scale 1 (see FixedMethod).
+register_model("tfc")(_fc_classic((64, 64, 64)))
+register_model("sfc")(_fc_classic((256, 256, 256)))
+register_model("lfc")(_fc_classic((1024, 1024, 1024, 1024)))
+register_model("cnv")(CNV)
 register_model("cnn")(CNN)
 register_model("resnet20")(ResNet20)
 

@@ -153,7 +153,9 @@ class FixedMethod(QuantMethod):
     Weights: signed, narrow-range, scale from the max-abs statistic (per tensor or per output
     channel); 1-bit weights are bipolar {-s, +s}, s learned, initialised to the mean absolute weight.
     Activations: unsigned after ReLU, signed otherwise; learned scale initialised from runtime
-    statistics (collected during the calibration pass at the start of training).
+    statistics (collected during the calibration pass at the start of training). 1-bit activations
+    are FINN's bipolar form: sign(x) in {-1, +1}, constant scale 1 (what FINN converts; the
+    BatchNorm in front of every activation site absorbs any other scale).
 
     ``scales="pot"``: every scale a power of two (Brevitas's fixed-point quantizers: the weight scale
     rounds the max-abs statistic's log2 up, activation scales learn their log2) - the form a
@@ -187,14 +189,13 @@ class FixedMethod(QuantMethod):
 
     def act_module(self, site, bits, relu):
         if bits == 1:
-            # 1-bit activations are bipolar sign activations {-s, +s} as in BNNs (FINN's CNV-W1A1);
-            # a ReLU in front would make them constant. (Brevitas also exports unsigned 1-bit
-            # activations as BipolarQuant, i.e. wrongly - caught by our verification.)
-            if self.scales == "pot":
-                raise BitfoldError(f"site {site}: 1-bit activations have a learned (not power-of-two) scale",
-                                   "use >= 2-bit activations with scales=pot")
+            # 1-bit activations are bipolar sign activations {-1, +1} as in BNNs and FINN's classic
+            # networks (FINN converts BipolarQuant activations only at scale 1); a ReLU in front would
+            # make them constant. (Brevitas also exports unsigned 1-bit activations as BipolarQuant,
+            # i.e. wrongly - caught by our verification.) Scale 1 is also a power of two.
             import brevitas.nn as qnn
-            return qnn.QuantIdentity(act_quant=_binary_act_quant(), return_quant_tensor=False)
+            from brevitas.quant.binary import SignedBinaryActPerTensorConst
+            return qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst, return_quant_tensor=False)
         return super().act_module(site, bits, relu)
 
     def act_kwargs(self, site, bits, signed):
@@ -205,17 +206,6 @@ class FixedMethod(QuantMethod):
             from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
             s_q, u_q = Int8ActPerTensorFloat, Uint8ActPerTensorFloat
         return {"act_quant": s_q if signed else u_q, "bit_width": bits, "collect_stats_steps": ACT_INIT_STEPS}
-
-
-def _binary_act_quant():
-    from brevitas.core.scaling import ScalingImplType
-    from brevitas.quant.binary import SignedBinaryActPerTensorConst
-
-    class BinaryActPerTensorLearned(SignedBinaryActPerTensorConst):
-        scaling_impl_type = ScalingImplType.PARAMETER
-        scaling_init = 1.0
-
-    return BinaryActPerTensorLearned
 
 
 def _binary_weight_quant():

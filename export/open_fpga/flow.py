@@ -630,10 +630,13 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
 
 
 def _save_intmodel(im: IntModel, path: Path):
-    """The host-side maps ``bitfold run-fpga`` needs (input quantizer, output affine)."""
+    """The host-side maps ``bitfold run-fpga`` needs (scalar ops in front of the input quantizer, in
+    order; the input quantizer; the output affine)."""
     q = im.input.quant
     np.savez(path, in_shape=np.array(im.input.shape), in_scale=q.scale, in_zp=q.zeropt, in_bits=q.bits,
              in_signed=q.signed, in_narrow=q.narrow, in_bipolar=q.bipolar, in_nchw=im.input.nchw,
+             in_pre_ops=np.array([op for op, _ in im.input.pre], dtype="U3"),
+             in_pre_values=np.array([v for _, v in im.input.pre], dtype=np.float32),
              out_alpha=im.out_alpha, out_beta=im.out_beta,
              out_perm=im.out_perm if im.out_perm is not None else np.array([], dtype=np.int64))
 

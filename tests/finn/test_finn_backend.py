@@ -275,3 +275,28 @@ def test_rate_search_logic(monkeypatch, tmp_path):
                                                               "performance": {}})
     with pytest.raises(BitfoldError, match="does not fit pynq-z2 at any rate"):
         be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False)
+
+
+@pytest.mark.parametrize("bits", ["w1a1:all", "w1a2:all"])
+def test_finn_classic_tfc_with_bipolar_activations_builds(finn_env, tmp_path, bits):
+    """FINN's TFC at FINN's widths, trained by bitfold: the 1-bit activations (and the W1A1 input) are
+    BipolarQuant at scale 1, which FINN converts (it refused bitfold's learned-scale ones: "FINN only
+    supports Bipolar identity activations ... the scaling must be 1"); every step verified."""
+    import onnx
+    from onnx import numpy_helper
+    from bitfold.export.backends import build
+    from bitfold.export.onnx_export import export_run
+    from bitfold.toolchain.runs import TrainConfig
+    from bitfold.toolchain.train import train
+    train(TrainConfig(model="tfc", bits=bits, method="fixed", epochs=1), tmp_path / "run", progress=False)
+    path = export_run(tmp_path / "run", "qonnx", tmp_path / "tfc.onnx").path
+    g = onnx.load(path).graph
+    init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    acts = [n for n in g.node if n.op_type == "BipolarQuant" and n.input[0] not in init]
+    assert len(acts) == (4 if bits == "w1a1:all" else 0)
+    assert all(init[n.input[1]].tolist() == [1.0] for n in acts)
+    build(path, "pynq-z2", tmp_path / "b", bitstream=False)
+    info = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert info["status"] == "ok" and len(info["verification"]) == 9
+    assert all(c["passed"] and c["argmax_agreement"] >= 0.99 for c in info["verification"].values())
+    assert len([r for r in info["layers"] if r["type"].startswith("MVAU")]) == 4

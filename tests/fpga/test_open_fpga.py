@@ -229,3 +229,22 @@ def test_folding_planner_respects_budget(models):
     small = choose_folding(im, load_board("icebreaker"), lut_budget=1)
     assert all(v == {"pe": 1, "simd": 1} for v in small.as_dict().values())
     assert np.isfinite(sum(estimate_luts(s) for s in im.stages))
+
+
+def test_finn_classic_tfc_w1a1_through_the_open_flow(tmp_path):
+    """FINN's TFC at W1A1 (bipolar input, weights and activations; the input mapped to [-1, 1] by
+    ``2x - 1`` in the graph): the scalar ops in front of the input quantizer run on the host, the
+    lowering equals QONNX and the ECP5 design simulates bit-exactly."""
+    from bitfold.export.backends import build
+    from bitfold.export.lower import check_lowering, lower
+    from bitfold.export.verify import held_out_inputs
+    path = _train_export(tmp_path, "tfc", "tfc", "w1a1:all")
+    im = lower(path)
+    assert im.input.pre == (("mul", 2.0), ("sub", 1.0)) and im.input.quant.bipolar
+    x, _ = held_out_inputs(tuple(im.input.shape), 100)
+    assert set(np.unique(im.input.codes(x)).tolist()) == {0, 1}    # both signs reach the first layer
+    rep = check_lowering(path, im, x)
+    assert rep.passed and rep.argmax_agreement >= 0.99, rep.summary()
+    build(path, "ulx3s-85f", tmp_path / "b", samples=32, bitstream=False)
+    sim = json.loads((tmp_path / "b" / "build.json").read_text())["simulation"]
+    assert sim["bit_exact"] and sim["mismatched_samples"] == 0 and sim["samples"] == 32

@@ -53,7 +53,7 @@ def parse_opts(items) -> dict:
 
 @app.command()
 def train(
-    model: str = typer.Option("cnn", help="registered model (mlp, cnn, resnet20) or your own: path/to/file.py:factory"),
+    model: str = typer.Option("cnn", help="registered model (mlp, cnn, resnet20; FINN's classics tfc, sfc, lfc, cnv) or your own: path/to/file.py:factory"),
     weights: Optional[Path] = typer.Option(None, help="float state dict to start from (with a file.py:factory model)"),
     bits: str = typer.Option("w4a4", help="uniform shorthand: w4a4 (first/last layer W7/A8) or w4a4:all"),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help="JSON bit map {layer: {w, a}} (overrides --bits)"),
