@@ -29,7 +29,9 @@ from pathlib import Path
 
 MIXED = {"fcs.0": {"w": 7, "a": 8}, "fcs.1": {"w": 4, "a": 4}, "fcs.2": {"w": 2, "a": 3}, "head": {"w": 4, "a": 4}}
 NETS = {"digits-mlp": ("mlp", "digits", None), "fashion-mlp": ("mlp", "fashion-mnist", (2000, 500)),
-        "digits-cnn": ("cnn", "digits", None)}
+        "digits-cnn": ("cnn", "digits", None),
+        # FINN's classics (bipolar 1-bit activations in FINN's form): --bits 1 2 give W1A1 / W2A2
+        "fashion-tfc": ("tfc", "fashion-mnist", (2000, 500)), "fashion-sfc": ("sfc", "fashion-mnist", (2000, 500))}
 
 
 def _bits(net: str, b: str):

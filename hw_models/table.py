@@ -12,10 +12,11 @@ Widths are interpolated bilinearly between grid points (clamped outside), so the
 of AdaQAT get a gradient; where the measurements say cost does not change with bits (int8 kernels
 on a CPU), the gradient is honestly (near) zero. Where CPU rows name the kernel that ran (``bitfold
 calibrate`` on a TVM board: ``extra["kernel"]``), the cells above the widest width any sub-8-bit
-kernel ran at are one kernel (the int8 fallback): they are fitted as one cell (``fallback``), and
-between that width and the top of the grid the cost is relaxed along ``max(b_w, b_a)`` - a layer gets
-cheaper only when its wider operand narrows, which is what the backend's rule (both widths small
-enough) means, so a width optimiser starting at W8A8 sees the way down instead of a flat plateau. A table may carry a whole-model factor fitted to
+kernel ran at are one kernel (the int8 fallback): they are fitted as one cell (``fallback``). Its cost
+is what the table predicts from the next integer width on; its *gradient*, between that width and the
+top of the grid, is relaxed along ``max(b_w, b_a)`` - a layer gets cheaper only when its wider operand
+narrows, which is what the backend's rule (both widths small enough) means, so a width optimiser
+starting at W8A8 sees the way down instead of a flat plateau. A table may carry a whole-model factor fitted to
 built models (``calibration``).
 
 Tables are JSON with provenance, looked up in ``$BITFOLD_HOME/tables/<board>.json`` (written by
@@ -245,15 +246,20 @@ class TableCostModel:
         fb = k.get("fallback")
         if fb is None:
             return self.bilinear(k, "per_mac", bw, ba)
-        # below the fallback's width: the grid; above it: relaxed from the grid's value at the capped
-        # widths to the fallback's cost along the wider width (see the module docstring)
+        # Up to the fallback's width: the grid. Above it the value is the fallback kernel's from the next
+        # integer width on (linear between the two integer widths, like the grid between its points), so
+        # a predicted cost equals the measured one; the gradient is that of a ramp from the grid's value
+        # at the capped widths to the fallback's cost along the wider width, up to the top of the grid
+        # (see the module docstring): a width optimiser sees the way down from W8A8.
         bw = bw if isinstance(bw, torch.Tensor) else torch.tensor(float(bw))
         ba = ba if isinstance(ba, torch.Tensor) else torch.tensor(float(ba))
         above, top = float(fb["above"]), float(max(max(k["w"]), max(k["a"])))
         low = self.bilinear(k, "per_mac", bw.clamp(max=above), ba.clamp(max=above))
         high = float(k["per_mac"][-1][-1])
-        t = ((torch.maximum(bw, ba) - above) / max(top - above, 1e-9)).clamp(0.0, 1.0)
-        return low + t * (high - low)
+        wider = torch.maximum(bw, ba)
+        step = low + (wider - above).clamp(0.0, 1.0) * (high - low)
+        ramp = low + ((wider - above) / max(top - above, 1e-9)).clamp(0.0, 1.0) * (high - low)
+        return step.detach() + (ramp - ramp.detach())
 
     def bilinear(self, k: dict, key: str, bw, ba) -> torch.Tensor:
         """Grid ``k[key]`` over (k["w"], k["a"]) interpolated at (bw, ba), differentiable in both."""

@@ -236,6 +236,8 @@ def test_cpu_table_with_kernel_names_prices_the_int8_fallback_as_one_kernel_and_
     assert gw > 0 and ga > 0 and gw == pytest.approx(ga)         # narrowing both widths lowers the cost
     c48, gw48, ga48 = cost_and_grad(4, 8)
     assert c48 == pytest.approx(c88) and gw48 == 0 and ga48 > 0  # only the wider operand matters above 4
+    c55, gw55, _ = cost_and_grad(5, 5)
+    assert c55 == pytest.approx(c88) and gw55 > 0        # predicted as measured (int8), the gradient still ramps
     c44, _, _ = cost_and_grad(4, 4)
     c22, _, _ = cost_and_grad(2, 2)
     assert c22 < c44 < c88
