@@ -37,6 +37,7 @@ Choices made here (and tested):
 from __future__ import annotations
 
 import csv
+import weakref
 from pathlib import Path
 
 import torch
@@ -150,6 +151,7 @@ class AdaQATMethod(QuantMethod):
         if bit_lr <= 0:
             raise BitfoldError(f"--bit-lr must be > 0, got {bit_lr}")
         self.min_bits, self.max_bits, self.bit_lr = float(min_bits), float(max_bits), float(bit_lr)
+        self._walks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> cached module walks
         self.finetune_epochs, self.learn_edges = int(finetune_epochs), bool(learn_edges)
         from bitfold.hw_models.cost import get_cost_model
         self.cost_model = get_cost_model(cost)  # fails early, with a clear message, on a bad name
@@ -188,9 +190,10 @@ class AdaQATMethod(QuantMethod):
         return layer
 
     # -- access to the learnable widths ---------------------------------------------------------
-    # (module walks are cached per model: they would otherwise dominate a small model's step time)
+    # (module walks are cached per model, in a weak map owned by the method: they would otherwise
+    # dominate a small model's step time)
     def _cached(self, model, key, build):
-        cache = model.__dict__.setdefault("_adaqat_cache", {})
+        cache = self._walks.setdefault(model, {})
         if key not in cache:
             cache[key] = build()
         return cache[key]
@@ -430,7 +433,5 @@ class AdaQATMethod(QuantMethod):
         import copy
         if not self.frozen(model):
             raise BitfoldError("AdaQAT widths are not frozen yet; export the run after training finished")
-        m = copy.deepcopy(model)
-        m.__dict__.pop("_adaqat_cache", None)  # it points at the original's modules
-        return bake_parametrizations(m)
+        return bake_parametrizations(copy.deepcopy(model))
 
