@@ -250,12 +250,14 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
              model: str | None = None, data: str = "digits", epochs: int = 10, bits: str | None = None,
              lam: float = 1.0, bitstream: bool = False, verify: bool = True, cost: str | None = None,
              table: str | Path | None = None, tracker: str | None = None, key: str | None = None, nproc: int = 1,
-             events=None, fps: float | None = None, method_options: dict | None = None) -> dict:
+             events=None, fps: float | None = None, method_options: dict | None = None,
+             subset: tuple | None = None) -> dict:
     """The loop (module docstring). ``cost``: train against this cost model instead of the board's
     table (e.g. ``bitops``, for comparison; predictions still come from the table); ``table``: start
     from this table file instead of the board's shipped/measured one; ``method_options``: further
     options of the training method (``bitfold run --opt KEY=VALUE``, e.g. ``max_bits=6``), applied
-    over the loop's own (cost, lam, budget, rate)."""
+    over the loop's own (cost, lam, budget, rate); ``subset``: (train, test) sample counts of a fixed
+    subset of the data set."""
     from bitfold.core.events import events_of
     log = events_of(events).say
     from bitfold.boards import load_board
@@ -309,7 +311,8 @@ def run_loop(out, board: str, method: str = "adaqat", budget: str | None = None,
         if priced_fps is not None:
             opts["target_fps"] = float(priced_fps)
         opts = (opts if method == "adaqat" else {}) | dict(method_options or {})
-        cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs, method_options=opts)
+        cfg = TrainConfig(model=model, data=data, bits=bits, method=method, epochs=epochs, method_options=opts,
+                          subset=tuple(subset) if subset else None)
 
         def do_train(d, cfg=cfg, table_file=table_file, priced_fps=priced_fps):
             m = train(cfg, d / "run", progress=False) if nproc <= 1 else _train_torchrun(cfg, d / "run", nproc)

@@ -22,6 +22,7 @@ def run_cmd(
     rounds: int = typer.Option(1, min=1),
     model: Optional[str] = typer.Option(None, help="default: cnn on CPU boards, mlp on FPGA boards"),
     data: str = typer.Option("digits"),
+    subset: Optional[str] = typer.Option(None, help="TRAIN,TEST: train and test on a fixed subset of that many samples"),
     epochs: int = typer.Option(10, min=1),
     bits: Optional[str] = typer.Option(None, help="initial (adaqat) or fixed widths (default w8a8 CPU, w6a6:all FPGA)"),
     lam: float = typer.Option(1.0),
@@ -39,10 +40,10 @@ def run_cmd(
 ):
     """Closed loop: the board's cost table -> train against it -> export -> build -> measure -> recalibrate."""
     from bitfold.app.loop import format_metric, run_loop
-    from bitfold.cli.train_cmds import parse_opts
+    from bitfold.cli.train_cmds import parse_opts, parse_subset
     r = run_loop(out, board, method, budget, rounds, model, data, epochs, bits, lam, bitstream=bitstream,
                  verify=verify, cost=cost, table=table, tracker=tracker, key=key, nproc=nproc, events=Events(on_say=console.print),
-                 fps=fps, method_options=parse_opts(opt))
+                 fps=fps, method_options=parse_opts(opt), subset=parse_subset(subset))
     for h in r["history"]:
         console.print(f"round {h['round']}: accuracy {h['accuracy']:.2%}, predicted {r['metric']} "
                       f"{format_metric(r['metric'], h['predicted'])}, measured {format_metric(r['metric'], h['measured'])}")

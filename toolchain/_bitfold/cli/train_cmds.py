@@ -25,7 +25,7 @@ def _method_options(method: str, per_channel: bool, **adaqat) -> dict:
     return opts
 
 
-def _parse_subset(text: str | None):
+def parse_subset(text: str | None):
     if text is None:
         return None
     try:
@@ -100,7 +100,7 @@ def train(
     bm = BitMap.parse(str(bits_map) if bits_map else bits)
     spec = bm.text or bm.to_json()
     cfg = TrainConfig(model=model, data=data, data_dir=str(data_dir) if data_dir else None, bits=spec,
-                      subset=_parse_subset(subset),
+                      subset=parse_subset(subset),
                       method=method, method_options=_method_options(method, per_channel, cost=cost, lam=lam, budget=budget,
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
                                                      bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | parse_opts(opt), epochs=epochs,
