@@ -252,8 +252,11 @@ def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: in
 
     def record(fps, sm):
         reached = float(sm["performance"].get("estimated_throughput_fps", 0))
+        budget = sm.get("budget") or {}
         tried.append({"fps": int(fps), **{k: sm["totals"][k] for k in ("LUT", "BRAM_18K", "DSP")},
-                      "fits": sm["fits"], "reached_fps": reached})
+                      "fits": sm["fits"], "reached_fps": reached,
+                      "over": {k: [v, budget.get(k) or 0] for k, v in sm["totals"].items()
+                               if v and v > (budget.get(k) or 0)}})
         return sm["fits"], reached
 
     def probe(fps):
@@ -282,8 +285,12 @@ def rate_search(req: dict, env, board, work: Path, up: bool, say=None, steps: in
     while lo is None:                           # slower until it fits
         nxt = hi // 4
         if nxt < 1:
+            last = tried[-1]
+            over = ", ".join(f"{v:,.0f} {k} of {b:,.0f}" for k, (v, b) in last["over"].items()) \
+                or f"{last['LUT']:,.0f} LUT"
             raise BitfoldError(f"FINN's estimate does not fit {board.name} at any rate down to 1 inference/s "
-                               f"(at {hi:,}/s: {tried[-1]['LUT']:,.0f} LUT)", "use a larger board or narrower widths")
+                               f"(at {hi:,}/s: {over})",
+                               "use a larger board or narrower widths (weights and thresholds live in block RAM)")
         fits, _ = probe(nxt)
         lo, hi = (nxt, hi) if fits else (None, nxt)
     for _ in range(steps if hi is not None else 0):

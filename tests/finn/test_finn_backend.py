@@ -275,6 +275,13 @@ def test_rate_search_logic(monkeypatch, tmp_path):
                                                               "performance": {}})
     with pytest.raises(BitfoldError, match="does not fit pynq-z2 at any rate"):
         be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False)
+    # the resource that does not fit is named (LFC W1A2's weights need more block RAM than a pynq-z2 has;
+    # the message used to quote its 2,827 LUT only)
+    monkeypatch.setattr(be, "summarize", lambda res, board: {
+        "fits": False, "totals": {"LUT": 2827, "BRAM_18K": 400, "DSP": 0},
+        "budget": {"LUT": 53200, "BRAM_18K": 280, "DSP": 220}, "performance": {}})
+    with pytest.raises(BitfoldError, match="400 BRAM_18K of 280"):
+        be.rate_search({"onnx": "m.onnx"}, None, b, tmp_path, up=False)
 
 
 @pytest.mark.parametrize("bits", ["w1a1:all", "w1a2:all"])
