@@ -109,7 +109,7 @@ def main(argv=None):
         if "error" in f:
             lines.append(f"{r['model']:5} {r['bits']:5} {r['data']:14} {acc:>7}  FINN: {f['error']}")
             continue
-        line = (f"{r['model']:5} {r['bits']:5} {r['data']:14} {acc:>7} {f['lut']:>8,} {f['bram18']:>6} {f['dsp']:>4} "
+        line = (f"{r['model']:5} {r['bits']:5} {r['data']:14} {acc:>7} {f['lut']:>8,.0f} {f['bram18']:>6g} {f['dsp']:>4g} "
                 f"{f['fps']:>11,.0f} {f['latency_us']:>8} {f['verified_steps']:>4}/{f['steps']}")
         if "open" in r:
             o = r["open"]
