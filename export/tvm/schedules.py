@@ -11,8 +11,13 @@ outside it and the reduction's init split off. Consecutive iterations of that lo
 consecutive outputs from consecutive inputs, which LLVM vectorizes for the target's vector width (AVX2/AVX-512 on x86, NEON on aarch64).
 Nothing else changes: the same integer arithmetic per output, so the accumulators are exactly the
 untuned kernel's. Kernels scheduled from a tuning database (``tirx.is_scheduled``) keep theirs.
-Integer matmuls and bit-serial convolutions are reordered (measured gains); int8 NCHW convolutions
-keep their nest (this order was slower there).
+Integer matmuls and bit-serial convolutions are reordered (measured gains). Integer NCHW convolutions
+whose output channels are a multiple of 8 are vectorized over the output channels instead
+(:func:`_vectorize_output_channels`): the weights are repacked inside the kernel so that 8 or 16
+consecutive output channels are contiguous, the accumulator is laid out the same way, and the innermost
+loop - one input value times a vector of weights added to a vector of accumulators - is vectorized
+(Fashion-MNIST CNN W8A8 whole model, 1 thread: 0.25 -> 0.17 ms; the same integer sums, so exact). The
+plain reorder with the output width innermost was slower on convolutions (4-28 lanes).
 
 Every unscheduled kernel also has its element-wise blocks inlined (:func:`_inline_elementwise`): the
 requantize chain that Relax fuses behind a convolution (cast, scale, BatchNorm's subtract / divide /
@@ -43,6 +48,34 @@ def _reorder_reduction(sch, block, any_rank: bool = False) -> bool:
     inner = spatial[-1]
     sch.reorder(*spatial[:-1], *red, inner)
     sch.decompose_reduction(block, red[0])
+    return True
+
+
+def _vectorize_output_channels(sch, block) -> bool:
+    """An integer NCHW convolution (loops n, f, y, x, c, ky, kx) computed with the output channel as
+    the innermost, vectorized loop: the weights are repacked in the kernel to (f // L, c, ky, kx, f % L)
+    and the accumulator to (n, f // L, y, x, f % L), L = 16 or 8 lanes (f must be a multiple). The
+    integer products and sums per output are the untuned kernel's, so the result is exact."""
+    b = sch.get(block)
+    if "conv2d_nchw" not in b.name_hint or str(b.body.buffer.dtype).startswith("float"):
+        return False
+    loops = sch.get_loops(block)
+    if len(loops) != 7 or [iv.iter_type for iv in b.iter_vars] != [0, 0, 0, 0, 2, 2, 2]:
+        return False
+    ext = int(sch.get(loops[1]).extent)
+    lanes = 16 if ext % 16 == 0 else 8 if ext % 8 == 0 else 0
+    weights = [i for i, r in enumerate(b.reads) if len(r.region) == 4 and str(r).startswith("param")]
+    if not lanes or len(weights) != 1:
+        return False
+    cache = sch.cache_read(block, weights[0], "global")
+    sch.transform_layout(cache, ("write", 0), lambda f, c, h, w: (f // lanes, c, h, w, f % lanes))
+    sch.transform_layout(block, ("write", 0), lambda n, f, h, w: (n, f // lanes, h, w, f % lanes))
+    n, f, y, x, c, ky, kx = sch.get_loops(block)
+    fo, fi = sch.split(f, [None, lanes])
+    sch.reorder(n, fo, y, x, c, ky, kx, fi)
+    init = sch.decompose_reduction(block, c)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(fi)
     return True
 
 
@@ -91,6 +124,9 @@ def apply_default(mod):
         keep = "bitserial_dense" in gv.name_hint or "_nat" in gv.name_hint   # "_nat": the nest as computed
         for block in ([] if keep else _reduction_blocks(sch)):
             try:
+                if not any_rank and _vectorize_output_channels(sch, block):
+                    done = True
+                    continue
                 done |= _reorder_reduction(sch, block, any_rank)
             except Exception:  # noqa: BLE001 - a block this simple rule cannot reorder keeps its order
                 continue
