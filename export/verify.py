@@ -70,7 +70,7 @@ class VerifyReport:
             if r.get("skipped"):
                 s += f"; {r['executor']}: not checked ({r['skipped']})"
                 continue
-            s += (f"; {r['executor']}: {'ok' if r['passed'] else 'FAILED'} (max |diff| {r['max_abs_diff']:.3g}, "
+            s += (f"; {r['executor']}: {'ok' if r['passed'] else 'differs, accepted: ' + r['accepted'] if r.get('accepted') else 'FAILED'} (max |diff| {r['max_abs_diff']:.3g}, "
                   f"{r['flips']} flip(s), argmax {r['argmax_agreement']:.2%})")
         return s
 
