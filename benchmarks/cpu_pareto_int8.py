@@ -48,7 +48,8 @@ def main(argv=None):
 
     from bitfold.core.timing import interleaved
     from bitfold.export.backends import build
-    rows = [r for r in csv.DictReader(open(args.sweep / "sweep.csv")) if r["board"] == "host-cpu"]
+    with open(args.sweep / "sweep.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["board"] == "host-cpu"]
     if not rows:
         raise SystemExit(f"{args.sweep}/sweep.csv has no host-cpu points")
     per = []
@@ -56,14 +57,13 @@ def main(argv=None):
         for r in rows:
             onnx = args.sweep / "points" / r["key"] / "model.onnx"
             dims = onnx_lib.load(str(onnx)).graph.input[0].type.tensor_type.shape.dim
-            shape = [max(1, d.dim_value) for d in dims]
+            x = np.random.default_rng(0).standard_normal([max(1, d.dim_value) for d in dims]).astype("float32")
             fns, kernels = {}, {}
             for mode in ("int8", "auto"):
                 b = build(onnx, "host-cpu", Path(td) / f"{r['key']}-{mode}", samples=4, kernels=mode)
                 meta = json.loads((Path(td) / f"{r['key']}-{mode}" / "build.json").read_text())
                 kernels[mode] = sum(la.get("kernel", "").startswith("bitserial") for la in meta["layers"])
                 vm = relax.VirtualMachine(tvm.runtime.load_module(b.artefacts["library"]), tvm.cpu())
-                x = np.random.default_rng(0).standard_normal(shape).astype("float32")
                 xt = tvm.runtime.tensor(x, tvm.cpu())
                 fns[mode] = lambda v=vm, xt=xt: v["main"](xt)
             med = interleaved(fns, rounds=args.rounds, steps=args.steps)

@@ -206,7 +206,7 @@ def _fc_classic(hidden):
 
 
 register_model("mlp")(MLP)
-#: FINN's classic networks (widths as in FINN's examples: W1A1, W1A2, W2A2 - `--bits w1a1`); 1-bit
+#: FINN's classic networks (widths as in FINN's examples: W1A1, W1A2, W2A2 - `--bits w1a1:all`); 1-bit
 #: weights and activations are bipolar, the activations at FINN's scale 1 (see FixedMethod).
 register_model("tfc")(_fc_classic((64, 64, 64)))
 register_model("sfc")(_fc_classic((256, 256, 256)))

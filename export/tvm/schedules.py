@@ -64,6 +64,7 @@ def _vectorize_output_channels(sch, block) -> bool:
         return False
     ext = int(sch.get(loops[1]).extent)
     lanes = 16 if ext % 16 == 0 else 8 if ext % 8 == 0 else 0
+    # the weights: the one 4-D read of a function parameter (Relax binds a layer's constants as params)
     weights = [i for i, r in enumerate(b.reads) if len(r.region) == 4 and str(r).startswith("param")]
     if not lanes or len(weights) != 1:
         return False
