@@ -82,19 +82,36 @@ def frame_cycles(im, of) -> int:
     return max([*stages_cycles(im, of).values(), input_cycles(im), n_out])
 
 
+#: up to this many thresholds per channel (outputs of up to 3 bits) the RTL compares them all at
+#: once (one ROM word per channel group); above it a pipelined binary search, one level per output
+#: bit, each level a memory of its own per lane (bf_mvau.v). Measured with yosys (one-layer blocks,
+#: PE 1): at 4-bit outputs the search takes 11-13 % fewer LUT4 where the accumulator is wide (W4A4:
+#: 64x64 on the ECP5 8,973 -> 7,831, 64x32 on the iCE40 3,965 -> 3,514; +2 block RAMs) and the same
+#: (+-4 %) at W2A2; at 2-bit outputs both are equal.
+PARALLEL_THRESHOLDS = 7
+
+
+def search_levels(s) -> int:
+    """Levels of the threshold binary search of an MVAU stage (0: parallel compare or no thresholds)."""
+    nt = 0 if s.thresholds is None else s.thresholds.shape[1]
+    return s.obits if nt > PARALLEL_THRESHOLDS else 0
+
+
 def estimate_luts(s, pe: int = 1, simd: int = 1) -> int:
     """Rough LUT4 estimate of one stage (a planning model; synthesis gives the real figure).
 
     Multipliers ~ W*A LUTs per lane, adder tree and accumulator ~ ACC bits per lane/channel,
-    comparators ~ ACC/2 per threshold, plus control; the 1.6 factor was fitted to yosys
-    synth_ice40 runs of the digits MLP and CNN (estimates were 1.6-1.7x low without it)."""
+    comparators ~ ACC/2 per parallel threshold or ~ ACC per search level (its comparison and
+    address), plus control; the 1.6 factor was fitted to yosys synth_ice40 runs of the digits MLP
+    and CNN (estimates were 1.6-1.7x low without it)."""
     if is_pool(s):
         return 200 + 6 * s.bits
     acc = s.acc_bits
     nt = 0 if s.thresholds is None else s.thresholds.shape[1]
     mult = pe * simd * max(1, s.wbits * s.ibits)
     add = pe * (simd + 1) * acc
-    thr = pe * nt * acc // 2
+    levels = search_levels(s)
+    thr = pe * levels * acc if levels else pe * nt * acc // 2
     return int(1.6 * (300 + mult + add + thr))
 
 
@@ -130,7 +147,9 @@ def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
     if is_pool(s):        # one row of running maxima (OW x CH codes)
         return buffer_brams(s.bits, s.ow * s.ch, family) if family == "ice40" else 0
     w = rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), family)
-    if s.thresholds is not None:
+    if search_levels(s):           # per lane, level l holds 2^l thresholds per channel group
+        w += pe * sum(rom_brams(s.acc_bits, (s.oc // pe) << level, family) for level in range(search_levels(s)))
+    elif s.thresholds is not None:
         w += rom_brams(pe * s.thresholds.shape[1] * s.acc_bits, s.oc // pe, family)
     return w + buffer_brams(simd * s.ibits, 2 * s.ih * s.iw * s.ic // simd, family)   # two banks
 

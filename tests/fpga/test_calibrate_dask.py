@@ -1,5 +1,5 @@
 """`bitfold calibrate` through a Dask scheduler on loopback: the same rows as the in-process path,
-and a re-run records nothing twice (real yosys)."""
+a re-run records nothing twice, and a change of the RTL makes the blocks count as new (real yosys)."""
 import pytest
 
 from bitfold.boards import load_board
@@ -34,3 +34,8 @@ def test_calibration_sweep_through_a_scheduler_equals_the_local_path(tmp_path, m
         rows, store = probe_board("icebreaker", db=db, scheduler=cluster.scheduler_address)
         again, _ = probe_board("icebreaker", db=db, scheduler=cluster.scheduler_address)
     assert len(rows) == 9 and again == [] and len(store.query("icebreaker")) == 9
+    # the RTL is part of the key: once it changes, the recorded blocks are measured again
+    import bitfold.export.open_fpga.probe as probe
+    monkeypatch.setattr(probe, "rtl_digest", lambda: "another-rtl")
+    redone, _ = probe_board("icebreaker", db=db, scheduler="inprocess")
+    assert len(redone) == 9 and {r.extra["rtl"] for r in redone} == {"another-rtl"}

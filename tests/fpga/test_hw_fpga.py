@@ -95,3 +95,18 @@ def test_rom_placement_rule_matches_yosys(b_w, brams):
     (lut, ff, ram, dsp), pe, simd, _ = synth_block(im, 36, 16, board)
     assert ram == brams == rom_brams(9 * b_w, 64, "ecp5") == estimate_brams(im.stages[0], pe, simd, "ecp5")
     assert mvau_terms(36, 16, 36, b_w, 2, None)[2] == brams
+
+
+def test_threshold_search_memories_placed_as_the_cost_model_says():
+    """A 64x32 W2A2 layer with 6-bit outputs (the pipelined binary search): one memory per level,
+    level l holding 32 * 2^l thresholds of 8 bits; yosys puts the levels of 512 and 1024 entries in
+    block RAM and the rest in logic (the weights, 64 bits x 64 words, stay in logic: a tie). The
+    planner's estimate and the cost table's terms use the same rule; yosys must agree."""
+    from bitfold.export.open_fpga.probe import one_layer_intmodel, synth_block
+    from bitfold.hw_models.fpga_rules import estimate_brams, folding_for, search_levels
+    from bitfold.hw_models.table import mvau_terms
+    board = load_board("ulx3s-85f")
+    im = one_layer_intmodel(64, 32, 2, 2, b_out=6)
+    assert folding_for(64, 32) == (1, 32) and search_levels(im.stages[0]) == 6 and im.stages[0].acc_bits == 8
+    (lut, ff, ram, dsp), pe, simd, _ = synth_block(im, 64, 32, board)
+    assert ram == 2 == estimate_brams(im.stages[0], pe, simd, "ecp5") == mvau_terms(64, 32, 64, 2, 2, 6)[2]

@@ -1,6 +1,6 @@
 """The open flow's RTL units on their own, in verilator, under random back-pressure: the stream
-width converter, the pipelined MVAU on both activation paths (parallel thresholds up to 4 bits,
-binary search above), raw accumulator output, and the overlap of layers (cycles per frame = the
+width converter, the pipelined MVAU on both activation paths (parallel thresholds up to 3 bits,
+pipelined binary search above), raw accumulator output, and the overlap of layers (cycles per frame = the
 slowest part, not the sum)."""
 import numpy as np
 import pytest
@@ -68,9 +68,10 @@ def _sim(im, fold, tmp_path, n=12, stall=False):
 
 
 @pytest.mark.parametrize("shape,b_out,pe,simd", [
-    ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16), ((64, 16, 3, 3), None, 8, 64),
-    ((2, 4, 1, 1), None, 1, 2)],
-    ids=["thr2-parallel", "thr4-parallel", "thr5-binary-search", "raw-fully-unrolled", "accumulator-narrower-than-product"])
+    ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 3, 2, 32), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16),
+    ((64, 16, 3, 3), None, 8, 64), ((2, 4, 1, 1), None, 1, 2), ((32, 12, 3, 3), 6, 2, 32), ((16, 4, 2, 2), 8, 4, 4)],
+    ids=["thr2-parallel", "thr3-parallel", "thr4-binary-search", "thr5-binary-search", "raw-fully-unrolled",
+         "accumulator-narrower-than-product", "thr6-search-one-result-a-cycle", "thr8-search-one-channel-group"])
 def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe, simd):
     # the last case: bipolar W1A1 on a fan-in of 2 - a 3-bit accumulator, narrower than one product's
     # 4 bits (found by the long fuzz run: verilator refused the RTL's negative sign extension)

@@ -5,6 +5,12 @@
 // multi-threshold activation (NT sorted thresholds per channel: out = #{k : acc >= T[k]}) or, when
 // NT = 0, the low OBITS bits of the raw signed accumulator.
 //
+// Activation: up to PARNT thresholds are compared in parallel (one ROM word per channel group holds
+// them all). Above that a pipelined binary search: OBITS levels, each a read of
+// one threshold per lane from a memory of its own (level l holds 2^l thresholds per channel, file
+// TFILE_pPPP_lLL.mem, so the deep levels go to block RAM) and one comparison - logic grows with
+// OBITS, not with 2^OBITS, and every level is a register stage (one result a cycle).
+//
 // Streams: valid/ready. The input carries SIMD elements per beat (element 0 in the low bits),
 // pixel-major (H, W, C) order, unsigned IBITS-bit codes; the output carries PE channels per beat in
 // the same order. Weights are signed WBITS-bit integers.
@@ -23,6 +29,7 @@ module bf_mvau #(
   parameter SIMD = 1, PE = 1,
   parameter IBITS = 2, WBITS = 2, ACCB = 16, OBITS = 2, NT = 3,
   parameter PADCODE = 0,
+  parameter PARNT = 7,             // at most this many thresholds compared in parallel (else binary search)
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter WFILE = "w.mem", TFILE = "t.mem"
 ) (
@@ -46,8 +53,9 @@ module bf_mvau #(
   localparam LOG2 = $clog2(SIMD);               // adder tree levels
   localparam P2 = 1 << LOG2;                    // lanes rounded up to a power of two
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
-  localparam PAR = (NT > 0) && (NT <= 15);      // thresholds compared in parallel (else binary search)
-  localparam LAT = 7 + RDREG + TL;              // issue -> FIFO write
+  localparam PAR = (NT > 0) && (NT <= PARNT);      // thresholds compared in parallel (else binary search)
+  localparam BSL = (NT > PARNT) ? OBITS * (2 + RDREG) : 2;   // accumulator -> result (search levels)
+  localparam LAT = 5 + RDREG + TL + BSL;        // issue -> FIFO write
   localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
   localparam DEPTH = 1 << $clog2(NEED);
   localparam DW = $clog2(DEPTH);
@@ -58,9 +66,7 @@ module bf_mvau #(
 `endif
   reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
   reg [PE*SIMD*WBITS-1:0] wrom [0:NF*SF-1];
-  reg [PE*TW*ACCB-1:0] trom [0:NF-1];
   initial $readmemh(WFILE, wrom);
-  initial $readmemh(TFILE, trom);
 
   reg full0, full1;                // bank holds a complete frame not yet computed
   reg wb;                          // bank being written
@@ -184,27 +190,39 @@ module bf_mvau #(
   // ---------------------------------------------------------------- accumulate
   reg [PE*ACCB-1:0] acc;
   reg doneD;
-  reg [PE*TW*ACCB-1:0] thrD;
+  reg [CW-1:0] nfD;
+  wire [PE*TW*ACCB-1:0] thrD;
   integer q;
   always @(posedge clk) begin
     if (vS)
       for (q = 0; q < PE; q = q + 1)
         acc[q*ACCB +: ACCB] <= firstS ? sumS[q*ACCB +: ACCB] : acc[q*ACCB +: ACCB] + sumS[q*ACCB +: ACCB];
     doneD <= vS && lastS;
-    thrD <= trom[nfS];
+    nfD <= nfS;
     if (rst) doneD <= 1'b0;
   end
+  generate
+    if (NT <= PARNT) begin : trom_par
+      // all thresholds of a channel group in one ROM word, read alongside the accumulation
+      reg [PE*TW*ACCB-1:0] trom [0:NF-1];
+      reg [PE*TW*ACCB-1:0] thrQ;
+      initial $readmemh(TFILE, trom);
+      always @(posedge clk) thrQ <= trom[nfS];
+      assign thrD = thrQ;
+    end else begin : trom_none
+      assign thrD = {(PE*TW*ACCB){1'b0}};
+    end
+  endgenerate
 
   // ---------------------------------------------------------------- activation
-  // parallel: one comparison per threshold (registered), then the count of passed thresholds;
-  // more than 15 thresholds: a binary search (OBITS comparisons per channel)
+  // parallel (NT <= PARNT): one comparison per threshold (registered), then the count of passed
+  // thresholds
   reg [PE*TW-1:0] geE;
   reg [PE*ACCB-1:0] accE;
   reg doneE;
   reg [PE*OBITS-1:0] actF;
   reg doneF;
   reg [OBITS:0] cnt;
-  reg [PE*OBITS-1:0] actF_bs;
   integer r, k;
   always @(posedge clk) begin
     for (r = 0; r < PE; r = r + 1)
@@ -225,32 +243,91 @@ module bf_mvau #(
     doneF <= doneE;
     if (rst) begin doneE <= 1'b0; doneF <= 1'b0; end
   end
+  // binary search (NT > PARNT): level l decides bit OBITS-1-l of every lane's count; a level is a
+  // read of the threshold at the lane's candidate (address {group, prefix}, a synchronous read:
+  // block RAM), RDREG more registers, then the comparison. acc, group and prefix travel along.
+  wire doneBS;
+  wire [PE*OBITS-1:0] actBS;
   generate
-    if (NT > 15) begin : bsearch
-      // thresholds kept from stage D (the next group's thresholds arrive SF >= 1 cycles later,
-      // but with SF = 1 they may already have: so they are registered alongside accE)
-      reg [PE*TW*ACCB-1:0] thrE;
-      reg [PE*OBITS-1:0] actB;
-      reg [OBITS:0] idx, cand;
-      integer rr, b;
-      always @(posedge clk) thrE <= thrD;
-      always @* begin
-        actB = {PE*OBITS{1'b0}};
-        for (rr = 0; rr < PE; rr = rr + 1) begin
-          idx = {(OBITS+1){1'b0}};
-          for (b = OBITS - 1; b >= 0; b = b - 1) begin
-            cand = idx | ({{OBITS{1'b0}}, 1'b1} << b);
-            if (cand <= NT)
-              if ($signed(accE[rr*ACCB +: ACCB]) >= $signed(thrE[(rr*TW + cand - 1)*ACCB +: ACCB]))
-                idx = cand;
-          end
-          actB[rr*OBITS +: OBITS] = idx[OBITS-1:0];
+    if (NT > PARNT) begin : bsearch
+      localparam LV = OBITS;
+      wire [LV:0] vL;
+      wire [(LV+1)*CW-1:0] nfL;
+      wire [(LV+1)*PE*ACCB-1:0] accL;
+      wire [(LV+1)*PE*OBITS-1:0] idxL;
+      assign vL[0] = doneD;
+      assign nfL[0 +: CW] = nfD;
+      assign accL[0 +: PE*ACCB] = acc;
+      assign idxL[0 +: PE*OBITS] = {(PE*OBITS){1'b0}};
+      genvar gl, gq;
+      for (gl = 0; gl < LV; gl = gl + 1) begin : level
+        localparam integer B = OBITS - 1 - gl;          // the bit this level decides
+        localparam integer DL = NF * (1 << gl);          // thresholds per lane at this level
+        wire [CW-1:0] nf_i = nfL[gl*CW +: CW];
+        wire [PE*ACCB-1:0] acc_i = accL[gl*PE*ACCB +: PE*ACCB];
+        wire [PE*OBITS-1:0] idx_i = idxL[gl*PE*OBITS +: PE*OBITS];
+        // stage a: the reads
+        reg va, vb;
+        reg [CW-1:0] nfa, nfb;
+        reg [PE*ACCB-1:0] acca, accb;
+        reg [PE*OBITS-1:0] idxa, idxb;
+        wire [PE*ACCB-1:0] rd;
+        always @(posedge clk) begin
+          va <= vL[gl]; nfa <= nf_i; acca <= acc_i; idxa <= idx_i;
+          vb <= va; nfb <= nfa; accb <= acca; idxb <= idxa;
+          if (rst) begin va <= 1'b0; vb <= 1'b0; end
         end
+        for (gq = 0; gq < PE; gq = gq + 1) begin : lane
+          localparam [7:0] P2C = "0" + (gq / 100) % 10, P1C = "0" + (gq / 10) % 10, P0C = "0" + gq % 10;
+          localparam [7:0] L1C = "0" + (gl / 10) % 10, L0C = "0" + gl % 10;
+          reg [ACCB-1:0] tmem [0:DL-1];
+          reg [ACCB-1:0] tq, tr;
+          initial $readmemh({TFILE, "_p", P2C, P1C, P0C, "_l", L1C, L0C, ".mem"}, tmem);
+          wire [CW+OBITS-1:0] addr;
+          if (gl == 0) begin : a0
+            assign addr = nf_i;
+          end else begin : an
+            assign addr = nf_i * (1 << gl) + (idx_i[gq*OBITS +: OBITS] >> (B + 1));
+          end
+          always @(posedge clk) begin
+            tq <= tmem[addr];
+            tr <= tq;
+          end
+          assign rd[gq*ACCB +: ACCB] = RDREG ? tr : tq;
+        end
+        // stage c: the comparison
+        wire vx = RDREG ? vb : va;
+        wire [CW-1:0] nfx = RDREG ? nfb : nfa;
+        wire [PE*ACCB-1:0] accx = RDREG ? accb : acca;
+        wire [PE*OBITS-1:0] idxx = RDREG ? idxb : idxa;
+        reg vc;
+        reg [CW-1:0] nfc;
+        reg [PE*ACCB-1:0] accc;
+        reg [PE*OBITS-1:0] idxc;
+        integer qq;
+        always @(posedge clk) begin
+          vc <= vx; nfc <= nfx; accc <= accx;
+          for (qq = 0; qq < PE; qq = qq + 1)
+            // candidate count = prefix | 2^B; counts above NT do not exist (their entries are unused)
+            idxc[qq*OBITS +: OBITS] <= idxx[qq*OBITS +: OBITS]
+              | ((((idxx[qq*OBITS +: OBITS] | (1 << B)) <= NT)
+                  && ($signed(accx[qq*ACCB +: ACCB]) >= $signed(rd[qq*ACCB +: ACCB]))) ? (1 << B) : 0);
+          if (rst) vc <= 1'b0;
+        end
+        assign vL[gl+1] = vc;
+        assign nfL[(gl+1)*CW +: CW] = nfc;
+        assign accL[(gl+1)*PE*ACCB +: PE*ACCB] = accc;
+        assign idxL[(gl+1)*PE*OBITS +: PE*OBITS] = idxc;
       end
-      always @(posedge clk) actF_bs <= actB;
+      assign doneBS = vL[LV];
+      assign actBS = idxL[LV*PE*OBITS +: PE*OBITS];
+    end else begin : no_bsearch
+      assign doneBS = 1'b0;
+      assign actBS = {(PE*OBITS){1'b0}};
     end
   endgenerate
-  wire [PE*OBITS-1:0] result = (NT > 15) ? actF_bs : actF;
+  wire [PE*OBITS-1:0] result = (NT > PARNT) ? actBS : actF;
+  wire rdone = (NT > PARNT) ? doneBS : doneF;
 
   // ---------------------------------------------------------------- output FIFO
   reg [PE*OBITS-1:0] fifo [0:DEPTH-1];
@@ -259,12 +336,12 @@ module bf_mvau #(
   assign out_valid = (fcount != 0);
   assign out_data = fifo[fr];
   always @(posedge clk) begin
-    if (doneF) begin
+    if (rdone) begin
       fifo[fw] <= result;
       fw <= fw + 1'b1;
     end
     if (fifo_pop) fr <= fr + 1'b1;
-    fcount <= fcount + (doneF ? 1'b1 : 1'b0) - (fifo_pop ? 1'b1 : 1'b0);
+    fcount <= fcount + (rdone ? 1'b1 : 1'b0) - (fifo_pop ? 1'b1 : 1'b0);
     if (rst) begin fw <= 0; fr <= 0; fcount <= 0; end
   end
 
