@@ -35,9 +35,10 @@ NETS = {"digits-mlp": ("mlp", "digits", None), "fashion-mlp": ("mlp", "fashion-m
 
 
 def _bits(net: str, b: str):
+    """The bit map of ``--bits`` entry ``b`` for ``net`` (None: no mixed map for FINN's classics)."""
     if b == "mixed":
         from bitfold.app.demo import DEMO_MAP       # the demo's CNN map
-        return MIXED if net.endswith("mlp") else DEMO_MAP
+        return MIXED if net.endswith("mlp") else DEMO_MAP if net.endswith("cnn") else None
     return f"w{b}a{b}:all"
 
 
@@ -145,6 +146,9 @@ def main(argv=None):
     rows = []
     for net in args.nets:
         for b in args.bits:
+            if _bits(net, b) is None:
+                print(f"{net}: no {b} map, skipped")
+                continue
             onnx = train_export(net, b, root)
             group = []
             if have_finn:
