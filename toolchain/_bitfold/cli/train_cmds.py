@@ -221,6 +221,7 @@ def fewshot(
     eval_bits: str = typer.Option("w2a2,w4a4,w8a8"),
     data: str = typer.Option("digits", help="digits | fashion-mnist"),
     head: str = typer.Option("slots", help="slots (MAML N-way head) | proto (ProtoNet prototypes)"),
+    seed: int = typer.Option(0, help="initialisation, data draw and episodes (compare meta and --no-meta over seeds)"),
 ):
     """MEBQAT few-shot: meta-train on (bit-width, seen-class subset) tasks, then adapt to unseen classes
     with a few SGD steps; prints accuracy before/after adaptation per bit-width."""
@@ -232,7 +233,7 @@ def fewshot(
         raise BitfoldError(f"--seen {seen!r} / --eval-bits {eval_bits!r} not understood",
                            "e.g. --seen 0,1,2,3,4,5 --eval-bits w2a2,w4a4") from None
     cfg = FewShotConfig(model=model, data=data, head=head, seen=seen_c, ways=ways, shots=shots, inner_steps=inner_steps, inner_lr=inner_lr,
-                        episodes=episodes, meta=meta, eval_bits=bits)
+                        episodes=episodes, meta=meta, eval_bits=bits, seed=seed)
     with progress_events("meta-training" if meta else "training (no inner loop)") as ev:
         rep = run_fewshot(out, cfg, events=ev)
     rows_table(f"unseen classes {rep['config']['unseen']}: {ways}-way {shots}-shot, chance {rep['chance']:.0%}",
