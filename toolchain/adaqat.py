@@ -279,7 +279,7 @@ class AdaQATMethod(QuantMethod):
         if step % 5 == 0:
             for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
                 name = "+".join(key) if isinstance(key, tuple) else key
-                self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped())])
+                self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped().detach())])
         loss = self.cost_loss(model)
         if self.estimator == "fd" and batch is not None and learn:
             loss = loss + self._fd_surrogate(model, learn, batch, step)
