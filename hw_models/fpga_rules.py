@@ -147,8 +147,9 @@ def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
     if is_pool(s):        # one row of running maxima (OW x CH codes)
         return buffer_brams(s.bits, s.ow * s.ch, family) if family == "ice40" else 0
     w = rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), family)
-    if search_levels(s):           # per lane, level l holds 2^l thresholds per channel group
-        w += pe * sum(rom_brams(s.acc_bits, (s.oc // pe) << level, family) for level in range(search_levels(s)))
+    levels = search_levels(s)
+    if levels:                     # per lane, level l holds 2^l thresholds per channel group
+        w += pe * sum(rom_brams(s.acc_bits, (s.oc // pe) << level, family) for level in range(levels))
     elif s.thresholds is not None:
         w += rom_brams(pe * s.thresholds.shape[1] * s.acc_bits, s.oc // pe, family)
     return w + buffer_brams(simd * s.ibits, 2 * s.ih * s.iw * s.ic // simd, family)   # two banks

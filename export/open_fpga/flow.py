@@ -39,7 +39,8 @@ from bitfold.export.open_fpga.clock import Clock, clock_files
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
 from bitfold.hw_models.fpga_rules import (PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding, divisors,
-                                          estimate_brams, estimate_luts, frame_cycles, pool_lanes, stage_cycles)
+                                          estimate_brams, estimate_luts, frame_cycles, pool_lanes, search_levels,
+                                          stage_cycles)
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
@@ -118,7 +119,7 @@ def _mvau_roms(s: MVAUStage, pe: int, simd: int) -> tuple[str, dict[str, str]]:
     if s.thresholds is None:
         return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows([0] * nf, pe * acc)}
     nt = s.thresholds.shape[1]
-    if nt <= PARALLEL_THRESHOLDS:
+    if not search_levels(s):
         trows = [_pack([thr(f * pe + p, k) for p in range(pe) for k in range(nt)], acc) for f in range(nf)]
         return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows(trows, pe * nt * acc)}
     if nt > (1 << s.obits) - 1 or s.obits > 99 or pe > 999:
@@ -195,7 +196,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             for suffix, text in tfiles.items():
                 (rtl / f"{s.name}_t{suffix}").write_text(text)
             # one ROM file (parallel compare) or the prefix of the search levels' files
-            tfile = f"{s.name}_t.mem" if ".mem" in tfiles else f"{s.name}_t"
+            tfile = f"{s.name}_t" if search_levels(s) else f"{s.name}_t.mem"
             ob, out_n = s.obits, pe
             nt = 0 if s.thresholds is None else s.thresholds.shape[1]
             params = dict(IH=s.ih, IW=s.iw, IC=s.ic, OC=s.oc, K=s.k, STRIDE=s.stride, PAD=s.pad, OH=s.oh,

@@ -46,7 +46,7 @@ module bf_mvau #(
   localparam SF = K * K * CG;      // weight words per output channel group
   localparam NF = OC / PE;         // output channel groups
   localparam IWORDS = IH * IW * CG;
-  localparam TW = (NT > 0) ? NT : 1;
+  localparam TW = (NT > 0 && NT <= PARNT) ? NT : 1;   // thresholds in a parallel-compare ROM word
   localparam CW = $clog2(2 * IWORDS + NF * SF + IH + IW + OC + K + 2) + 1;
   localparam [IBITS-1:0] PADC = PADCODE;
   localparam PB = WBITS + IBITS + 1;            // product width
