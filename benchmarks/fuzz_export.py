@@ -33,7 +33,7 @@ def shard(k: int, cases: int, sims: int) -> dict:
                        text=True, cwd=ROOT)
     line = next((ln for ln in p.stdout.splitlines() if "FUZZ-COUNTS" in ln), None)
     # the case test failing is a silent mismatch; the outcome test failing alone means too few cases
-    # verified in this shard to judge (its thresholds are for the CI run's 160 cases)
+    # verified in this shard to judge (its thresholds scale with the cases; CI runs 120)
     return {"shard": k, "rc": p.returncode, "counts": json.loads(line.split("FUZZ-COUNTS", 1)[1]) if line else None,
             # a case test that failed on a BitfoldError was a refusal the harness did not expect, not a
             # file that disagrees: reported apart

@@ -2,6 +2,7 @@
 
     python benchmarks/methods_fashion.py --method adaqat|mebqat|adq|asq [--model mlp|cnn] [--seeds 0 1 2]
         [--epochs 3] [--float-epochs 3] [--subset TRAIN,TEST] [--out runs/methods] [--scheduler H:P] [--quick]
+        [--device cpu|cuda]
 
 Per seed: one float run (the checkpoint), then every row - FP32 included, continued in float - of the method's table trained for --epochs starting from
 that seed's float weights (``init_from``; the fixed baselines too), on the same data. Rows:
@@ -72,14 +73,20 @@ def rows_for(method: str, quick: bool):
     raise SystemExit(f"unknown --method {method!r}: adaqat, mebqat, adq or asq")
 
 
+def _same_run(saved: dict, cfg) -> bool:
+    """The same run whatever device trained it (the trainer's own --resume rule)."""
+    want = json.loads(json.dumps(cfg.to_json()))
+    return {**saved, "device": ""} == {**want, "device": ""}
+
+
 def train_or_load(jobs, scheduler, workers):
-    """Metrics of every ``(TrainConfig, dir)``: finished runs (same config, metrics.json written) are read,
-    the others trained as Dask tasks."""
+    """Metrics of every ``(TrainConfig, dir)``: finished runs (same config up to the device, metrics.json
+    written) are read, the others trained as Dask tasks."""
     from bitfold.app.sweep import train_runs
     done = {}
     for i, (cfg, d) in enumerate(jobs):
         try:
-            if json.loads((d / "config.json").read_text()) == json.loads(json.dumps(cfg.to_json())):
+            if _same_run(json.loads((d / "config.json").read_text()), cfg):
                 done[i] = json.loads((d / "metrics.json").read_text())
         except (OSError, ValueError):
             pass
@@ -111,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT; 'inprocess' runs here "
                     "(default: a local cluster on the free cores)")
     ap.add_argument("--workers", type=int, default=None, help="local cluster: worker processes (default: free cores)")
+    ap.add_argument("--device", default="cpu", help="where the runs train (cpu or cuda); a finished run is "
+                    "reused whatever device trained it")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="retrain every run (default: a run directory that "
                     "holds a finished run is read, so an interrupted benchmark resumes)")
@@ -122,7 +131,7 @@ def main(argv=None):
     if out.exists() and args.fresh:
         shutil.rmtree(out)
     t0 = time.time()
-    base = {"model": args.model, "data": "fashion-mnist", "subset": subset}
+    base = {"model": args.model, "data": "fashion-mnist", "subset": subset, "device": args.device}
     fp = train_or_load([(TrainConfig(**base, method="float", epochs=args.float_epochs, seed=s), out / f"s{s}" / "float")
                         for s in args.seeds], args.scheduler, args.workers)
     # the FP32 row: the float checkpoint trained as long again as every other row

@@ -1,6 +1,7 @@
 """Training-step time: float vs Brevitas fixed-bit QAT vs each adaptive method, measured side by side.
 
     python benchmarks/qat_overhead.py [--steps 20] [--threads 1 2] [--models mlp cnn resnet20]
+        [--device cpu|cuda] [--compile]
 
 Models as the benchmarks train them: the TFC-style MLP and the CNN at 28x28 (Fashion-MNIST's shape),
 ResNet-20 at 32x32, batch 64 (ResNet-20: 32), on random batches. Per model and thread count, one
@@ -10,6 +11,10 @@ fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, th
 fusion) - is timed in interleaved rounds so that
 machine noise hits all alike; medians and ratios (to float, and adaptive to fixed) are printed.
 Run it on a quiet machine: with 2 threads and a busy second core OpenMP threads wait on each other.
+``--device cuda``: the same table on a GPU (the thread count then only sets the host's torch threads;
+each round is closed by ``torch.cuda.synchronize``). ``--compile`` adds two rows, float and fixed W4A4
+under ``torch.compile`` (default mode), each marked "failed" with the exception when compilation does
+not go through.
 """
 from __future__ import annotations
 
@@ -28,19 +33,19 @@ METHODS = [("float", "float", {}), ("brevitas", "fixed", {}), ("fixed W4A4", "fi
            ("asq W4A4", "asq", {})]
 
 
-def step_fn(name, method, opts, shape, batch, fast=True):
+def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None):
     """(one training step, tasks per step) of a freshly built model."""
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
     from bitfold.toolchain.train import init_activation_stats
     torch.manual_seed(0)
-    x, y = torch.rand(batch, *shape), torch.randint(0, 10, (batch,))
+    x, y = torch.rand(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
     if method == "float":
-        m = build_model(name, shape, 10, method="float")
+        m = build_model(name, shape, 10, method="float").to(device)
         qm = None
     else:
-        m = build_model(name, shape, 10, bits="w8a8" if method == "mebqat" else "w4a4", method=method, **opts)
+        m = build_model(name, shape, 10, bits="w8a8" if method == "mebqat" else "w4a4", method=method, **opts).to(device)
         init_activation_stats(m, x, batch)
         qm = m.quant_method
         qm.setup(m, describe_layers(m, shape))
@@ -49,11 +54,12 @@ def step_fn(name, method, opts, shape, batch, fast=True):
     m.train()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
     state = {"s": 0, "fused": fused if qm is not None else None}
+    fwd = torch.compile(m, backend=compile_) if compile_ else m
 
     def step():
         opt.zero_grad()
-        if qm is None or qm.backward_step(m, m, x, y, state["s"]) is None:
-            F.cross_entropy(m(x), y).backward()
+        if qm is None or qm.backward_step(fwd, m, x, y, state["s"]) is None:
+            F.cross_entropy(fwd(x), y).backward()
         opt.step()
         if qm is not None:
             qm.after_step(m, state["s"])
@@ -68,24 +74,49 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet20"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--compile", action="store_true", help="add float and fixed W4A4 under torch.compile")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of those rows")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}; median step time over {args.rounds} interleaved rounds of {args.steps} steps")
-    print(f"{'model':<22}{'thr':>4}  " + "".join(f"{n:>12}" for n, _, _ in METHODS) + "   ratios")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device; run with --device cpu")
+    rows = METHODS + ([("float compiled", "float", {}), ("fixed compiled", "fixed", {})] if args.compile else [])
+    dev = f" on {torch.cuda.get_device_name()}" if cuda else ""
+    print(f"torch {torch.__version__}{dev}; median step time over {args.rounds} interleaved rounds of {args.steps} steps")
+    widths = [max(12, len(n) + 2) for n, _, _ in rows]
+    print(f"{'model':<22}{'thr':>4}  " + "".join(f"{n:>{w}}" for (n, _, _), w in zip(rows, widths)) + "   ratios")
     for name in args.models:
         shape, batch = ((3, 32, 32), 32) if name == "resnet20" else ((1, 28, 28), 64)
         for th in args.threads:
             torch.set_num_threads(th)
-            fns, tasks = {}, {}
-            for label, method, opts in METHODS:
-                fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=label != "brevitas")
-            steps = args.steps if name != "resnet20" else max(3, args.steps // 4)
-            med = interleaved(fns, args.rounds, steps)
+            fns, tasks, failed = {}, {}, {}
+            for label, method, opts in rows:
+                comp = label.endswith("compiled")
+                try:
+                    fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=label != "brevitas",
+                                                       device=args.device, compile_=args.compile_backend if comp else None)
+                    if comp:   # compilation happens on the first call: a failure is reported, not fatal
+                        fns[label]()
+                except Exception as e:  # noqa: BLE001 - only the compiled rows may fail; others re-raise
+                    if not comp:
+                        raise
+                    failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+                    fns.pop(label, None)
+            steps = args.steps if name != "resnet20" or cuda else max(3, args.steps // 4)
+            med = interleaved(fns, args.rounds, steps, sync=torch.cuda.synchronize if cuda else None)
             fp, fx = med["float"], med["fixed W4A4"]
             ratios = [f"brevitas/float {med['brevitas'] / fp:.2f}x", f"fixed/float {fx / fp:.2f}x"] + [
                 f"{k}/fixed {med[k] / fx / tasks[k]:.2f}x" + (f" per task ({tasks[k]} tasks)" if tasks[k] > 1 else "")
                 for k, _, _ in METHODS[3:]]
+            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if lab != "brevitas"}
+            ratios += [f"{k}/{eager_of[k.split()[0]]} {med[k] / med[eager_of[k.split()[0]]]:.2f}x"
+                       for k in med if k.endswith("compiled")]
             print(f"{name + ' ' + 'x'.join(map(str, shape)) + f' b{batch}':<22}{th:>4}  "
-                  + "".join(f"{med[n] * 1e3:>10.2f}ms" for n, _, _ in METHODS) + "   " + ", ".join(ratios), flush=True)
+                  + "".join(f"{med[n] * 1e3:>{w - 2}.2f}ms" if n in med else f"{'failed':>{w}}" for (n, _, _), w in zip(rows, widths))
+                  + "   " + ", ".join(ratios), flush=True)
+            for k, why in failed.items():
+                print(f"    {k}: torch.compile failed - {why}", flush=True)
 
 
 if __name__ == "__main__":

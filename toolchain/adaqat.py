@@ -225,7 +225,7 @@ class AdaQATMethod(QuantMethod):
         def val(m):
             if m.frozen > 0 or not continuous:
                 return torch.tensor(float(m.integer()))
-            return m.clamped()
+            return m.clamped().cpu()   # the cost models keep their constants on the CPU (a no-op there)
         return {n: (val(ww[n]), val(site_of[n])) for n in ww}
 
     def bit_map(self, model):

@@ -45,14 +45,14 @@ from bitfold.toolchain.quant import FixedMethod, compute_layers, register_method
 
 def quantile_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
     k = 2 ** bits
-    q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    q = (torch.arange(k, dtype=torch.float64, device=w.device) + 0.5) / k
     return torch.quantile(w.detach().flatten().double(), q).float()
 
 
 def uniform_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``2^bits`` evenly spaced entries over [min(w), max(w)] (the ablation of the quantile init)."""
     w = w.detach().flatten()
-    return torch.linspace(float(w.min()), float(w.max()), 2 ** bits)
+    return torch.linspace(float(w.min()), float(w.max()), 2 ** bits, device=w.device)
 
 
 def signed_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,10 +63,10 @@ def signed_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
     k = 2 ** bits - 1
     neg, pos = w[w < 0], w[w > 0]
     n_neg = min(k - 1, max(1, round(k * len(neg) / max(1, len(neg) + len(pos)))))
-    parts = [torch.zeros(1, dtype=torch.float64)]
+    parts = [torch.zeros(1, dtype=torch.float64, device=w.device)]
     for side, n in ((neg, n_neg), (pos, k - n_neg)):
-        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        parts.append(torch.quantile(side, q) if len(side) else torch.zeros(n, dtype=torch.float64))
+        q = (torch.arange(n, dtype=torch.float64, device=w.device) + 0.5) / n
+        parts.append(torch.quantile(side, q) if len(side) else torch.zeros(n, dtype=torch.float64, device=w.device))
     return torch.cat(parts).sort().values.float()
 
 

@@ -59,7 +59,7 @@ class ASQAct(nn.Module):
 
     def beta(self, x):
         if not self.use_adapter:
-            return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype)
+            return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
         flat = x.flatten(1)
         stats = torch.stack([flat.abs().mean(1), flat.std(1)], 1)
         return (2 * torch.sigmoid(self.adapter(stats))).reshape((x.shape[0],) + (1,) * (x.dim() - 1))

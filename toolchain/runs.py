@@ -45,12 +45,15 @@ class TrainConfig:
     init_from: str | None = None     # a run directory whose weights start this run (e.g. after allocate)
     synthetic_shape: tuple = (3, 32, 32)
     subset: tuple | None = None      # (train, test) sample counts: a fixed subset (quick runs, smoke tests)
+    compile: str | None = None       # torch.compile backend of the training steps (e.g. "inductor"); None: eager
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["synthetic_shape"] = list(self.synthetic_shape)
         if self.subset is not None:
             d["subset"] = list(self.subset)
+        if self.compile is None:     # configs of eager runs read as before the option existed
+            del d["compile"]
         return d
 
     @classmethod

@@ -131,6 +131,49 @@ def init_from_run(model: nn.Module, run_dir) -> dict:
     return {"loaded": sorted(keep), "fresh": sorted(fresh), "reinitialized": reset}
 
 
+def compile_steps(net: nn.Module, backend: str | None) -> tuple[nn.Module, dict | None]:
+    """``net`` under ``torch.compile(backend=...)`` for the training steps, or ``net`` itself (None).
+
+    Not bit-identical: with inductor the forward outputs equal the eager ones, but the generated backward
+    kernels round differently, so gradients, and from the first optimizer step every weight, differ from
+    an eager run (eager with the fused quantizers is the reference path). Where a graph cannot be
+    compiled, dynamo runs that code eagerly (``suppress_errors``) - the report counts the graphs compiled."""
+    if not backend:
+        return net, None
+    import torch._dynamo
+    check_compile_backend(backend)
+    torch._dynamo.config.suppress_errors = True   # a backend failure runs the frame eagerly, not a crash
+    info = {"backend": backend, "counts_before": _dynamo_counts()}
+    return torch.compile(net, backend=backend), info
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """One clear error for a ``--compile`` backend torch does not know (checked before any work)."""
+    if not backend:
+        return
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise BitfoldError(f"--compile {backend!r}: torch.compile has no such backend",
+                           f"use one of {', '.join(known)} (inductor generates fused kernels), or leave --compile out")
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process (a graph whose backend failed is not counted)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"].get("unique_graphs", 0)), int(sum(counters["graph_break"].values()))
+
+
+def compile_report(info: dict | None) -> dict | None:
+    """What the compiled run ran: graphs compiled during the run, or the failure."""
+    if info is None:
+        return None
+    now, before = _dynamo_counts(), info["counts_before"]
+    graphs, breaks = (a - b for a, b in zip(now, before))
+    out = {k: v for k, v in info.items() if k != "counts_before"}
+    return {**out, "graphs": graphs, "graph_breaks": breaks, "eager": graphs == 0}
+
+
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
 
@@ -146,9 +189,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     """Train ``cfg`` into ``out_dir`` and return the final metrics (also written to metrics.json).
 
     ``fast_quant``: run the training steps of fixed-width Brevitas quantizers fused
-    (:mod:`bitfold.toolchain.fastquant`; bit-identical, so it is not part of the run's options)."""
+    (:mod:`bitfold.toolchain.fastquant`; bit-identical, so it is not part of the run's options).
+    ``cfg.compile``: the steps under ``torch.compile`` (:func:`compile_steps`; not bit-identical)."""
     world, rank = _dist_info()
     out = Path(out_dir)
+    check_compile_backend(cfg.compile)
     device = _resolve_device(cfg.device if world == 1 or not cfg.device.startswith("cuda")
                              else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     ck = None
@@ -210,6 +255,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=cfg.method not in ("fixed", "float"))
 
+    net, compiled = compile_steps(net, cfg.compile)
+    if progress and rank == 0 and compiled is not None:
+        from rich.console import Console
+        Console(stderr=True).print(f"[dim]training steps under torch.compile(backend={cfg.compile!r}) - not "
+                                   "bit-identical to an eager run[/]")
     n = len(ds.x_train)
     steps_per_epoch = math.ceil(n / world / cfg.batch_size)
     threads, why = choose_threads(world)
@@ -271,6 +321,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["world_size"] = world
     metrics["fast_quant"] = {"fused": list(fused.fused), "brevitas": dict(fused.brevitas)}
+    if compiled is not None:
+        metrics["compile"] = compile_report(compiled)
     if device.type == "cpu":
         metrics["threads"] = {"n": threads, "why": why}
         torch.set_num_threads(threads_before)

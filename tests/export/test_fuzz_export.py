@@ -2,7 +2,7 @@
 
 Every case must either export *and* verify in both formats (re-checked here on fresh inputs,
 outside the exporter), or be refused with a BitfoldError - never a traceback from a dependency,
-never a file that disagrees with torch. Fixed seed (derandomized), 160 cases (the long run: benchmarks/fuzz_export.py, thousands in shards).
+never a file that disagrees with torch. Fixed seed (derandomized), 120 cases (the long run: benchmarks/fuzz_export.py, thousands in shards).
 """
 import json
 import os
@@ -32,6 +32,8 @@ SIM_BUDGET = int(os.environ.get("BITFOLD_FUZZ_SIM", "20"))
 #: the long run (benchmarks/fuzz_export.py) splits its cases into shards, each a different random seed;
 #: unset (CI): the fixed, derandomized sequence
 FUZZ_SEED = os.environ.get("BITFOLD_FUZZ_SEED")
+#: cases per run (CI: 120; the thresholds of the outcome test scale with it)
+CASES = int(os.environ.get("BITFOLD_FUZZ_CASES", "120"))
 
 
 def _refused(e: BitfoldError):
@@ -105,7 +107,7 @@ def cases(draw):
     return in_ch, flat_in, spec, seed, per_channel, widths
 
 
-@settings(max_examples=int(os.environ.get("BITFOLD_FUZZ_CASES", "160")), deadline=None,
+@settings(max_examples=CASES, deadline=None,
           derandomize=FUZZ_SEED is None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
@@ -201,5 +203,5 @@ def test_fuzz_outcomes_were_mostly_verified():
     assert all(k.startswith(expected) for k in REASONS), REASONS
     runtime = sum(v for k, v in REASONS.items() if k.startswith(expected[2:]))
     assert runtime <= 0.05 * OUTCOMES["verified"], REASONS
-    assert OUTCOMES["verified"] >= 100, OUTCOMES
+    assert OUTCOMES["verified"] >= 0.625 * CASES, OUTCOMES
     assert FPGA["lowered"] >= 10 and FPGA["simulated"] >= min(SIM_BUDGET, FPGA["lowered"]), FPGA

@@ -2,6 +2,7 @@
 outputs, gradients, trained weights, exported files - for every method (each fuses the quantizers
 it leaves fixed, and keeps Brevitas for its own)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -99,3 +100,44 @@ def test_every_method_trains_and_exports_identically(tmp_path, method):
     fb = export_run(runs[False], "qonnx", tmp_path / "b.onnx")
     pa, pb = (getattr(f, "path", f) for f in (fa, fb))
     assert open(pa, "rb").read() == open(pb, "rb").read()
+
+
+def test_compiled_steps_forward_equals_eager_and_report_counts_graphs(tmp_path):
+    """--compile inductor: the first training-mode forward equals the eager fused one bit for bit (the
+    backward is where inductor rounds differently - not asserted equal); a run records its graphs."""
+    from bitfold.toolchain.train import compile_steps
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8) * 3
+    m = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method="fixed")
+    init_activation_stats(m, x, 32)
+    with fast_quant(m):
+        ref = m(x)
+        net, info = compile_steps(m, "inductor")
+        assert net is not m and info["backend"] == "inductor"
+        assert torch.equal(net(x), ref)
+    met = train(TrainConfig(model="mlp", bits="w4a4", epochs=1, subset=(256, 128), compile="inductor"),
+                tmp_path / "c", progress=False)
+    assert met["compile"]["graphs"] >= 1 and not met["compile"]["eager"], met["compile"]
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["compile"] == "inductor"
+
+
+def test_compile_falls_back_to_eager_when_the_backend_fails(tmp_path):
+    """A backend that raises: dynamo runs the code eagerly, the run says so, and its weights are those of
+    the eager run bit for bit; an unknown backend name is refused before any work."""
+    import torch._dynamo
+
+    from bitfold.core.errors import BitfoldError
+
+    @torch._dynamo.register_backend
+    def bitfold_test_failing_backend(gm, example_inputs):
+        raise RuntimeError("this backend always fails")
+
+    cfg = dict(model="mlp", bits="w4a4", epochs=1, subset=(256, 128))
+    met = train(TrainConfig(**cfg, compile="bitfold_test_failing_backend"), tmp_path / "f", progress=False)
+    assert met["compile"]["eager"] and met["compile"]["graphs"] == 0, met["compile"]
+    train(TrainConfig(**cfg), tmp_path / "e", progress=False)
+    a, b = load_checkpoint(tmp_path / "f" / "checkpoint.pt")["model"], load_checkpoint(tmp_path / "e" / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BitfoldError, match="no such backend"):
+        train(TrainConfig(**cfg, compile="no-such-backend"), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -87,6 +87,8 @@ def train(
                                             "adapter=false, levels=pot; mebqat: quantizer=dorefa)"),
     fast_quant: bool = typer.Option(True, help="fused training steps for fixed-width quantizers (bit-identical "
                                                "to Brevitas; --no-fast-quant runs Brevitas's own modules)"),
+    compile_backend: Optional[str] = typer.Option(None, "--compile", help="train under torch.compile with this backend "
+                                          "(inductor): faster steps, NOT bit-identical to an eager run"),
 ):
     """Quantization-aware training on Brevitas layers; writes a run directory."""
     from bitfold.toolchain.bitmap import BitMap
@@ -105,7 +107,8 @@ def train(
                                                      estimator=estimator, finetune_epochs=finetune_epochs,
                                                      bit_lr=bit_lr, bit_opt=bit_opt, target_fps=target_fps) | parse_opts(opt), epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None)
+                      weights=str(weights) if weights else None, init_from=str(init_from) if init_from else None,
+                      compile=compile_backend)
     _report_train(run_train(cfg, out, resume=resume, progress=not quiet, fast_quant=fast_quant), out)
 
 
@@ -113,6 +116,10 @@ def _report_train(m, out):
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"test accuracy {m['accuracy']:.2%}  BitOPs {m['bitops']:.3g}  "
                       f"weight memory {m['weight_bits'] / 8192:.1f} KiB  -> {out}")
+        c = m.get("compile")
+        if c:
+            console.print(f"torch.compile({c['backend']}): {c['graphs']} graph(s) compiled, {c['graph_breaks']} graph "
+                          "break(s)" + (" - nothing compiled, trained eagerly" if c["eager"] else ""))
         layer_table(m["layers"])
 
 
