@@ -11,8 +11,10 @@ that seed's float weights (``init_from``; the fixed baselines too), on the same 
   AdaQAT on BitOPs from W8A8 with the ste and fd estimators at lambda 0.3 / 1 / 3, first and last layer
   fixed, and (ste) learned too. Compared with the best uniform row at no more BitOPs.
 * mebqat: one MEBQAT model per seed evaluated at the diagonal (2,2)...(8,8) and four off-diagonal pairs,
-  each against a dedicated fixed run at that pair.
-* adq: fixed W3A4 and W4A4; ADQ W3A4 (quantile init, EMA on) and its ablations (uniform init, EMA off);
+  each against a dedicated fixed run at that pair; deploy-time selection (``bitfold select``) under the
+  BitOPs of uniform W3A3 and W4A4 against AdaQAT trained for the same budget (budget mode, from W8A8).
+* adq: fixed W3A4 and W4A4; ADQ W3A4 (quantile init, EMA on) and its ablations (uniform init, EMA off),
+  and with the paper's non-uniform activations (act=nonuniform: trains, does not export);
   ADQ with a Fisher allocation under 3 average hidden-layer weight bits (trained W4 -> allocate ->
   continue) against the uniform allocation (ADQ W3A4).
 * asq: W4A4 / W3A3 / W2A2: fixed, ASQ, ASQ without adapter, ASQ with POT weights; ASQ's folded QCDQ
@@ -39,7 +41,18 @@ warnings.filterwarnings("ignore")
 PAIRS = [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (2, 4), (4, 2), (3, 6), (6, 3)]
 
 
-def rows_for(method: str, quick: bool):
+def model_bitops(model: str, bits: str) -> float:
+    """BitOPs of ``model`` (Fashion-MNIST's shape) at a uniform shorthand map, as the fixed rows train it."""
+    from bitfold.hw_models.cost import bitops
+    from bitfold.toolchain.bitmap import BitMap
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.models import build_model
+    layers = describe_layers(build_model(model, (1, 28, 28), 10, method="float"), (1, 28, 28))
+    bm = BitMap.parse(bits).resolve([d.name for d in layers])
+    return float(bitops(layers, {n: (b.w, b.a) for n, b in bm.items()}).total)
+
+
+def rows_for(method: str, quick: bool, model: str = "mlp"):
     """(label, TrainConfig keywords) per table row, and the post-processing each needs."""
     if method == "adaqat":
         widths = [2, 8] if quick else [2, 3, 4, 6, 8]
@@ -53,11 +66,18 @@ def rows_for(method: str, quick: bool):
         return rows
     if method == "mebqat":
         pairs = [(2, 2), (8, 8)] if quick else PAIRS
+        # deploy-time selection against AdaQAT trained for the same budget (budget mode, BitOPs)
+        budgets = [("W2A2", model_bitops(model, "w2a2"))] if quick else \
+            [(f"W{b}A{b}", model_bitops(model, f"w{b}a{b}")) for b in (3, 4)]
         return [("mebqat (one model)", {"method": "mebqat", "bits": "w8a8"})] + \
-            [(f"fixed W{w}A{a}", {"method": "fixed", "bits": f"w{w}a{a}"}) for w, a in pairs]
+            [(f"fixed W{w}A{a}", {"method": "fixed", "bits": f"w{w}a{a}"}) for w, a in pairs] + \
+            [(f"adaqat at budget BitOPs({tag})", {"method": "adaqat", "bits": "w8a8", "method_options":
+              {"cost": "bitops", "budget": b}}) for tag, b in budgets]
     if method == "adq":
         rows = [("fixed W3A4", {"method": "fixed", "bits": "w3a4"}), ("fixed W4A4", {"method": "fixed", "bits": "w4a4"}),
                 ("adq W3A4", {"method": "adq", "bits": "w3a4"}), ("adq W4A4 (allocation source)", {"method": "adq", "bits": "w4a4"})]
+        rows.append(("adq W3A4 non-uniform activations", {"method": "adq", "bits": "w3a4",
+                                                           "method_options": {"act": "nonuniform"}}))
         if not quick:
             rows += [("adq W3A4 uniform init", {"method": "adq", "bits": "w3a4", "method_options": {"init": "uniform"}}),
                      ("adq W3A4 EMA off", {"method": "adq", "bits": "w3a4", "method_options": {"ema": False}})]
@@ -135,7 +155,7 @@ def main(argv=None):
     fp = train_or_load([(TrainConfig(**base, method="float", epochs=args.float_epochs, seed=s), out / f"s{s}" / "float")
                         for s in args.seeds], args.scheduler, args.workers)
     # the FP32 row: the float checkpoint trained as long again as every other row
-    rows = [("FP32", {"method": "float"})] + rows_for(args.method, args.quick)
+    rows = [("FP32", {"method": "float"})] + rows_for(args.method, args.quick, args.model)
     jobs, keys = [], []
     for s in args.seeds:
         for i, (label, kw) in enumerate(rows):
@@ -158,11 +178,19 @@ def post(args, out, keys, jobs, runs, base, subset):
     if args.method == "mebqat":
         from bitfold.toolchain.select_bits import eval_table
         pairs = [(2, 2), (8, 8)] if args.quick else PAIRS
+        from bitfold.toolchain.select_bits import select
+        budgets = [(label.split("(")[1].rstrip(")"), kw["method_options"]["budget"])
+                   for label, kw in rows_for("mebqat", args.quick, args.model) if label.startswith("adaqat at budget")]
         for (s, label), (_, d) in zip(keys, jobs):
             if label.startswith("mebqat"):
                 for r in eval_table(d, pairs):
                     extra.append({"seed": s, "row": f"mebqat at W{r['w']}A{r['a']}", "accuracy": r["accuracy"],
                                   "bitops": None, "wbits": float(r["w"])})
+                for tag, b in budgets:   # the selection searches on training images, reports test accuracy
+                    rep = select(d, f"bitops<={b:.12g}", out_path=d / f"selected_{tag}.json")
+                    extra.append({"seed": s, "row": f"mebqat selected at budget BitOPs({tag})",
+                                  "accuracy": rep["test_accuracy"], "bitops": rep["cost"], "wbits": None,
+                                  "map": " ".join(f"W{v['w']}A{v['a']}" for v in rep["bit_map"].values())})
     if args.method == "adq":
         from bitfold.toolchain.adq import allocate_run
         from bitfold.toolchain.runs import TrainConfig
@@ -227,6 +255,9 @@ def write(res, out, args, wall):
         for s in st:
             if s["row"].startswith("mebqat at") and s["row"].split()[-1] in ded:
                 s["vs_dedicated"] = s["acc_mean"] - ded[s["row"].split()[-1]]["acc_mean"]
+            tag = s["row"].split("budget BitOPs(")[-1].rstrip(")") if "budget BitOPs(" in s["row"] else None
+            if tag in ded and s["acc_mean"] is not None:   # selection / AdaQAT at the uniform map's BitOPs
+                s["vs_dedicated"] = s["acc_mean"] - ded[tag]["acc_mean"]
     print(f"\n{args.method} on Fashion-MNIST ({args.model}, {args.subset or '60000,10000'} samples, {args.epochs} "
           f"epoch(s) from a {args.float_epochs}-epoch float run, seeds {args.seeds}); {wall:.0f} s")
     print(f"{'row':<46}{'acc mean':>9}{'sd':>7}{'BitOPs':>10}{'hid w bits':>11}  per seed")

@@ -13,7 +13,15 @@ Choices made here (and tested):
   ``w + (c[assign] - w).detach()`` (straight-through to the latent
   weights). The codebook lives in a torch parametrization of the Brevitas layer's weight; the
   Brevitas weight quantizer itself is off during training.
-* Activations: Brevitas' learned-scale uniform quantizer (LSQ-style threshold), as in ``fixed``.
+* Activations: Brevitas' learned-scale uniform quantizer (LSQ-style threshold), as in ``fixed`` -
+  the default, because only uniform activations deploy: every back-end multiplies the next layer's
+  weights by the activation's *integer* code. ``--opt act=nonuniform`` trains the paper's variant
+  instead (:class:`NonUniformAct`): after each ReLU ``2^b`` learned levels (level 0 fixed at 0),
+  each input goes to its nearest level (thresholds at the midpoints), with a generalised
+  straight-through estimator - the input's gradient passes inside [0, top level] and is cut above,
+  each level gets the summed gradient of the outputs assigned to it. Such a model trains and
+  evaluates in torch; export refuses it (a non-uniform code would need a per-input table in front
+  of every MAC, i.e. 8-bit arithmetic, the cost ADQ's low activation width is meant to save).
 * Sensitivity: the empirical **Fisher** trace per layer, ``mean over batches of sum(g^2)`` on the
   latent weights (chosen over Hutchinson's Hessian trace: no double backward through Brevitas'
   rounding functions, one backward per batch). The allocator minimises
@@ -130,6 +138,33 @@ class CodebookWeight(nn.Module):
         self.codebook.copy_(torch.where(move, upd, self.codebook).sort().values)
 
 
+class NonUniformAct(nn.Module):
+    """ReLU then ``2^bits`` learned levels (ADQ's non-uniform activations; see the module docstring).
+
+    Levels start on the uniform grid ``k * t / (2^bits - 1)``, ``t`` the 99.9th percentile of the
+    first training batch (so that at step 0 it is the uniform quantizer it is compared with); level 0
+    stays 0 (a ReLU's zeros stay exact)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = int(bits)
+        self.levels = nn.Parameter(torch.linspace(0.0, 1.0, 2 ** self.bits)[1:].clone())  # level 0 = 0
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x):
+        x = torch.relu(x)
+        if not bool(self.initialized) and self.training:
+            with torch.no_grad():
+                t = float(torch.quantile(x.detach().flatten()[:1_000_000].float(), 0.999).clamp_min(1e-6))
+                self.levels.copy_(torch.arange(1, 2 ** self.bits, dtype=x.dtype, device=x.device)
+                                  * t / (2 ** self.bits - 1))
+                self.initialized.fill_(True)
+        lv = torch.cat([self.levels.new_zeros(1), self.levels.abs()]).sort().values
+        idx = torch.bucketize(x.detach(), (lv[1:] + lv[:-1]) / 2)
+        inside = (x.detach() <= lv[-1]).to(x.dtype)
+        return lv[idx] + (x - x.detach()) * inside
+
+
 def _cb(layer) -> CodebookWeight:
     return layer.parametrizations.weight[0]
 
@@ -139,7 +174,7 @@ class ADQMethod(FixedMethod):
     weight_bits_range = (1, 8)
 
     def __init__(self, per_channel: bool = False, momentum: float = 0.9, grid_bits: int = 8,
-                 init: str = "quantile", ema: bool = True):
+                 init: str = "quantile", ema: bool = True, act: str = "uniform"):
         if per_channel:
             raise BitfoldError("adq codebooks are per layer", "drop --per-channel")
         super().__init__(per_channel=False)
@@ -151,10 +186,22 @@ class ADQMethod(FixedMethod):
             raise BitfoldError(f"unknown ADQ codebook init {init!r}", f"choose one of: {', '.join(INITS)}")
         if not isinstance(ema, bool):
             raise BitfoldError(f"ADQ ema must be true or false, got {ema!r}", "--opt ema=false")
+        if act not in ("uniform", "nonuniform"):
+            raise BitfoldError(f"unknown ADQ activation quantizer {act!r}", "--opt act=uniform (default, exports) "
+                               "or act=nonuniform (learned levels; torch only)")
         self.momentum, self.grid_bits, self.init, self.ema = float(momentum), int(grid_bits), init, ema
+        self.act = act
 
     def options(self):
-        return {"momentum": self.momentum, "grid_bits": self.grid_bits, "init": self.init, "ema": self.ema}
+        out = {"momentum": self.momentum, "grid_bits": self.grid_bits, "init": self.init, "ema": self.ema}
+        if self.act != "uniform":   # configs of uniform runs read as before the option existed
+            out["act"] = self.act
+        return out
+
+    def act_module(self, site, bits, relu):
+        if self.act == "nonuniform" and relu and bits > 1:
+            return NonUniformAct(bits)
+        return super().act_module(site, bits, relu)
 
     def weight_kwargs(self, layer, bits):
         return {"weight_quant": None}  # the codebook parametrization quantizes; see for_export
@@ -192,6 +239,10 @@ class ADQMethod(FixedMethod):
 
     def for_export(self, model):
         """A copy whose layers hold the snapped codebook values behind a ``grid_bits`` Brevitas quantizer."""
+        if any(isinstance(m, NonUniformAct) for m in model.modules()):
+            raise BitfoldError("this ADQ run has non-uniform activations (act=nonuniform): no integer back-end "
+                               "can execute them, so it is not exported",
+                               "train with --method adq --opt act=uniform (the default) to deploy")
         import copy
 
         import brevitas.nn as qnn

@@ -298,7 +298,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 opt.step()
                 if method:
                     method.after_step(model, gstep)
-                tot_loss += float(loss) * len(idx)
+                tot_loss += float(loss.detach()) * len(idx)
                 seen += len(idx)
                 if bar:
                     bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.3f}")

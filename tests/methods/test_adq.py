@@ -170,3 +170,37 @@ def test_allocate_then_continue_training(adq_run, tmp_path):
     assert m["accuracy"] > 0.85
     with pytest.raises(BitfoldError, match="--cost weight_bits"):
         allocate_run(adq_run[0], "bitops", 1e6)
+
+
+def test_nonuniform_activations_levels_and_generalised_ste():
+    """act=nonuniform: ReLU, nearest of 2^b learned levels (0 fixed); the input's gradient passes up to
+    the top level and is cut above; each level gets the summed gradient of its outputs."""
+    from bitfold.toolchain.adq import NonUniformAct
+    q = NonUniformAct(2)
+    with torch.no_grad():
+        q.levels.copy_(torch.tensor([0.5, 1.0, 3.0]))
+    q.initialized.fill_(True)
+    x = torch.tensor([-1.0, 0.2, 0.3, 0.8, 1.9, 2.1, 3.0, 5.0], requires_grad=True)
+    y = q(x)
+    assert y.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0, 3.0, 3.0, 3.0]   # thresholds 0.25, 0.75, 2.0
+    g = torch.arange(1.0, 9.0)
+    y.backward(g)
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 0.0]  # cut by the ReLU below 0, above 3.0
+    assert q.levels.grad.tolist() == [3.0, 4.0 + 5.0, 6.0 + 7.0 + 8.0]
+
+
+def test_nonuniform_activations_train_and_refuse_export(tmp_path):
+    from bitfold.toolchain.adq import NonUniformAct
+    m = train(TrainConfig(model="mlp", bits="w3a3", method="adq", epochs=1, subset=(256, 128),
+                          method_options={"act": "nonuniform"}), tmp_path / "nu", progress=False)
+    assert m["accuracy"] > 0.3
+    sd = load_checkpoint(tmp_path / "nu" / "checkpoint.pt")["model"]
+    lv = [v for k, v in sd.items() if k.endswith(".levels")]
+    assert lv and {len(v) for v in lv} == {7, 255}      # 2^3 - 1 per hidden site; the head reads 8 bits
+    with pytest.raises(BitfoldError, match="non-uniform activations"):
+        export_run(tmp_path / "nu", "qcdq", tmp_path / "nu.onnx")
+    assert not (tmp_path / "nu.onnx").exists()
+    with pytest.raises(BitfoldError, match="unknown ADQ activation quantizer"):
+        train(TrainConfig(model="mlp", method="adq", epochs=1, subset=(64, 32), method_options={"act": "log"}),
+              tmp_path / "bad", progress=False)
+    assert NonUniformAct(2).levels.shape == (3,)

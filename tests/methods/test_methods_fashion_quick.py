@@ -12,9 +12,10 @@ from bitfold.toolchain.data import FASHION_MNIST_DIR
 BENCH = Path(__file__).parents[2] / "benchmarks" / "methods_fashion.py"
 WANT = {
     "adaqat": {"FP32", "fixed W2A2", "fixed W8A8", "adaqat ste lam=1"},
-    "mebqat": {"FP32", "mebqat (one model)", "fixed W2A2", "fixed W8A8", "mebqat at W2A2", "mebqat at W8A8"},
+    "mebqat": {"FP32", "mebqat (one model)", "fixed W2A2", "fixed W8A8", "mebqat at W2A2", "mebqat at W8A8",
+               "adaqat at budget BitOPs(W2A2)", "mebqat selected at budget BitOPs(W2A2)"},
     "adq": {"FP32", "fixed W3A4", "fixed W4A4", "adq W3A4", "adq W4A4 (allocation source)",
-            "adq Fisher-allocated <=3 avg bits"},
+            "adq Fisher-allocated <=3 avg bits", "adq W3A4 non-uniform activations"},
     "asq": {"FP32", "fixed W4A4", "asq W4A4", "asq W4A4: folded QCDQ (onnxruntime)", "asq W4A4: dynamic ONNX (onnxruntime)"},
 }
 
