@@ -180,11 +180,11 @@ def post(args, out, keys, jobs, runs, base, subset):
     """Rows that come from trained runs: MEBQAT's evaluations, ADQ's allocation, ASQ's exports."""
     extra = []
     if args.method == "mebqat":
-        from bitfold.toolchain.select_bits import eval_table
+        from bitfold.toolchain.select_bits import eval_table, select
         pairs = [(2, 2), (8, 8)] if args.quick else PAIRS
-        from bitfold.toolchain.select_bits import select
-        budgets = [(label.split("(")[1].rstrip(")"), kw["method_options"]["budget"])
-                   for label, kw in rows_for("mebqat", args.quick, args.model) if label.startswith("adaqat at budget")]
+        # the budgets the AdaQAT rows trained for (one per tag; the same on every seed)
+        budgets = list({label.split("(")[1].rstrip(")"): cfg.method_options["budget"]
+                        for (_, label), (cfg, _) in zip(keys, jobs) if label.startswith("adaqat at budget")}.items())
         for (s, label), (_, d) in zip(keys, jobs):
             if label.startswith("mebqat"):
                 for r in eval_table(d, pairs):

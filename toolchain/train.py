@@ -137,11 +137,11 @@ def compile_steps(net: nn.Module, backend: str | None) -> tuple[nn.Module, dict 
     Not bit-identical: with inductor the forward outputs equal the eager ones, but the generated backward
     kernels round differently, so gradients, and from the first optimizer step every weight, differ from
     an eager run (eager with the fused quantizers is the reference path). Where a graph cannot be
-    compiled, dynamo runs that code eagerly (``suppress_errors``) - the report counts the graphs compiled."""
+    compiled, dynamo runs that code eagerly (``suppress_errors``) - the report counts the graphs compiled.
+    The backend name is checked by :func:`check_compile_backend` (``train`` calls it before any work)."""
     if not backend:
         return net, None
     import torch._dynamo
-    check_compile_backend(backend)
     torch._dynamo.config.suppress_errors = True   # a backend failure runs the frame eagerly, not a crash
     info = {"backend": backend, "counts_before": _dynamo_counts()}
     return torch.compile(net, backend=backend), info
@@ -165,7 +165,7 @@ def _dynamo_counts() -> tuple[int, int]:
 
 
 def compile_report(info: dict | None) -> dict | None:
-    """What the compiled run ran: graphs compiled during the run, or the failure."""
+    """What the compiled run ran: graphs compiled and graph breaks during the run (0 graphs: eager)."""
     if info is None:
         return None
     now, before = _dynamo_counts(), info["counts_before"]
