@@ -1,6 +1,6 @@
 """Open flow vs FINN on the same QONNX file at the same requested rate, side by side in one run.
 
-    python benchmarks/open_fpga_vs_finn.py [--nets digits-mlp fashion-mlp digits-cnn] [--bits 1 2 3 4 mixed]
+    python benchmarks/open_fpga_vs_finn.py [--nets digits-mlp fashion-mlp digits-cnn fashion-cnn ...] [--bits 1 2 3 4 mixed]
         [--fps 100000] [--boards ulx3s-85f icebreaker] [--finn-board pynq-z2] [--no-pnr] [--quick]
 
 Every network is trained briefly (the hardware depends on shapes, widths and weight values, not
@@ -29,7 +29,7 @@ from pathlib import Path
 
 MIXED = {"fcs.0": {"w": 7, "a": 8}, "fcs.1": {"w": 4, "a": 4}, "fcs.2": {"w": 2, "a": 3}, "head": {"w": 4, "a": 4}}
 NETS = {"digits-mlp": ("mlp", "digits", None), "fashion-mlp": ("mlp", "fashion-mnist", (2000, 500)),
-        "digits-cnn": ("cnn", "digits", None),
+        "digits-cnn": ("cnn", "digits", None), "fashion-cnn": ("cnn", "fashion-mnist", (2000, 500)),
         # FINN's classics (bipolar 1-bit activations in FINN's form): --bits 1 2 give W1A1 / W2A2
         "fashion-tfc": ("tfc", "fashion-mnist", (2000, 500)), "fashion-sfc": ("sfc", "fashion-mnist", (2000, 500))}
 

@@ -213,7 +213,11 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                 f"module {mod} (input wire clk, input wire rst, input wire in_valid, output wire in_ready,\n"
                 f"  input wire [{simd * s.ibits - 1}:0] in_data, output wire out_valid, input wire out_ready,\n"
                 f"  output wire [{pe * ob - 1}:0] out_data);\n"
-                f"  bf_mvau #({ps}) u (.clk(clk), .rst(rst), .in_valid(in_valid), .in_ready(in_ready), "
+                # the layer's own copy of the reset, one cycle late: placed next to the layer, so the
+                # top's power-on reset does not route across the device into every layer's ready logic
+                # (in a layer-by-layer build yosys does not merge the copies)
+                "  reg rst_q = 1'b1;\n  always @(posedge clk) rst_q <= rst;\n"
+                f"  bf_mvau #({ps}) u (.clk(clk), .rst(rst_q), .in_valid(in_valid), .in_ready(in_ready), "
                 f".in_data(in_data), .out_valid(out_valid), .out_ready(out_ready), .out_data(out_data));\n"
                 "endmodule\n")
             layer_files.append(f"{mod}.v")

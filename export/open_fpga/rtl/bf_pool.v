@@ -48,7 +48,9 @@ module bf_pool #(
   wire stall = emitB && !out_ready;
   assign out_valid = emitB;
   assign out_data = m;
-  assign in_ready = !rst && !stall;
+  // not gated by rst: the counters reset with priority over `take`, and the stage before is in
+  // reset (no output) at least as long as this one - keeps the reset net out of the ready chain
+  assign in_ready = !stall;
   wire take = in_valid && in_ready;
 
   always @(posedge clk) begin
