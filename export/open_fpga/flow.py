@@ -299,6 +299,11 @@ def _out_elems(im: IntModel) -> int:
 #: exhausts it (a 17 k LUT4 CNN did); each layer alone stays far below
 OOC_LUTS = 12_000
 
+#: place-and-route runs that may follow a timing miss, each at 95 % of the Fmax the last one
+#: reached (a new placement closes a little differently: measured on the digits CNN W2A2 at
+#: 100 k/s, 96.3 MHz reached at 100, then 90.45 at 90.6)
+PLL_STEP_DOWNS = 3
+
 
 def _oom(text: str) -> bool:
     return "Wasm exception" in text or "call stack exhausted" in text or "out of bounds memory" in text
@@ -583,16 +588,21 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
                 say(f"nextpnr place and route at {design.clock.mhz:g} MHz")
                 report["pnr"] = place_and_route(rtl, board, clock_mhz=design.clock.mhz)
                 pnr = report["pnr"]
-                if not pnr["timing_met"] and design.clock.pll and clock_mhz is None:
+                misses = []
+                while not pnr["timing_met"] and design.clock.pll and clock_mhz is None \
+                        and len(misses) < PLL_STEP_DOWNS and design.clock.mhz > board.clock_mhz:
                     # the PLL steps down to what this placement closed at (with a margin: a new
-                    # placement differs), once; the oscillator is the floor
+                    # placement differs; a new one can still miss by a little, so again, up to
+                    # PLL_STEP_DOWNS times); the oscillator is the floor
                     step = max(board.clock_mhz, 0.95 * pnr["fmax_mhz"])
                     say(f"Fmax {pnr['fmax_mhz']} MHz < {design.clock.mhz:g} MHz: PLL at {step:.2f} MHz")
-                    report["pnr_first"] = pnr
+                    misses.append(pnr)
                     design.clock = clock_files(board, step, rtl)
                     write_top(rtl, board, design.clock.mhz, design.in_bits, design.out_bits, design.out_signed)
                     report["synthesis"] = synthesize(rtl, design, board)
-                    report["pnr"] = place_and_route(rtl, board, clock_mhz=design.clock.mhz)
+                    report["pnr"] = pnr = place_and_route(rtl, board, clock_mhz=design.clock.mhz)
+                if misses:
+                    report["pnr_first"], report["pnr_missed"] = misses[0], misses
             report["clock"] = {"mhz": design.clock.mhz, "pll": design.clock.pll, "oscillator_mhz": board.clock_mhz}
         except _NoFit as e:
             raise BitfoldError(f"the design does not fit {board.name} ({board.part}): {e.message}; folding "

@@ -212,6 +212,41 @@ def test_missing_tool_is_named(models, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_pll_steps_down_until_the_placement_closes(models, tmp_path, monkeypatch):
+    """A timing miss steps the PLL down to 95 % of the Fmax reached, again when the new placement
+    misses by a little (the digits CNN: 96.3 MHz at 100, then 90.45 at 90.6), at most
+    PLL_STEP_DOWNS times; a clock asked for with --clock-mhz is never stepped. Synthesis and place
+    and route are scripted here (their real runs are the builds above); the PLL calculator is real."""
+    import bitfold.export.open_fpga.flow as open_fpga
+    from bitfold.boards import load_board
+    reached = iter([96.26, 90.45, 88.0, 87.0, 86.0])
+    asked = []
+
+    def pnr(rtl, board, seed=1, clock_mhz=None):
+        asked.append(clock_mhz)
+        f = next(reached)
+        return {"fmax_mhz": f, "target_mhz": clock_mhz, "timing_met": f >= clock_mhz, "utilization": {}, "wall_s": 0}
+    monkeypatch.setattr(open_fpga, "synthesize", lambda rtl, design, board: {"cells": {}, "wall_s": 0})
+    monkeypatch.setattr(open_fpga, "place_and_route", pnr)
+    monkeypatch.setattr(open_fpga, "pack", lambda rtl, board: rtl / "top.bit")
+    b = load_board("ulx3s-85f")
+    open_fpga.build(models["w2a2"], b, tmp_path / "o", folding=None, verify=False)
+    rep = json.loads((tmp_path / "o" / "build.json").read_text())
+    assert asked[0] == 100 and 90 < asked[1] <= 0.95 * 96.26 and asked[2] <= 0.95 * 90.45 and len(asked) == 3
+    assert rep["pnr"]["timing_met"] and [m["fmax_mhz"] for m in rep["pnr_missed"]] == [96.26, 90.45]
+    assert rep["clock"]["mhz"] == asked[2] and rep["pnr_first"]["target_mhz"] == 100
+    # never met: PLL_STEP_DOWNS more runs, then the miss is the error
+    reached, asked[:] = iter([50.0, 40.0, 35.0, 30.0, 29.0]), []
+    with pytest.raises(BitfoldError, match="timing missed"):
+        open_fpga.build(models["w2a2"], b, tmp_path / "o2", verify=False)
+    assert len(asked) == 1 + open_fpga.PLL_STEP_DOWNS
+    # an explicit clock is the user's: one run, no stepping
+    reached, asked[:] = iter([50.0]), []
+    with pytest.raises(BitfoldError, match="timing missed"):
+        open_fpga.build(models["w2a2"], b, tmp_path / "o3", verify=False, clock_mhz=80)
+    assert asked == [80]
+
+
 def test_folding_planner_respects_budget(models):
     from bitfold.boards import load_board
     from bitfold.export.lower import lower
