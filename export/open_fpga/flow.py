@@ -299,6 +299,9 @@ def _out_elems(im: IntModel) -> int:
 #: exhausts it (a 17 k LUT4 CNN did); each layer alone stays far below
 OOC_LUTS = 12_000
 
+#: inputs the lowering is checked on against qonnx (numpy and qonnx only, no simulation)
+LOWERING_SAMPLES = 256
+
 #: place-and-route runs that may follow a timing miss, each at 95 % of the Fmax the last one
 #: reached (a new placement closes a little differently: measured on the digits CNN W2A2 at
 #: 100 k/s, 96.3 MHz reached at 100, then 90.45 at 90.6)
@@ -571,7 +574,10 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
         raise BitfoldError(f"design clock {clock_mhz:g} MHz must be positive", "e.g. --clock-mhz 50")
     mhz = clock_mhz or board.design_mhz
     x, src = held_out_inputs(im.input.shape, samples)
-    lcheck = check_lowering(onnx_path, im, x)
+    # the lowering is checked on more inputs than are simulated: the float gate allows rounding-boundary
+    # flips on 2 % of the samples, which at 64 samples is one (the digits CNN W4A4: 2 flips in the first 64
+    # test images, 3 in all 359, each under 0.1 of an output step)
+    lcheck = check_lowering(onnx_path, im, held_out_inputs(im.input.shape, max(samples, LOWERING_SAMPLES))[0])
     if not lcheck.passed:
         raise BitfoldError("the lowered integer model does not match the QONNX model: " + lcheck.summary(),
                            "this is a bitfold bug for this graph; please report it with the .onnx file")
