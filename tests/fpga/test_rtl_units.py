@@ -69,9 +69,11 @@ def _sim(im, fold, tmp_path, n=12, stall=False):
 
 @pytest.mark.parametrize("shape,b_out,pe,simd", [
     ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 3, 2, 32), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16),
-    ((64, 16, 3, 3), None, 8, 64), ((2, 4, 1, 1), None, 1, 2), ((32, 12, 3, 3), 6, 2, 32), ((16, 4, 2, 2), 8, 4, 4)],
+    ((64, 16, 3, 3), None, 8, 64), ((2, 4, 1, 1), None, 1, 2), ((32, 12, 3, 3), 6, 2, 32), ((16, 4, 2, 2), 8, 4, 4),
+    ((32, 32, 2, 2), 2, 32, 4)],
     ids=["thr2-parallel", "thr3-parallel", "thr4-binary-search", "thr5-binary-search", "raw-fully-unrolled",
-         "accumulator-narrower-than-product", "thr6-search-one-result-a-cycle", "thr8-search-one-channel-group"])
+         "accumulator-narrower-than-product", "thr6-search-one-result-a-cycle", "thr8-search-one-channel-group",
+         "four-copies-of-the-input-read"])
 def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe, simd):
     # the last case: bipolar W1A1 on a fan-in of 2 - a 3-bit accumulator, narrower than one product's
     # 4 bits (found by the long fuzz run: verilator refused the RTL's negative sign extension)
@@ -81,6 +83,29 @@ def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe,
     assert np.array_equal(out, ref)
     if b_out is not None:              # the thresholds are not all passed or all failed: a real test
         assert 0 < len(np.unique(ref)) and ref.min() < 2 ** b_out - 1 and ref.max() > 0
+
+
+def test_padded_convolution_with_copies_of_the_input_read_is_exact(tmp_path):
+    """PE 20 > RDFAN 8 lanes: the registered input read and its pad flag are held in three copies
+    (the last one feeds 4 lanes); a 3x3 convolution with padding whose pad code is not 0 (an
+    asymmetric activation's zero), under random stalls."""
+    from bitfold.export.lower import InputStage, IntModel, MVAUStage, QuantSpec
+    rng = np.random.default_rng(7)
+    ih = iw = 5
+    ic, oc, k, b_a = 4, 20, 3, 2
+    w = rng.integers(-1, 2, size=(oc, k * k * ic))
+    qmax = 2 ** b_a - 1
+    lo, hi = np.clip(w, None, 0).sum(1) * qmax, np.clip(w, 0, None).sum(1) * qmax
+    thr = np.sort(rng.integers(lo[:, None] // 2, hi[:, None] // 2 + 1, size=(oc, 3)), axis=1)
+    st = MVAUStage("dense0", ih, iw, ic, oc, k, 1, 1, b_a, 2, w.astype(np.int64), 2, lo.astype(np.int64),
+                   hi.astype(np.int64), thr.astype(np.int64), 2, wbits_model=2)
+    spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
+    im = IntModel(InputStage((ih, iw, ic), spec, False), [st], np.ones(oc), np.zeros(oc), out_quant=spec)
+    out, ref, _ = _sim(im, Folding({"dense0": {"pe": 20, "simd": 4}}), tmp_path, n=6, stall=True)
+    assert np.array_equal(out, ref)
+    x = rng.integers(0, 4, size=(1, ih * iw * ic))
+    st0 = MVAUStage(**{**st.__dict__, "pad_code": 0})
+    assert not np.array_equal(st.run(x), st0.run(x))        # the pad code matters to the result
 
 
 def test_layers_overlap_so_a_frame_costs_the_slowest_part(tmp_path):

@@ -31,6 +31,7 @@ module bf_mvau #(
   parameter PADCODE = 0,
   parameter PARNT = 7,             // at most this many thresholds compared in parallel (else binary search)
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
+  parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WFILE = "w.mem", TFILE = "t.mem"
 ) (
   input  wire clk,
@@ -59,6 +60,10 @@ module bf_mvau #(
   localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
   localparam DEPTH = 1 << $clog2(NEED);
   localparam DW = $clog2(DEPTH);
+  // copies of the registered input read (and its pad flag), one per RDFAN lanes: every input bit
+  // feeds all PE lanes, and one register driving 32 lanes x SIMD multipliers was the critical path
+  // of a wide convolution (routing across the lanes). One copy (PE <= RDFAN) is the plain register.
+  localparam NRC = (RDREG && PE > RDFAN) ? (PE + RDFAN - 1) / RDFAN : 1;
 
   // ---------------------------------------------------------------- two-bank input buffer
 `ifdef BF_BLOCK_RAM
@@ -104,11 +109,29 @@ module bf_mvau #(
   reg vB, firstB, lastB;
 
   // stage R (RDREG = 1): the reads registered once more
-  reg [SIMD*IBITS-1:0] rdR;
+  reg [SIMD*IBITS-1:0] rdR;        // NRC = 1
+  wire [NRC*SIMD*IBITS-1:0] rdC;   // NRC > 1: the copies
+  wire [NRC-1:0] padC;
   reg [PE*SIMD*WBITS-1:0] wdR;
   reg [CW-1:0] nfR;
   reg vR, firstR, lastR, padR;
   wire [SIMD*IBITS-1:0] rdX = RDREG ? rdR : rdA;
+  genvar gc;
+  generate
+    if (NRC > 1) begin : rdcopy
+      for (gc = 0; gc < NRC; gc = gc + 1) begin : c
+        reg [SIMD*IBITS-1:0] q;
+        reg pq;
+        // keep: identical registers would otherwise be merged back into one by yosys (opt_merge)
+        (* keep *) always @(posedge clk) begin q <= rdA; pq <= padA; end
+        assign rdC[gc*SIMD*IBITS +: SIMD*IBITS] = q;
+        assign padC[gc] = pq;
+      end
+    end else begin : rdsingle
+      assign rdC = rdX;
+      assign padC = padX;
+    end
+  endgenerate
   wire [PE*SIMD*WBITS-1:0] wdX = RDREG ? wdR : wdA;
   wire [CW-1:0] nfX = RDREG ? nfR : nfA;
   wire vX = RDREG ? vR : vA, firstX = RDREG ? firstR : firstA, lastX = RDREG ? lastR : lastA;
@@ -120,11 +143,13 @@ module bf_mvau #(
     v0 <= go; first0 <= (sf == 0); last0 <= last_sf; pad0 <= padnow;
     rdA <= ibuf[ra0]; wdA <= wrom[wa0]; nfA <= nf0;
     vA <= v0; firstA <= first0; lastA <= last0; padA <= pad0;
-    rdR <= rdA; wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
+    if (NRC == 1) rdR <= rdA;
+    wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
     for (p = 0; p < PE; p = p + 1)
       for (s = 0; s < SIMD; s = s + 1)
         prodB[(p*SIMD+s)*PB +: PB] <= $signed(wdX[(p*SIMD+s)*WBITS +: WBITS])
-                                      * $signed({1'b0, padX ? PADC : rdX[s*IBITS +: IBITS]});
+                                      * $signed({1'b0, padC[p / RDFAN % NRC] ? PADC
+                                                       : rdC[((p / RDFAN % NRC) * SIMD + s)*IBITS +: IBITS]});
     nfB <= nfX; vB <= vX; firstB <= firstX; lastB <= lastX;
     if (wr) ibuf[wp] <= in_data;
     if (rst) begin
