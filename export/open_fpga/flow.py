@@ -234,7 +234,14 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             info.append({"name": s.name, "kind": "pool", "pe": n, "simd": n, "cycles": stage_cycles(s, n),
                          "est_luts": estimate_luts(s, n), "est_brams": estimate_brams(s, family=board.family)})
         body.append(f"  wire {nxt[0]}, {nxt[1]}; wire [{out_n * ob - 1}:0] {nxt[2]};")
-        body.append(f"  {mod} {'#(' + ps + ') ' if ps else ''}u_{s.name} (.clk(clk), .rst(rst), .in_valid({prev[0]}), "
+        rst = "rst"
+        if mod == "bf_pool":
+            # a pool's own copy of the reset, like a layer wrapper's; kept apart from the other
+            # copies (yosys would merge identical registers): on the digits CNN W2A2 a shared reset
+            # register routed across the device into pool1's ready logic (84 MHz at 100)
+            rst = f"rst_{s.name}"
+            body.append(f"  reg {rst} = 1'b1;\n  (* keep *) always @(posedge clk) {rst} <= rst;")
+        body.append(f"  {mod} {'#(' + ps + ') ' if ps else ''}u_{s.name} (.clk(clk), .rst({rst}), .in_valid({prev[0]}), "
                     f".in_ready({prev[1]}), .in_data({prev[2]}), .out_valid({nxt[0]}), .out_ready({nxt[1]}), "
                     f".out_data({nxt[2]}));")
         prev, prev_n, prev_bits = nxt, out_n, ob
