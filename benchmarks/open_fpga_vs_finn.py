@@ -2,6 +2,7 @@
 
     python benchmarks/open_fpga_vs_finn.py [--nets digits-mlp fashion-mlp digits-cnn fashion-cnn ...] [--bits 1 2 3 4 mixed]
         [--fps 100000] [--boards ulx3s-85f icebreaker] [--finn-board pynq-z2] [--no-pnr] [--quick]
+        [--dsp off|on|both] [--no-finn]
 
 Every network is trained briefly (the hardware depends on shapes, widths and weight values, not
 on accuracy), exported once to QONNX, and that one file goes
@@ -78,19 +79,19 @@ def lut6_to_lut4(root: Path) -> dict:
     return out
 
 
-def open_row(onnx: Path, board: str, fps: float, root: Path, pnr: bool) -> dict:
-    """One open-flow build as ``bitfold build --target-fps`` makes it (PLL design clock, stepped
-    down once to the Fmax reached; no simulation: the tests and the fuzz oracle check exactness)."""
+def open_row(onnx: Path, board: str, fps: float, root: Path, pnr: bool, dsp: bool = False) -> dict:
+    """One open-flow build as ``bitfold build --target-fps [--dsp]`` makes it (PLL design clock,
+    stepped down to the Fmax reached; no simulation: the tests and the fuzz oracle check exactness)."""
     from bitfold.boards import load_board
     from bitfold.core.errors import BitfoldError
     from bitfold.export.open_fpga.flow import build
     from bitfold.export.open_fpga.probe import count_cells
     b = load_board(board)
-    row = {"flow": f"open {board}"}
+    row = {"flow": f"open {board}{' +dsp' if dsp else ''}"}
     t = time.time()
-    out = root / f"{onnx.stem}-{board}"
+    out = root / f"{onnx.stem}-{board}{'-dsp' if dsp else ''}"
     try:
-        build(onnx, b, out, verify=False, bitstream=pnr, target_fps=fps)
+        build(onnx, b, out, verify=False, bitstream=pnr, target_fps=fps, dsp=dsp)
         rep = json.loads((out / "build.json").read_text())
         lut, ff, ram, dsp = count_cells(rep["synthesis"]["cells"], b.family)
         tp = rep["throughput"]
@@ -133,12 +134,15 @@ def main(argv=None):
     ap.add_argument("--finn-board", default="pynq-z2")
     ap.add_argument("--no-pnr", action="store_true", help="synthesis only (no Fmax)")
     ap.add_argument("--quick", action="store_true", help="digits MLP W2A2 on ulx3s-85f only")
+    ap.add_argument("--dsp", choices=["off", "on", "both"], default="off",
+                    help="open flow on ECP5: lane multipliers in DSP blocks (bitfold build --dsp); both: one row each")
+    ap.add_argument("--no-finn", action="store_true", help="open-flow rows only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "open_fpga_vs_finn"))
     args = ap.parse_args(argv)
     if args.quick:
         args.nets, args.bits, args.boards = ["digits-mlp"], ["2"], ["ulx3s-85f"]
     from bitfold.export.finn.backend import env_ready
-    have_finn = env_ready()
+    have_finn = env_ready() and not args.no_finn
     root = Path(tempfile.mkdtemp(prefix="bitfold-ovf-"))
     conv = lut6_to_lut4(root)
     print(f"LUT6 -> LUT4 (yosys, digits MLP W2A2 core, logic only): {conv['xilinx']} LUT6-class vs "
@@ -154,7 +158,11 @@ def main(argv=None):
             if have_finn:
                 group.append(finn_row(onnx, args.finn_board, args.fps))
             for board in args.boards:
-                group.append(open_row(onnx, board, args.fps, root, not args.no_pnr))
+                from bitfold.boards import load_board
+                from bitfold.hw_models.fpga_rules import DSP_FAMILIES
+                ecp5 = load_board(board).family in DSP_FAMILIES
+                for dsp in ([False] if args.dsp == "off" or not ecp5 else [True] if args.dsp == "on" else [False, True]):
+                    group.append(open_row(onnx, board, args.fps, root, not args.no_pnr, dsp))
             for r in group:
                 r.update(net=net, bits=b if b == "mixed" else f"W{b}A{b}", target_fps=args.fps)
                 lut4 = r.get("lut", 0) * (conv["factor"] if r["flow"].startswith("finn") else 1.0)
@@ -167,7 +175,7 @@ def main(argv=None):
                       f"{r.get('error', '')[:90]}", flush=True)
             rows += group
     if not have_finn:
-        print("FINN environment not found (bitfold setup finn): FINN rows skipped")
+        print("FINN rows skipped (--no-finn, or no FINN environment: bitfold setup finn)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r})

@@ -97,18 +97,18 @@ def search_levels(s) -> int:
     return s.obits if nt > PARALLEL_THRESHOLDS else 0
 
 
-def estimate_luts(s, pe: int = 1, simd: int = 1) -> int:
+def estimate_luts(s, pe: int = 1, simd: int = 1, dsp: bool = False) -> int:
     """Rough LUT4 estimate of one stage (a planning model; synthesis gives the real figure).
 
-    Multipliers ~ W*A LUTs per lane, adder tree and accumulator ~ ACC bits per lane/channel,
-    comparators ~ ACC/2 per parallel threshold or ~ ACC per search level (its comparison and
-    address), plus control; the 1.6 factor was fitted to yosys synth_ice40 runs of the digits MLP
-    and CNN (estimates were 1.6-1.7x low without it)."""
+    Multipliers ~ W*A LUTs per lane (none when they are in DSP blocks: ``dsp``), adder tree and
+    accumulator ~ ACC bits per lane/channel, comparators ~ ACC/2 per parallel threshold or ~ ACC per
+    search level (its comparison and address), plus control; the 1.6 factor was fitted to yosys
+    synth_ice40 runs of the digits MLP and CNN (estimates were 1.6-1.7x low without it)."""
     if is_pool(s):
         return 200 + 6 * s.bits
     acc = s.acc_bits
     nt = 0 if s.thresholds is None else s.thresholds.shape[1]
-    mult = pe * simd * max(1, s.wbits * s.ibits)
+    mult = 0 if dsp else pe * simd * max(1, s.wbits * s.ibits)
     add = pe * (simd + 1) * acc
     levels = search_levels(s)
     thr = pe * levels * acc if levels else pe * nt * acc // 2
@@ -160,13 +160,51 @@ def bram_budget(board) -> int:
     return int(r.get("bram4", r.get("bram18", 0)))
 
 
+#: families whose lane multipliers the open flow can put into DSP blocks (ECP5: one MULT18X18D per
+#: lane - the products are at most 8 x 9 bits; the iCE40 UP5K's eight SB_MAC16 are not used)
+DSP_FAMILIES = ("ecp5",)
+#: below this product width (storage b_w x b_a) a lane's multiplier is a few LUTs: not worth a DSP
+#: block. Measured (yosys synth_ecp5, a 64x16 layer, PE 4 x SIMD 16 = 64 lanes, with and without
+#: -nodsp): a DSP per lane saves 8 LUT4 at W2A2, 71 at W4A4, 262 at W8A8
+DSP_MIN_PRODUCT = 4
+
+
+def dsp_budget(board) -> int:
+    """DSP blocks the open flow may use on ``board`` (0 where it does not use them)."""
+    return int(board.resources.get("dsp", 0)) if board.family in DSP_FAMILIES else 0
+
+
+def assign_dsps(im, of, budget: int) -> set:
+    """The MVAU stages whose multipliers go to DSP blocks (one per lane, PE x SIMD a stage), within
+    ``budget`` blocks: the widest products first (a DSP saves the most LUTs there), a whole stage
+    or none of it, stages below ``DSP_MIN_PRODUCT`` never."""
+    left, chosen = budget, set()
+    for s in sorted(im.mvaus, key=lambda s: -s.wbits * s.ibits):
+        pe, simd = of(s.name)
+        if s.wbits * s.ibits >= DSP_MIN_PRODUCT and pe * simd <= left:
+            chosen.add(s.name)
+            left -= pe * simd
+    return chosen
+
+
 @dataclass
 class Folding:
-    layers: dict = field(default_factory=dict)   # name -> {"pe": .., "simd": ..}
+    layers: dict = field(default_factory=dict)   # name -> {"pe": .., "simd": .., "dsp": true (optional)}
 
     def of(self, name):
         f = self.layers.get(name, {"pe": 1, "simd": 1})
         return int(f["pe"]), int(f["simd"])
+
+    def uses_dsp(self, name) -> bool:
+        """The stage's lane multipliers are DSP blocks (else LUTs)."""
+        return bool(self.layers.get(name, {}).get("dsp", False))
+
+    def with_dsps(self, im, board) -> "Folding":
+        """This folding with the board's DSP blocks given to the stages where they save the most
+        (:func:`assign_dsps`); the rest keep LUT multipliers."""
+        chosen = assign_dsps(im, self.of, dsp_budget(board))
+        return Folding({k: {"pe": v["pe"], "simd": v["simd"], **({"dsp": True} if k in chosen else {})}
+                        for k, v in self.layers.items()})
 
     def as_dict(self):
         return {k: dict(v) for k, v in self.layers.items()}
@@ -248,18 +286,23 @@ def table_folding(im) -> Folding:
 
 
 def choose_folding(im, board, lut_budget: int | None = None, target_fps: float | None = None,
-                   default_fps: float | None = None) -> Folding:
+                   default_fps: float | None = None, dsp: bool = False) -> Folding:
     """Greedy: keep widening the slowest stage (SIMD first, then PE) while the estimated LUTs and
     block RAMs stay within budget (default ``LUT_FRACTION`` of the board's LUTs, all its block
     RAMs), until the slowest part reaches ``target_fps`` at the design clock (``board.design_mhz``);
     a slow pool stage widens the PE of the layer before it. The default target is the rate the
-    board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows."""
+    board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows.
+    ``dsp``: the board's DSP blocks take the multipliers of the stages where they save the most
+    (:func:`assign_dsps`, re-assigned at every step), so those stages cost fewer LUTs."""
     budget = lut_budget if lut_budget is not None else int(board.resources.get("lut", 5000) * LUT_FRACTION)
     brams = bram_budget(board)
+    dsps = dsp_budget(board) if dsp else 0
     fold = {s.name: [1, 1] for s in im.mvaus}
 
     def fits():
-        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *fold[st.name]) for st in im.stages)
+        on = assign_dsps(im, lambda n: fold[n], dsps)
+        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *fold[st.name], dsp=st.name in on)
+                   for st in im.stages)
         return luts <= budget and sum(estimate_brams(st, family=board.family) if is_pool(st)
                                       else estimate_brams(st, *fold[st.name], board.family)
                                       for st in im.stages) <= brams
@@ -306,4 +349,5 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
         if after >= slow or not fits():
             fold[s.name] = old
             frozen.add(s.name)
-    return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
+    plan = Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
+    return plan.with_dsps(im, board) if dsp else plan

@@ -20,12 +20,13 @@ class OpenFPGABackend(Backend):
     class Options(FpgaOptions):
         samples: int = 64
         clock_mhz: float | None = None   # design clock (default: the board's pll_mhz, stepped down to Fmax)
+        dsp: bool = False                # ECP5: lane multipliers in DSP blocks where they save the most LUTs
 
     def build(self, onnx_path, board, out_dir, options=None, events=None):
         from bitfold.export.open_fpga.flow import build
         o = options or self.Options()
         return build(Path(onnx_path), board, Path(out_dir), folding=o.folding, verify=o.verify, samples=o.samples,
-                     bitstream=o.bitstream, events=events, target_fps=o.target_fps, clock_mhz=o.clock_mhz)
+                     bitstream=o.bitstream, events=events, target_fps=o.target_fps, clock_mhz=o.clock_mhz, dsp=o.dsp)
 
     def measure(self, build_dir, board, **kw) -> dict:
         """LUT / FF / block RAM / DSP of a build, from its synthesis report."""

@@ -38,7 +38,8 @@ from bitfold.export.lower import IntModel, MVAUStage
 from bitfold.export.open_fpga.clock import Clock, clock_files
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
-from bitfold.hw_models.fpga_rules import (PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding, divisors,
+from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding,
+                                          divisors, dsp_budget,
                                           estimate_brams, estimate_luts, frame_cycles, pool_lanes, search_levels,
                                           stage_cycles)
 
@@ -48,7 +49,7 @@ RTL_FILES = ("bf_mvau.v", "bf_pool.v", "bf_dwc.v")
 UART_BAUD = 115200
 
 
-def validate_folding(im: IntModel, folding: Folding) -> None:
+def validate_folding(im: IntModel, folding: Folding, board=None) -> None:
     names = {s.name for s in im.mvaus}
     for k in folding.layers:
         if k not in names:
@@ -61,6 +62,15 @@ def validate_folding(im: IntModel, folding: Folding) -> None:
         if simd < 1 or s.ic % simd:
             raise BitfoldError(f"folding of {s.name}: SIMD={simd} does not divide its {s.ic} input channels",
                                f"valid SIMD: {divisors(s.ic)}")
+    on = [s for s in im.mvaus if folding.uses_dsp(s.name)]
+    if on and board is not None:
+        have = dsp_budget(board)
+        need = sum(int(np.prod(folding.of(s.name))) for s in on)
+        if need > have:
+            raise BitfoldError(f"folding puts {need} lane multipliers into DSP blocks ({', '.join(s.name for s in on)}); "
+                               f"{board.name} has {have} the open flow can use" +
+                               ("" if board.family in DSP_FAMILIES else f" (it does not use DSPs on {board.family})"),
+                               'drop "dsp": true from some layers, or let --dsp choose them')
 
 
 def load_folding(path) -> Folding:
@@ -71,7 +81,8 @@ def load_folding(path) -> Folding:
                            'write JSON like {"conv1": {"pe": 4, "simd": 8}}') from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise BitfoldError(f"folding file {path} must map layer names to {{\"pe\": N, \"simd\": M}}")
-    return Folding({k: {"pe": int(v.get("pe", 1)), "simd": int(v.get("simd", 1))} for k, v in data.items()})
+    return Folding({k: {"pe": int(v.get("pe", 1)), "simd": int(v.get("simd", 1)),
+                        **({"dsp": True} if v.get("dsp") else {})} for k, v in data.items()})
 
 
 def uart_fps(im: IntModel, baud: int = UART_BAUD) -> float:
@@ -82,10 +93,11 @@ def uart_fps(im: IntModel, baud: int = UART_BAUD) -> float:
     return baud / (10 * nbytes)
 
 
-def choose_folding(im: IntModel, board, lut_budget: int | None = None, target_fps: float | None = None) -> Folding:
+def choose_folding(im: IntModel, board, lut_budget: int | None = None, target_fps: float | None = None,
+                   dsp: bool = False) -> Folding:
     """The shared planner (:func:`bitfold.hw_models.fpga_rules.choose_folding`) with this backend's
     default rate: what the board's UART can feed."""
-    return plan_folding(im, board, lut_budget, target_fps, default_fps=uart_fps(im))
+    return plan_folding(im, board, lut_budget, target_fps, default_fps=uart_fps(im), dsp=dsp)
 
 
 # ------------------------------------------------------------------------------------------ RTL
@@ -156,7 +168,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
     """Write the dataflow core ``bf_core``, the UART top ``bf_top`` (design clock from
     :func:`~bitfold.export.open_fpga.clock.clock_files`: ``clock_mhz``, default the oscillator)
     and the board constraints."""
-    validate_folding(im, folding)
+    validate_folding(im, folding, board)
     rtl.mkdir(parents=True, exist_ok=True)
     for f in RTL_FILES + ("bf_uart.v",):
         shutil.copyfile(RTL_DIR / f, rtl / f)
@@ -223,7 +235,9 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             layer_files.append(f"{mod}.v")
             ps = ""
             info.append({"name": s.name, "kind": "mvau", "pe": pe, "simd": simd, "cycles": stage_cycles(s, pe, simd),
-                         "est_luts": estimate_luts(s, pe, simd), "est_brams": estimate_brams(s, pe, simd, board.family),
+                         "est_luts": estimate_luts(s, pe, simd, folding.uses_dsp(s.name)),
+                         "est_brams": estimate_brams(s, pe, simd, board.family),
+                         "dsp": folding.uses_dsp(s.name), "est_dsps": pe * simd if folding.uses_dsp(s.name) else 0,
                          "mult_bits": s.wbits * (s.ibits + 1)})
         else:
             n = lanes[s.name]
@@ -332,8 +346,10 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
     run runs out of memory."""
     fam = board.family
     est = sum(st["est_luts"] for st in design.stages)
+    # layers whose multipliers go to DSP blocks are synthesized on their own without -nodsp
+    dsp_mods = {layer_module(st["name"]) for st in design.stages if st.get("dsp")}
     if ooc is None:
-        ooc = est > OOC_LUTS and bool(design.layer_files)
+        ooc = (est > OOC_LUTS or bool(dsp_mods)) and bool(design.layer_files)
     # -nodsp: the lanes' multipliers are at most 8 x 9 bits; yosys would put every one of them,
     # even 2-bit ones, into an 18x18 DSP block and run out of them (156 on the LFE5U-85F)
     # iCE40: no LUT RAM, so input buffers and pool rows go to block RAM (in logic they are flip-flops)
@@ -350,7 +366,8 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
         mods = [f[:-2] for f in design.layer_files]
 
         def one(mod):
-            return _yosys(rtl, f"read_verilog{defs} -defer bf_mvau.v {mod}.v; {synth} -top {mod} -json {mod}.json",
+            syn = f"synth_{fam}" if mod in dsp_mods else synth
+            return _yosys(rtl, f"read_verilog{defs} -defer bf_mvau.v {mod}.v; {syn} -top {mod} -json {mod}.json",
                           f"yosys_{mod}.log")
         with ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(one, mods))
@@ -554,8 +571,10 @@ def _suggest(im: IntModel, board, fold: Folding, ratio: float) -> dict:
 
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,
           samples: int = 64, bitstream: bool = True, events=None, target_fps: float | None = None,
-          clock_mhz: float | None = None):
-    """``bitfold build model.onnx --board ulx3s-85f|icebreaker``: see the module docstring."""
+          clock_mhz: float | None = None, dsp: bool = False):
+    """``bitfold build model.onnx --board ulx3s-85f|icebreaker``: see the module docstring. ``dsp``:
+    the board's DSP blocks take the lane multipliers of the layers where they save the most LUTs
+    (planned with them; a ``folding`` file's own ``"dsp": true`` entries are kept as written)."""
     from bitfold.export.backends import BuildResult, staged_dir
     from bitfold.export.lower import check_lowering, lower
     from bitfold.export.onnx_io import load_onnx
@@ -575,8 +594,16 @@ def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = No
             ([f"yowasp-nextpnr-{fam}", "yowasp-ecppack" if fam == "ecp5" else "yowasp-icepack"] if bitstream else []):
         find_tool(tool)
     im = lower(onnx_path)
-    fold = load_folding(folding) if folding else choose_folding(im, board, target_fps=target_fps)
-    validate_folding(im, fold)
+    if dsp and board.family not in DSP_FAMILIES:
+        raise BitfoldError(f"--dsp: the open flow uses DSP blocks on {', '.join(DSP_FAMILIES)} boards, "
+                           f"not on {board.name} ({board.family})", "build without --dsp")
+    if folding:
+        fold = load_folding(folding)
+        if dsp and not any(fold.uses_dsp(s.name) for s in im.mvaus):
+            fold = fold.with_dsps(im, board)
+    else:
+        fold = choose_folding(im, board, target_fps=target_fps, dsp=dsp)
+    validate_folding(im, fold, board)
     if clock_mhz is not None and clock_mhz <= 0:
         raise BitfoldError(f"design clock {clock_mhz:g} MHz must be positive", "e.g. --clock-mhz 50")
     mhz = clock_mhz or board.design_mhz
@@ -690,13 +717,15 @@ def _save_intmodel(im: IntModel, path: Path):
 
 def markdown_report(r: dict) -> str:
     lines = [f"# bitfold open-FPGA build: {r['board']} ({r['part']})", "", f"model: `{r['onnx']}`", "",
-             "| layer | type | in | out | k | w bits | in bits | out bits | PE | SIMD | cycles/frame | est. LUT |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| layer | type | in | out | k | w bits | in bits | out bits | PE | SIMD | multipliers | cycles/frame | est. LUT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     st = {s["name"]: s for s in r["stages"]}
     for row in r["layers"]:
         s = st[row["name"]]
         lines.append(f"| {row['name']} | {row['type']} | {row['in']} | {row['out']} | {row['k']} | {row['w_bits']} | "
-                     f"{row['in_bits']} | {row['out_bits']} | {s['pe']} | {s['simd']} | {s['cycles']:,} | "
+                     f"{row['in_bits']} | {row['out_bits']} | {s['pe']} | {s['simd']} | "
+                     f"{('DSP x' + format(s['est_dsps'])) if s.get('dsp') else ('LUT' if s['kind'] == 'mvau' else '-')} | "
+                     f"{s['cycles']:,} | "
                      f"{s['est_luts']:,} |")
     if "pnr" in r:
         p = r["pnr"]

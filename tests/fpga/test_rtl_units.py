@@ -149,3 +149,41 @@ def test_layer_by_layer_synthesis_stitches_a_placeable_netlist(tmp_path):
     assert 0.9 * luts[False] <= luts[True] <= 1.25 * luts[False]
     pnr = flow.place_and_route(rtl, board)
     assert pnr["utilization"]["TRELLIS_COMB"]["used"] > 0 and pnr["fmax_mhz"] > 25
+
+
+def test_dsp_layers_take_their_multipliers_out_of_the_luts(tmp_path):
+    """``--dsp``: the planner gives the board's 156 DSP blocks to the widest products first, a whole
+    layer or none (W4A4 128 lanes; the W2A2 layer's 32 would exceed the rest); that layer is
+    synthesized on its own without -nodsp - one MULT18X18D per lane and far fewer LUTs than its
+    LUT-multiplier build - the other stays in LUTs; more DSP lanes than the board has are refused."""
+    import json
+
+    from bitfold.core.errors import BitfoldError
+    from bitfold.export.lower import IntModel
+    from bitfold.export.open_fpga.probe import count_cells
+    a = one_layer_intmodel(64, 16, 4, 4, seed=8, b_out=2)
+    b = one_layer_intmodel(16, 10, 2, 2, seed=9, b_out=None)
+    s2 = b.stages[0]
+    s2.name = "dense1"
+    im = IntModel(a.input, [a.stages[0], s2], b.out_alpha, b.out_beta)
+    board = load_board("ulx3s-85f")
+    plain = Folding({"dense0": {"pe": 8, "simd": 16}, "dense1": {"pe": 2, "simd": 16}})
+    fold = plain.with_dsps(im, board)
+    assert fold.as_dict() == {"dense0": {"pe": 8, "simd": 16, "dsp": True}, "dense1": {"pe": 2, "simd": 16}}
+    assert Folding({**plain.as_dict(), "dense0": {"pe": 4, "simd": 16}}).with_dsps(im, board).uses_dsp("dense1")
+    cells = {}
+    for tag, f in (("lut", plain), ("dsp", fold)):
+        rtl = tmp_path / tag
+        design = flow.generate(im, f, rtl, board)
+        cells[tag] = count_cells(flow.synthesize(rtl, design, board)["cells"], "ecp5")
+    assert cells["lut"][3] == 0 and cells["dsp"][3] == 8 * 16
+    assert cells["dsp"][0] < 0.6 * cells["lut"][0]                  # a 4x5-bit product per lane in a DSP
+    # the planner with DSPs reaches a faster folding within the same LUT budget
+    from bitfold.export.open_fpga.flow import choose_folding
+    slow, fast = (choose_folding(im, board, lut_budget=1200, target_fps=0, dsp=d) for d in (False, True))
+    lanes = lambda f: sum(p * s for p, s in map(f.of, ("dense0", "dense1")))  # noqa: E731
+    assert fast.uses_dsp("dense0") and lanes(fast) > lanes(slow)
+    too_many = tmp_path / "fold.json"
+    too_many.write_text(json.dumps({"dense0": {"pe": 16, "simd": 64, "dsp": True}}))
+    with pytest.raises(BitfoldError, match="1024 lane multipliers into DSP blocks.*has 156"):
+        flow.validate_folding(im, flow.load_folding(too_many), board)

@@ -27,6 +27,9 @@ def build(
                                                "0: as fast as the board's budget allows)"),
     clock_mhz: Optional[float] = typer.Option(None, "--clock-mhz", help="open flow: design clock made by the PLL "
                                               "(default: the board's pll_mhz, stepped down once to the Fmax reached)"),
+    dsp: bool = typer.Option(False, "--dsp", help="open flow (ECP5): the board's DSP blocks take the lane multipliers "
+                             "of the layers where they save the most LUTs (default: LUT multipliers, what the cost "
+                             "tables price)"),
     mvau_style: Optional[str] = typer.Option(None, "--mvau-style", help="FINN boards: hls (LUT-based, the default: "
                                              "what the cost tables price) | rtl (DSP-based) | auto (FINN chooses)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="FPGA: skip the bit-exact simulation check"),
@@ -49,7 +52,7 @@ def build(
     given = {"folding": folding, "verify": False if no_verify else None, "bitstream": False if no_bitstream else None,
              "target_fps": target_fps, "clock_mhz": clock_mhz, "tune_trials": tune_trials or None, "retune": retune or None,
              "integer": False if no_int else None, "tracker": tracker, "key": key, "qemu": qemu, "impl_style": mvau_style,
-             "kernels": kernels}
+             "kernels": kernels, "dsp": dsp or None}
     r = run_build(onnx_file, board, out, {k: v for k, v in given.items() if v is not None}, events=say_events())
     console.print(f"{r.backend} build for {r.board}: {', '.join(f'{k}={v}' for k, v in r.artefacts.items())}")
     if r.verification:
