@@ -193,7 +193,15 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             return
         w = (f"c{tag}_valid", f"c{tag}_ready", f"c{tag}_data")
         body.append(f"  wire {w[0]}, {w[1]}; wire [{n * bits - 1}:0] {w[2]};")
-        body.append(f"  bf_dwc #(.IN_N({prev_n}), .OUT_N({n}), .B({bits})) u_dwc{tag} (.clk(clk), .rst(rst), "
+        rst = "rst"
+        if prev[0] != "in_valid" and tag != "out":
+            # between two stages: its own kept copy of the reset (its ready is gated by the reset,
+            # and on the digits CNN the shared reset register routed across the device through it
+            # into pool1's ready chain: 83.9 MHz at 92.9). The core's input and output converters
+            # keep the shared one (one-layer designs, the cost tables' calibration blocks, unchanged)
+            rst = f"rst_dwc{tag}"
+            body.append(f"  reg {rst} = 1'b1;\n  (* keep *) always @(posedge clk) {rst} <= rst;")
+        body.append(f"  bf_dwc #(.IN_N({prev_n}), .OUT_N({n}), .B({bits})) u_dwc{tag} (.clk(clk), .rst({rst}), "
                     f".in_valid({prev[0]}), .in_ready({prev[1]}), .in_data({prev[2]}), .out_valid({w[0]}), "
                     f".out_ready({w[1]}), .out_data({w[2]}));")
         prev, prev_n = w, n
