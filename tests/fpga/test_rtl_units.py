@@ -110,6 +110,29 @@ def test_padded_convolution_with_copies_of_the_input_read_is_exact(tmp_path):
     assert not np.array_equal(st.run(x), st0.run(x))        # the pad code matters to the result
 
 
+@pytest.mark.parametrize("pe", [8, 2])
+def test_pool_after_a_convolution_is_exact_with_stalls(tmp_path, pe):
+    """A 1x1 convolution of a one-channel stream (a pixel a cycle), then a 2x2 max-pool over its 8
+    channels: with all 8 channels a beat (PE 8) the second element of a window row reads the row
+    word written in the same cycle (the forwarded write); with 2 a beat, it never does. Random
+    stalls, against the integer model."""
+    from bitfold.export.lower import InputStage, IntModel, MVAUStage, PoolStage, QuantSpec
+    rng = np.random.default_rng(11)
+    ih = iw = 6
+    ic, oc, k, b_a = 1, 8, 1, 2
+    w = rng.integers(-1, 2, size=(oc, k * k * ic))
+    qmax = 2 ** b_a - 1
+    lo, hi = np.clip(w, None, 0).sum(1) * qmax, np.clip(w, 0, None).sum(1) * qmax
+    thr = np.sort(rng.integers(lo[:, None], hi[:, None] + 1, size=(oc, 3)), axis=1)
+    st = MVAUStage("conv0", ih, iw, ic, oc, k, 1, 0, b_a, 0, w.astype(np.int64), 2, lo.astype(np.int64),
+                   hi.astype(np.int64), thr.astype(np.int64), 2, wbits_model=2)
+    spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
+    im = IntModel(InputStage((ih, iw, ic), spec, False), [st, PoolStage("pool0", ih, iw, oc, 2, 2)],
+                  np.ones(oc), np.zeros(oc), out_quant=spec)
+    out, ref, _ = _sim(im, Folding({"conv0": {"pe": pe, "simd": 1}}), tmp_path, n=6, stall=True)
+    assert np.array_equal(out, ref) and len(np.unique(ref)) > 1
+
+
 def test_layers_overlap_so_a_frame_costs_the_slowest_part(tmp_path):
     """Two identical layers in a chain: without overlap a frame would take both layers' cycles
     (plus loading); streaming with two-bank buffers takes the slower one's."""

@@ -3,7 +3,9 @@
 // Streaming, no frame buffer: N channels per beat in pixel-major (H, W, C) order; one row of
 // running maxima (OW x CH/N words) is updated as each input beat arrives and an output beat leaves
 // with the window's last input (row K-1, column K-1 of the window; the row is read synchronously,
-// so it can sit in block RAM, with the last write forwarded). Rows and columns beyond
+// so it can sit in block RAM, with a write in the same cycle as the read forwarded: whether the
+// read hits that write is decided when both are issued and registered, so no address compare
+// sits between the read and the output). Rows and columns beyond
 // OH*K / OW*K are dropped, as floor-mode pooling does. One input beat per cycle: cycles per
 // frame = IH*IW*CH/N.
 module bf_pool #(
@@ -32,11 +34,11 @@ module bf_pool #(
   reg vB, firstB, lastB, winB;
   reg [N*BITS-1:0] dB, rdB;
   reg [CW+CW-1:0] idxB;
-  // the last write: a read in the same cycle as a write to its address sees the old word
-  reg fwdv;
-  reg [CW+CW-1:0] fwdi;
+  // a read in the same cycle as a write to its address sees the old word: hitB says so, and fwdd
+  // holds the word written then
+  reg hitB;
   reg [N*BITS-1:0] fwdd;
-  wire [N*BITS-1:0] prev = (fwdv && fwdi == idxB) ? fwdd : rdB;
+  wire [N*BITS-1:0] prev = hitB ? fwdd : rdB;
   reg [N*BITS-1:0] m;
   integer i;
   always @* begin
@@ -53,18 +55,20 @@ module bf_pool #(
   assign in_ready = !stall;
   wire take = in_valid && in_ready;
 
+  wire wrB = vB && winB && !lastB;   // stage B writes its running maximum back this cycle
   always @(posedge clk) begin
     if (!stall) begin
       rdB <= row[idx];
+      hitB <= wrB && (idxB == idx);
       vB <= take; dB <= in_data; idxB <= idx; winB <= in_win;
       firstB <= (ky == 0) && (kx == 0); lastB <= (ky == K - 1) && (kx == K - 1);
-      if (vB && winB && !lastB) begin
+      if (wrB) begin
         row[idxB] <= m;
-        fwdv <= 1'b1; fwdi <= idxB; fwdd <= m;
+        fwdd <= m;
       end
     end
     if (rst) begin
-      y <= 0; x <= 0; c <= 0; ky <= 0; kx <= 0; wx <= 0; vB <= 1'b0; fwdv <= 1'b0;
+      y <= 0; x <= 0; c <= 0; ky <= 0; kx <= 0; wx <= 0; vB <= 1'b0;
     end else if (take) begin
       if (c == CG - 1) begin
         c <= 0;
