@@ -141,7 +141,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="where the runs train (cpu or cuda); a finished run is "
                     "reused whatever device trained it")
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                    help="train only the rows whose label contains one of these (e.g. W4A4); FP32 always")
+                    help="train only the rows whose label contains one of these (e.g. W4A4; '=LABEL': exactly that "
+                    "label); FP32 always")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="retrain every run (default: a run directory that "
                     "holds a finished run is read, so an interrupted benchmark resumes)")
@@ -161,7 +162,8 @@ def main(argv=None):
     jobs, keys = [], []
     for s in args.seeds:
         for i, (label, kw) in enumerate(rows):   # r<i>: a row keeps its directory whatever --only keeps
-            if args.only and label != "FP32" and not any(t in label for t in args.only):
+            if args.only and label != "FP32" and not any(label == t[1:] if t.startswith("=") else t in label
+                                                         for t in args.only):
                 continue
             jobs.append((TrainConfig(**base, **kw, epochs=args.epochs, seed=s, init_from=str(out / f"s{s}" / "float")),
                          out / f"s{s}" / f"r{i}"))
