@@ -204,6 +204,11 @@ def test_dsp_layers_take_their_multipliers_out_of_the_luts(tmp_path):
         design = flow.generate(im, f, rtl, board)
         cells[tag] = count_cells(flow.synthesize(rtl, design, board)["cells"], "ecp5")
     assert cells["lut"][3] == 0 and cells["dsp"][3] == 8 * 16
+    # DSP lanes take one copy of the registered input read each (RDFAN 1: 128 copies), still exact
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    out, ref, _ = _sim(im, fold, sim, n=8, stall=True)
+    assert np.array_equal(out, ref) and "RDFAN(1)" in (sim / "rtl" / "bfl_dense0.v").read_text()
     assert cells["dsp"][0] < 0.6 * cells["lut"][0]                  # a 4x5-bit product per lane in a DSP
     # the planner with DSPs reaches a faster folding within the same LUT budget
     from bitfold.export.open_fpga.flow import choose_folding
