@@ -87,25 +87,30 @@ def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe,
         assert 0 < len(np.unique(ref)) and ref.min() < 2 ** b_out - 1 and ref.max() > 0
 
 
+def _conv_stage(name, hw, ic, oc, k, pad, pad_code, seed, narrow_thresholds=False):
+    """A ternary-weight convolution with 2-bit input and output codes (thresholds drawn inside the
+    accumulator's range, or its middle half: ``narrow_thresholds``) and the input spec."""
+    from bitfold.export.lower import MVAUStage, QuantSpec
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-1, 2, size=(oc, k * k * ic))
+    lo, hi = np.clip(w, None, 0).sum(1) * 3, np.clip(w, 0, None).sum(1) * 3
+    d = 2 if narrow_thresholds else 1
+    thr = np.sort(rng.integers(lo[:, None] // d, hi[:, None] // d + 1, size=(oc, 3)), axis=1)
+    st = MVAUStage(name, hw, hw, ic, oc, k, 1, pad, 2, pad_code, w.astype(np.int64), 2, lo.astype(np.int64),
+                   hi.astype(np.int64), thr.astype(np.int64), 2, wbits_model=2)
+    return st, QuantSpec(np.array(1.0, dtype=np.float32), 0.0, 2, False, False)
+
+
 def test_padded_convolution_with_copies_of_the_input_read_is_exact(tmp_path):
     """PE 20 > RDFAN 8 lanes: the registered input read and its pad flag are held in three copies
     (the last one feeds 4 lanes); a 3x3 convolution with padding whose pad code is not 0 (an
     asymmetric activation's zero), under random stalls."""
-    from bitfold.export.lower import InputStage, IntModel, MVAUStage, QuantSpec
-    rng = np.random.default_rng(7)
-    ih = iw = 5
-    ic, oc, k, b_a = 4, 20, 3, 2
-    w = rng.integers(-1, 2, size=(oc, k * k * ic))
-    qmax = 2 ** b_a - 1
-    lo, hi = np.clip(w, None, 0).sum(1) * qmax, np.clip(w, 0, None).sum(1) * qmax
-    thr = np.sort(rng.integers(lo[:, None] // 2, hi[:, None] // 2 + 1, size=(oc, 3)), axis=1)
-    st = MVAUStage("dense0", ih, iw, ic, oc, k, 1, 1, b_a, 2, w.astype(np.int64), 2, lo.astype(np.int64),
-                   hi.astype(np.int64), thr.astype(np.int64), 2, wbits_model=2)
-    spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
-    im = IntModel(InputStage((ih, iw, ic), spec, False), [st], np.ones(oc), np.zeros(oc), out_quant=spec)
+    from bitfold.export.lower import InputStage, IntModel, MVAUStage
+    st, spec = _conv_stage("dense0", 5, 4, 20, 3, pad=1, pad_code=2, seed=7, narrow_thresholds=True)
+    im = IntModel(InputStage((5, 5, 4), spec, False), [st], np.ones(20), np.zeros(20), out_quant=spec)
     out, ref, _ = _sim(im, Folding({"dense0": {"pe": 20, "simd": 4}}), tmp_path, n=6, stall=True)
     assert np.array_equal(out, ref)
-    x = rng.integers(0, 4, size=(1, ih * iw * ic))
+    x = np.random.default_rng(8).integers(0, 4, size=(1, 5 * 5 * 4))
     st0 = MVAUStage(**{**st.__dict__, "pad_code": 0})
     assert not np.array_equal(st.run(x), st0.run(x))        # the pad code matters to the result
 
@@ -116,19 +121,10 @@ def test_pool_after_a_convolution_is_exact_with_stalls(tmp_path, pe):
     channels: with all 8 channels a beat (PE 8) the second element of a window row reads the row
     word written in the same cycle (the forwarded write); with 2 a beat, it never does. Random
     stalls, against the integer model."""
-    from bitfold.export.lower import InputStage, IntModel, MVAUStage, PoolStage, QuantSpec
-    rng = np.random.default_rng(11)
-    ih = iw = 6
-    ic, oc, k, b_a = 1, 8, 1, 2
-    w = rng.integers(-1, 2, size=(oc, k * k * ic))
-    qmax = 2 ** b_a - 1
-    lo, hi = np.clip(w, None, 0).sum(1) * qmax, np.clip(w, 0, None).sum(1) * qmax
-    thr = np.sort(rng.integers(lo[:, None], hi[:, None] + 1, size=(oc, 3)), axis=1)
-    st = MVAUStage("conv0", ih, iw, ic, oc, k, 1, 0, b_a, 0, w.astype(np.int64), 2, lo.astype(np.int64),
-                   hi.astype(np.int64), thr.astype(np.int64), 2, wbits_model=2)
-    spec = QuantSpec(np.array(1.0, dtype=np.float32), 0.0, b_a, False, False)
-    im = IntModel(InputStage((ih, iw, ic), spec, False), [st, PoolStage("pool0", ih, iw, oc, 2, 2)],
-                  np.ones(oc), np.zeros(oc), out_quant=spec)
+    from bitfold.export.lower import InputStage, IntModel, PoolStage
+    st, spec = _conv_stage("conv0", 6, 1, 8, 1, pad=0, pad_code=0, seed=11)
+    im = IntModel(InputStage((6, 6, 1), spec, False), [st, PoolStage("pool0", 6, 6, 8, 2, 2)],
+                  np.ones(8), np.zeros(8), out_quant=spec)
     out, ref, _ = _sim(im, Folding({"conv0": {"pe": pe, "simd": 1}}), tmp_path, n=6, stall=True)
     assert np.array_equal(out, ref) and len(np.unique(ref)) > 1
 
