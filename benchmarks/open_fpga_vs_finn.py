@@ -93,10 +93,10 @@ def open_row(onnx: Path, board: str, fps: float, root: Path, pnr: bool, dsp: boo
     try:
         build(onnx, b, out, verify=False, bitstream=pnr, target_fps=fps, dsp=dsp)
         rep = json.loads((out / "build.json").read_text())
-        lut, ff, ram, dsp = count_cells(rep["synthesis"]["cells"], b.family)
+        lut, ff, ram, dsps = count_cells(rep["synthesis"]["cells"], b.family)
         tp = rep["throughput"]
         cycles = tp["cycles_per_frame"]
-        row.update(folding=json.dumps(rep["folding"]), cycles_per_frame=cycles, lut=lut, bram=ram, dsp=dsp, ff=ff)
+        row.update(folding=json.dumps(rep["folding"]), cycles_per_frame=cycles, lut=lut, bram=ram, dsp=dsps, ff=ff)
         if pnr:
             row["fmax_mhz"] = rep["pnr"]["fmax_mhz"]
         clk = tp["clock_mhz"]
@@ -125,6 +125,10 @@ def finn_row(onnx: Path, board: str, fps: float) -> dict:
             "latency_us": round(perf.get("estimated_latency_ns", 0) / 1000, 2), "wall_s": round(time.time() - t, 1)}
 
 
+#: open-flow rows per --dsp choice (LUT multipliers, DSP blocks), on families with DSPs
+DSP_VARIANTS = {"off": [False], "on": [True], "both": [False, True]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", nargs="+", default=["digits-mlp", "fashion-mlp", "digits-cnn"], choices=list(NETS))
@@ -141,7 +145,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.nets, args.bits, args.boards = ["digits-mlp"], ["2"], ["ulx3s-85f"]
+    from bitfold.boards import load_board
     from bitfold.export.finn.backend import env_ready
+    from bitfold.hw_models.fpga_rules import DSP_FAMILIES
     have_finn = env_ready() and not args.no_finn
     root = Path(tempfile.mkdtemp(prefix="bitfold-ovf-"))
     conv = lut6_to_lut4(root)
@@ -158,10 +164,8 @@ def main(argv=None):
             if have_finn:
                 group.append(finn_row(onnx, args.finn_board, args.fps))
             for board in args.boards:
-                from bitfold.boards import load_board
-                from bitfold.hw_models.fpga_rules import DSP_FAMILIES
-                ecp5 = load_board(board).family in DSP_FAMILIES
-                for dsp in ([False] if args.dsp == "off" or not ecp5 else [True] if args.dsp == "on" else [False, True]):
+                variants = DSP_VARIANTS[args.dsp] if load_board(board).family in DSP_FAMILIES else [False]
+                for dsp in variants:
                     group.append(open_row(onnx, board, args.fps, root, not args.no_pnr, dsp))
             for r in group:
                 r.update(net=net, bits=b if b == "mixed" else f"W{b}A{b}", target_fps=args.fps)

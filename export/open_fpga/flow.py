@@ -186,6 +186,14 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
     prev = ("in_valid", "in_ready", "in_data")
     prev_n, prev_bits = 1, in_bits            # elements per beat and bits per element on the stream so far
 
+    def own_reset(name: str) -> str:
+        """A unit's own copy of the reset, one cycle late and placed by the unit, kept apart from the
+        other copies (yosys would merge identical registers): the shared reset register otherwise
+        routes across the device into the unit's ready chain (on the digits CNN W2A2 at 100 k/s:
+        into pool1's, directly and through the converter after it - 84.0 / 83.9 MHz)."""
+        body.append(f"  reg rst_{name} = 1'b1;\n  (* keep *) always @(posedge clk) rst_{name} <= rst;")
+        return f"rst_{name}"
+
     def convert(tag: str, n: int, bits: int):
         """A width converter from the stream so far to ``n`` elements per beat (a wire when equal)."""
         nonlocal prev, prev_n
@@ -193,14 +201,10 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             return
         w = (f"c{tag}_valid", f"c{tag}_ready", f"c{tag}_data")
         body.append(f"  wire {w[0]}, {w[1]}; wire [{n * bits - 1}:0] {w[2]};")
-        rst = "rst"
-        if prev[0] != "in_valid" and tag != "out":
-            # between two stages: its own kept copy of the reset (its ready is gated by the reset,
-            # and on the digits CNN the shared reset register routed across the device through it
-            # into pool1's ready chain: 83.9 MHz at 92.9). The core's input and output converters
-            # keep the shared one (one-layer designs, the cost tables' calibration blocks, unchanged)
-            rst = f"rst_dwc{tag}"
-            body.append(f"  reg {rst} = 1'b1;\n  (* keep *) always @(posedge clk) {rst} <= rst;")
+        # a converter between two stages takes its own reset (its ready is gated by it); the core's
+        # input and output converters keep the shared one, so one-layer designs - the cost tables'
+        # calibration blocks - are unchanged
+        rst = own_reset(f"dwc{tag}") if prev[0] != "in_valid" and tag != "out" else "rst"
         body.append(f"  bf_dwc #(.IN_N({prev_n}), .OUT_N({n}), .B({bits})) u_dwc{tag} (.clk(clk), .rst({rst}), "
                     f".in_valid({prev[0]}), .in_ready({prev[1]}), .in_data({prev[2]}), .out_valid({w[0]}), "
                     f".out_ready({w[1]}), .out_data({w[2]}));")
@@ -224,7 +228,8 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                           NT=nt, PADCODE=s.pad_code, PARNT=PARALLEL_THRESHOLDS,
                           # ECP5 block RAM has a 5.6 ns clock-to-out: its read gets a cycle of its own
                           RDREG=int(board.family == "ecp5"))
-            if folding.uses_dsp(s.name):
+            on_dsp = folding.uses_dsp(s.name)
+            if on_dsp:
                 # DSP lanes: every lane its own copy of the registered input read, so each multiplier
                 # block's operands come from registers placed next to it (DSPs sit in columns of their
                 # own; the digits CNN W4A4 with 8 lanes a copy: 66 MHz at 100, 10 of 15 ns routing)
@@ -248,9 +253,9 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             layer_files.append(f"{mod}.v")
             ps = ""
             info.append({"name": s.name, "kind": "mvau", "pe": pe, "simd": simd, "cycles": stage_cycles(s, pe, simd),
-                         "est_luts": estimate_luts(s, pe, simd, folding.uses_dsp(s.name)),
+                         "est_luts": estimate_luts(s, pe, simd, on_dsp),
                          "est_brams": estimate_brams(s, pe, simd, board.family),
-                         "dsp": folding.uses_dsp(s.name), "est_dsps": pe * simd if folding.uses_dsp(s.name) else 0,
+                         "dsp": on_dsp, "est_dsps": pe * simd if on_dsp else 0,
                          "mult_bits": s.wbits * (s.ibits + 1)})
         else:
             n = lanes[s.name]
@@ -261,13 +266,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             info.append({"name": s.name, "kind": "pool", "pe": n, "simd": n, "cycles": stage_cycles(s, n),
                          "est_luts": estimate_luts(s, n), "est_brams": estimate_brams(s, family=board.family)})
         body.append(f"  wire {nxt[0]}, {nxt[1]}; wire [{out_n * ob - 1}:0] {nxt[2]};")
-        rst = "rst"
-        if mod == "bf_pool":
-            # a pool's own copy of the reset, like a layer wrapper's; kept apart from the other
-            # copies (yosys would merge identical registers): on the digits CNN W2A2 a shared reset
-            # register routed across the device into pool1's ready logic (84 MHz at 100)
-            rst = f"rst_{s.name}"
-            body.append(f"  reg {rst} = 1'b1;\n  (* keep *) always @(posedge clk) {rst} <= rst;")
+        rst = own_reset(s.name) if mod == "bf_pool" else "rst"     # a layer wrapper holds its own
         body.append(f"  {mod} {'#(' + ps + ') ' if ps else ''}u_{s.name} (.clk(clk), .rst({rst}), .in_valid({prev[0]}), "
                     f".in_ready({prev[1]}), .in_data({prev[2]}), .out_valid({nxt[0]}), .out_ready({nxt[1]}), "
                     f".out_data({nxt[2]}));")
