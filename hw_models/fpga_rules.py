@@ -25,16 +25,35 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def simd_choices(s) -> list[int]:
+    """The SIMD values (lanes per PE) an MVAU stage can take, ascending: the divisors of its input
+    channels, then - for a K x K window - whole window rows (K * IC: K buffer copies read at K taps
+    a cycle) and the whole window (K * K * IC); the RTL's ``TAPS`` = SIMD / IC there. A layer with
+    one input channel (a first convolution) would otherwise stop at one lane per PE."""
+    out = divisors(s.ic)
+    return out + [s.ic * s.k, s.ic * s.k * s.k] if s.k > 1 else out
+
+
+def in_simd(s, simd: int) -> int:
+    """Input elements per beat of an MVAU stage at lanes ``simd`` (window taps share one beat)."""
+    return min(simd, s.ic)
+
+
+def taps(s, simd: int) -> int:
+    """Window taps an MVAU stage reads a cycle at lanes ``simd`` (the RTL's TAPS: 1, K or K*K)."""
+    return max(1, simd // s.ic)
+
+
 def stage_cycles(s, pe: int = 1, simd: int = 1) -> int:
     """Cycles per frame of a stage in steady state, from the RTL's schedule: an MVAU loads one bank
-    of its input buffer (SIMD elements a beat) while it computes on the other (one weight word per
-    cycle, OH*OW*NF*SF), so the slower of the two; a pool stage takes one beat of ``pe`` channels
-    a cycle (``pe``: the lanes of the stream it sits on, the PE of the stage before it)."""
+    of its input buffer (up to IC elements a beat) while it computes on the other (one weight word
+    per cycle, OH*OW*NF*SF), so the slower of the two; a pool stage takes one beat of ``pe``
+    channels a cycle (``pe``: the lanes of the stream it sits on, the PE of the stage before it)."""
     if is_pool(s):
         return s.ih * s.iw * s.ch // pe
     sf = s.k * s.k * s.ic // simd
     nf = s.oc // pe
-    return max(s.ih * s.iw * s.ic // simd, s.oh * s.ow * nf * sf)
+    return max(s.ih * s.iw * s.ic // in_simd(s, simd), s.oh * s.ow * nf * sf)
 
 
 def pool_feeders(im) -> dict:
@@ -152,7 +171,8 @@ def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
         w += pe * sum(rom_brams(s.acc_bits, (s.oc // pe) << level, family) for level in range(levels))
     elif s.thresholds is not None:
         w += rom_brams(pe * s.thresholds.shape[1] * s.acc_bits, s.oc // pe, family)
-    return w + buffer_brams(simd * s.ibits, 2 * s.ih * s.iw * s.ic // simd, family)   # two banks
+    n = in_simd(s, simd)     # two banks, one copy per window tap read a cycle
+    return w + taps(s, simd) * buffer_brams(n * s.ibits, 2 * s.ih * s.iw * s.ic // n, family)
 
 
 def bram_budget(board) -> int:
@@ -225,11 +245,11 @@ def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int,
 
 def fold_at_rate(s, cycles_budget: float) -> tuple[int, int]:
     """The smallest folding (PE, SIMD) of an MVAU stage whose cycles per frame
-    (:func:`stage_cycles`) fit ``cycles_budget``: SIMD widened first (divisors of the input channels),
+    (:func:`stage_cycles`) fit ``cycles_budget``: SIMD widened first (:func:`simd_choices`),
     then PE (divisors of the output channels), as the planner does. When even the full unroll misses
     the budget, the full unroll (the fastest this stage can go)."""
     simd, pe = 1, 1
-    for simd in divisors(s.ic):
+    for simd in simd_choices(s):
         if stage_cycles(s, 1, simd) <= cycles_budget:
             return 1, simd
     for pe in divisors(s.oc):
@@ -333,13 +353,14 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
             if bigger:
                 nxt = [bigger[0], simd]
         else:
-            bigger = [d for d in divisors(s.ic) if d > simd]
-            if bigger and simd * s.wbits * s.ibits < 64:
-                nxt = [pe, bigger[0]]
-            else:
-                bigger = [d for d in divisors(s.oc) if d > pe]
-                if bigger:
-                    nxt = [bigger[0], simd]
+            wider = [d for d in simd_choices(s) if d > simd]
+            more = [d for d in divisors(s.oc) if d > pe]
+            # SIMD first, up to 64 product bits a PE lane; past that PE - and SIMD again once PE
+            # is at its most (a 32-channel conv W4A4 stopped at SIMD 4, 2,304 cycles a frame)
+            if wider and (simd * s.wbits * s.ibits < 64 or not more):
+                nxt = [pe, wider[0]]
+            elif more:
+                nxt = [more[0], simd]
         if nxt is None:
             frozen.add(s.name)
             continue

@@ -115,6 +115,27 @@ def test_padded_convolution_with_copies_of_the_input_read_is_exact(tmp_path):
     assert not np.array_equal(st.run(x), st0.run(x))        # the pad code matters to the result
 
 
+@pytest.mark.parametrize("ic,stride,simd,pe", [(1, 1, 3, 4), (1, 1, 9, 2), (2, 2, 6, 20), (2, 1, 18, 1)],
+                         ids=["one-channel-window-rows", "one-channel-whole-window", "strided-rows-copied-reads",
+                              "two-channel-whole-window"])
+def test_window_taps_read_from_buffer_copies_are_exact(tmp_path, ic, stride, simd, pe):
+    """SIMD past the input channels: K (a window row) or K*K taps a cycle, each from its own copy of
+    the input buffer at its own address - a first convolution (IC = 1) is no longer held to one
+    lane per PE. Padding with a non-zero pad code (taps of one word straddle the border), a stride,
+    PE 20 (three copies of the registered reads), random stalls."""
+    from bitfold.export.lower import InputStage, IntModel, MVAUStage
+    from bitfold.hw_models.fpga_rules import stage_cycles
+    st, spec = _conv_stage("conv0", 7, ic, 20, 3, pad=1, pad_code=2, seed=13 + simd, narrow_thresholds=True)
+    st = MVAUStage(**{**st.__dict__, "stride": stride})
+    im = IntModel(InputStage((7, 7, ic), spec, False), [st], np.ones(20), np.zeros(20), out_quant=spec)
+    fold = Folding({"conv0": {"pe": pe, "simd": simd}})
+    out, ref, timing = _sim(im, fold, tmp_path, n=5, stall=True)
+    assert np.array_equal(out, ref) and len(np.unique(ref)) > 1
+    params = (tmp_path / "rtl" / "bfl_conv0.v").read_text()
+    assert f".TAPS({simd // ic})" in params and f".SIMD({ic})" in params
+    assert stage_cycles(st, pe, simd) < stage_cycles(st, pe, ic)
+
+
 @pytest.mark.parametrize("pe", [8, 2])
 def test_pool_after_a_convolution_is_exact_with_stalls(tmp_path, pe):
     """A 1x1 convolution of a one-channel stream (a pixel a cycle), then a 2x2 max-pool over its 8

@@ -11,6 +11,11 @@
 // TFILE_pPPP_lLL.mem, so the deep levels go to block RAM) and one comparison - logic grows with
 // OBITS, not with 2^OBITS, and every level is a register stage (one result a cycle).
 //
+// Window taps (TAPS = K: a row of the window, K*K: all of it; needs SIMD = IC): that many copies of
+// the input buffer, each read at its own tap's address, so a layer with few input channels (a first
+// layer: IC = 1) still feeds TAPS*SIMD lanes a cycle; a weight word then spans TAPS*SIMD consecutive
+// columns of the (ky, kx, c) matrix.
+//
 // Streams: valid/ready. The input carries SIMD elements per beat (element 0 in the low bits),
 // pixel-major (H, W, C) order, unsigned IBITS-bit codes; the output carries PE channels per beat in
 // the same order. Weights are signed WBITS-bit integers.
@@ -27,6 +32,7 @@
 module bf_mvau #(
   parameter IH = 1, IW = 1, IC = 4, OC = 4, K = 1, STRIDE = 1, PAD = 0, OH = 1, OW = 1,
   parameter SIMD = 1, PE = 1,
+  parameter TAPS = 1,              // window taps read a cycle: 1, K or K*K (> 1: SIMD = IC)
   parameter IBITS = 2, WBITS = 2, ACCB = 16, OBITS = 2, NT = 3,
   parameter PADCODE = 0,
   parameter PARNT = 7,             // at most this many thresholds compared in parallel (else binary search)
@@ -44,14 +50,15 @@ module bf_mvau #(
   output wire [PE*OBITS-1:0] out_data
 );
   localparam CG = IC / SIMD;       // channel groups per pixel
-  localparam SF = K * K * CG;      // weight words per output channel group
+  localparam LN = TAPS * SIMD;     // lanes (products) per PE
+  localparam SF = K * K * CG / TAPS;   // weight words per output channel group
   localparam NF = OC / PE;         // output channel groups
   localparam IWORDS = IH * IW * CG;
   localparam TW = (NT > 0 && NT <= PARNT) ? NT : 1;   // thresholds in a parallel-compare ROM word
   localparam CW = $clog2(2 * IWORDS + NF * SF + IH + IW + OC + K + 2) + 1;
   localparam [IBITS-1:0] PADC = PADCODE;
   localparam PB = WBITS + IBITS + 1;            // product width
-  localparam LOG2 = $clog2(SIMD);               // adder tree levels
+  localparam LOG2 = $clog2(LN);                 // adder tree levels
   localparam P2 = 1 << LOG2;                    // lanes rounded up to a power of two
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
   localparam PAR = (NT > 0) && (NT <= PARNT);      // thresholds compared in parallel (else binary search)
@@ -66,11 +73,7 @@ module bf_mvau #(
   localparam NRC = (RDREG && PE > RDFAN) ? (PE + RDFAN - 1) / RDFAN : 1;
 
   // ---------------------------------------------------------------- two-bank input buffer
-`ifdef BF_BLOCK_RAM
-  (* ram_style = "block" *)
-`endif
-  reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
-  reg [PE*SIMD*WBITS-1:0] wrom [0:NF*SF-1];
+  reg [PE*LN*WBITS-1:0] wrom [0:NF*SF-1];
   initial $readmemh(WFILE, wrom);
 
   reg full0, full1;                // bank holds a complete frame not yet computed
@@ -88,70 +91,94 @@ module bf_mvau #(
   wire rfull = rb ? full1 : full0;
   wire last_sf = (sf == SF - 1);
   wire go = rfull && ((sf != 0) || (used < DEPTH));
-  wire signed [CW+1:0] iy = $signed({2'b00, oy}) * STRIDE + $signed({2'b00, ky}) - PAD;
-  wire signed [CW+1:0] ix = $signed({2'b00, ox}) * STRIDE + $signed({2'b00, kx}) - PAD;
-  wire padnow = (iy < 0) || (iy >= IH) || (ix < 0) || (ix >= IW);
-  wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg + (rb ? IWORDS : 0));
   wire fifo_pop = out_valid && out_ready;
 
   // stage 0: addresses
-  reg [CW+1:0] ra0;
   reg [CW-1:0] wa0, nf0;
-  reg v0, first0, last0, pad0;
+  reg v0, first0, last0;
   // stage A: memory reads
-  reg [SIMD*IBITS-1:0] rdA;
-  reg [PE*SIMD*WBITS-1:0] wdA;
+  wire [LN*IBITS-1:0] rdA;         // tap j's SIMD elements at lanes j*SIMD..
+  wire [TAPS-1:0] padA;            // tap j lies in the padding
+  reg [PE*LN*WBITS-1:0] wdA;
   reg [CW-1:0] nfA;
-  reg vA, firstA, lastA, padA;
+  reg vA, firstA, lastA;
   // stage B: lane products
-  reg [PE*SIMD*PB-1:0] prodB;
+  reg [PE*LN*PB-1:0] prodB;
   reg [CW-1:0] nfB;
   reg vB, firstB, lastB;
 
+  // one buffer copy per tap, each read at its own tap's address (TAPS = 1: the window position
+  // (ky, kx) the issue counts; TAPS = K: the row ky, column j; TAPS = K*K: position j)
+  genvar gk;
+  generate
+    for (gk = 0; gk < TAPS; gk = gk + 1) begin : tap
+      wire [CW-1:0] tky = (TAPS > 1 && TAPS == K * K) ? gk / K : ky;
+      wire [CW-1:0] tkx = (TAPS > 1) ? gk % K : kx;
+      wire signed [CW+1:0] iy = $signed({2'b00, oy}) * STRIDE + $signed({2'b00, tky}) - PAD;
+      wire signed [CW+1:0] ix = $signed({2'b00, ox}) * STRIDE + $signed({2'b00, tkx}) - PAD;
+      wire padnow = (iy < 0) || (iy >= IH) || (ix < 0) || (ix >= IW);
+      wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg + (rb ? IWORDS : 0));
+`ifdef BF_BLOCK_RAM
+      (* ram_style = "block" *)
+`endif
+      reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
+      reg [CW+1:0] ra0;
+      reg pad0, padq;
+      reg [SIMD*IBITS-1:0] rdq;
+      always @(posedge clk) begin
+        ra0 <= raddr; pad0 <= padnow;
+        rdq <= ibuf[ra0]; padq <= pad0;
+        if (wr) ibuf[wp] <= in_data;
+      end
+      assign rdA[gk*SIMD*IBITS +: SIMD*IBITS] = rdq;
+      assign padA[gk] = padq;
+    end
+  endgenerate
+
   // stage R (RDREG = 1): the reads registered once more
-  reg [SIMD*IBITS-1:0] rdR;        // NRC = 1
-  wire [NRC*SIMD*IBITS-1:0] rdC;   // NRC > 1: the copies
-  wire [NRC-1:0] padC;
-  reg [PE*SIMD*WBITS-1:0] wdR;
+  reg [LN*IBITS-1:0] rdR;          // NRC = 1
+  wire [NRC*LN*IBITS-1:0] rdC;     // NRC > 1: the copies
+  wire [NRC*TAPS-1:0] padC;
+  reg [PE*LN*WBITS-1:0] wdR;
   reg [CW-1:0] nfR;
-  reg vR, firstR, lastR, padR;
-  wire [SIMD*IBITS-1:0] rdX = RDREG ? rdR : rdA;
+  reg vR, firstR, lastR;
+  reg [TAPS-1:0] padR;
+  wire [LN*IBITS-1:0] rdX = RDREG ? rdR : rdA;
   genvar gc;
   generate
     if (NRC > 1) begin : rdcopy
       for (gc = 0; gc < NRC; gc = gc + 1) begin : c
-        reg [SIMD*IBITS-1:0] q;
-        reg pq;
+        reg [LN*IBITS-1:0] q;
+        reg [TAPS-1:0] pq;
         // keep: identical registers would otherwise be merged back into one by yosys (opt_merge)
         (* keep *) always @(posedge clk) begin q <= rdA; pq <= padA; end
-        assign rdC[gc*SIMD*IBITS +: SIMD*IBITS] = q;
-        assign padC[gc] = pq;
+        assign rdC[gc*LN*IBITS +: LN*IBITS] = q;
+        assign padC[gc*TAPS +: TAPS] = pq;
       end
     end else begin : rdsingle
       assign rdC = rdX;
       assign padC = padX;
     end
   endgenerate
-  wire [PE*SIMD*WBITS-1:0] wdX = RDREG ? wdR : wdA;
+  wire [PE*LN*WBITS-1:0] wdX = RDREG ? wdR : wdA;
   wire [CW-1:0] nfX = RDREG ? nfR : nfA;
   wire vX = RDREG ? vR : vA, firstX = RDREG ? firstR : firstA, lastX = RDREG ? lastR : lastA;
-  wire padX = RDREG ? padR : padA;
+  wire [TAPS-1:0] padX = RDREG ? padR : padA;
 
   integer p, s;
   always @(posedge clk) begin
-    ra0 <= raddr; wa0 <= wbase + sf; nf0 <= nf;
-    v0 <= go; first0 <= (sf == 0); last0 <= last_sf; pad0 <= padnow;
-    rdA <= ibuf[ra0]; wdA <= wrom[wa0]; nfA <= nf0;
-    vA <= v0; firstA <= first0; lastA <= last0; padA <= pad0;
+    wa0 <= wbase + sf; nf0 <= nf;
+    v0 <= go; first0 <= (sf == 0); last0 <= last_sf;
+    wdA <= wrom[wa0]; nfA <= nf0;
+    vA <= v0; firstA <= first0; lastA <= last0;
     if (NRC == 1) rdR <= rdA;
     wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
     for (p = 0; p < PE; p = p + 1)
-      for (s = 0; s < SIMD; s = s + 1)
-        prodB[(p*SIMD+s)*PB +: PB] <= $signed(wdX[(p*SIMD+s)*WBITS +: WBITS])
-                                      * $signed({1'b0, padC[p / RDFAN % NRC] ? PADC
-                                                       : rdC[((p / RDFAN % NRC) * SIMD + s)*IBITS +: IBITS]});
+      for (s = 0; s < LN; s = s + 1)
+        prodB[(p*LN+s)*PB +: PB] <= $signed(wdX[(p*LN+s)*WBITS +: WBITS])
+                                    * $signed({1'b0, padC[(p / RDFAN % NRC) * TAPS + s / SIMD] ? PADC
+                                                     : rdC[((p / RDFAN % NRC) * LN + s)*IBITS +: IBITS]});
     nfB <= nfX; vB <= vX; firstB <= firstX; lastB <= lastX;
-    if (wr) ibuf[wp] <= in_data;
     if (rst) begin
       v0 <= 1'b0; vA <= 1'b0; vR <= 1'b0; vB <= 1'b0;
     end
@@ -166,13 +193,13 @@ module bf_mvau #(
   generate
     for (gp = 0; gp < PE; gp = gp + 1) begin : lane
       for (gi = 0; gi < P2; gi = gi + 1) begin : leaf
-        if (gi < SIMD && ACCB > PB) begin : used_leaf
+        if (gi < LN && ACCB > PB) begin : used_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] =
-            {{(ACCB-PB){prodB[(gp*SIMD+gi)*PB + PB - 1]}}, prodB[(gp*SIMD+gi)*PB +: PB]};
-        end else if (gi < SIMD) begin : narrow_leaf
+            {{(ACCB-PB){prodB[(gp*LN+gi)*PB + PB - 1]}}, prodB[(gp*LN+gi)*PB +: PB]};
+        end else if (gi < LN) begin : narrow_leaf
           // the accumulator is sized for the whole dot product, so every single product fits its
           // ACCB bits (e.g. bipolar 1-bit products on a small fan-in): the low bits are exact
-          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = prodB[(gp*SIMD+gi)*PB +: ACCB];
+          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = prodB[(gp*LN+gi)*PB +: ACCB];
         end else begin : zero_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = {ACCB{1'b0}};
         end
@@ -189,7 +216,7 @@ module bf_mvau #(
           assign tree[(gp*2*P2 + gi)*ACCB +: ACCB] = a + b;
         end
       end
-      assign sumT[gp*ACCB +: ACCB] = tree[(gp*2*P2 + 1)*ACCB +: ACCB];   // the root (a leaf if SIMD = 1)
+      assign sumT[gp*ACCB +: ACCB] = tree[(gp*2*P2 + 1)*ACCB +: ACCB];   // the root (a leaf if LN = 1)
     end
   endgenerate
   // the control bits travel alongside the tree's TL registers
@@ -414,7 +441,8 @@ module bf_mvau #(
           sf <= sf + 1;
           if (cg == CG - 1) begin
             cg <= 0;
-            if (kx == K - 1) begin kx <= 0; ky <= ky + 1; end
+            if (TAPS > 1) ky <= ky + 1;     // TAPS = K: the next row of the window
+            else if (kx == K - 1) begin kx <= 0; ky <= ky + 1; end
             else kx <= kx + 1;
           end else
             cg <= cg + 1;
