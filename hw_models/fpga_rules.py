@@ -243,26 +243,28 @@ def folding_for(n_in: int, n_out: int, simd_of: int | None = None) -> tuple[int,
     return pe, simd
 
 
+def fold_order(s) -> list[tuple[int, int]]:
+    """The foldings (PE, SIMD) of an MVAU stage in the order the planners widen it, lanes growing
+    and cycles per frame falling: SIMD over the divisors of the input channels (one input beat,
+    one adder tree), then PE over the divisors of the output channels, then window taps (SIMD
+    K * IC, K * K * IC: buffer copies, :func:`simd_choices`) at full PE."""
+    first = [(1, d) for d in divisors(s.ic)]
+    more = [(pe, s.ic) for pe in divisors(s.oc)[1:]]
+    return first + more + [(s.oc, d) for d in simd_choices(s) if d > s.ic]
+
+
 def fold_at_rate(s, cycles_budget: float) -> tuple[int, int]:
     """The smallest folding (PE, SIMD) of an MVAU stage whose cycles per frame
-    (:func:`stage_cycles`) fit ``cycles_budget``: SIMD widened first (:func:`simd_choices`),
-    then PE (divisors of the output channels), as the planner does. When even the full unroll misses
-    the budget, the full unroll (the fastest this stage can go)."""
-    simd, pe = 1, 1
-    for simd in simd_choices(s):
-        if stage_cycles(s, 1, simd) <= cycles_budget:
-            return 1, simd
-    for pe in divisors(s.oc):
-        if stage_cycles(s, pe, simd) <= cycles_budget:
-            return pe, simd
-    return pe, simd
+    (:func:`stage_cycles`) fit ``cycles_budget``, in :func:`fold_order`. When even the full unroll
+    misses the budget, the full unroll (the fastest this stage can go)."""
+    order = fold_order(s)
+    return next((f for f in order if stage_cycles(s, *f) <= cycles_budget), order[-1])
 
 
-def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
-    """The folding of a whole lowered model that reaches ``target_fps`` at ``clock_mhz``: each MVAU
-    stage folded just enough (:func:`fold_at_rate`). The cost tables price this folding when given a
-    rate, and ``bitfold run --fps`` builds it, so prediction and build describe the same design."""
-    budget = max(clock_mhz * 1e6 / target_fps, input_cycles(im))   # no lanes bought beyond the input stream
+def fold_for_cycles(im, budget: float) -> Folding:
+    """The folding of a whole lowered model with every part within ``budget`` cycles per frame
+    where it can be: each MVAU stage folded just enough (:func:`fold_at_rate`), and a slow pool
+    stage given more channels a beat by the PE of the stage before it."""
     fold = {s.name: list(fold_at_rate(s, budget)) for s in im.mvaus}
     for pool, prev in pool_feeders(im).items():     # a pool runs at the lanes of the stage before it
         st = next(x for x in im.stages if x.name == pool)
@@ -271,6 +273,13 @@ def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
             if ok:
                 fold[prev.name][0] = max(fold[prev.name][0], ok[0])
     return Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
+
+
+def rate_folding(im, clock_mhz: float, target_fps: float) -> Folding:
+    """The folding of a whole lowered model that reaches ``target_fps`` at ``clock_mhz``
+    (:func:`fold_for_cycles`). The cost tables price this folding when given a rate, and
+    ``bitfold run --fps`` builds it, so prediction and build describe the same design."""
+    return fold_for_cycles(im, max(clock_mhz * 1e6 / target_fps, input_cycles(im)))   # no lanes beyond the input
 
 
 @dataclass(frozen=True)
@@ -307,68 +316,42 @@ def table_folding(im) -> Folding:
 
 def choose_folding(im, board, lut_budget: int | None = None, target_fps: float | None = None,
                    default_fps: float | None = None, dsp: bool = False) -> Folding:
-    """Greedy: keep widening the slowest stage (SIMD first, then PE) while the estimated LUTs and
-    block RAMs stay within budget (default ``LUT_FRACTION`` of the board's LUTs, all its block
-    RAMs), until the slowest part reaches ``target_fps`` at the design clock (``board.design_mhz``);
-    a slow pool stage widens the PE of the layer before it. The default target is the rate the
-    board's UART can feed (faster cores only wait on it); 0 = as fast as the budget allows.
-    ``dsp``: the board's DSP blocks take the multipliers of the stages where they save the most
-    (:func:`assign_dsps`, re-assigned at every step), so those stages cost fewer LUTs."""
+    """The folding for ``target_fps`` at the design clock (``board.design_mhz``), or - where that
+    does not fit the budget (estimated LUTs within ``LUT_FRACTION`` of the board's, block RAMs
+    within the board's) - for the fastest rate that does: the smallest cycles per frame whose
+    just-enough folding (:func:`fold_for_cycles`, every stage folded only as far as that rate
+    needs) fits, found by bisection over the cycle counts the stages can take. The default target
+    is the rate the board's UART can feed (faster cores only wait on it); 0 = as fast as the
+    budget allows (never past the input stream, one element a cycle). ``dsp``: the board's DSP
+    blocks take the multipliers of the stages where they save the most (:func:`assign_dsps`), so
+    those stages cost fewer LUTs."""
     budget = lut_budget if lut_budget is not None else int(board.resources.get("lut", 5000) * LUT_FRACTION)
     brams = bram_budget(board)
     dsps = dsp_budget(board) if dsp else 0
-    fold = {s.name: [1, 1] for s in im.mvaus}
 
-    def fits():
-        on = assign_dsps(im, lambda n: fold[n], dsps)
-        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *fold[st.name], dsp=st.name in on)
+    def fits(plan: Folding) -> bool:
+        on = assign_dsps(im, plan.of, dsps)
+        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *plan.of(st.name), dsp=st.name in on)
                    for st in im.stages)
         return luts <= budget and sum(estimate_brams(st, family=board.family) if is_pool(st)
-                                      else estimate_brams(st, *fold[st.name], board.family)
+                                      else estimate_brams(st, *plan.of(st.name), board.family)
                                       for st in im.stages) <= brams
 
     if target_fps is None:
         target_fps = default_fps or 0
-    feeders = pool_feeders(im)
-    owner = {st.name: feeders[st.name] if is_pool(st) else st for st in im.stages}   # whose folding moves it
-
-    def of(name):
-        return tuple(fold.get(name, (1, 1)))
-
-    frozen = set()
-    while True:
-        cyc = stages_cycles(im, of)
-        parts = [(cyc[st.name], st) for st in im.stages
-                 if owner[st.name] is not None and owner[st.name].name not in frozen]
-        if not parts:
-            break
-        slow, st = max(parts, key=lambda t: t[0])
-        if slow <= input_cycles(im) or (target_fps and board.design_mhz * 1e6 / slow >= target_fps):
-            break
-        s = owner[st.name]
-        pe, simd = fold[s.name]
-        nxt = None
-        if is_pool(st):            # more channels a beat through the pool: the PE before it
-            bigger = [d for d in divisors(s.oc) if d > pe and st.ch % d == 0]
-            if bigger:
-                nxt = [bigger[0], simd]
+    floor = max(input_cycles(im), board.design_mhz * 1e6 / target_fps if target_fps else 0)
+    # every cycle count a stage can take at or above the floor: the frame time is one of them
+    steps = {stage_cycles(s, *f) for s in im.mvaus for f in fold_order(s)}
+    steps |= {stage_cycles(st, d) for st in im.stages if is_pool(st) for d in divisors(st.ch)}
+    cands = sorted({floor} | {c for c in steps if c > floor})
+    lo, hi = 0, len(cands) - 1          # the slowest candidate folds every stage 1 x 1
+    if fits(fold_for_cycles(im, cands[0])):
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(fold_for_cycles(im, cands[mid])):
+            hi = mid
         else:
-            wider = [d for d in simd_choices(s) if d > simd]
-            more = [d for d in divisors(s.oc) if d > pe]
-            # SIMD first, up to 64 product bits a PE lane; past that PE - and SIMD again once PE
-            # is at its most (a 32-channel conv W4A4 stopped at SIMD 4, 2,304 cycles a frame)
-            if wider and (simd * s.wbits * s.ibits < 64 or not more):
-                nxt = [pe, wider[0]]
-            elif more:
-                nxt = [more[0], simd]
-        if nxt is None:
-            frozen.add(s.name)
-            continue
-        old = fold[s.name]
-        fold[s.name] = nxt
-        after = stage_cycles(st, nxt[0]) if is_pool(st) else stage_cycles(st, *nxt)   # a pool: PE divides ch
-        if after >= slow or not fits():
-            fold[s.name] = old
-            frozen.add(s.name)
-    plan = Folding({k: {"pe": v[0], "simd": v[1]} for k, v in fold.items()})
+            lo = mid + 1
+    plan = fold_for_cycles(im, cands[hi])
     return plan.with_dsps(im, board) if dsp else plan
