@@ -251,7 +251,8 @@ def test_folding_planner_respects_budget(models):
     from bitfold.boards import load_board
     from bitfold.export.lower import lower
     from bitfold.export.open_fpga.flow import choose_folding
-    from bitfold.hw_models.fpga_rules import bram_budget, estimate_brams, estimate_luts, simd_choices
+    from bitfold.hw_models.fpga_rules import (bram_budget, estimate_brams, estimate_luts, fold_order, frame_cycles,
+                                              pool_feeders, simd_choices, stage_cycles)
     im = lower(models["demo"])
     for name in ("icebreaker", "ulx3s-85f"):
         b = load_board(name)
@@ -263,6 +264,13 @@ def test_folding_planner_respects_budget(models):
         for s in im.mvaus:
             pe, simd = f.of(s.name)
             assert s.oc % pe == 0 and simd in simd_choices(s)
+        # just enough: no stage is folded wider than the design's frame time needs (the slowest part
+        # sets the rate; lanes elsewhere would be LUTs for nothing)
+        frame = frame_cycles(im, f.of)
+        for s in im.mvaus:
+            order = fold_order(s)
+            at = order.index(f.of(s.name))
+            assert at == 0 or stage_cycles(s, *order[at - 1]) > frame or s in pool_feeders(im).values()
     small = choose_folding(im, load_board("icebreaker"), lut_budget=1)
     assert all(v == {"pe": 1, "simd": 1} for v in small.as_dict().values())
     assert np.isfinite(sum(estimate_luts(s) for s in im.stages))
