@@ -2,9 +2,12 @@
 // elements per output beat, element order kept (element 0 in the low bits). A buffer of
 // IN_N + OUT_N elements: it accepts whenever a whole input word fits and emits whenever it holds
 // an output word, so both sides can move in the same cycle and neither ready nor valid depends
-// combinationally on the other side. IN_N == OUT_N is a plain wire.
+// combinationally on the other side. IN_N == OUT_N is a plain wire, or with SLICE = 1 the same
+// buffer as a register slice (two words): the ready of the unit after it then no longer reaches
+// the unit before it combinationally.
 module bf_dwc #(
-  parameter IN_N = 1, OUT_N = 1, B = 2
+  parameter IN_N = 1, OUT_N = 1, B = 2,
+  parameter SLICE = 0
 ) (
   input  wire clk,
   input  wire rst,
@@ -16,7 +19,7 @@ module bf_dwc #(
   output wire [OUT_N*B-1:0] out_data
 );
   generate
-    if (IN_N == OUT_N) begin : pass
+    if (IN_N == OUT_N && !SLICE) begin : pass
       assign out_valid = in_valid;
       assign in_ready = out_ready;
       assign out_data = in_data;
