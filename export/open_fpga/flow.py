@@ -41,12 +41,16 @@ from bitfold.export.verify import held_out_inputs
 from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding,
                                           divisors, dsp_budget,
                                           estimate_brams, estimate_luts, frame_cycles, pool_lanes, search_levels,
-                                          in_simd, simd_choices, stage_cycles, taps)
+                                          in_simd, rom_brams, simd_choices, stage_cycles, taps)
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
 RTL_FILES = ("bf_mvau.v", "bf_pool.v", "bf_dwc.v")
 UART_BAUD = 115200
+
+
+#: ECP5: weight-word bits read through one copy of the ROM address register where the ROM is in logic
+ROM_ADDR_FANOUT = 64
 
 
 def validate_folding(im: IntModel, folding: Folding, board=None) -> None:
@@ -237,6 +241,9 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                           RDREG=int(board.family == "ecp5"))
             if taps(s, simd) > 1:
                 params["TAPS"] = taps(s, simd)
+            if board.family == "ecp5" and not rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), "ecp5"):
+                # the weight ROM stays in logic (as yosys places it): one address register a 64-bit slice
+                params["WABITS"] = ROM_ADDR_FANOUT
             on_dsp = folding.uses_dsp(s.name)
             if on_dsp:
                 # DSP lanes: every lane its own copy of the registered input read, so each multiplier
@@ -455,7 +462,22 @@ def place_and_route(rtl: Path, board, seed: int = 1, clock_mhz: float | None = N
     util = {k: {"used": v["used"], "available": v["available"]} for k, v in rep.get("utilization", {}).items()
             if v.get("used")}
     return {"fmax_mhz": round(achieved, 2), "target_mhz": clock_mhz,
-            "timing_met": bool(achieved >= clock_mhz), "utilization": util, "wall_s": round(p.wall_s, 1)}
+            "timing_met": bool(achieved >= clock_mhz), "utilization": util,
+            "critical_path": critical_path(rep), "wall_s": round(p.wall_s, 1)}
+
+
+def critical_path(rep: dict) -> dict | None:
+    """The worst clock-to-clock path of a nextpnr report: its first and last cell, its delay and how
+    much of it is routing (where to look when a design misses its clock)."""
+    paths = [c for c in rep.get("critical_paths", []) if c.get("from", "").startswith("posedge")
+             and c.get("to", "").startswith("posedge") and c.get("path")]
+    if not paths:
+        return None
+    steps = max(paths, key=lambda c: sum(s["delay"] for s in c["path"]))["path"]
+    total = sum(s["delay"] for s in steps)
+    routing = sum(s["delay"] for s in steps if s.get("type") == "routing")
+    return {"from": steps[0]["from"]["cell"], "to": steps[-1]["to"]["cell"], "ns": round(total, 2),
+            "routing_ns": round(routing, 2)}
 
 
 class _NoFit(BitfoldError):
@@ -754,6 +776,11 @@ def markdown_report(r: dict) -> str:
         lines += [f"| {k} | {v['used']:,} | {v['available']:,} |" for k, v in p["utilization"].items()]
         lines += ["", f"Fmax {p['fmax_mhz']} MHz vs target {p['target_mhz']:g} MHz: "
                       f"{'met' if p['timing_met'] else 'MISSED'}"]
+        for q in [*r.get("pnr_missed", []), p]:
+            if q.get("critical_path"):
+                c = q["critical_path"]
+                lines.append(f"critical path at {q['target_mhz']:g} MHz: {c['from']} -> {c['to']}, {c['ns']} ns "
+                             f"({c['routing_ns']} ns routing)")
     t = r["throughput"]
     lines += ["", f"cycles/frame {t['cycles_per_frame']:,}, {t['inferences_per_s']:,} inferences/s at "
                   f"{t['clock_mhz']:g} MHz (the {UART_BAUD}-baud UART carries {t['uart_bound_fps']:,} frames/s)"]

@@ -105,6 +105,8 @@ def test_bitstream_and_bit_exact_simulation(builds, model, board):
     assert model_cycles <= sim["cycles_per_frame"] <= 1.02 * model_cycles
     assert info["clock"]["pll"] and info["clock"]["mhz"] > load_board(board).clock_mhz   # the PLL's clock
     assert (out / "report.md").read_text().count("|") > 20
+    cp = info["pnr"]["critical_path"]     # where a user looks when the clock is missed
+    assert 0 < cp["routing_ns"] < cp["ns"] and cp["from"] and "critical path at" in (out / "report.md").read_text()
     if model == "w2a2":
         assert info["folding"] == MLP_FOLD
 

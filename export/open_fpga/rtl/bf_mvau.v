@@ -38,6 +38,7 @@ module bf_mvau #(
   parameter PARNT = 7,             // at most this many thresholds compared in parallel (else binary search)
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
+  parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
   parameter WFILE = "w.mem", TFILE = "t.mem"
 ) (
   input  wire clk,
@@ -71,6 +72,11 @@ module bf_mvau #(
   // feeds all PE lanes, and one register driving 32 lanes x SIMD multipliers was the critical path
   // of a wide convolution (routing across the lanes). One copy (PE <= RDFAN) is the plain register.
   localparam NRC = (RDREG && PE > RDFAN) ? (PE + RDFAN - 1) / RDFAN : 1;
+  // copies of the weight ROM's address register, one per WABITS bits of the word: a ROM that yosys
+  // keeps in logic is a LUT per word bit on every address bit, and one register driving a
+  // 1,024-bit word was the critical path of the digits CNN's conv2 (2.3 ns routes into the LUTs)
+  localparam WWB = PE * LN * WBITS;
+  localparam NWC = (WABITS > 0 && WWB > WABITS) ? (WWB + WABITS - 1) / WABITS : 1;
 
   // ---------------------------------------------------------------- two-bank input buffer
   reg [PE*LN*WBITS-1:0] wrom [0:NF*SF-1];
@@ -99,7 +105,7 @@ module bf_mvau #(
   // stage A: memory reads
   wire [LN*IBITS-1:0] rdA;         // tap j's SIMD elements at lanes j*SIMD..
   wire [TAPS-1:0] padA;            // tap j lies in the padding
-  reg [PE*LN*WBITS-1:0] wdA;
+  wire [PE*LN*WBITS-1:0] wdA;
   reg [CW-1:0] nfA;
   reg vA, firstA, lastA;
   // stage B: lane products
@@ -132,6 +138,26 @@ module bf_mvau #(
       end
       assign rdA[gk*SIMD*IBITS +: SIMD*IBITS] = rdq;
       assign padA[gk] = padq;
+    end
+  endgenerate
+
+  // the weight ROM read: one address register, or NWC kept copies each reading its slice of the word
+  genvar gw;
+  generate
+    if (NWC > 1) begin : wacopy
+      for (gw = 0; gw < NWC; gw = gw + 1) begin : c
+        localparam LO = gw * WABITS;
+        localparam W = (LO + WABITS > WWB) ? WWB - LO : WABITS;
+        reg [CW-1:0] wa;
+        reg [W-1:0] wq;
+        (* keep *) always @(posedge clk) wa <= wbase + sf;
+        always @(posedge clk) wq <= wrom[wa][LO +: W];
+        assign wdA[LO +: W] = wq;
+      end
+    end else begin : wasingle
+      reg [WWB-1:0] wq;
+      always @(posedge clk) wq <= wrom[wa0];
+      assign wdA = wq;
     end
   endgenerate
 
@@ -169,7 +195,7 @@ module bf_mvau #(
   always @(posedge clk) begin
     wa0 <= wbase + sf; nf0 <= nf;
     v0 <= go; first0 <= (sf == 0); last0 <= last_sf;
-    wdA <= wrom[wa0]; nfA <= nf0;
+    nfA <= nf0;
     vA <= v0; firstA <= first0; lastA <= last0;
     if (NRC == 1) rdR <= rdA;
     wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
