@@ -244,6 +244,11 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             if board.family == "ecp5" and not rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), "ecp5"):
                 # the weight ROM stays in logic (as yosys places it): one address register a 64-bit slice
                 params["WABITS"] = ROM_ADDR_FANOUT
+                width, rows = pe * simd * s.wbits, [int(r, 16) for r in w.split()]
+                for c in range(-(-width // ROM_ADDR_FANOUT)):      # one ROM image per slice
+                    lo = c * ROM_ADDR_FANOUT
+                    n = min(ROM_ADDR_FANOUT, width - lo)
+                    (rtl / f"{s.name}_wc{c:03d}.mem").write_text(_hex_rows([(r >> lo) & ((1 << n) - 1) for r in rows], n))
             on_dsp = folding.uses_dsp(s.name)
             if on_dsp:
                 # DSP lanes: every lane its own copy of the registered input read, so each multiplier
@@ -251,7 +256,7 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                 # own; the digits CNN W4A4 with 8 lanes a copy: 66 MHz at 100, 10 of 15 ns routing)
                 params["RDFAN"] = 1
             ps = ", ".join(f".{k}({v})" for k, v in params.items())
-            ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{tfile}")'
+            ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{tfile}")' + (f', .WCFILE("{s.name}_wc")' if "WABITS" in params else "")
             # one wrapper module per layer: the unit of out-of-context synthesis (see synthesize)
             mod = layer_module(s.name)
             (rtl / f"{mod}.v").write_text(

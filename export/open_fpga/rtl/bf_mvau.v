@@ -39,7 +39,7 @@ module bf_mvau #(
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
-  parameter WFILE = "w.mem", TFILE = "t.mem"
+  parameter WFILE = "w.mem", TFILE = "t.mem", WCFILE = "wc"
 ) (
   input  wire clk,
   input  wire rst,
@@ -141,17 +141,22 @@ module bf_mvau #(
     end
   endgenerate
 
-  // the weight ROM read: one address register, or NWC kept copies each reading its slice of the word
+  // the weight ROM read: one address register, or NWC kept copies each reading a ROM of its own
+  // that holds its slice of the word (one memory read at NWC addresses: yosys ran out of memory)
   genvar gw;
   generate
     if (NWC > 1) begin : wacopy
       for (gw = 0; gw < NWC; gw = gw + 1) begin : c
         localparam LO = gw * WABITS;
         localparam W = (LO + WABITS > WWB) ? WWB - LO : WABITS;
+        localparam [7:0] C2 = "0" + (gw / 100) % 10, C1 = "0" + (gw / 10) % 10, C0 = "0" + gw % 10;
+        // the slice's own ROM (file WCFILE<CCC>.mem: bits LO.. of every word), read at its own address
+        reg [W-1:0] wslice [0:NF*SF-1];
+        initial $readmemh({WCFILE, C2, C1, C0, ".mem"}, wslice);
         reg [CW-1:0] wa;
         reg [W-1:0] wq;
         (* keep *) always @(posedge clk) wa <= wbase + sf;
-        always @(posedge clk) wq <= wrom[wa][LO +: W];
+        always @(posedge clk) wq <= wslice[wa];
         assign wdA[LO +: W] = wq;
       end
     end else begin : wasingle
