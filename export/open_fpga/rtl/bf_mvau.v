@@ -64,10 +64,6 @@ module bf_mvau #(
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
   localparam PAR = (NT > 0) && (NT <= PARNT);      // thresholds compared in parallel (else binary search)
   localparam BSL = (NT > PARNT) ? OBITS * (2 + RDREG) : 2;   // accumulator -> result (search levels)
-  localparam LAT = 5 + RDREG + TL + BSL;        // issue -> FIFO write
-  localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
-  localparam DEPTH = 1 << $clog2(NEED);
-  localparam DW = $clog2(DEPTH);
   // copies of the registered input read (and its pad flag), one per RDFAN lanes: every input bit
   // feeds all PE lanes, and one register driving 32 lanes x SIMD multipliers was the critical path
   // of a wide convolution (routing across the lanes). One copy (PE <= RDFAN) is the plain register.
@@ -77,6 +73,14 @@ module bf_mvau #(
   // 1,024-bit word was the critical path of the digits CNN's conv2 (2.3 ns routes into the LUTs)
   localparam WWB = PE * LN * WBITS;
   localparam NWC = (WABITS > 0 && WWB > WABITS) ? (WWB + WABITS - 1) / WABITS : 1;
+  // with copies, one more cycle before the reads: the copies load from the one address register,
+  // so the issue counters drive a single adder (with 16 copies fed from them, conv2's counter
+  // updates spread over 50 rows of the device: 76 MHz on the Fashion-MNIST CNN)
+  localparam WP = (NWC > 1) ? 1 : 0;
+  localparam LAT = 5 + RDREG + TL + BSL + WP;   // issue -> FIFO write
+  localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
+  localparam DEPTH = 1 << $clog2(NEED);
+  localparam DW = $clog2(DEPTH);
 
   // ---------------------------------------------------------------- two-bank input buffer
   reg [PE*LN*WBITS-1:0] wrom [0:NF*SF-1];
@@ -100,8 +104,8 @@ module bf_mvau #(
   wire fifo_pop = out_valid && out_ready;
 
   // stage 0: addresses
-  reg [CW-1:0] wa0, nf0;
-  reg v0, first0, last0;
+  reg [CW-1:0] wa0, nf0, nf1;
+  reg v0, first0, last0, v1, first1, last1;   // stage 1 (WP = 1): the same, one cycle later
   // stage A: memory reads
   wire [LN*IBITS-1:0] rdA;         // tap j's SIMD elements at lanes j*SIMD..
   wire [TAPS-1:0] padA;            // tap j lies in the padding
@@ -128,12 +132,12 @@ module bf_mvau #(
       (* ram_style = "block" *)
 `endif
       reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
-      reg [CW+1:0] ra0;
-      reg pad0, padq;
+      reg [CW+1:0] ra0, ra1;
+      reg pad0, pad1, padq;
       reg [SIMD*IBITS-1:0] rdq;
       always @(posedge clk) begin
-        ra0 <= raddr; pad0 <= padnow;
-        rdq <= ibuf[ra0]; padq <= pad0;
+        ra0 <= raddr; pad0 <= padnow; ra1 <= ra0; pad1 <= pad0;
+        rdq <= ibuf[WP ? ra1 : ra0]; padq <= WP ? pad1 : pad0;
         if (wr) ibuf[wp] <= in_data;
       end
       assign rdA[gk*SIMD*IBITS +: SIMD*IBITS] = rdq;
@@ -155,7 +159,7 @@ module bf_mvau #(
         initial $readmemh({WCFILE, C2, C1, C0, ".mem"}, wslice);
         reg [CW-1:0] wa;
         reg [W-1:0] wq;
-        (* keep *) always @(posedge clk) wa <= wbase + sf;
+        (* keep *) always @(posedge clk) wa <= wa0;
         always @(posedge clk) wq <= wslice[wa];
         assign wdA[LO +: W] = wq;
       end
@@ -200,8 +204,9 @@ module bf_mvau #(
   always @(posedge clk) begin
     wa0 <= wbase + sf; nf0 <= nf;
     v0 <= go; first0 <= (sf == 0); last0 <= last_sf;
-    nfA <= nf0;
-    vA <= v0; firstA <= first0; lastA <= last0;
+    nf1 <= nf0; v1 <= v0; first1 <= first0; last1 <= last0;
+    nfA <= WP ? nf1 : nf0;
+    vA <= WP ? v1 : v0; firstA <= WP ? first1 : first0; lastA <= WP ? last1 : last0;
     if (NRC == 1) rdR <= rdA;
     wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
     for (p = 0; p < PE; p = p + 1)
@@ -211,7 +216,7 @@ module bf_mvau #(
                                                      : rdC[((p / RDFAN % NRC) * LN + s)*IBITS +: IBITS]});
     nfB <= nfX; vB <= vX; firstB <= firstX; lastB <= lastX;
     if (rst) begin
-      v0 <= 1'b0; vA <= 1'b0; vR <= 1'b0; vB <= 1'b0;
+      v0 <= 1'b0; v1 <= 1'b0; vA <= 1'b0; vR <= 1'b0; vB <= 1'b0;
     end
   end
 
@@ -429,18 +434,20 @@ module bf_mvau #(
   end
 
   // ---------------------------------------------------------------- control
-  reg rel0, rel1, relb0, relb1;
+  reg rel0, rel1, relb0, relb1, rel2, relb2;
+  wire relx = WP ? rel2 : rel1, relbx = WP ? relb2 : relb1;   // after the bank's last read (WP: a cycle later)
   always @(posedge clk) begin
     rel0 <= go && last_sf && (nf == NF - 1) && (ox == OW - 1) && (oy == OH - 1);
     relb0 <= rb;
     rel1 <= rel0; relb1 <= relb0;
+    rel2 <= rel1; relb2 <= relb1;
     if (rst) begin
-      rel0 <= 1'b0; rel1 <= 1'b0;
+      rel0 <= 1'b0; rel1 <= 1'b0; rel2 <= 1'b0;
       full0 <= 1'b0; full1 <= 1'b0; wb <= 1'b0; wp <= 0; rb <= 1'b0; used <= 0;
       oy <= 0; ox <= 0; nf <= 0; ky <= 0; kx <= 0; cg <= 0; sf <= 0; wbase <= 0;
     end else begin
-      if (rel1) begin
-        if (relb1) full1 <= 1'b0; else full0 <= 1'b0;
+      if (relx) begin
+        if (relbx) full1 <= 1'b0; else full0 <= 1'b0;
       end
       // writer
       if (wr) begin
