@@ -39,6 +39,7 @@ module bf_mvau #(
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
+  parameter APIPE = 0,             // 1: the input read address computed over two register stages (a cycle more)
   parameter WFILE = "w.mem", TFILE = "t.mem", WCFILE = "wc"
 ) (
   input  wire clk,
@@ -76,7 +77,10 @@ module bf_mvau #(
   // with copies, one more cycle before the reads: the copies load from the one address register,
   // so the issue counters drive a single adder (with 16 copies fed from them, conv2's counter
   // updates spread over 50 rows of the device: 76 MHz on the Fashion-MNIST CNN)
-  localparam WP = (NWC > 1) ? 1 : 0;
+  // APIPE: the same extra cycle, given to the input buffers' address arithmetic (window position ->
+  // row and column, then pad test and row * IW * CG + column * CG + group): in one cycle it was the
+  // critical path of the Fashion-MNIST CNN (oy -> tap read address, 11.6 ns)
+  localparam WP = (NWC > 1 || APIPE) ? 1 : 0;
   localparam LAT = 5 + RDREG + TL + BSL + WP;   // issue -> FIFO write
   localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
   localparam DEPTH = 1 << $clog2(NEED);
@@ -135,8 +139,22 @@ module bf_mvau #(
       reg [CW+1:0] ra0, ra1;
       reg pad0, pad1, padq;
       reg [SIMD*IBITS-1:0] rdq;
+      wire [CW+1:0] ra1_d;             // the next ra1
+      wire pad1_d;
+      if (APIPE) begin : apipe
+        // stage 0: the window position's row and column (and the group's offset in the bank);
+        // stage 1: the pad test and the address
+        reg signed [CW+1:0] iyq, ixq;
+        reg [CW+1:0] offq;
+        always @(posedge clk) begin iyq <= iy; ixq <= ix; offq <= cg + (rb ? IWORDS : 0); end
+        assign pad1_d = (iyq < 0) || (iyq >= IH) || (ixq < 0) || (ixq >= IW);
+        assign ra1_d = pad1_d ? {(CW+2){1'b0}} : ((iyq * IW + ixq) * CG + offq);
+      end else begin : aone
+        assign ra1_d = ra0;
+        assign pad1_d = pad0;
+      end
       always @(posedge clk) begin
-        ra0 <= raddr; pad0 <= padnow; ra1 <= ra0; pad1 <= pad0;
+        ra0 <= raddr; pad0 <= padnow; ra1 <= ra1_d; pad1 <= pad1_d;
         rdq <= ibuf[WP ? ra1 : ra0]; padq <= WP ? pad1 : pad0;
         if (wr) ibuf[wp] <= in_data;
       end
@@ -165,7 +183,8 @@ module bf_mvau #(
       end
     end else begin : wasingle
       reg [WWB-1:0] wq;
-      always @(posedge clk) wq <= wrom[wa0];
+      reg [CW-1:0] wa1;
+      always @(posedge clk) begin wa1 <= wa0; wq <= wrom[WP ? wa1 : wa0]; end
       assign wdA = wq;
     end
   endgenerate
