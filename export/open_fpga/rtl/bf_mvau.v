@@ -39,6 +39,7 @@ module bf_mvau #(
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
+  parameter BRAMBUF = 0,           // 1: the input buffer (each tap's copy) in block RAM whatever its size
   parameter APIPE = 0,             // 1: the input read address computed over two register stages (a cycle more)
   parameter WFILE = "w.mem", TFILE = "t.mem", WCFILE = "wc"
 ) (
@@ -132,13 +133,30 @@ module bf_mvau #(
       wire signed [CW+1:0] ix = $signed({2'b00, ox}) * STRIDE + $signed({2'b00, tkx}) - PAD;
       wire padnow = (iy < 0) || (iy >= IH) || (ix < 0) || (ix >= IW);
       wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg + (rb ? IWORDS : 0));
-`ifdef BF_BLOCK_RAM
-      (* ram_style = "block" *)
-`endif
-      reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
       reg [CW+1:0] ra0, ra1;
       reg pad0, pad1, padq;
-      reg [SIMD*IBITS-1:0] rdq;
+      wire [SIMD*IBITS-1:0] rdq;       // the registered read
+      if (BRAMBUF) begin : bram
+        (* ram_style = "block" *)
+        reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
+        reg [SIMD*IBITS-1:0] q;
+        always @(posedge clk) begin
+          q <= ibuf[WP ? ra1 : ra0];
+          if (wr) ibuf[wp] <= in_data;
+        end
+        assign rdq = q;
+      end else begin : mem
+`ifdef BF_BLOCK_RAM
+        (* ram_style = "block" *)
+`endif
+        reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
+        reg [SIMD*IBITS-1:0] q;
+        always @(posedge clk) begin
+          q <= ibuf[WP ? ra1 : ra0];
+          if (wr) ibuf[wp] <= in_data;
+        end
+        assign rdq = q;
+      end
       wire [CW+1:0] ra1_d;             // the next ra1
       wire pad1_d;
       if (APIPE) begin : apipe
@@ -155,8 +173,7 @@ module bf_mvau #(
       end
       always @(posedge clk) begin
         ra0 <= raddr; pad0 <= padnow; ra1 <= ra1_d; pad1 <= pad1_d;
-        rdq <= ibuf[WP ? ra1 : ra0]; padq <= WP ? pad1 : pad0;
-        if (wr) ibuf[wp] <= in_data;
+        padq <= WP ? pad1 : pad0;
       end
       assign rdA[gk*SIMD*IBITS +: SIMD*IBITS] = rdq;
       assign padA[gk] = padq;
