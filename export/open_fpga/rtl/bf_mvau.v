@@ -83,7 +83,11 @@ module bf_mvau #(
   // critical path of the Fashion-MNIST CNN (oy -> tap read address, 11.6 ns)
   localparam WP = (NWC > 1 || APIPE) ? 1 : 0;
   localparam LAT = 5 + RDREG + TL + BSL + WP;   // issue -> FIFO write
-  localparam NEED = (LAT + SF - 1) / SF + 2;    // groups the FIFO must hold to never stall the issue
+  // credits come back CRD cycles after the FIFO read (registers between the output FIFO and the
+  // issue counters: in a wide layer the two sit far apart - the digits CNN W4A4's conv1 spent 7.9 ns
+  // routing its FIFO pop into the credit counter), so the FIFO holds that many cycles' groups more
+  localparam CRD = 2;
+  localparam NEED = (LAT + CRD + SF - 1) / SF + 2;   // groups the FIFO must hold to never stall the issue
   localparam DEPTH = 1 << $clog2(NEED);
   localparam DW = $clog2(DEPTH);
 
@@ -470,6 +474,8 @@ module bf_mvau #(
   end
 
   // ---------------------------------------------------------------- control
+  reg [CRD-1:0] popd;               // FIFO reads, CRD cycles late: the credits they return
+  always @(posedge clk) popd <= rst ? {CRD{1'b0}} : {popd[CRD-2:0], fifo_pop};
   reg rel0, rel1, relb0, relb1, rel2, relb2;
   wire relx = WP ? rel2 : rel1, relbx = WP ? relb2 : relb1;   // after the bank's last read (WP: a cycle later)
   always @(posedge clk) begin
@@ -494,7 +500,7 @@ module bf_mvau #(
         wp <= (wp == 2 * IWORDS - 1) ? {CW{1'b0}} : wp + 1'b1;
       end
       // credits: a group takes one when its first word issues, returns it when read out
-      used <= used + ((go && sf == 0) ? 1'b1 : 1'b0) - (fifo_pop ? 1'b1 : 1'b0);
+      used <= used + ((go && sf == 0) ? 1'b1 : 1'b0) - (popd[CRD-1] ? 1'b1 : 1'b0);
       // reader
       if (go) begin
         if (last_sf) begin
