@@ -240,8 +240,10 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                           # ECP5 block RAM has a 5.6 ns clock-to-out: its read gets a cycle of its own
                           RDREG=int(board.family == "ecp5"))
             if board.family == "ecp5" and s.k > 1:
-                # the input buffer's read address over two register stages (a cycle of latency)
+                # the input buffer's read address over two register stages, and the reads registered
+                # where they leave the memories before the copies that fan them out (a cycle each)
                 params["APIPE"] = 1
+                params["RDPRE"] = 1
             if taps(s, simd) > 1:
                 params["TAPS"] = taps(s, simd)
             if board.family == "ecp5" and not rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), "ecp5"):

@@ -37,6 +37,7 @@ module bf_mvau #(
   parameter PADCODE = 0,
   parameter PARNT = 7,             // at most this many thresholds compared in parallel (else binary search)
   parameter RDREG = 0,             // 1: one more register after the buffer/ROM reads (block RAM clock-to-out)
+  parameter RDPRE = 0,             // 1 (with RDREG): one more register right after the reads, before RDREG's copies
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
   parameter BRAMBUF = 0,           // 1: the input buffer (each tap's copy) in block RAM whatever its size
@@ -82,7 +83,7 @@ module bf_mvau #(
   // row and column, then pad test and row * IW * CG + column * CG + group): in one cycle it was the
   // critical path of the Fashion-MNIST CNN (oy -> tap read address, 11.6 ns)
   localparam WP = (NWC > 1 || APIPE) ? 1 : 0;
-  localparam LAT = 5 + RDREG + TL + BSL + WP;   // issue -> FIFO write
+  localparam LAT = 5 + RDREG + RDPRE + TL + BSL + WP;   // issue -> FIFO write
   // credits come back CRD cycles after the FIFO read (registers between the output FIFO and the
   // issue counters: in a wide layer the two sit far apart - the digits CNN W4A4's conv1 spent 7.9 ns
   // routing its FIFO pop into the credit counter), so the FIFO holds that many cycles' groups more
@@ -210,6 +211,24 @@ module bf_mvau #(
     end
   endgenerate
 
+  // stage P (RDPRE = 1): the memory outputs registered where they come out, before stage R's
+  // copies: a block-RAM input buffer's 5.6 ns clock-to-out, a LUT and the routes to two copies
+  // were the digits CNN W4A4's critical path (11.2 ns)
+  reg [LN*IBITS-1:0] rdP;
+  reg [TAPS-1:0] padP;
+  reg [PE*LN*WBITS-1:0] wdP;
+  reg [CW-1:0] nfP;
+  reg vP, firstP, lastP;
+  always @(posedge clk) begin
+    rdP <= rdA; padP <= padA; wdP <= wdA; nfP <= nfA; vP <= vA; firstP <= firstA; lastP <= lastA;
+    if (rst) vP <= 1'b0;
+  end
+  wire [LN*IBITS-1:0] rdY = RDPRE ? rdP : rdA;
+  wire [TAPS-1:0] padY = RDPRE ? padP : padA;
+  wire [PE*LN*WBITS-1:0] wdY = RDPRE ? wdP : wdA;
+  wire [CW-1:0] nfY = RDPRE ? nfP : nfA;
+  wire vY = RDPRE ? vP : vA, firstY = RDPRE ? firstP : firstA, lastY = RDPRE ? lastP : lastA;
+
   // stage R (RDREG = 1): the reads registered once more
   reg [LN*IBITS-1:0] rdR;          // NRC = 1
   wire [NRC*LN*IBITS-1:0] rdC;     // NRC > 1: the copies
@@ -218,7 +237,7 @@ module bf_mvau #(
   reg [CW-1:0] nfR;
   reg vR, firstR, lastR;
   reg [TAPS-1:0] padR;
-  wire [LN*IBITS-1:0] rdX = RDREG ? rdR : rdA;
+  wire [LN*IBITS-1:0] rdX = RDREG ? rdR : rdY;
   genvar gc;
   generate
     if (NRC > 1) begin : rdcopy
@@ -226,7 +245,7 @@ module bf_mvau #(
         reg [LN*IBITS-1:0] q;
         reg [TAPS-1:0] pq;
         // keep: identical registers would otherwise be merged back into one by yosys (opt_merge)
-        (* keep *) always @(posedge clk) begin q <= rdA; pq <= padA; end
+        (* keep *) always @(posedge clk) begin q <= rdY; pq <= padY; end
         assign rdC[gc*LN*IBITS +: LN*IBITS] = q;
         assign padC[gc*TAPS +: TAPS] = pq;
       end
@@ -235,10 +254,10 @@ module bf_mvau #(
       assign padC = padX;
     end
   endgenerate
-  wire [PE*LN*WBITS-1:0] wdX = RDREG ? wdR : wdA;
-  wire [CW-1:0] nfX = RDREG ? nfR : nfA;
-  wire vX = RDREG ? vR : vA, firstX = RDREG ? firstR : firstA, lastX = RDREG ? lastR : lastA;
-  wire [TAPS-1:0] padX = RDREG ? padR : padA;
+  wire [PE*LN*WBITS-1:0] wdX = RDREG ? wdR : wdY;
+  wire [CW-1:0] nfX = RDREG ? nfR : nfY;
+  wire vX = RDREG ? vR : vY, firstX = RDREG ? firstR : firstY, lastX = RDREG ? lastR : lastY;
+  wire [TAPS-1:0] padX = RDREG ? padR : padY;
 
   integer p, s;
   always @(posedge clk) begin
@@ -247,8 +266,8 @@ module bf_mvau #(
     nf1 <= nf0; v1 <= v0; first1 <= first0; last1 <= last0;
     nfA <= WP ? nf1 : nf0;
     vA <= WP ? v1 : v0; firstA <= WP ? first1 : first0; lastA <= WP ? last1 : last0;
-    if (NRC == 1) rdR <= rdA;
-    wdR <= wdA; nfR <= nfA; vR <= vA; firstR <= firstA; lastR <= lastA; padR <= padA;
+    if (NRC == 1) rdR <= rdY;
+    wdR <= wdY; nfR <= nfY; vR <= vY; firstR <= firstY; lastR <= lastY; padR <= padY;
     for (p = 0; p < PE; p = p + 1)
       for (s = 0; s < LN; s = s + 1)
         prodB[(p*LN+s)*PB +: PB] <= $signed(wdX[(p*LN+s)*WBITS +: WBITS])
