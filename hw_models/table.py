@@ -351,8 +351,10 @@ def find_table(board: str) -> TableCostModel | None:
 
 def fit_model_factor(table: dict, pairs: list[tuple[float, float]]) -> dict:
     """A copy of ``table`` with a whole-model correction factor fitted to (predicted, measured)
-    pairs of built models: least squares through the origin, on the table's uncorrected
-    predictions. ``calibration`` records the in-sample error before and after, and the
+    pairs of built models: least squares of the *relative* errors (s * p - m) / m, on the table's
+    uncorrected predictions - through the origin on absolute LUTs the largest model decided the
+    factor alone (2026-12-05: 1.21 from the W5A5 / W6A6 digits MLPs, which doubled the error on the
+    other five). ``calibration`` records the in-sample error before and after, and the
     leave-one-out error (each model predicted with the factor fitted on the others; ``None``
     with fewer than two models) - the error to expect on a model the factor has not seen."""
     pairs = [(float(p), float(m)) for p, m in pairs if p > 0 and m > 0]
@@ -360,13 +362,14 @@ def fit_model_factor(table: dict, pairs: list[tuple[float, float]]) -> dict:
         return table
     p = np.array([x[0] for x in pairs])
     m = np.array([x[1] for x in pairs])
-    s = float((p * m).sum() / (p * p).sum())
+    r = p / m
+    s = float(r.sum() / (r * r).sum())
     loo = None
     if len(pairs) >= 2:
         errs = []
         for i in range(len(p)):
             keep = np.arange(len(p)) != i
-            si = float((p[keep] * m[keep]).sum() / (p[keep] * p[keep]).sum())
+            si = float(r[keep].sum() / (r[keep] * r[keep]).sum())
             errs.append(abs(si * p[i] - m[i]) / m[i])
         loo = float(np.mean(errs))
     out = json.loads(json.dumps(table))
