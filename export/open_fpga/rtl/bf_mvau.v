@@ -40,7 +40,6 @@ module bf_mvau #(
   parameter RDPRE = 0,             // 1 (with RDREG): one more register right after the reads, before RDREG's copies
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
-  parameter BRAMBUF = 0,           // 1: the input buffer (each tap's copy) in block RAM whatever its size
   parameter APIPE = 0,             // 1: the input read address computed over two register stages (a cycle more)
   parameter WFILE = "w.mem", TFILE = "t.mem", WCFILE = "wc"
 ) (
@@ -140,27 +139,14 @@ module bf_mvau #(
       wire [CW+1:0] raddr = padnow ? {(CW+2){1'b0}} : ((iy * IW + ix) * CG + cg + (rb ? IWORDS : 0));
       reg [CW+1:0] ra0, ra1;
       reg pad0, pad1, padq;
-      wire [SIMD*IBITS-1:0] rdq;       // the registered read
-      if (BRAMBUF) begin : bram
-        (* ram_style = "block" *)
-        reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
-        reg [SIMD*IBITS-1:0] q;
-        always @(posedge clk) begin
-          q <= ibuf[WP ? ra1 : ra0];
-          if (wr) ibuf[wp] <= in_data;
-        end
-        assign rdq = q;
-      end else begin : mem
 `ifdef BF_BLOCK_RAM
-        (* ram_style = "block" *)
+      (* ram_style = "block" *)
 `endif
-        reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
-        reg [SIMD*IBITS-1:0] q;
-        always @(posedge clk) begin
-          q <= ibuf[WP ? ra1 : ra0];
-          if (wr) ibuf[wp] <= in_data;
-        end
-        assign rdq = q;
+      reg [SIMD*IBITS-1:0] ibuf [0:2*IWORDS-1];
+      reg [SIMD*IBITS-1:0] rdq;        // the registered read
+      always @(posedge clk) begin
+        rdq <= ibuf[WP ? ra1 : ra0];
+        if (wr) ibuf[wp] <= in_data;
       end
       wire [CW+1:0] ra1_d;             // the next ra1
       wire pad1_d;
