@@ -17,26 +17,19 @@ import argparse
 import json
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TABLES = Path(__file__).resolve().parents[1] / "hw_models" / "tables"
 
 
-def stored_blocks(board: str) -> dict:
-    """(shape, b_w, b_a, b_out) -> {metric: value} of the shipped rows."""
-    rows = json.loads((TABLES / f"{board}.rows.json").read_text())["rows"]
+def by_block(rows) -> dict:
+    """(shape, b_w, b_a, b_out) -> {metric: value} of calibration rows (dicts or Measurements)."""
     out: dict = {}
     for r in rows:
+        r = r if isinstance(r, dict) else r.__dict__
         key = ((r["in_features"], r["out_features"]), r["b_w"], r["b_a"], r["extra"].get("b_out"))
         out.setdefault(key, {})[r["metric"]] = r["value"]
     return out
-
-
-def measure(args):
-    from bitfold.export.open_fpga.probe import probe_job
-    board, job = args
-    return job, {m.metric: m.value for m in probe_job(board, job)}
 
 
 def main(argv=None):
@@ -44,18 +37,21 @@ def main(argv=None):
     ap.add_argument("--board", default="ulx3s-85f")
     ap.add_argument("--every", type=int, default=25, help="measure every N-th stored block")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler HOST:PORT, or 'inprocess'")
     args = ap.parse_args(argv)
-    stored = stored_blocks(args.board)
+    from bitfold.boards import load_board
+    from bitfold.export.open_fpga.probe import measure_open_flow
+    stored = by_block(json.loads((TABLES / f"{args.board}.rows.json").read_text())["rows"])
     jobs = sorted(stored, key=lambda k: (k[0], k[1], k[2], -1 if k[3] is None else k[3]))[::args.every]
     t = time.time()
-    with ProcessPoolExecutor(args.workers) as pool:
-        res = list(pool.map(measure, [(args.board, j) for j in jobs]))
+    # the calibration's own tasks (bitfold.core.tasks on Dask), the same jobs as the stored sweep
+    now = by_block(measure_open_flow(load_board(args.board), jobs=jobs, workers=args.workers, scheduler=args.scheduler))
     print(f"{args.board}: {len(jobs)} of {len(stored)} stored calibration blocks synthesized again "
           f"({time.time() - t:.0f} s)")
     print(f"{'block':<30}{'LUT4 table':>11}{'now':>8}{'change':>9}{'FF table':>10}{'now':>8}{'BRAM':>6}{'now':>5}")
     changes = []
-    for job, new in res:
-        old = stored[job]
+    for job in jobs:
+        old, new = stored[job], now[job]
         (n_in, n_out), bw, ba, bo = job
         c = (new["lut"] - old["lut"]) / old["lut"]
         changes.append(c)

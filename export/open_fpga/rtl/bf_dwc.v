@@ -39,16 +39,17 @@ module bf_dwc #(
       wire pop = out_valid && out_ready;
       wire push = in_valid && in_ready;
       wire [CB-1:0] kept = pop ? count - OUT_N : count;
+      wire [CB:0] count_d = kept + (push ? IN_N : 0);   // the next count
       wire [CAP*B-1:0] shifted = pop ? (buffer >> (OUT_N*B)) : buffer;
       wire [CAP*B-1:0] incoming = {{((CAP-IN_N)*B){1'b0}}, in_data};
       always @(posedge clk) begin
-        rdy <= !rst && (kept + (push ? IN_N : 0) + IN_N <= CAP);
+        rdy <= !rst && (count_d + IN_N <= CAP);
         if (rst) begin
           count <= 0;
           buffer <= {CAP*B{1'b0}};
         end else begin
           buffer <= push ? (shifted | (incoming << (kept * B))) : shifted;
-          count <= kept + (push ? IN_N : 0);
+          count <= count_d;
         end
       end
     end
