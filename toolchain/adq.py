@@ -41,6 +41,8 @@ Choices made here (and tested):
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,7 +87,16 @@ def assign(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every weight (codebook sorted ascending)."""
     c = codebook.sort().values if not bool((codebook[1:] >= codebook[:-1]).all()) else codebook
     mids = (c[1:] + c[:-1]) / 2
-    return torch.bucketize(w.detach(), mids)
+    w = w.detach()
+    if len(mids) > 15:
+        return torch.bucketize(w, mids)
+    # up to 4 bits: the number of midpoints below each weight, counted one midpoint at a time (the
+    # same index as bucketize - ties go left - and on a 2-core CPU 1.3-5x faster than its per-element
+    # binary search at 15 midpoints or fewer; slower beyond)
+    below = (w > mids[0]).to(torch.uint8)
+    for m in mids[1:]:
+        below += w > m
+    return below.long()
 
 
 def lloyd_mse(w: torch.Tensor, bits: int, iters: int = 8) -> float:
@@ -191,6 +202,7 @@ class ADQMethod(FixedMethod):
                                "or act=nonuniform (learned levels; torch only)")
         self.momentum, self.grid_bits, self.init, self.ema = float(momentum), int(grid_bits), init, ema
         self.act = act
+        self._codebooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layers' codebooks
 
     def options(self):
         out = {"momentum": self.momentum, "grid_bits": self.grid_bits, "init": self.init, "ema": self.ema}
@@ -213,8 +225,10 @@ class ADQMethod(FixedMethod):
     def after_step(self, model, step):
         if not self.ema:         # ablation: the codebook stays where it was initialised
             return
-        for layer in compute_layers(model).values():
-            _cb(layer).ema_update(layer.parametrizations.weight.original)
+        if model not in self._codebooks:   # walked once per model, not at every step
+            self._codebooks[model] = [(_cb(l), l.parametrizations.weight) for l in compute_layers(model).values()]
+        for cb, pw in self._codebooks[model]:
+            cb.ema_update(pw.original)
 
     def grid_of(self, bits: LayerBits) -> int:
         """The snapped grid width of a layer: ``grid_bits``, at most 7 when its inputs have 8 bits."""

@@ -23,6 +23,8 @@ Choices made here:
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,6 +111,9 @@ class MEBQATMethod(QuantMethod):
         self.sandwich, self.distill = sandwich, distill
         self._wq, self._aq_u, self._aq_s = _quantizers(quantizer)
         self.edges: set[str] = set()
+        # model -> (its switches, its edge layers): module walks, cached per model (walking a model's
+        # modules at every task cost more than the task's quantizers on a small network)
+        self._walks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def options(self) -> dict:
         return {"quantizer": self.quantizer, "candidates": self.candidates, "tasks_per_step": self.tasks_per_step,
@@ -127,21 +132,28 @@ class MEBQATMethod(QuantMethod):
         return layer
 
     # -- switching -------------------------------------------------------------------------------
-    def _edges(self, model) -> set[str]:
-        names = list(compute_layers(model))
-        return {names[0], names[-1]}
+    def _walk(self, model) -> tuple[list, list, set[str]]:
+        """([(layer, its weight width)], [(first layer fed, the site's width)], {first, last layer})."""
+        if model not in self._walks:
+            layers = compute_layers(model)
+            names = list(layers)
+            self._walks[model] = ([(n, _bw(l.weight_quant)) for n, l in layers.items()],
+                                  [(f[0], _bw(s.act_quant)) for f, s in act_sites(model).items()],
+                                  {names[0], names[-1]})
+        return self._walks[model]
+
+    def edge_layers(self, model) -> set[str]:
+        """The first and last compute layers: they keep the run's widths in every task."""
+        return self._walk(model)[2]
 
     def set_map(self, model, bit_map) -> None:
         """Write every layer's weight width and every site's width from ``{layer: LayerBits}``."""
-        for name, layer in compute_layers(model).items():
-            _bw(layer.weight_quant).bits.fill_(float(bit_map[name].w))
-        for feeds, site in act_sites(model).items():
-            _bw(site.act_quant).bits.fill_(float(bit_map[feeds[0]].a))
+        self.write_widths(model, bit_map)
 
     def uniform_map(self, model, w: int, a: int) -> dict:
         """(w, a) on every layer except the first/last, which keep the run's widths."""
-        base = model.bit_map
-        return {n: (base[n] if n in self._edges(model) else LayerBits(w, a)) for n in base}
+        base, edges = model.bit_map, self.edge_layers(model)
+        return {n: (base[n] if n in edges else LayerBits(w, a)) for n in base}
 
     def bit_map(self, model):
         out = {}
@@ -173,9 +185,10 @@ class MEBQATMethod(QuantMethod):
         base = model.bit_map
         total, teacher = 0.0, None
         tasks = self.tasks(step)
+        edges = self.edge_layers(model)
         for w, a in tasks:
-            m = {n: (base[n] if n in self._edges(model) else LayerBits(w, a)) for n in base}
-            self._set_raw(model, m)
+            m = {n: (base[n] if n in edges else LayerBits(w, a)) for n in base}
+            self.write_widths(model, m)
             logits = net(x)
             if (w, a) == (self.high_bits, self.high_bits):
                 loss = F.cross_entropy(logits, y)
@@ -190,11 +203,13 @@ class MEBQATMethod(QuantMethod):
         self.set_map(model, base)
         return torch.tensor(total)
 
-    def _set_raw(self, model, m):  # like set_map, but allows the high-precision task's 16 bit
-        for name, layer in compute_layers(model).items():
-            _bw(layer.weight_quant).bits.fill_(float(m[name].w))
-        for feeds, site in act_sites(model).items():
-            _bw(site.act_quant).bits.fill_(float(m[feeds[0]].a))
+    def write_widths(self, model, m) -> None:
+        """Like :meth:`set_map`, for any width: the high-precision task's 16 bit included."""
+        weights, sites, _ = self._walk(model)
+        for name, bw in weights:
+            bw.bits.fill_(float(m[name].w))
+        for first, bw in sites:
+            bw.bits.fill_(float(m[first].a))
 
     def deploy(self, model, bit_map, x_calib):
         self.set_map(model, bit_map)

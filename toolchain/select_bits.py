@@ -109,7 +109,7 @@ def select(run_dir, budget: str, board: str | None = None, out_path=None, select
     cost_model = budget_cost_model(metric, board)
     cfg, model, method, ds, layers = _load(run_dir)
     xs, ys = ds.x_train[-selection_samples:], ds.y_train[-selection_samples:]
-    edges = method._edges(model)
+    edges = method.edge_layers(model)
     top = max(method.candidates)
     current = {n: (lb if n in edges else LayerBits(top, top)) for n, lb in model.bit_map.items()}
     site_of = {}  # layers that share an activation site move their 'a' together

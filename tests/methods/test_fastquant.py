@@ -55,12 +55,12 @@ def test_fused_step_equals_brevitas_bit_for_bit(model, shape, bits, per_channel)
 def test_the_comparison_sees_a_wrong_gradient(monkeypatch):
     """The check above can fail: a fused backward that returns g instead of (g * s) / s differs."""
     import bitfold.toolchain.fastquant as fq
-    orig = fq._IntQuantSTE.backward
+    orig = fq._QuantFromValue.backward
 
     def sloppy(ctx, g):
         gx, gs, *rest = orig(ctx, g)
         return (g if gx is not None else None), gs, *rest
-    monkeypatch.setattr(fq._IntQuantSTE, "backward", staticmethod(sloppy))
+    monkeypatch.setattr(fq._QuantFromValue, "backward", staticmethod(sloppy))
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8) * 3, torch.randint(0, 10, (16,))
     ref = build_model("cnn", (1, 8, 8), 10, bits="w3a3", method="fixed")
@@ -141,3 +141,27 @@ def test_compile_falls_back_to_eager_when_the_backend_fails(tmp_path):
     with pytest.raises(BitfoldError, match="no such backend"):
         train(TrainConfig(**cfg, compile="no-such-backend"), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_statistic_ties_route_the_gradient_as_autograd_does(per_channel):
+    """Weights whose largest magnitude occurs several times (per tensor: autograd spreads the max's
+    gradient evenly over the ties; per channel: to the one index torch.max returns)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 1, 8, 8) * 3, torch.randint(0, 10, (16,))
+    ref = build_model("mlp", (1, 8, 8), 10, bits="w3a3", method="fixed", per_channel=per_channel)
+    init_activation_stats(ref, x, 16)
+    with torch.no_grad():
+        for layer in ref.fcs:
+            w = layer.weight
+            top = float(w.abs().max()) * 1.5
+            w[0, 0], w[0, 3], w[1, 1], w[2, 5] = top, -top, -top, top   # ties, in one row and across rows
+    fast = copy.deepcopy(ref)
+    F.cross_entropy(ref(x), y).backward()
+    with fast_quant(fast) as report:
+        assert len(report.fused) == 8
+        F.cross_entropy(fast(x), y).backward()
+    g_r, g_f = _grads(ref), _grads(fast)
+    assert g_r.keys() == g_f.keys() and all(torch.equal(g_r[k], g_f[k]) for k in g_r)
+    a = ref.fcs[0].weight.abs()
+    assert int((a == a.max()).sum()) == 4   # the set-up has its ties
