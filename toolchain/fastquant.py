@@ -93,6 +93,49 @@ class _QuantFromValue(torch.autograd.Function):
         return grad_x, grad_v, None, None, None, None, None, None
 
 
+class _QuantTensorRange(torch.autograd.Function):
+    """``clamp(round(r / s), lo, hi) * s`` (``r = relu(x)`` or ``x``) whose scale and integer bounds are
+    tensors computed by Brevitas's own modules under autograd - a learned bit-width's (AdaQAT's) range
+    moves with the width. Only the tensor-sized part is fused; the gradients towards ``lo`` and ``hi``
+    are those of Brevitas's ``tensor_clamp`` (two ``where`` s, each summed to the bound's shape), none
+    for a straight-through clamp (``TensorClampSte``)."""
+
+    @staticmethod
+    def forward(ctx, x, s, lo, hi, relu: bool, ste_clamp: bool):
+        r = torch.relu(x) if relu else x
+        y = r / s
+        q = torch.round(y)
+        c = torch.clamp(q, lo, hi)
+        ctx.relu, ctx.ste = relu, ste_clamp
+        ctx.save_for_backward(y, s, c, q, lo, hi, r if relu else None)
+        return c * s
+
+    @staticmethod
+    def backward(ctx, g):
+        y, s, c, q, lo, hi, r = ctx.saved_tensors
+        g2 = g * s
+        grad_lo = grad_hi = None
+        if ctx.ste:
+            grad_q = g2
+        else:
+            # where(q > hi, g2, 0) and where(q < lo, g2, 0): a difference of two floats is > 0 exactly
+            # when the first is the larger; g2 minus both is g2 inside the range and 0 outside, exactly
+            above = _keep_where_positive(g2, q - hi, 0)
+            below = _keep_where_positive(g2, lo - q, 0)
+            grad_q = g2 - above - below
+            if ctx.needs_input_grad[3]:
+                grad_hi = above.sum_to_size(hi.shape)
+            if ctx.needs_input_grad[2]:
+                grad_lo = below.sum_to_size(lo.shape)
+        grad_x = grad_q / s if ctx.needs_input_grad[0] else None
+        if grad_x is not None and ctx.relu:
+            grad_x = _keep_where_positive(grad_x, r, 0)
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (g * c).sum_to_size(s.shape) - (grad_q * (y / s)).sum_to_size(s.shape)
+        return grad_x, grad_s, grad_lo, grad_hi, None, None
+
+
 class _QuantFromAbsMax(torch.autograd.Function):
     """An integer weight quantizer whose scale is the weight's own statistic:
     ``s = max(max|w|, min_val) / thr``, per tensor or per output channel - one autograd node; the
@@ -230,6 +273,17 @@ class ActPlan:
     ste_clamp: bool
 
 
+@dataclass(frozen=True)
+class LearnedPlan:
+    """A quantizer whose bit-width is learned (AdaQAT): its width, integer range and scale are
+    computed by its own Brevitas modules at every call, under autograd; the tensor-sized part is
+    fused (:class:`_QuantTensorRange`)."""
+    tq: nn.Module
+    relu: bool
+    ste_clamp: bool
+    learned_scale: bool = False
+
+
 @dataclass
 class FastQuantReport:
     """Which layers run fused, and why the others do not (layer -> reason)."""
@@ -275,8 +329,10 @@ def _int_quant_parts(tq) -> tuple[bool, bool]:
         switchable = False
     elif type(tq.msb_clamp_bit_width_impl) is SwitchableBitWidth:
         switchable = True
+    elif _is(tq.msb_clamp_bit_width_impl, "LearnedBitWidth"):
+        switchable = None     # learned: the range is computed by Brevitas at every call (LearnedPlan)
     else:
-        raise _NotFusable("bit-width that is learned")
+        raise _NotFusable(f"bit-width {type(tq.msb_clamp_bit_width_impl).__name__}")
     if not _is(tq.zero_point_impl, "ZeroZeroPoint"):
         raise _NotFusable("non-zero zero-point")
     if _is(iq.tensor_clamp_impl, "TensorClampSte"):
@@ -296,6 +352,8 @@ def weight_plan(layer) -> WeightPlan:
         raise _NotFusable("weight quantization off")
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
+    if switchable is None:
+        return LearnedPlan(tq, False, ste)
     sc = tq.scaling_impl
     learned = _is(sc, "ParameterFromStatsFromParameterScaling")
     if not (_is(sc, "StatsFromParameterScaling") or learned and not sc.local_loss_mode):
@@ -348,6 +406,10 @@ def act_plan(site) -> ActPlan:
         raise _NotFusable(f"activation {type(fap.activation_impl).__name__}")
     tq = fap.tensor_quant
     switchable, ste = _int_quant_parts(tq)
+    if switchable is None:
+        if not _is(tq.scaling_impl, "ParameterFromRuntimeStatsScaling") or tq.scaling_impl.local_loss_mode:
+            raise _NotFusable(f"activation scale {type(tq.scaling_impl).__name__}")
+        return LearnedPlan(tq, relu, ste)
     sc = tq.scaling_impl
     if not _is(sc, "ParameterFromRuntimeStatsScaling") or sc.local_loss_mode:
         raise _NotFusable(f"activation scale {type(sc).__name__}")
@@ -377,6 +439,19 @@ def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = No
     return int_quant_ste(w, stats / thr, lo, hi, p.ste_clamp)
 
 
+def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
+    """The quantized tensor of a learned-width quantizer: the width, the integer threshold, the scale
+    and the bounds from its Brevitas modules in Brevitas's order (``RescalingIntQuant`` then
+    ``IntQuant.to_int``), so that the width's gradient is summed from the same parts in the same
+    order; then the fused tensor step."""
+    tq = p.tq
+    bw = tq.msb_clamp_bit_width_impl()
+    s = tq.scaling_impl(x, tq.int_scaling_impl(bw))
+    lo = tq.int_quant.min_int(bw)
+    hi = tq.int_quant.max_int(bw)
+    return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp)
+
+
 def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:
     lo, hi, thr = p.range()
     return _QuantFromValue.apply(x, value, p.relu, p.min_val, thr, lo, hi, p.ste_clamp)
@@ -389,13 +464,18 @@ _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDiction
 
 def _fast_layer_forward(self, x):
     plan = _ACTIVE.get(self)
-    sc = self.weight_quant.tensor_quant.scaling_impl
-    if plan is None or not self.training or type(x) is not torch.Tensor or plan.learned_scale and not sc.init_done:
+    if plan is None or not self.training or type(x) is not torch.Tensor:
         return super(type(self), self).forward(x)
-    w = fused_weight(self.weight, plan, sc.value if plan.learned_scale else None)
-    if isinstance(self, FastQuantLinear):
+    if isinstance(plan, LearnedPlan):
+        w = fused_learned(self.weight, plan)
+    else:
+        sc = self.weight_quant.tensor_quant.scaling_impl
+        if plan.learned_scale and not sc.init_done:
+            return super(type(self), self).forward(x)
+        w = fused_weight(self.weight, plan, sc.value if plan.learned_scale else None)
+    if isinstance(self, _LINEAR):
         return F.linear(x, w, self.bias)
-    conv = F.conv2d if isinstance(self, FastQuantConv2d) else F.conv1d
+    conv = F.conv2d if isinstance(self, _CONV2D) else F.conv1d
     return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -405,12 +485,31 @@ def _fast_act_forward(self, x):
     # statistics still being collected (or the step that turns them into the scale): Brevitas
     if plan is None or not self.training or sc.counter <= sc.collect_stats_steps or type(x) is not torch.Tensor:
         return super(type(self), self).forward(x)
+    if isinstance(plan, LearnedPlan):
+        return fused_learned(x, plan)
     return fused_act(x, sc.value, plan)
+
+
+#: fast subclasses of torch's parametrized layer classes (a layer whose weight is parametrized, e.g.
+#: AdaQAT's normalisation, has a class of its own made by torch.nn.utils.parametrize)
+_PARAMETRIZED_FAST: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+
+
+def _fast_parametrized(cls: type, classes: dict) -> type | None:
+    base = cls.__bases__[0] if len(cls.__bases__) == 1 else None
+    if base not in classes or cls.__name__ != f"Parametrized{base.__name__}":
+        return None
+    if cls not in _PARAMETRIZED_FAST:
+        fwd = _fast_layer_forward if base in (_LINEAR, _CONV2D, _CONV1D) else _fast_act_forward
+        _PARAMETRIZED_FAST[cls] = type(f"Fast{cls.__name__}", (cls,), {"forward": fwd, "__module__": __name__})
+    return _PARAMETRIZED_FAST[cls]
 
 
 def _fast_classes():
     import brevitas.nn as qnn
     global FastQuantLinear, FastQuantConv2d, FastQuantConv1d, FastQuantReLU, FastQuantIdentity
+    global _LINEAR, _CONV2D, _CONV1D
+    _LINEAR, _CONV2D, _CONV1D = qnn.QuantLinear, qnn.QuantConv2d, qnn.QuantConv1d
     if "FastQuantLinear" not in globals():
         FastQuantLinear = type("FastQuantLinear", (qnn.QuantLinear,), {"forward": _fast_layer_forward, "__module__": __name__})
         FastQuantConv2d = type("FastQuantConv2d", (qnn.QuantConv2d,), {"forward": _fast_layer_forward, "__module__": __name__})
@@ -441,9 +540,11 @@ def fast_quant(model: nn.Module, enabled: bool = True):
     try:
         for name, m in model.named_modules():
             fast = classes.get(type(m))
-            if fast is None:
-                if isinstance(m, tuple(classes)):  # e.g. a weight parametrization (ADQ, AdaQAT, ASQ)
+            if fast is None and isinstance(m, tuple(classes)):   # a weight parametrization (ADQ, AdaQAT, ASQ)
+                fast = _fast_parametrized(type(m), classes)
+                if fast is None:
                     report.brevitas[name] = f"{type(m).__name__}, a subclass of {type(m).__mro__[1].__name__}"
+            if fast is None:
                 continue
             try:
                 if m.return_quant_tensor:

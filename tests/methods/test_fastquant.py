@@ -75,7 +75,7 @@ def test_the_comparison_sees_a_wrong_gradient(monkeypatch):
 #: quantizers fused in the digits CNN (4 compute layers, 4 activation sites): the fixed method's and
 #: MEBQAT's all (its widths are switched, not learned); ADQ's activation sites (its weights are codebook
 #: parametrizations); AdaQAT's widths are learned and ASQ's quantizers are its own: they keep Brevitas
-FUSED = {"fixed": 8, "adq": 4, "asq": 0, "adaqat": 0, "mebqat": 8}
+FUSED = {"fixed": 8, "adq": 4, "asq": 0, "adaqat": 8, "mebqat": 8}
 
 
 @pytest.mark.parametrize("method", sorted(FUSED))
@@ -165,3 +165,33 @@ def test_weight_statistic_ties_route_the_gradient_as_autograd_does(per_channel):
     assert g_r.keys() == g_f.keys() and all(torch.equal(g_r[k], g_f[k]) for k in g_r)
     a = ref.fcs[0].weight.abs()
     assert int((a == a.max()).sum()) == 4   # the set-up has its ties
+
+
+@pytest.mark.parametrize("model,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8))])
+def test_learned_widths_fused_equal_brevitas(model, shape):
+    """AdaQAT's quantizers (learned widths, normalised weights): fused, the outputs and every gradient -
+    the widths' included - equal Brevitas's bit for bit over three steps."""
+    from bitfold.toolchain.describe import describe_layers
+    torch.manual_seed(0)
+    x, y = torch.randn(16, *shape) * 3, torch.randint(0, 10, (16,))
+    ref = build_model(model, shape, 10, bits="w4a4", method="adaqat")
+    init_activation_stats(ref, x, 16)
+    fast = copy.deepcopy(ref)
+    for m in (ref, fast):
+        m.quant_method.setup(m, describe_layers(m, shape))
+    opt_r, opt_f = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(fast.parameters(), 1e-2)
+    with fast_quant(fast) as report:
+        assert len(report.fused) == 8 and not report.brevitas, report.summary()
+        for _ in range(3):
+            outs = []
+            for m, opt in ((ref, opt_r), (fast, opt_f)):
+                opt.zero_grad()
+                outs.append(m(x))
+                F.cross_entropy(outs[-1], y).backward()
+            assert torch.equal(*outs)
+            g_r, g_f = _grads(ref), _grads(fast)
+            assert g_r.keys() == g_f.keys() and all(torch.equal(g_r[k], g_f[k]) for k in g_r)
+            opt_r.step(), opt_f.step()
+    widths = [k for k in g_r if k.endswith(".n")]
+    assert widths and any(float(g_r[k].abs()) > 0 for k in widths)   # the widths' gradients are compared
+    assert all(type(a) is type(b) for a, b in zip(fast.modules(), ref.modules()))
