@@ -380,8 +380,9 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
 
     ``ooc``: synthesize every layer wrapper in its own yosys run (two at a time), the rest of the
     design with the layers as black boxes, then stitch the mapped netlists (flatten only, no
-    second synthesis). Default: when the estimate exceeds ``OOC_LUTS``, or when the whole-design
-    run runs out of memory."""
+    second synthesis; on ECP5 each layer mapped with and without the wide LUTs, the one with fewer
+    LUT4 kept - ``layer_mapping`` in the result). Default: when the estimate exceeds ``OOC_LUTS``,
+    or when the whole-design run runs out of memory."""
     fam = board.family
     est = sum(st["est_luts"] for st in design.stages)
     # layers whose multipliers go to DSP blocks are synthesized on their own without -nodsp
@@ -394,6 +395,7 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
     defs = " -DBF_BLOCK_RAM" if fam == "ice40" else ""
     synth = f"synth_{fam}{' -nodsp' if fam == 'ecp5' else ''}"
     t = time.time()
+    mapping: dict = {}
     if not ooc:
         p = _yosys(rtl, f"read_verilog{defs} -defer {' '.join(design.files)}; {synth} -top bf_top -json top.json; "
                         f"tee -q -o stat.json stat -json", "yosys.log")
@@ -405,10 +407,33 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
 
         def one(mod):
             syn = f"synth_{fam}" if mod in dsp_mods else synth
-            return _yosys(rtl, f"read_verilog{defs} -defer bf_mvau.v {mod}.v; {syn} -top {mod} -json {mod}.json",
-                          f"yosys_{mod}.log")
+            read = f"read_verilog{defs} -defer bf_mvau.v {mod}.v"
+            r = _yosys(rtl, f"{read}; {syn} -top {mod} -json {mod}.json; tee -q -o stat_{mod}.json stat -json",
+                       f"yosys_{mod}.log")
+            if fam != "ecp5" or r.returncode != 0:
+                return r, None
+            # ECP5: the layer mapped to LUT4s only as well, the smaller netlist kept. ABC's mapping to
+            # the slices' wide LUTs (PFUMX, L6MUX21) was 18-39 % larger on the digits CNN W4A4's
+            # 256-lane convolutions (conv2: 20,654 LUT4 with wide LUTs, 12,585 without) and swung
+            # with small netlist changes (conv1 with the input address over two register stages,
+            # 0.2 % more gates before mapping: 15,742 -> 21,705 LUT4; without wide LUTs 12,950 ->
+            # 13,671); on the one-layer calibration blocks it is the other way round (+11 % median
+            # without, 10 blocks of the ulx3s-85f table): so both, per layer (2026-12-05)
+            n = _yosys(rtl, f"{read}; {syn} -nowidelut -top {mod} -json lut4_{mod}.json; "
+                            f"tee -q -o stat_lut4_{mod}.json stat -json", f"yosys_lut4_{mod}.log")
+            if n.returncode != 0:
+                return r, None
+            cells = [json.loads((rtl / f).read_text()).get("design", {}).get("num_cells_by_type", {})
+                     for f in (f"stat_{mod}.json", f"stat_lut4_{mod}.json")]
+            luts = [c.get("LUT4", 0) + 2 * c.get("CCU2C", 0) for c in cells]   # LUT4-eq (a carry cell: 2)
+            if luts[1] < luts[0]:
+                (rtl / f"lut4_{mod}.json").replace(rtl / f"{mod}.json")
+            else:
+                (rtl / f"lut4_{mod}.json").unlink()
+            return r, {"wide": luts[0], "lut4_only": luts[1], "kept": "lut4_only" if luts[1] < luts[0] else "wide"}
         with ThreadPoolExecutor(2) as pool:
-            runs = list(pool.map(one, mods))
+            runs, mapping = zip(*pool.map(one, mods))
+        mapping = {m: v for m, v in zip(mods, mapping) if v is not None}
         p = next((r for r in runs if r.returncode != 0), None)
         if p is None:
             rest = [f for f in design.files if f not in design.layer_files and f != "bf_mvau.v"]
@@ -439,7 +464,10 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
     stat = json.loads((rtl / "stat.json").read_text())
     top = stat.get("design", stat.get("modules", {}).get("\\bf_top", {}))
     cells = top.get("num_cells_by_type", {})
-    return {"cells": cells, "wall_s": round(time.time() - t, 1), "out_of_context": bool(ooc)}
+    out = {"cells": cells, "wall_s": round(time.time() - t, 1), "out_of_context": bool(ooc)}
+    if ooc and mapping:
+        out["layer_mapping"] = mapping     # per layer: LUT4 with and without wide LUTs, the one kept
+    return out
 
 
 def place_and_route(rtl: Path, board, seed: int = 1, clock_mhz: float | None = None) -> dict:

@@ -192,6 +192,11 @@ def test_layer_by_layer_synthesis_stitches_a_placeable_netlist(tmp_path):
         assert syn["out_of_context"] is ooc
         luts[ooc] = count_cells(syn["cells"], "ecp5")[0]
     assert sorted(p.name for p in rtl.glob("bfl_*.json")) == ["bfl_dense0.json", "bfl_dense1.json"]
+    # each layer mapped with and without the slices' wide LUTs, the smaller kept
+    mapping = syn["layer_mapping"]
+    assert set(mapping) == {"bfl_dense0", "bfl_dense1"}
+    assert all(m["kept"] == ("lut4_only" if m["lut4_only"] < m["wide"] else "wide") and min(m["wide"], m["lut4_only"]) > 0
+               for m in mapping.values())
     assert 0.9 * luts[False] <= luts[True] <= 1.25 * luts[False]
     # the converter between the layers (2 -> 16 elements a beat) has its own reset register, kept
     # through synthesis; the core's input converter (1 -> 16) uses the shared one
