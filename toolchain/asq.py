@@ -45,6 +45,39 @@ class _RoundSTE(torch.autograd.Function):
         return g.op("Round", x)
 
 
+class _ASQQuantStep(torch.autograd.Function):
+    """``clamp(round(x / (s * beta)), n, p) * s`` in one autograd node, its backward the one autograd
+    computes for that expression (round straight-through; the clamp cuts the gradient outside
+    [n, p]; ``s`` gets both of its uses' gradients), in the same floating-point order - only the
+    clamp's mask is read as ``p + 1/2 - q > 0`` and ``q - (n - 1/2) > 0`` through autograd's own
+    ``threshold_backward`` (exact for integer q; on a CPU about 5x faster than the boolean mask).
+    Training only: the export traces the plain expression (its Round has an ONNX symbolic)."""
+
+    @staticmethod
+    def forward(ctx, x, s, beta, n: float, p: float):
+        d = s * beta
+        y = x / d
+        q = torch.round(y)
+        c = torch.clamp(q, n, p)
+        ctx.n, ctx.p = n, p
+        ctx.save_for_backward(y, d, q, c, s, beta)
+        return c * s
+
+    @staticmethod
+    def backward(ctx, g):
+        y, d, q, c, s, beta = ctx.saved_tensors
+        keep = torch.ops.aten.threshold_backward
+        grad_q = keep(keep(g * s, (ctx.p + 0.5) - q, 0), q - (ctx.n - 0.5), 0)
+        grad_x = grad_q / d if ctx.needs_input_grad[0] else None
+        grad_d = -(grad_q * (y / d)).sum_to_size(d.shape)
+        grad_s = grad_beta = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (g * c).sum_to_size(s.shape) + (grad_d * beta).sum_to_size(s.shape)
+        if ctx.needs_input_grad[2]:
+            grad_beta = (grad_d * s).sum_to_size(beta.shape)
+        return grad_x, grad_s, grad_beta, None, None
+
+
 class ASQAct(nn.Module):
     def __init__(self, bits: int, signed: bool, adapter: bool = True):
         super().__init__()
@@ -80,6 +113,8 @@ class ASQAct(nn.Module):
                 self.log_s.fill_(first)
                 self.initialized.fill_(True)
         s = self.log_s.exp()
+        if self.training and torch.is_grad_enabled():
+            return _ASQQuantStep.apply(x, s, self.beta(x), float(self.n), float(self.p))
         x_int = torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p)
         return x_int * s
 

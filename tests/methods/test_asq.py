@@ -90,3 +90,30 @@ def test_ablation_options_from_the_cli(tmp_path, capsys):
         main(["train", "--method", "asq", "--opt", "foo=1", "--epochs", "1", "-o", str(tmp_path / "r")])
     assert e.value.code != 0 and "does not take option(s) foo" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("signed,shape", [(False, (16, 8, 6, 6)), (True, (16, 20))])
+def test_fused_activation_step_equals_the_plain_expression(signed, shape):
+    """ASQAct's training step (one autograd node) gives the output and every gradient - input, step,
+    adapter - of clamp(round(x / (s * beta)), n, p) * s through autograd, bit for bit."""
+    import copy
+
+    from bitfold.toolchain.asq import _RoundSTE
+    torch.manual_seed(0)
+    a = ASQAct(3, signed=signed)
+    x0 = torch.randn(*shape) * 2
+    a(x0.clone())                      # the step's initialisation
+    with torch.no_grad():              # a working adapter (its last layer starts at zero)
+        a.adapter[2].weight.normal_()
+        a.adapter[2].bias.normal_()
+    b = copy.deepcopy(a)
+    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    g = torch.randn(*shape)
+    out = a(x1)
+    (out * g).sum().backward()
+    s = b.log_s.exp()
+    ref = torch.clamp(_RoundSTE.apply(x2 / (s * b.beta(x2))), b.n, b.p) * s
+    (ref * g).sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x1.grad, x2.grad)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+    assert float(x1.grad.abs().sum()) > 0 and (ref == b.p * s).any()     # the clamp bites
