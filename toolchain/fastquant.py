@@ -531,9 +531,12 @@ def _layer_reason(layer) -> str | None:
 
 
 @contextmanager
-def fast_quant(model: nn.Module, enabled: bool = True):
+def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
     """Within the block, eligible Brevitas layers of ``model`` run their training-mode forward fused
-    (see the module docstring); yields a :class:`FastQuantReport`. On exit every layer is as it was."""
+    (see the module docstring); yields a :class:`FastQuantReport`. On exit every layer is as it was.
+    ``learned=False`` leaves learned-width quantizers (and parametrized layers) on Brevitas's path -
+    for steps under torch.compile, where dynamo traced the swapped classes of AdaQAT's layers into
+    wrong outputs (another layer's weight, torch 2.13); the fixed-width fusion compiles."""
     classes = _fast_classes() if enabled else {}
     report = FastQuantReport()
     swapped: list[tuple[nn.Module, type]] = []
@@ -541,7 +544,7 @@ def fast_quant(model: nn.Module, enabled: bool = True):
         for name, m in model.named_modules():
             fast = classes.get(type(m))
             if fast is None and isinstance(m, tuple(classes)):   # a weight parametrization (ADQ, AdaQAT, ASQ)
-                fast = _fast_parametrized(type(m), classes)
+                fast = _fast_parametrized(type(m), classes) if learned else None
                 if fast is None:
                     report.brevitas[name] = f"{type(m).__name__}, a subclass of {type(m).__mro__[1].__name__}"
             if fast is None:
@@ -556,6 +559,8 @@ def fast_quant(model: nn.Module, enabled: bool = True):
                     plan = weight_plan(m)
                 else:
                     plan = act_plan(m)
+                if isinstance(plan, LearnedPlan) and not learned:
+                    raise _NotFusable("learned bit-width (left to Brevitas under torch.compile)")
             except _NotFusable as e:
                 report.brevitas[name] = str(e)
                 continue

@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             from rich.console import Console
             Console(stderr=True).print(f"[dim]training with {threads} torch thread(s) ({why})[/]")
     t0 = time.perf_counter()
-    with fastquant.fast_quant(model, enabled=fast_quant and method is not None) as fused, \
+    with fastquant.fast_quant(model, enabled=fast_quant and method is not None, learned=not cfg.compile) as fused, \
             _progress(progress and rank == 0) as bar:
         if progress and rank == 0 and method is not None and fast_quant:
             from rich.console import Console

@@ -195,3 +195,21 @@ def test_learned_widths_fused_equal_brevitas(model, shape):
     widths = [k for k in g_r if k.endswith(".n")]
     assert widths and any(float(g_r[k].abs()) > 0 for k in widths)   # the widths' gradients are compared
     assert all(type(a) is type(b) for a, b in zip(fast.modules(), ref.modules()))
+
+
+def test_compiled_learned_widths_stay_on_brevitas_and_forward_equals_eager():
+    """Under torch.compile the trainer leaves AdaQAT's learned-width quantizers to Brevitas
+    (``learned=False``: dynamo traced the swapped classes into another layer's weight); the compiled
+    forward then equals the eager one bit for bit."""
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.train import compile_steps
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8) * 3
+    m = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method="adaqat")
+    init_activation_stats(m, x, 32)
+    m.quant_method.setup(m, describe_layers(m, (1, 8, 8)))
+    with fast_quant(m, learned=False) as report:
+        assert not report.fused and len(report.brevitas) == 8, report.summary()
+        ref = m(x)
+        net, _ = compile_steps(m, "inductor")
+        assert torch.equal(net(x), ref)
