@@ -66,7 +66,7 @@ module bf_mvau #(
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
   localparam PAR = (NT > 0) && (NT <= PARNT);      // thresholds compared in parallel (else binary search)
   localparam BSL = (NT > PARNT) ? OBITS * (2 + RDREG) : 2;   // accumulator -> result (search levels)
-  // copies of the registered input read (and its pad flag), one per RDFAN lanes: every input bit
+  // copies of the registered input read (the pad code already in), one per RDFAN lanes: every input bit
   // feeds all PE lanes, and one register driving 32 lanes x SIMD multipliers was the critical path
   // of a wide convolution (routing across the lanes). One copy (PE <= RDFAN) is the plain register.
   localparam NRC = (RDREG && PE > RDFAN) ? (PE + RDFAN - 1) / RDFAN : 1;
@@ -215,35 +215,40 @@ module bf_mvau #(
   wire [CW-1:0] nfY = RDPRE ? nfP : nfA;
   wire vY = RDPRE ? vP : vA, firstY = RDPRE ? firstP : firstA, lastY = RDPRE ? lastP : lastA;
 
+  // the pad code put in where a read lies in the padding, once per input element before the
+  // registers of stage R: applied in every lane's product instead, one pad-flag register drove
+  // PE x SIMD lanes (the digits CNN W4A4's conv2: padR -> a lane's adder, 10.3 ns with 7.9 routing)
+  wire [LN*IBITS-1:0] rdM;
+  genvar gm;
+  generate
+    for (gm = 0; gm < LN; gm = gm + 1) begin : padmux
+      assign rdM[gm*IBITS +: IBITS] = padY[gm / SIMD] ? PADC : rdY[gm*IBITS +: IBITS];
+    end
+  endgenerate
+
   // stage R (RDREG = 1): the reads registered once more
   reg [LN*IBITS-1:0] rdR;          // NRC = 1
   wire [NRC*LN*IBITS-1:0] rdC;     // NRC > 1: the copies
-  wire [NRC*TAPS-1:0] padC;
   reg [PE*LN*WBITS-1:0] wdR;
   reg [CW-1:0] nfR;
   reg vR, firstR, lastR;
-  reg [TAPS-1:0] padR;
-  wire [LN*IBITS-1:0] rdX = RDREG ? rdR : rdY;
+  wire [LN*IBITS-1:0] rdX = RDREG ? rdR : rdM;
   genvar gc;
   generate
     if (NRC > 1) begin : rdcopy
       for (gc = 0; gc < NRC; gc = gc + 1) begin : c
         reg [LN*IBITS-1:0] q;
-        reg [TAPS-1:0] pq;
         // keep: identical registers would otherwise be merged back into one by yosys (opt_merge)
-        (* keep *) always @(posedge clk) begin q <= rdY; pq <= padY; end
+        (* keep *) always @(posedge clk) q <= rdM;
         assign rdC[gc*LN*IBITS +: LN*IBITS] = q;
-        assign padC[gc*TAPS +: TAPS] = pq;
       end
     end else begin : rdsingle
       assign rdC = rdX;
-      assign padC = padX;
     end
   endgenerate
   wire [PE*LN*WBITS-1:0] wdX = RDREG ? wdR : wdY;
   wire [CW-1:0] nfX = RDREG ? nfR : nfY;
   wire vX = RDREG ? vR : vY, firstX = RDREG ? firstR : firstY, lastX = RDREG ? lastR : lastY;
-  wire [TAPS-1:0] padX = RDREG ? padR : padY;
 
   integer p, s;
   always @(posedge clk) begin
@@ -252,13 +257,12 @@ module bf_mvau #(
     nf1 <= nf0; v1 <= v0; first1 <= first0; last1 <= last0;
     nfA <= WP ? nf1 : nf0;
     vA <= WP ? v1 : v0; firstA <= WP ? first1 : first0; lastA <= WP ? last1 : last0;
-    if (NRC == 1) rdR <= rdY;
-    wdR <= wdY; nfR <= nfY; vR <= vY; firstR <= firstY; lastR <= lastY; padR <= padY;
+    if (NRC == 1) rdR <= rdM;
+    wdR <= wdY; nfR <= nfY; vR <= vY; firstR <= firstY; lastR <= lastY;
     for (p = 0; p < PE; p = p + 1)
       for (s = 0; s < LN; s = s + 1)
         prodB[(p*LN+s)*PB +: PB] <= $signed(wdX[(p*LN+s)*WBITS +: WBITS])
-                                    * $signed({1'b0, padC[(p / RDFAN % NRC) * TAPS + s / SIMD] ? PADC
-                                                     : rdC[((p / RDFAN % NRC) * LN + s)*IBITS +: IBITS]});
+                                    * $signed({1'b0, rdC[((p / RDFAN % NRC) * LN + s)*IBITS +: IBITS]});
     nfB <= nfX; vB <= vX; firstB <= firstX; lastB <= lastX;
     if (rst) begin
       v0 <= 1'b0; v1 <= 1'b0; vA <= 1'b0; vR <= 1'b0; vB <= 1'b0;
