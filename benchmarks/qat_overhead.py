@@ -8,7 +8,7 @@ ResNet-20 at 32x32, batch 64 (ResNet-20: 32), on random batches. Per model and t
 training step (forward, backward, Adam, the method's own step work) of float, fixed W4A4, AdaQAT, MEBQAT
 (all its tasks of a step; also per task), ADQ W4A4 and ASQ W4A4 - each with the trainer's fused
 fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, the path before the
-fusion) - is timed in interleaved rounds so that
+fusion) and "adaqat brevitas" (AdaQAT on Brevitas's modules) - is timed in interleaved rounds so that
 machine noise hits all alike; medians and ratios (to float, and adaptive to fixed) are printed.
 Run it on a quiet machine: with 2 threads and a busy second core OpenMP threads wait on each other.
 ``--device cuda``: the same table on a GPU (the thread count then only sets the host's torch threads;
@@ -30,7 +30,9 @@ warnings.filterwarnings("ignore")
 #: quantizers, bitfold.toolchain.fastquant) except "brevitas", the same fixed model on Brevitas's modules
 METHODS = [("float", "float", {}), ("brevitas", "fixed", {}), ("fixed W4A4", "fixed", {}),
            ("adaqat", "adaqat", {"cost": "bitops"}), ("mebqat", "mebqat", {}), ("adq W4A4", "adq", {}),
-           ("asq W4A4", "asq", {})]
+           ("asq W4A4", "asq", {}), ("adaqat brevitas", "adaqat", {"cost": "bitops"})]
+#: rows after the adaptive methods' columns (not compared with fixed as a method of their own)
+EXTRA = {"adaqat brevitas"}
 
 
 def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None):
@@ -94,7 +96,7 @@ def main():
             for label, method, opts in rows:
                 comp = label.endswith("compiled")
                 try:
-                    fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=label != "brevitas",
+                    fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=not label.endswith("brevitas"),
                                                        device=args.device, compile_=args.compile_backend if comp else None)
                     if comp:   # compilation happens on the first call: a failure is reported, not fatal
                         fns[label]()
@@ -108,8 +110,8 @@ def main():
             fp, fx = med["float"], med["fixed W4A4"]
             ratios = [f"brevitas/float {med['brevitas'] / fp:.2f}x", f"fixed/float {fx / fp:.2f}x"] + [
                 f"{k}/fixed {med[k] / fx / tasks[k]:.2f}x" + (f" per task ({tasks[k]} tasks)" if tasks[k] > 1 else "")
-                for k, _, _ in METHODS[3:]]
-            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if lab != "brevitas"}
+                for k, _, _ in METHODS[3:] if k not in EXTRA] + [f"adaqat/adaqat brevitas {med['adaqat'] / med['adaqat brevitas']:.2f}x"]
+            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if not lab.endswith("brevitas")}
             ratios += [f"{k}/{eager_of[k.split()[0]]} {med[k] / med[eager_of[k.split()[0]]]:.2f}x"
                        for k in med if k.endswith("compiled")]
             print(f"{name + ' ' + 'x'.join(map(str, shape)) + f' b{batch}':<22}{th:>4}  "

@@ -101,12 +101,13 @@ class _QuantTensorRange(torch.autograd.Function):
     for a straight-through clamp (``TensorClampSte``)."""
 
     @staticmethod
-    def forward(ctx, x, s, lo, hi, relu: bool, ste_clamp: bool):
+    def forward(ctx, x, s, lo, hi, relu: bool, ste_clamp: bool, unsigned: bool = False):
         r = torch.relu(x) if relu else x
         y = r / s
         q = torch.round(y)
         c = torch.clamp(q, lo, hi)
         ctx.relu, ctx.ste = relu, ste_clamp
+        ctx.none_below = relu and unsigned     # q >= 0 == lo: nothing is clamped from below
         ctx.save_for_backward(y, s, c, q, lo, hi, r if relu else None)
         return c * s
 
@@ -121,19 +122,24 @@ class _QuantTensorRange(torch.autograd.Function):
             # where(q > hi, g2, 0) and where(q < lo, g2, 0): a difference of two floats is > 0 exactly
             # when the first is the larger; g2 minus both is g2 inside the range and 0 outside, exactly
             above = _keep_where_positive(g2, q - hi, 0)
-            below = _keep_where_positive(g2, lo - q, 0)
-            grad_q = g2 - above - below
+            if ctx.none_below:     # where(q < lo, g2, 0) is all zeros: its sum is exactly 0
+                grad_q = g2 - above
+                if ctx.needs_input_grad[2]:
+                    grad_lo = torch.zeros_like(lo)
+            else:
+                below = _keep_where_positive(g2, lo - q, 0)
+                grad_q = g2 - above - below
+                if ctx.needs_input_grad[2]:
+                    grad_lo = below.sum_to_size(lo.shape)
             if ctx.needs_input_grad[3]:
                 grad_hi = above.sum_to_size(hi.shape)
-            if ctx.needs_input_grad[2]:
-                grad_lo = below.sum_to_size(lo.shape)
         grad_x = grad_q / s if ctx.needs_input_grad[0] else None
         if grad_x is not None and ctx.relu:
             grad_x = _keep_where_positive(grad_x, r, 0)
         grad_s = None
         if ctx.needs_input_grad[1]:
             grad_s = (g * c).sum_to_size(s.shape) - (grad_q * (y / s)).sum_to_size(s.shape)
-        return grad_x, grad_s, grad_lo, grad_hi, None, None
+        return grad_x, grad_s, grad_lo, grad_hi, None, None, None
 
 
 class _QuantFromAbsMax(torch.autograd.Function):
@@ -449,7 +455,7 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     s = tq.scaling_impl(x, tq.int_scaling_impl(bw))
     lo = tq.int_quant.min_int(bw)
     hi = tq.int_quant.max_int(bw)
-    return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp)
+    return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
 
 
 def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:
