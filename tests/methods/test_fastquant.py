@@ -18,6 +18,25 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def _steps_equal(ref, fast, x, y, steps=3):
+    """``steps`` Adam steps of both models (``fast`` inside its fast_quant block): outputs and every
+    gradient equal bit for bit at each; returns the last step's gradients of ``ref``."""
+    opt_r, opt_f = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(fast.parameters(), 1e-2)
+    for _ in range(steps):
+        outs = []
+        for m, opt in ((ref, opt_r), (fast, opt_f)):
+            opt.zero_grad()
+            outs.append(m(x))
+            F.cross_entropy(outs[-1], y).backward()
+        assert torch.equal(*outs)
+        g_r, g_f = _grads(ref), _grads(fast)
+        assert g_r.keys() == g_f.keys()
+        for k in g_r:
+            assert torch.equal(g_r[k], g_f[k]), k
+        opt_r.step(), opt_f.step()
+    return g_r
+
+
 @pytest.mark.parametrize("model,shape,bits,per_channel", [
     ("mlp", (1, 8, 8), "w4a4", False), ("cnn", (1, 8, 8), "w2a3", True), ("cnn", (1, 8, 8), "w8a8:all", False),
     ("resnet20", (3, 8, 8), "w3a5", True)])
@@ -27,22 +46,10 @@ def test_fused_step_equals_brevitas_bit_for_bit(model, shape, bits, per_channel)
     ref = build_model(model, shape, 10, bits=bits, method="fixed", per_channel=per_channel)
     init_activation_stats(ref, x, 16)
     fast = copy.deepcopy(ref)
-    opt_r, opt_f = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(fast.parameters(), 1e-2)
     with fast_quant(fast) as report:
         n_quant = len(report.fused) + len(report.brevitas)
         assert report.fused and not report.brevitas, report.summary()
-        for _ in range(3):
-            outs = []
-            for m, opt in ((ref, opt_r), (fast, opt_f)):
-                opt.zero_grad()
-                outs.append(m(x))
-                F.cross_entropy(outs[-1], y).backward()
-            assert torch.equal(*outs)
-            g_r, g_f = _grads(ref), _grads(fast)
-            assert g_r.keys() == g_f.keys()
-            for k in g_r:
-                assert torch.equal(g_r[k], g_f[k]), k
-            opt_r.step(), opt_f.step()
+        _steps_equal(ref, fast, x, y)
         sd_r, sd_f = ref.state_dict(), fast.state_dict()
         assert sd_r.keys() == sd_f.keys() and all(torch.equal(sd_r[k], sd_f[k]) for k in sd_r)
         # a copy made inside the block runs Brevitas (the plans belong to the originals)
@@ -179,19 +186,9 @@ def test_learned_widths_fused_equal_brevitas(model, shape):
     fast = copy.deepcopy(ref)
     for m in (ref, fast):
         m.quant_method.setup(m, describe_layers(m, shape))
-    opt_r, opt_f = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(fast.parameters(), 1e-2)
     with fast_quant(fast) as report:
         assert len(report.fused) == 8 and not report.brevitas, report.summary()
-        for _ in range(3):
-            outs = []
-            for m, opt in ((ref, opt_r), (fast, opt_f)):
-                opt.zero_grad()
-                outs.append(m(x))
-                F.cross_entropy(outs[-1], y).backward()
-            assert torch.equal(*outs)
-            g_r, g_f = _grads(ref), _grads(fast)
-            assert g_r.keys() == g_f.keys() and all(torch.equal(g_r[k], g_f[k]) for k in g_r)
-            opt_r.step(), opt_f.step()
+        g_r = _steps_equal(ref, fast, x, y)
     widths = [k for k in g_r if k.endswith(".n")]
     assert widths and any(float(g_r[k].abs()) > 0 for k in widths)   # the widths' gradients are compared
     assert all(type(a) is type(b) for a, b in zip(fast.modules(), ref.modules()))
