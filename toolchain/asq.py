@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from bitfold.toolchain.adq import ADQMethod, assign
+from bitfold.toolchain.fastquant import keep_in_range
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import act_sites, register_method
 
@@ -49,8 +50,8 @@ class _ASQQuantStep(torch.autograd.Function):
     """``clamp(round(x / (s * beta)), n, p) * s`` in one autograd node, its backward the one autograd
     computes for that expression (round straight-through; the clamp cuts the gradient outside
     [n, p]; ``s`` gets both of its uses' gradients), in the same floating-point order - only the
-    clamp's mask is read as ``p + 1/2 - q > 0`` and ``q - (n - 1/2) > 0`` through autograd's own
-    ``threshold_backward`` (exact for integer q; on a CPU about 5x faster than the boolean mask).
+    clamp's mask is :func:`~bitfold.toolchain.fastquant.keep_in_range` (exact for integer q; on a
+    CPU about 5x faster than the boolean mask).
     Training only: the export traces the plain expression (its Round has an ONNX symbolic)."""
 
     @staticmethod
@@ -66,8 +67,7 @@ class _ASQQuantStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         y, d, q, c, s, beta = ctx.saved_tensors
-        keep = torch.ops.aten.threshold_backward
-        grad_q = keep(keep(g * s, (ctx.p + 0.5) - q, 0), q - (ctx.n - 0.5), 0)
+        grad_q = keep_in_range(g * s, q, ctx.n, ctx.p)
         grad_x = grad_q / d if ctx.needs_input_grad[0] else None
         grad_d = -(grad_q * (y / d)).sum_to_size(d.shape)
         grad_s = grad_beta = None

@@ -6,9 +6,9 @@ time dispatching their ~45 tensor operations per quantizer and recording them fo
 arithmetic. :func:`fast_quant` runs, for the duration of a ``with`` block, the training-mode forward
 of every layer whose quantizers are of the kinds below as one autograd node per quantizer
 (:class:`_QuantFromAbsMax` for a weight scaled by its own statistic, :class:`_QuantFromValue` for a
-learned scale, the ReLU before an activation quantizer included): the scale, ``clamp(round(x / s)) * s``
-and Brevitas's straight-through gradients, each expression in the same floating-point order as Brevitas, so that outputs, gradients
-and therefore every trained weight, checkpoint and exported file are bit-identical to the Brevitas
+learned scale, the ReLU before an activation quantizer included): the scale,
+``clamp(round(x / s)) * s`` and Brevitas's straight-through gradients, each expression in Brevitas's
+floating-point order, so that outputs, gradients and therefore every trained weight, checkpoint and exported file are bit-identical to the Brevitas
 path (tests compare them with ``torch.equal``). Layers and quantizers stay Brevitas modules holding
 their own state; nothing is fused outside training mode (evaluation, export and calibration run
 Brevitas itself), and any quantizer of another kind keeps the Brevitas path, named in the report.
@@ -35,6 +35,21 @@ import torch.nn.functional as F
 _keep_where_positive = torch.ops.aten.threshold_backward
 
 
+def keep_in_range(g: torch.Tensor, q: torch.Tensor, lo: float, hi: float, above_lo: bool = False) -> torch.Tensor:
+    """``where(lo <= q <= hi, g, 0)`` for an integer-valued ``q`` and integer bounds - a clamp's
+    backward - read as ``hi + 1/2 - q > 0`` and ``q - (lo - 1/2) > 0`` (exact in float for integers
+    below 2^22); ``above_lo``: q >= lo is known (after a ReLU, lo <= 0), only the upper test."""
+    g = _keep_where_positive(g, (hi + 0.5) - q, 0)
+    return g if above_lo else _keep_where_positive(g, q - (lo - 0.5), 0)
+
+
+def _scale_grad(g, c, grad_c, y, s):
+    """The gradient of ``s`` in ``clamp(round(x / s)) * s``: its two uses (``c * s``: ``g * c``;
+    ``x / s``: ``-grad_c * ((x / s) / s)``), each reduced to ``s``'s shape as autograd reduces a
+    broadcast operand (``sum(-a * b) == -sum(a * b)`` exactly)."""
+    return (g * c).sum_to_size(s.shape) - (grad_c * (y / s)).sum_to_size(s.shape)
+
+
 def _quant_fwd(ctx, x, s, lo, hi, ste_clamp, relu_before, *keep):
     """``clamp(round(x / s), lo, hi) * s``; saves what :func:`_quant_bwd` needs, and ``keep``."""
     y = x / s
@@ -48,21 +63,15 @@ def _quant_fwd(ctx, x, s, lo, hi, ste_clamp, relu_before, *keep):
 def _quant_bwd(ctx, g, need_x: bool, need_s: bool):
     """Gradients of :func:`_quant_fwd` towards x and s, as autograd evaluates the Brevitas graph: round
     is straight-through; the clamp is straight-through for weights (``TensorClampSte``) and cuts the
-    gradient outside the range for activations (``TensorClamp``); ``s`` gets both of its uses'
-    gradients (``x / s``: ``-g * ((x / s) / s)``, ``c * s``: ``g * c``), each reduced to its shape as
-    autograd reduces a broadcast operand. ``(g * s) / s`` is not ``g`` in floating point: every
-    expression is autograd's; the only rewrites are exact ones: ``sum(-a * b) == -sum(a * b)``, and the
-    range test of the integer ``q`` read as ``hi + 1/2 - q > 0`` and ``q - (lo - 1/2) > 0`` (exact in
-    float for integers below 2^22; the lower one is skipped after a ReLU, where q >= 0 >= lo)."""
+    gradient outside the range for activations (``TensorClamp``, :func:`keep_in_range`); ``s`` gets
+    both of its uses' gradients (:func:`_scale_grad`). ``(g * s) / s`` is not ``g`` in floating
+    point: every expression is autograd's, rewritten only where that is exact."""
     y, s, c, q = ctx.saved_tensors[:4]
     grad_c = g * s
     if ctx.bounds is not None:
-        lo, hi, above_lo = ctx.bounds
-        grad_c = _keep_where_positive(grad_c, (hi + 0.5) - q, 0)
-        if not above_lo:
-            grad_c = _keep_where_positive(grad_c, q - (lo - 0.5), 0)
+        grad_c = keep_in_range(grad_c, q, *ctx.bounds)
     grad_x = grad_c / s if need_x else None
-    grad_s = (g * c).sum_to_size(s.shape) - (grad_c * (y / s)).sum_to_size(s.shape) if need_s else None
+    grad_s = _scale_grad(g, c, grad_c, y, s) if need_s else None
     return grad_x, grad_s
 
 
@@ -136,9 +145,7 @@ class _QuantTensorRange(torch.autograd.Function):
         grad_x = grad_q / s if ctx.needs_input_grad[0] else None
         if grad_x is not None and ctx.relu:
             grad_x = _keep_where_positive(grad_x, r, 0)
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            grad_s = (g * c).sum_to_size(s.shape) - (grad_q * (y / s)).sum_to_size(s.shape)
+        grad_s = _scale_grad(g, c, grad_q, y, s) if ctx.needs_input_grad[1] else None
         return grad_x, grad_s, grad_lo, grad_hi, None, None, None
 
 
@@ -151,33 +158,33 @@ class _QuantFromAbsMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, per_channel: bool, stats_shape, min_val, thr, lo: float, hi: float, ste_clamp: bool):
         if per_channel:
-            stats, idx = torch.max(torch.abs(w.reshape(w.shape[0], -1)), dim=1)
+            stats, at_max = torch.max(torch.abs(w.reshape(w.shape[0], -1)), dim=1)   # each channel's arg-max
         else:
             stats = torch.max(torch.abs(w.reshape(-1)))
-            idx = stats   # the elements at the maximum are found in the backward (ties share it)
+            at_max = stats   # the maximum: its elements are found in the backward (ties share it)
         s = stats.view(stats_shape)
         if min_val is not None:
             s = torch.clamp_min(s, min_val)
         s = s / thr
         ctx.thr, ctx.per_channel = thr, per_channel
-        return _quant_fwd(ctx, w, s, lo, hi, ste_clamp, False, w, idx)
+        return _quant_fwd(ctx, w, s, lo, hi, ste_clamp, False, w, at_max)
 
     @staticmethod
     def backward(ctx, g):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         grad_x, grad_s = _quant_bwd(ctx, g, True, True)
-        w, idx = ctx.saved_tensors[4:]
+        w, at_max = ctx.saved_tensors[4:]
         grad_stats = grad_s / ctx.thr                 # div; the clamp is straight-through; then the view
         # the max's backward is zero but at the arg-max elements; then abs's backward (a product with
         # sgn(w)) and the sum with the direct gradient
         if ctx.per_channel:   # to the index torch.max returned, in each channel (autograd's scatter)
             rows = torch.arange(w.shape[0], device=w.device)
             gw, wf = grad_x.view(w.shape[0], -1), w.reshape(w.shape[0], -1)
-            gw[rows, idx] += grad_stats.reshape(-1) * wf[rows, idx].sgn()
+            gw[rows, at_max] += grad_stats.reshape(-1) * wf[rows, at_max].sgn()
         else:                 # spread evenly over the elements equal to the maximum (autograd's masked fill)
             wf = w.reshape(-1)
-            ties = 1.0 - _keep_where_positive(torch.ones_like(wf), idx - torch.abs(wf), 0)   # 1 where |w| == max
+            ties = 1.0 - _keep_where_positive(torch.ones_like(wf), at_max - torch.abs(wf), 0)   # 1 where |w| == max
             share = grad_stats.reshape(()) / ties.sum()          # the sum counts the ties exactly (< 2^24)
             # x + share * tie * sgn(w): the products of 0, 1 and +-1 are exact in any order
             grad_x.view(-1).addcmul_(ties, wf.sgn(), value=share)
@@ -211,10 +218,7 @@ class _IntQuantSTE(torch.autograd.Function):
         if keep is not None:
             grad_c = torch.where(keep, grad_c, 0.0)
         grad_x = grad_c / scale if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            # the two uses of scale (x / scale, c * scale), each reduced to scale's shape as autograd does
-            grad_s = (g * c).sum_to_size(scale.shape) - (grad_c * (y / scale)).sum_to_size(scale.shape)
+        grad_s = _scale_grad(g, c, grad_c, y, scale) if ctx.needs_input_grad[1] else None
         return grad_x, grad_s, None, None, None
 
 
@@ -287,7 +291,6 @@ class LearnedPlan:
     tq: nn.Module
     relu: bool
     ste_clamp: bool
-    learned_scale: bool = False
 
 
 @dataclass
@@ -412,13 +415,11 @@ def act_plan(site) -> ActPlan:
         raise _NotFusable(f"activation {type(fap.activation_impl).__name__}")
     tq = fap.tensor_quant
     switchable, ste = _int_quant_parts(tq)
-    if switchable is None:
-        if not _is(tq.scaling_impl, "ParameterFromRuntimeStatsScaling") or tq.scaling_impl.local_loss_mode:
-            raise _NotFusable(f"activation scale {type(tq.scaling_impl).__name__}")
-        return LearnedPlan(tq, relu, ste)
     sc = tq.scaling_impl
     if not _is(sc, "ParameterFromRuntimeStatsScaling") or sc.local_loss_mode:
         raise _NotFusable(f"activation scale {type(sc).__name__}")
+    if switchable is None:   # a learned width: Brevitas's scale modules run at every call
+        return LearnedPlan(tq, relu, ste)
     if not (_float_restrict(sc.restrict_scaling.restrict_value_impl)
             and _float_restrict(sc.restrict_threshold.restrict_value_impl)
             and _is(sc.restrict_scale_threshold.restrict_value_impl, "Identity")

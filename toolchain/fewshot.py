@@ -122,7 +122,7 @@ def _set_task(model, w, a):
     from bitfold.toolchain.bitmap import LayerBits
     qm = model.quant_method
     base = model.bit_map
-    qm.write_widths(model, {n: (base[n] if n in qm.edge_layers(model) else LayerBits(w, a)) for n in base})
+    qm.set_map(model, {n: (base[n] if n in qm.edge_layers(model) else LayerBits(w, a)) for n in base})
 
 
 def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:

@@ -147,8 +147,13 @@ class MEBQATMethod(QuantMethod):
         return self._walk(model)[2]
 
     def set_map(self, model, bit_map) -> None:
-        """Write every layer's weight width and every site's width from ``{layer: LayerBits}``."""
-        self.write_widths(model, bit_map)
+        """Write every layer's weight width and every site's width from ``{layer: LayerBits}`` (any
+        width: the high-precision task's 16 bit included)."""
+        weights, sites, _ = self._walk(model)
+        for name, bw in weights:
+            bw.bits.fill_(float(bit_map[name].w))
+        for first, bw in sites:
+            bw.bits.fill_(float(bit_map[first].a))
 
     def uniform_map(self, model, w: int, a: int) -> dict:
         """(w, a) on every layer except the first/last, which keep the run's widths."""
@@ -188,7 +193,7 @@ class MEBQATMethod(QuantMethod):
         edges = self.edge_layers(model)
         for w, a in tasks:
             m = {n: (base[n] if n in edges else LayerBits(w, a)) for n in base}
-            self.write_widths(model, m)
+            self.set_map(model, m)
             logits = net(x)
             if (w, a) == (self.high_bits, self.high_bits):
                 loss = F.cross_entropy(logits, y)
@@ -202,14 +207,6 @@ class MEBQATMethod(QuantMethod):
             total += float(loss)
         self.set_map(model, base)
         return torch.tensor(total)
-
-    def write_widths(self, model, m) -> None:
-        """Like :meth:`set_map`, for any width: the high-precision task's 16 bit included."""
-        weights, sites, _ = self._walk(model)
-        for name, bw in weights:
-            bw.bits.fill_(float(m[name].w))
-        for first, bw in sites:
-            bw.bits.fill_(float(m[first].a))
 
     def deploy(self, model, bit_map, x_calib):
         self.set_map(model, bit_map)

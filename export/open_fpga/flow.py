@@ -465,7 +465,7 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
     top = stat.get("design", stat.get("modules", {}).get("\\bf_top", {}))
     cells = top.get("num_cells_by_type", {})
     out = {"cells": cells, "wall_s": round(time.time() - t, 1), "out_of_context": bool(ooc)}
-    if ooc and mapping:
+    if mapping:
         out["layer_mapping"] = mapping     # per layer: LUT4 with and without wide LUTs, the one kept
     return out
 

@@ -57,7 +57,7 @@ def test_every_step_holds_the_high_and_lowest_task_and_distils_from_the_high_one
     q = model.quant_method
     total = float(q.backward_step(model, model, x, y, 0))
     base = model.bit_map
-    q.write_widths(model, {n: (base[n] if n in q.edge_layers(model) else LayerBits(16, 16)) for n in base})
+    q.set_map(model, {n: (base[n] if n in q.edge_layers(model) else LayerBits(16, 16)) for n in base})
     with torch.no_grad():
         hi = model(x)
         q.set_map(model, q.uniform_map(model, 2, 2))
