@@ -178,7 +178,8 @@ def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tup
     # the int8 kernel, and the bit-serial kernel in its variants: convolutions vary in packing word and loop
     # nest, and no one variant was fastest on every shape (measured 3x3 convs: 2.8-165 us for one layer)
     convs = any(ops[i].op == "conv2d" for i in able)
-    variants = [("int8", None), ("bitserial", "")] + ([("bitserial", "k32"), ("bitserial", "k32n")] if convs else [])
+    variants = [("int8", None), ("bitserial", "")] + \
+        ([("bitserial", "x"), ("bitserial", "k32"), ("bitserial", "k32n")] if convs else [])
     events_of(events).say(f"timing {len(able)} layer(s) as int8 and {len(variants) - 1} bit-serial kernel "
                           f"variant(s) on this host")
     per_layer = {}

@@ -108,6 +108,10 @@ def operands(model) -> list[Operand]:
     return out
 
 
+#: the name of a bit-serial convolution's filter block (the default schedule re-lays it out)
+WEIGHTS = "bitserial_filters"
+
+
 def pack_weights(w: np.ndarray, bits: int) -> np.ndarray:
     """(out, in) signed codes -> (out + 1, bits, ceil(in / 32)) uint32 planes of ``w + 2^(bits-1)``;
     the last row is all ones (its output is the input's sum): a dense layer packed as a 1x1 convolution,
@@ -135,7 +139,10 @@ def pack_conv_weights(w: np.ndarray, bits: int, word: int) -> np.ndarray:
 
 
 def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding):
-    """A ``call_te`` function: (x (1, C, H, W) unsigned codes, packed filters) -> (1, n_out, H', W') int32."""
+    """A ``call_te`` function: (x (1, C, H, W) unsigned codes, packed filters) -> (1, n_out, H', W') int32.
+    The ``n_out`` filters and the all-ones filter (the offset's correction) run as two bit-serial
+    convolutions, so that the first has a filter count the default schedule can vectorize over
+    (:func:`bitfold.export.tvm.schedules.apply_default`); the sums are the same integers."""
     from tvm import te, tirx
     from tvm.topi.nn import bitserial_conv2d_nchw
 
@@ -145,11 +152,16 @@ def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding):
         xpad = te.compute((1, cp, h, w_), lambda n, ch, y, xx: tirx.if_then_else(
             ch < c, x[n, tirx.min(ch, c - 1), y, xx].astype("int32"), tirx.const(0, "int32")),
             name="bitserial_pad")
-        acc = bitserial_conv2d_nchw(xpad, wp, tuple(int(s) for s in strides), tuple(int(p) for p in padding),
-                                    a_bits, w_bits, pack_dtype=f"uint{word}", out_dtype="int32", unipolar=False)
+        rest = tuple(int(d) for d in wp.shape[1:])
+        filters = te.compute((n_out, *rest), lambda o, *i: wp(o, *i), name=WEIGHTS)
+        ones = te.compute((1, *rest), lambda o, *i: wp(n_out + o, *i), name="bitserial_ones")
+        conv = [bitserial_conv2d_nchw(xpad, k, tuple(int(s) for s in strides), tuple(int(p) for p in padding),
+                                      a_bits, w_bits, pack_dtype=f"uint{word}", out_dtype="int32", unipolar=False)
+                for k in (filters, ones)]
+        acc, total = conv
         off = 1 << (w_bits - 1)
         return te.compute((1, n_out, int(acc.shape[2]), int(acc.shape[3])),
-                          lambda n, ff, y, xx: acc[n, ff, y, xx] - off * acc[n, n_out, y, xx], name="bitserial_out")
+                          lambda n, ff, y, xx: acc[n, ff, y, xx] - off * total[n, 0, y, xx], name="bitserial_out")
     return f
 
 

@@ -59,8 +59,9 @@ def _make_pass():
             super().__init__(mod)
             self.layers: list[LayerArith] = []
             self.operands = operands
-            # {layer index: variant}; "" (packing word from the channel count, output width innermost),
-            # "k32" (32-bit words, channels padded), "k32n" (32-bit words, the compute's own loop nest)
+            # {layer index: variant}; "" (packing word from the channel count, filters innermost and
+            # vectorized), "x" (the same word, output width innermost), "k32" (32-bit words, channels
+            # padded), "k32n" (32-bit words, the compute's own loop nest)
             self.bitserial = dict(bitserial) if isinstance(bitserial, dict) else {i: "" for i in bitserial}
 
         def _value(self, e):
@@ -153,7 +154,7 @@ def _make_pass():
                         bs.conv_te(a_bits, w_bits, int(serial.weight.shape[0]), word, a.strides, a.padding), xq,
                         relax.const(bs.pack_conv_weights(serial.weight, w_bits, word)),
                         primfunc_name_hint=f"bitserial_conv2d_w{w_bits}a{a_bits}"
-                                           f"{'_nat' if variant.endswith('n') else ''}"))
+                                           f"{SUFFIX.get(variant[-1:], '')}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
             else:
@@ -215,12 +216,17 @@ def _make_pass():
     return IntLowering
 
 
+#: a bit-serial convolution variant's last letter -> its kernel name's suffix, which selects the
+#: loop nest in :func:`bitfold.export.tvm.schedules.apply_default`
+SUFFIX = {"n": "_nat", "x": "_xin"}
+
+
 def lower_to_integer(mod, onnx_layers: list[str] | None = None, operands=None, bitserial=()):
     """Rewrite ``mod['main']``'s quantized conv2d/matmul to integer kernels: ``(new_mod, [LayerArith])``.
 
     ``operands``: :func:`bitfold.export.tvm.bitserial.operands` of the ONNX model (graph order);
     ``bitserial``: indices of the layers to run bit-serial where they qualify (the others run int8), or
-    ``{index: variant}`` with a convolution variant ("", "k32", "k32n": see the pass)."""
+    ``{index: variant}`` with a convolution variant ("", "x", "k32", "k32n": see the pass)."""
     from tvm import relax
     lowering = _make_pass()(mod, operands, bitserial)
     gv = mod.get_global_var("main")

@@ -11,13 +11,17 @@ outside it and the reduction's init split off. Consecutive iterations of that lo
 consecutive outputs from consecutive inputs, which LLVM vectorizes for the target's vector width (AVX2/AVX-512 on x86, NEON on aarch64).
 Nothing else changes: the same integer arithmetic per output, so the accumulators are exactly the
 untuned kernel's. Kernels scheduled from a tuning database (``tirx.is_scheduled``) keep theirs.
-Integer matmuls and bit-serial convolutions are reordered (measured gains). Integer NCHW convolutions
-whose output channels are a multiple of 8 are vectorized over the output channels instead
-(:func:`_vectorize_output_channels`): the weights are repacked inside the kernel so that 8 or 16
-consecutive output channels are contiguous, the accumulator is laid out the same way, and the innermost
-loop - one input value times a vector of weights added to a vector of accumulators - is vectorized
-(Fashion-MNIST CNN W8A8 whole model, 1 thread: 0.25 -> 0.17 ms; the same integer sums, so exact). The
-plain reorder with the output width innermost was slower on convolutions (4-28 lanes).
+Integer matmuls are reordered (measured gains). Integer NCHW convolutions - int8 and bit-serial - whose
+output channels are a multiple of 8 are vectorized over the output channels instead
+(:func:`_vectorize_output_channels`): the weights are laid out so that 8 or 16 consecutive output
+channels are contiguous (an int8 kernel's repacked inside the kernel, a bit-serial kernel's filter
+block written so), the accumulator is laid out the same way, and the innermost loop - one input value
+(or input bit-plane word) against a vector of weights, added to a vector of accumulators - is
+vectorized (a bit-serial one: AND and popcount per lane). The loop is marked vectorized before the
+reduction's init is split off: marked after it, TVM refuses the update block - which until 2026-12-05
+left the int8 convolutions re-laid out but vectorized only where LLVM did so on its own. The same
+integer sums, so exact. Bit-serial convolutions can also run with the output width innermost (the
+``_xin`` kernel variant) or as computed (``_nat``); the per-layer choice times them.
 
 Every unscheduled kernel also has its element-wise blocks inlined (:func:`_inline_elementwise`): the
 requantize chain that Relax fuses behind a convolution (cast, scale, BatchNorm's subtract / divide /
@@ -52,31 +56,42 @@ def _reorder_reduction(sch, block, any_rank: bool = False) -> bool:
 
 
 def _vectorize_output_channels(sch, block) -> bool:
-    """An integer NCHW convolution (loops n, f, y, x, c, ky, kx) computed with the output channel as
-    the innermost, vectorized loop: the weights are repacked in the kernel to (f // L, c, ky, kx, f % L)
-    and the accumulator to (n, f // L, y, x, f % L), L = 16 or 8 lanes (f must be a multiple). The
-    integer products and sums per output are the untuned kernel's, so the result is exact."""
+    """An integer NCHW convolution (loops n, f, y, x, then its reductions: c, ky, kx; a bit-serial one's
+    c, ky, kx, weight bit, input bit) computed with the output channel as the innermost, vectorized
+    loop: the weights are laid out as (f // L, ..., f % L) - an int8 kernel's parameter copied so in
+    the kernel, a bit-serial kernel's filter block (:data:`..bitserial.WEIGHTS`) written so - and the
+    accumulator as (n, f // L, y, x, f % L), L = 16 or 8 lanes (f must be a multiple). The integer
+    products and sums per output are the untuned kernel's, so the result is exact. The vectorized loop
+    is marked before the reduction's init is split off (after it, TVM refuses the update block)."""
+    from bitfold.export.tvm.bitserial import WEIGHTS
     b = sch.get(block)
-    if "conv2d_nchw" not in b.name_hint or str(b.body.buffer.dtype).startswith("float"):
+    serial = any(str(r).startswith(WEIGHTS) for r in b.reads)    # a bit-serial convolution's filters
+    if not (serial or "conv2d_nchw" in b.name_hint) or str(b.body.buffer.dtype).startswith("float"):
         return False
     loops = sch.get_loops(block)
-    if len(loops) != 7 or [iv.iter_type for iv in b.iter_vars] != [0, 0, 0, 0, 2, 2, 2]:
+    n_red = 5 if serial else 3
+    if len(loops) != 4 + n_red or [iv.iter_type for iv in b.iter_vars] != [0] * 4 + [2] * n_red:
         return False
     ext = int(sch.get(loops[1]).extent)
     lanes = 16 if ext % 16 == 0 else 8 if ext % 8 == 0 else 0
-    # the weights: the one 4-D read of a function parameter (Relax binds a layer's constants as params)
-    weights = [i for i, r in enumerate(b.reads) if len(r.region) == 4 and str(r).startswith("param")]
+    if serial:   # the filters: the block the bit-serial compute made for them
+        weights = [i for i, r in enumerate(b.reads) if len(r.region) == 5 and str(r).startswith(WEIGHTS)]
+    else:        # the one 4-D read of a function parameter (Relax binds a layer's constants as params)
+        weights = [i for i, r in enumerate(b.reads) if len(r.region) == 4 and str(r).startswith("param")]
     if not lanes or len(weights) != 1:
         return False
-    cache = sch.cache_read(block, weights[0], "global")
-    sch.transform_layout(cache, ("write", 0), lambda f, c, h, w: (f // lanes, c, h, w, f % lanes))
+    if serial:
+        sch.transform_layout(block, ("read", weights[0]), lambda f, *rest: (f // lanes, *rest, f % lanes))
+    else:
+        cache = sch.cache_read(block, weights[0], "global")
+        sch.transform_layout(cache, ("write", 0), lambda f, c, h, w: (f // lanes, c, h, w, f % lanes))
     sch.transform_layout(block, ("write", 0), lambda n, f, h, w: (n, f // lanes, h, w, f % lanes))
-    n, f, y, x, c, ky, kx = sch.get_loops(block)
+    n, f, y, x, *red = sch.get_loops(block)
     fo, fi = sch.split(f, [None, lanes])
-    sch.reorder(n, fo, y, x, c, ky, kx, fi)
-    init = sch.decompose_reduction(block, c)
-    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reorder(n, fo, y, x, *red, fi)
     sch.vectorize(fi)
+    init = sch.decompose_reduction(block, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
     return True
 
 
@@ -119,13 +134,15 @@ def apply_default(mod):
         sch = Schedule(tvm.IRModule({"main": func}))
         done = _inline_elementwise(sch)
         # bit-serial dense: popcount over packed words, LLVM vectorizes the word loop as it is;
-        # bit-serial convolutions: output width innermost (measured on a W4A4 3x3 conv, 32 -> 64 channels
-        # at 4x4: 101 -> 22 us; slower on 16-bit words, which the per-layer timing then leaves to int8)
+        # bit-serial convolutions: filters innermost where their count allows, else (and in the "_xin"
+        # variant) output width innermost (measured on a W4A4 3x3 conv, 32 -> 64 channels at 4x4: 101 ->
+        # 22 us against the nest as computed)
         any_rank = "bitserial_conv2d" in gv.name_hint
         keep = "bitserial_dense" in gv.name_hint or "_nat" in gv.name_hint   # "_nat": the nest as computed
+        width_inner = "_xin" in gv.name_hint     # a bit-serial variant: output width innermost (below)
         for block in ([] if keep else _reduction_blocks(sch)):
             try:
-                if not any_rank and _vectorize_output_channels(sch, block):
+                if not width_inner and _vectorize_output_channels(sch, block):
                     done = True
                     continue
                 done |= _reorder_reduction(sch, block, any_rank)
