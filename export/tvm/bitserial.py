@@ -140,28 +140,41 @@ def pack_conv_weights(w: np.ndarray, bits: int, word: int) -> np.ndarray:
 
 def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding):
     """A ``call_te`` function: (x (1, C, H, W) unsigned codes, packed filters) -> (1, n_out, H', W') int32.
-    The ``n_out`` filters and the all-ones filter (the offset's correction) run as two bit-serial
-    convolutions, so that the first has a filter count the default schedule can vectorize over
-    (:func:`bitfold.export.tvm.schedules.apply_default`); the sums are the same integers."""
+    The ``n_out`` filters run as TVM's bit-serial convolution; the offset's correction (the all-ones
+    filter's output: the sum of the input codes under each window) as a plain integer sum - the
+    channels' sum per pixel, then the window's - so that the input is bit-packed once and the
+    convolution has a filter count the default schedule can vectorize over
+    (:func:`bitfold.export.tvm.schedules.apply_default`). The same integers either way."""
     from tvm import te, tirx
     from tvm.topi.nn import bitserial_conv2d_nchw
+    from tvm.topi.nn.utils import get_pad_tuple
 
     def f(x, wp):
         _, c, h, w_ = (int(d) for d in x.shape)
-        cp = int(wp.shape[1]) * word
+        cp, kh, kw = int(wp.shape[1]) * word, int(wp.shape[2]), int(wp.shape[3])
+        sh, sw = (int(s) for s in strides)
+        pt, pl, pb, pr = get_pad_tuple(tuple(int(p) for p in padding), (kh, kw))
         xpad = te.compute((1, cp, h, w_), lambda n, ch, y, xx: tirx.if_then_else(
             ch < c, x[n, tirx.min(ch, c - 1), y, xx].astype("int32"), tirx.const(0, "int32")),
             name="bitserial_pad")
-        rest = tuple(int(d) for d in wp.shape[1:])
-        filters = te.compute((n_out, *rest), lambda o, *i: wp(o, *i), name=WEIGHTS)
-        ones = te.compute((1, *rest), lambda o, *i: wp(n_out + o, *i), name="bitserial_ones")
-        conv = [bitserial_conv2d_nchw(xpad, k, tuple(int(s) for s in strides), tuple(int(p) for p in padding),
-                                      a_bits, w_bits, pack_dtype=f"uint{word}", out_dtype="int32", unipolar=False)
-                for k in (filters, ones)]
-        acc, total = conv
+        filters = te.compute((n_out, *(int(d) for d in wp.shape[1:])), lambda *i: wp(*i), name=WEIGHTS)
+        acc = bitserial_conv2d_nchw(xpad, filters, (sh, sw), (pt, pl, pb, pr), a_bits, w_bits,
+                                    pack_dtype=f"uint{word}", out_dtype="int32", unipolar=False)
+        rc = te.reduce_axis((0, c), name="rc")
+        xsum = te.compute((h, w_), lambda y, xx: te.sum(x[0, rc, y, xx].astype("int32"), axis=rc),
+                          name="bitserial_xsum")
+        ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
+
+        def window(y, xx):
+            iy, ix = y * sh + ry - pt, xx * sw + rx - pl
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w_)
+            return te.sum(tirx.if_then_else(inside, xsum[tirx.max(tirx.min(iy, h - 1), 0),
+                                                         tirx.max(tirx.min(ix, w_ - 1), 0)],
+                                            tirx.const(0, "int32")), axis=[ry, rx])
+        total = te.compute((int(acc.shape[2]), int(acc.shape[3])), window, name="bitserial_total")
         off = 1 << (w_bits - 1)
         return te.compute((1, n_out, int(acc.shape[2]), int(acc.shape[3])),
-                          lambda n, ff, y, xx: acc[n, ff, y, xx] - off * total[n, 0, y, xx], name="bitserial_out")
+                          lambda n, ff, y, xx: acc[n, ff, y, xx] - off * total[y, xx], name="bitserial_out")
     return f
 
 

@@ -88,28 +88,29 @@ def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
         x = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
     # convolutions: every variant the per-layer choice may pick (packing word, loop nest), with a filter
     # count the default order vectorizes (16: filters innermost, 16 lanes) and one it cannot (6)
-    variants = [("bitserial_dense", None, 13)] if op == "gemm" else \
-        [(name, word, n) for n in (6, 16) for name, word in
+    # and stride 2 (the window sums of the offset's correction follow the stride and the padding)
+    variants = [("bitserial_dense", None, 13, 1)] if op == "gemm" else \
+        [(name, word, n, st) for n in (6, 16) for st in (1, 2) for name, word in
          [("bitserial_conv2d", bs.conv_word(12)), ("bitserial_conv2d_xin", bs.conv_word(12)),
           ("bitserial_conv2d", 32), ("bitserial_conv2d_nat", 32)]]
-    for name, word, n in variants:
+    for name, word, n, st in variants:
         if word is not None:
             w = rng.integers(lo, hi + 1, size=(n, 12, 3, 3))
             w[0, 0, 0, :2] = lo, hi
-            ref = _conv_ref(x, w, 1)
+            ref = _conv_ref(x, w, 1)[:, :, ::st, ::st]
             packed = bs.pack_conv_weights(w, w_bits, word)
-            fn = bs.conv_te(a_bits, w_bits, n, word, (1, 1), (1, 1, 1, 1))
+            fn = bs.conv_te(a_bits, w_bits, n, word, (st, st), (1, 1, 1, 1))
         xt = te.placeholder(x.shape, "uint8", name="x")
         wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
         out = fn(xt, wt)
         mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
         mod, _ = schedules.apply_default(mod)
         vectorized = "T.vectorized" in mod.script()
-        assert vectorized == (name == "bitserial_conv2d" and n == 16), (name, word, n)
+        assert vectorized == (name == "bitserial_conv2d" and n == 16), (name, word, n, st)
         lib = tvm.compile(mod, "llvm")
         y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
         lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
-        assert np.array_equal(y.numpy(), ref), (name, word, n)
+        assert np.array_equal(y.numpy(), ref), (name, word, n, st)
     assert x.max() == (1 << a_bits) - 1 and w.min() == lo and w.max() == hi
 
 
