@@ -20,8 +20,8 @@ block written so), the accumulator is laid out the same way, and the innermost l
 vectorized (a bit-serial one: AND and popcount per lane). The loop is marked vectorized before the
 reduction's init is split off: marked after it, TVM refuses the update block (the int8 kernels had
 relied on LLVM vectorizing that loop by itself, which it did: their times did not change when the
-mark took). The same integer sums, so exact. Bit-serial convolutions measured 2-6x faster so than with
-the output width innermost (W4A4 3x3, 16-32 channels; Fashion-MNIST CNN W4A4 whole model 0.14 ->
+mark took). The same integer sums, so exact. Bit-serial convolutions measured 2-6x faster in this order
+than with the output width innermost (W4A4 3x3, 16-32 channels; Fashion-MNIST CNN W4A4 whole model 0.14 ->
 0.09 ms); they can still run width-innermost (the ``_xin`` kernel variant) or as computed (``_nat``),
 and the per-layer choice times them.
 

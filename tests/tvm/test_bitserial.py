@@ -67,15 +67,29 @@ def _conv_ref(x, w, pad):
     return y
 
 
+def _run_scheduled(name, x, packed, fn):
+    """(scheduled module, output) of one kernel compiled as the build schedules it
+    (``schedules.apply_default``), run on the host."""
+    import tvm
+    from tvm import te
+
+    from bitfold.export.tvm import schedules
+    xt = te.placeholder(x.shape, "uint8", name="x")
+    wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
+    out = fn(xt, wt)
+    mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
+    mod, _ = schedules.apply_default(mod)
+    y = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32), tvm.cpu())
+    tvm.compile(mod, "llvm")[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
+    return mod, y.numpy()
+
+
 @pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 1, 1), ("gemm", 2, 2), ("gemm", 3, 4), ("gemm", 4, 3),
                                               ("conv", 1, 2), ("conv", 2, 1), ("conv", 4, 4)])
 def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
     """The kernel alone (as the build schedules it) gives exactly the integer dot products, over the
     full code ranges, odd sizes included (K and C not multiples of the word)."""
-    import tvm
-    from tvm import te
-
-    from bitfold.export.tvm import bitserial as bs, schedules
+    from bitfold.export.tvm import bitserial as bs
     rng = np.random.default_rng(w_bits * 10 + a_bits)
     lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
     if op == "gemm":
@@ -83,12 +97,11 @@ def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
         w = rng.integers(lo, hi + 1, size=(13, 77))
         packed, ref = bs.pack_weights(w, w_bits), x.astype(np.int64) @ w.T
         fn = bs.dense_te(a_bits, w_bits, 13)
-        name = "bitserial_dense"
     else:
         x = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
-    # convolutions: every variant the per-layer choice may pick (packing word, loop nest), with a filter
-    # count the default order vectorizes (16: filters innermost, 16 lanes) and one it cannot (6)
-    # and stride 2 (the window sums of the offset's correction follow the stride and the padding)
+    # convolutions: every variant the per-layer choice may pick (packing word, loop nest), at a filter
+    # count the default order vectorizes (16: filters innermost, 16 lanes) and one it cannot (6), at
+    # strides 1 and 2 (the offset's correction is a window sum that follows the stride and the padding)
     variants = [("bitserial_dense", None, 13, 1)] if op == "gemm" else \
         [(name, word, n, st) for n in (6, 16) for st in (1, 2) for name, word in
          [("bitserial_conv2d", bs.conv_word(12)), ("bitserial_conv2d_xin", bs.conv_word(12)),
@@ -100,27 +113,16 @@ def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
             ref = _conv_ref(x, w, 1)[:, :, ::st, ::st]
             packed = bs.pack_conv_weights(w, w_bits, word)
             fn = bs.conv_te(a_bits, w_bits, n, word, (st, st), (1, 1, 1, 1))
-        xt = te.placeholder(x.shape, "uint8", name="x")
-        wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
-        out = fn(xt, wt)
-        mod = tvm.IRModule({name: te.create_prim_func([xt, wt, out]).with_attr("global_symbol", name)})
-        mod, _ = schedules.apply_default(mod)
-        vectorized = "T.vectorized" in mod.script()
-        assert vectorized == (name == "bitserial_conv2d" and n == 16), (name, word, n, st)
-        lib = tvm.compile(mod, "llvm")
-        y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
-        lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
-        assert np.array_equal(y.numpy(), ref), (name, word, n, st)
+        mod, y = _run_scheduled(name, x, packed, fn)
+        assert ("T.vectorized" in mod.script()) == (name == "bitserial_conv2d" and n == 16), (name, word, n, st)
+        assert np.array_equal(y, ref), (name, word, n, st)
     assert x.max() == (1 << a_bits) - 1 and w.min() == lo and w.max() == hi
 
 
 def test_every_width_pair_is_exact_as_the_build_schedules_it():
     """Every (w, a) pair the bit-serial path accepts (1-4 bits each), as a 3x3 convolution with a filter
     count the default order vectorizes and as a dense layer, over the full code ranges: exact sums."""
-    import tvm
-    from tvm import te
-
-    from bitfold.export.tvm import bitserial as bs, schedules
+    from bitfold.export.tvm import bitserial as bs
     rng = np.random.default_rng(7)
     for w_bits in range(1, 5):
         for a_bits in range(1, 5):
@@ -138,13 +140,7 @@ def test_every_width_pair_is_exact_as_the_build_schedules_it():
                      ("bitserial_dense", xd, bs.pack_weights(wd, w_bits), bs.dense_te(a_bits, w_bits, 13),
                       xd.astype(np.int64) @ wd.T)]
             for name, x, packed, fn, ref in cases:
-                xt = te.placeholder(x.shape, "uint8", name="x")
-                wt = te.placeholder(packed.shape, str(packed.dtype), name="w")
-                mod = tvm.IRModule({name: te.create_prim_func([xt, wt, fn(xt, wt)]).with_attr("global_symbol", name)})
-                lib = tvm.compile(schedules.apply_default(mod)[0], "llvm")
-                y = tvm.runtime.tensor(np.zeros(ref.shape, np.int32), tvm.cpu())
-                lib[name](tvm.runtime.tensor(x, tvm.cpu()), tvm.runtime.tensor(packed, tvm.cpu()), y)
-                assert np.array_equal(y.numpy(), ref), (name, w_bits, a_bits)
+                assert np.array_equal(_run_scheduled(name, x, packed, fn)[1], ref), (name, w_bits, a_bits)
 
 
 @pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 2, 2), ("conv", 3, 4)])
