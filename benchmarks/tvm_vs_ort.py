@@ -15,12 +15,17 @@ Then (unless ``--no-bits``) per-layer latency of the digits CNN vs its uniform b
 showing where lower bits do and do not help on this CPU with int8 kernels only.
 
 ``--kernel-rows`` (alone) instead prints, per model shape (digits CNN 8x8, Fashion-MNIST CNN and MLP
-28x28, ResNet-20 32x32) and uniform width W2A2..W4A4 (W1 has no QCDQ form), every layer's kernel time
+28x28, ResNet-20 32x32) and uniform width W1A1..W4A4, every layer's kernel time
 as int8 and as the bit-serial kernel (untuned, default schedules, same build otherwise), and the whole
 model: onnxruntime's default session, TVM int8 only, and TVM with the per-layer choice (``--kernels
 auto``) - all measured in one run:
 
-    python benchmarks/tvm_vs_ort.py --kernel-rows [--models cnn cnn28 mlp28 resnet20] [--widths 2 3 4]
+    python benchmarks/tvm_vs_ort.py --kernel-rows [--models cnn cnn28 mlp28 resnet20] [--widths 1 2 3 4]
+
+W1A1 has no QCDQ export (bitfold's 1-bit activations are bipolar sign activations): its rows are the
+W2A2 export with every 2-bit weight code replaced by its sign (bipolar +-1 weights, which the bit-serial
+kernel runs as one plane) and every 2-bit activation clip narrowed to {0, 1} (unsigned 1-bit inputs) -
+the same shapes and graph, for timing; the model's accuracy means nothing.
 """
 from __future__ import annotations
 
@@ -128,6 +133,37 @@ def _bits_table(board, trials, td):
         print(f"{layer:<18}" + "".join(f"{v * 1e6:>9.2f}" for v in vals) + f"{vals[0] / vals[-1]:>8.2f}")
 
 
+def _w1a1_from_w2a2(src: Path, dst: Path) -> None:
+    """The W2A2 QCDQ file with 1-bit operands where it has 2-bit ones: weight codes clipped to 2 bits
+    become their signs (+-1, no zero: bipolar), unsigned activation clips at 3 become clips at 1."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    for k, n in enumerate(m.graph.node):
+        if n.op_type != "Clip" or len(n.input) != 3 or not all(t in inits for t in n.input[1:]):
+            continue
+        lo, hi = (numpy_helper.to_array(inits[t]) for t in n.input[1:])
+        if n.input[0] in inits and lo.dtype == np.int8 and (int(lo), int(hi)) in ((-2, 1), (-1, 1)):
+            w = numpy_helper.to_array(inits[n.input[0]])
+            inits[n.input[0]].CopyFrom(numpy_helper.from_array(np.where(w >= 0, 1, -1).astype(np.int8), n.input[0]))
+            new = (np.array(-1, np.int8), np.array(1, np.int8))
+        elif lo.dtype == np.uint8 and (int(lo), int(hi)) == (0, 3):
+            new = (lo, np.array(1, np.uint8))
+        else:
+            continue
+        for j, v in enumerate(new):      # own bounds (the export may share them between nodes)
+            name = f"w1a1_clip{k}_{j}"
+            m.graph.initializer.append(numpy_helper.from_array(v, name))
+            n.input[1 + j] = name
+    used = {t for n in m.graph.node for t in n.input}
+    keep = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    onnx.save(m, str(dst))
+
+
 def _kernel_rows(models, widths):
     """Per-layer int8 vs bit-serial kernel latency and whole-model latency vs onnxruntime, one run."""
     import numpy as np
@@ -156,7 +192,11 @@ def _kernel_rows(models, widths):
             print(f"{'layer':<22}{'bits':>6}{'int8':>10}{'bitserial':>11}{'bs/int8':>9}{'auto':>11}")
             for bits in widths:
                 path = td / f"{key}_w{bits}.onnx"
-                _export(name, shape, f"w{bits}a{bits}", path)
+                if bits == 1:
+                    _export(name, shape, "w2a2", td / f"{key}_w2src.onnx")
+                    _w1a1_from_w2a2(td / f"{key}_w2src.onnx", path)
+                else:
+                    _export(name, shape, f"w{bits}a{bits}", path)
                 per, fns = {}, {}
                 for mode in ("int8", "bitserial", "auto"):
                     b = build(path, board, td / f"b_{key}_{bits}_{mode}", samples=4, kernels=mode)

@@ -6,7 +6,9 @@ into ``a`` planes and the weights into ``w`` planes of 32 one-bit lanes per word
 
     y[j] = sum_{p < a, q < w} 2^(p+q) * popcount(x_p & W'_q[j])  -  2^(w-1) * sum_k x[k]
 
-where ``W' = W + 2^(w-1)`` (the weights offset into ``[0, 2^w - 1]``). The dot product on planes is TVM's
+where ``W' = W + 2^(w-1)`` (the weights offset into ``[0, 2^w - 1]``). Bipolar weights (every code -1 or
++1: 1-bit weights as BNNs and FINN's classic networks have them) are one plane, ``W = 2 W' - 1`` with
+``W'`` in {0, 1}: ``y[j] = 2 * popcount-sum(x, W'[j]) - sum_k x[k]``. The dot product on planes is TVM's
 own ``topi.nn.bitserial_dense`` compute (``bitpack`` of the input at run time); the weights are packed
 once, at build time, with one extra all-ones row whose output is ``sum_k x[k]`` - the offset's
 correction comes out of the same kernel. Integer arithmetic from end to end, so the result is exactly
@@ -45,9 +47,16 @@ class Operand:
         return max(1, int(self.x_hi).bit_length())
 
     @property
+    def bipolar(self) -> bool:
+        """Every weight code is -1 or +1 (no 0): one bit plane, ``W = 2 W' - 1``."""
+        return self.weight is not None and bool(np.all(np.abs(self.weight) == 1))
+
+    @property
     def w_bits(self) -> int | None:
         if self.weight is None:
             return None
+        if self.bipolar:
+            return 1
         lo, hi = int(self.weight.min()), int(self.weight.max())
         b = 1
         while not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
@@ -69,7 +78,9 @@ class Operand:
 
     @property
     def label(self) -> str:
-        return f"W{self.w_bits}A{self.a_bits}"
+        """``W2A2``; bipolar 1-bit weights ``W1A2`` (bitfold's 1-bit weights are bipolar), signed
+        {-1, 0} ones ``W1sA2``."""
+        return f"W{self.w_bits}{'s' if self.w_bits == 1 and not self.bipolar else ''}A{self.a_bits}"
 
 
 def operands(model) -> list[Operand]:
@@ -112,11 +123,22 @@ def operands(model) -> list[Operand]:
 WEIGHTS = "bitserial_filters"
 
 
-def pack_weights(w: np.ndarray, bits: int) -> np.ndarray:
-    """(out, in) signed codes -> (out + 1, bits, ceil(in / 32)) uint32 planes of ``w + 2^(bits-1)``;
-    the last row is all ones (its output is the input's sum): a dense layer packed as a 1x1 convolution,
-    in the layout ``topi.nn.bitserial_dense`` reads."""
-    return np.ascontiguousarray(pack_conv_weights(w[:, :, None, None], bits, WORD)[:, :, 0, 0, :].transpose(0, 2, 1))
+def weight_form(bits: int, bipolar: bool = False) -> tuple[int, int]:
+    """(multiplier, offset) with ``w = multiplier * w' - offset`` for the unsigned plane codes ``w'``:
+    signed ``bits``-bit codes (1, 2^(bits-1)); bipolar codes (2, 1)."""
+    if bipolar:
+        if bits != 1:
+            raise ValueError("bipolar weights are 1-bit")
+        return 2, 1
+    return 1, 1 << (bits - 1)
+
+
+def pack_weights(w: np.ndarray, bits: int, bipolar: bool = False) -> np.ndarray:
+    """(out, in) signed (or bipolar) codes -> (out + 1, bits, ceil(in / 32)) uint32 planes of the
+    unsigned codes ``w'`` (:func:`weight_form`); the last row is all ones (its output is the input's sum):
+    a dense layer packed as a 1x1 convolution, in the layout ``topi.nn.bitserial_dense`` reads."""
+    return np.ascontiguousarray(pack_conv_weights(w[:, :, None, None], bits, WORD, bipolar)[:, :, 0, 0, :]
+                                .transpose(0, 2, 1))
 
 
 def conv_word(channels: int) -> int:
@@ -124,13 +146,17 @@ def conv_word(channels: int) -> int:
     return 32 if channels % 32 == 0 else 16 if channels % 16 == 0 else 8
 
 
-def pack_conv_weights(w: np.ndarray, bits: int, word: int) -> np.ndarray:
-    """(out, in, kh, kw) signed codes -> (out + 1, in_words, kh, kw, bits) planes of ``w + 2^(bits-1)``
-    packed along the input channels (``topi.nn.bitpack``'s order); the last filter is all ones."""
+def pack_conv_weights(w: np.ndarray, bits: int, word: int, bipolar: bool = False) -> np.ndarray:
+    """(out, in, kh, kw) signed (or bipolar) codes -> (out + 1, in_words, kh, kw, bits) planes of the
+    unsigned codes ``w'`` (:func:`weight_form`) packed along the input channels (``topi.nn.bitpack``'s
+    order); the last filter is all ones."""
     o, c, kh, kw = w.shape
     cp = -(-c // word) * word
+    mul, off = weight_form(bits, bipolar)
     wu = np.zeros((o + 1, cp, kh, kw), np.int64)
-    wu[:o, :c] = w.astype(np.int64) + (1 << (bits - 1))
+    wu[:o, :c] = (w.astype(np.int64) + off) // mul
+    if wu.min() < 0 or wu.max() >= (1 << bits) or np.any(wu[:o, :c] * mul - off != w):
+        raise ValueError(f"weight codes outside the {'bipolar' if bipolar else f'signed {bits}-bit'} range")
     wu[o, :c] = 1
     planes = ((wu[..., None] >> np.arange(bits)) & 1).astype(np.uint64)        # o+1, cp, kh, kw, bits
     planes = planes.reshape(o + 1, cp // word, word, kh, kw, bits)
@@ -138,7 +164,7 @@ def pack_conv_weights(w: np.ndarray, bits: int, word: int) -> np.ndarray:
     return (planes << shifts).sum(2).astype({8: np.uint8, 16: np.uint16, 32: np.uint32}[word])
 
 
-def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding):
+def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding, bipolar: bool = False):
     """A ``call_te`` function: (x (1, C, H, W) unsigned codes, packed filters) -> (1, n_out, H', W') int32.
     The ``n_out`` filters run as TVM's bit-serial convolution; the offset's correction (the all-ones
     filter's output: the sum of the input codes under each window) as a plain integer sum - the
@@ -172,13 +198,13 @@ def conv_te(a_bits: int, w_bits: int, n_out: int, word: int, strides, padding):
                                                          tirx.max(tirx.min(ix, w_ - 1), 0)],
                                             tirx.const(0, "int32")), axis=[ry, rx])
         total = te.compute((int(acc.shape[2]), int(acc.shape[3])), window, name="bitserial_total")
-        off = 1 << (w_bits - 1)
+        mul, off = weight_form(w_bits, bipolar)
         return te.compute((1, n_out, int(acc.shape[2]), int(acc.shape[3])),
-                          lambda n, ff, y, xx: acc[n, ff, y, xx] - off * total[y, xx], name="bitserial_out")
+                          lambda n, ff, y, xx: mul * acc[n, ff, y, xx] - off * total[y, xx], name="bitserial_out")
     return f
 
 
-def dense_te(a_bits: int, w_bits: int, n_out: int):
+def dense_te(a_bits: int, w_bits: int, n_out: int, bipolar: bool = False):
     """A ``call_te`` function: (x (1, K) unsigned codes, packed weights) -> (1, n_out) int32 dot products."""
     from tvm import te, tirx
     from tvm.topi.nn import bitserial_dense
@@ -189,6 +215,6 @@ def dense_te(a_bits: int, w_bits: int, n_out: int):
         xpad = te.compute((1, kp), lambda i, kk: tirx.if_then_else(
             kk < k, x[i, tirx.min(kk, k - 1)].astype("int32"), tirx.const(0, "int32")), name="bitserial_pad")
         acc = bitserial_dense(xpad, wp, a_bits, w_bits, pack_dtype="uint32", out_dtype="int32", unipolar=False)
-        off = 1 << (w_bits - 1)
-        return te.compute((1, n_out), lambda i, j: acc[i, j] - off * acc[i, n_out], name="bitserial_out")
+        mul, off = weight_form(w_bits, bipolar)
+        return te.compute((1, n_out), lambda i, j: mul * acc[i, j] - off * acc[i, n_out], name="bitserial_out")
     return f

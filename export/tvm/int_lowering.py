@@ -151,9 +151,10 @@ def _make_pass():
                     variant = self.bitserial.get(idx, "")
                     word = 32 if variant.startswith("k32") else bs.conv_word(int(serial.weight.shape[1]))
                     acc = bb.emit(bb.call_te(
-                        bs.conv_te(a_bits, w_bits, int(serial.weight.shape[0]), word, a.strides, a.padding), xq,
-                        relax.const(bs.pack_conv_weights(serial.weight, w_bits, word)),
-                        primfunc_name_hint=f"bitserial_conv2d_w{w_bits}a{a_bits}"
+                        bs.conv_te(a_bits, w_bits, int(serial.weight.shape[0]), word, a.strides, a.padding,
+                                   serial.bipolar), xq,
+                        relax.const(bs.pack_conv_weights(serial.weight, w_bits, word, serial.bipolar)),
+                        primfunc_name_hint=f"bitserial_conv2d_{serial.label.lower()}"
                                            f"{SUFFIX.get(variant[-1:], '')}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(1, -1, 1, 1)
@@ -164,9 +165,10 @@ def _make_pass():
                     from bitfold.export.tvm import bitserial as bs
                     a_bits, w_bits = serial.a_bits, serial.w_bits
                     n_out = int(serial.weight.shape[0])
-                    acc = bb.emit(bb.call_te(bs.dense_te(a_bits, w_bits, n_out), xq,
-                                             relax.const(bs.pack_weights(serial.weight, w_bits), "uint32"),
-                                             primfunc_name_hint=f"bitserial_dense_w{w_bits}a{a_bits}"))
+                    acc = bb.emit(bb.call_te(bs.dense_te(a_bits, w_bits, n_out, serial.bipolar), xq,
+                                             relax.const(bs.pack_weights(serial.weight, w_bits, serial.bipolar),
+                                                         "uint32"),
+                                             primfunc_name_hint=f"bitserial_dense_{serial.label.lower()}"))
                 scale = (float(sx.reshape(-1)[0]) * sw.astype(np.float64)).astype(np.float32)
                 scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
             op = self._operand(idx)

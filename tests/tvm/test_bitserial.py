@@ -14,16 +14,19 @@ from bitfold.core.errors import BitfoldError
 
 def _one_layer_qcdq(path, op: str, w_bits: int, a_bits: int, seed: int = 0, k: int = 100, n: int = 24):
     """A QCDQ model: ReLU -> uint8 quantizer clipped to a_bits -> dequantize -> Gemm / Conv whose int8
-    weights are clipped to w_bits (signed), then a float bias - the form bitfold's exports take."""
+    weights are clipped to w_bits (signed; "b": bipolar +-1 codes), then a float bias - the form bitfold's
+    exports take."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(seed)
-    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+    lo, hi = (-1, 1) if w_bits == "b" else (-(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1)
     if op == "gemm":
         xshape, wshape, yshape = [1, k], (n, k), [1, n]
     else:
         xshape, wshape, yshape = [1, 12, 6, 6], (n, 12, 3, 3), [1, n, 6, 6]
     w = rng.integers(-128, 128, size=wshape).astype(np.int8)   # wider than w_bits: the Clip narrows it
+    if w_bits == "b":
+        w = rng.choice(np.array([-1, 1], np.int8), size=wshape)
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "sx"),
              numpy_helper.from_array(np.array(0, np.uint8), "zx"),
              numpy_helper.from_array(np.array(0, np.uint8), "xlo"),
@@ -48,6 +51,63 @@ def _one_layer_qcdq(path, op: str, w_bits: int, a_bits: int, seed: int = 0, k: i
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     return path
+
+
+def _branches_qcdq(path, pairs, seed: int = 0, n: int = 16):
+    """One QCDQ model holding, for each (w, a) of ``pairs``, a 3x3 convolution and a dense layer that
+    read the input through their own a-bit quantizer (``w`` signed bits, or "b" for bipolar +-1 codes
+    with no Clip); every output flattened and concatenated - all pairs in one build."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(0, np.uint8), "zx"), numpy_helper.from_array(np.array(0, np.uint8), "xlo"),
+             numpy_helper.from_array(np.array(1, np.int64), "one")]
+    nodes = [helper.make_node("Relu", ["x"], ["xr"])]
+    outs = []
+    for i, (w_bits, a_bits) in enumerate(pairs):
+        sx = 0.4 / (1 << a_bits)                      # N(0, 1) inputs reach the top code
+        inits += [numpy_helper.from_array(np.array(sx, np.float32), f"sx{i}"),
+                  numpy_helper.from_array(np.array((1 << a_bits) - 1, np.uint8), f"xhi{i}")]
+        nodes += [helper.make_node("QuantizeLinear", ["xr", f"sx{i}", "zx"], [f"xq{i}"]),
+                  helper.make_node("Clip", [f"xq{i}", "xlo", f"xhi{i}"], [f"xc{i}"]),
+                  helper.make_node("DequantizeLinear", [f"xc{i}", f"sx{i}", "zx"], [f"xd{i}"]),
+                  helper.make_node("Flatten", [f"xd{i}"], [f"xf{i}"], axis=1)]
+        for op, wshape in (("conv", (n, 12, 3, 3)), ("fc", (n, 12 * 6 * 6))):
+            if w_bits == "b":
+                w = rng.choice(np.array([-1, 1], np.int8), size=wshape)
+                inits.append(numpy_helper.from_array(w, f"{op}w{i}"))
+                wsrc = f"{op}w{i}"
+            else:
+                lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+                w = rng.integers(lo, hi + 1, size=wshape).astype(np.int8)
+                inits += [numpy_helper.from_array(w, f"{op}w{i}"),
+                          numpy_helper.from_array(np.array(lo, np.int8), f"{op}lo{i}"),
+                          numpy_helper.from_array(np.array(hi, np.int8), f"{op}hi{i}")]
+                nodes.append(helper.make_node("Clip", [f"{op}w{i}", f"{op}lo{i}", f"{op}hi{i}"], [f"{op}wc{i}"]))
+                wsrc = f"{op}wc{i}"
+            inits += [numpy_helper.from_array((0.01 + 0.02 * rng.random(n)).astype(np.float32), f"{op}sw{i}"),
+                      numpy_helper.from_array(np.zeros(n, np.int8), f"{op}zw{i}"),
+                      numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"{op}b{i}")]
+            nodes.append(helper.make_node("DequantizeLinear", [wsrc, f"{op}sw{i}", f"{op}zw{i}"], [f"{op}wd{i}"], axis=0))
+            if op == "conv":
+                nodes += [helper.make_node("Conv", [f"xd{i}", f"convwd{i}", f"convb{i}"], [f"cy{i}"], name=f"conv{i}",
+                                           pads=[1, 1, 1, 1]),
+                          helper.make_node("Flatten", [f"cy{i}"], [f"cyf{i}"], axis=1)]
+                outs.append(f"cyf{i}")
+            else:
+                nodes.append(helper.make_node("Gemm", [f"xf{i}", f"fcwd{i}", f"fcb{i}"], [f"fy{i}"], name=f"fc{i}",
+                                              transB=1))
+                outs.append(f"fy{i}")
+    nodes.append(helper.make_node("Concat", outs, ["y"], axis=1))
+    total = len(pairs) * (n * 36 + n)
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, total])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+#: every width pair the bit-serial kernels take: signed 1-4-bit weights and bipolar ("b") ones, 1-4-bit inputs
+ALL_PAIRS = [(w, a) for w in (1, 2, 3, 4, "b") for a in (1, 2, 3, 4)]
 
 
 def _outputs(build_dir, x):
@@ -120,30 +180,33 @@ def test_bitserial_kernel_is_exact_in_integers(op, w_bits, a_bits):
 
 
 def test_every_width_pair_is_exact_as_the_build_schedules_it():
-    """Every (w, a) pair the bit-serial path accepts (1-4 bits each), as a 3x3 convolution with a filter
-    count the default order vectorizes and as a dense layer, over the full code ranges: exact sums."""
+    """Every (w, a) pair the bit-serial path accepts (1-4 bits each; signed and bipolar weights), as a
+    3x3 convolution with a filter count the default order vectorizes and as a dense layer, over the full
+    code ranges: exact sums."""
     from bitfold.export.tvm import bitserial as bs
     rng = np.random.default_rng(7)
-    for w_bits in range(1, 5):
-        for a_bits in range(1, 5):
-            lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
-            xc = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
-            xc[0, 0, 0, 0] = (1 << a_bits) - 1
-            wc = rng.integers(lo, hi + 1, size=(16, 12, 3, 3))
-            wc[0, 0, 0, :2] = lo, hi
-            xd = xc.reshape(1, -1)[:, :77].copy()
-            wd = rng.integers(lo, hi + 1, size=(13, 77))
-            wd[0, :2] = lo, hi
-            word = bs.conv_word(12)
-            cases = [("bitserial_conv2d", xc, bs.pack_conv_weights(wc, w_bits, word),
-                      bs.conv_te(a_bits, w_bits, 16, word, (1, 1), (1, 1, 1, 1)), _conv_ref(xc, wc, 1)),
-                     ("bitserial_dense", xd, bs.pack_weights(wd, w_bits), bs.dense_te(a_bits, w_bits, 13),
-                      xd.astype(np.int64) @ wd.T)]
-            for name, x, packed, fn, ref in cases:
-                assert np.array_equal(_run_scheduled(name, x, packed, fn)[1], ref), (name, w_bits, a_bits)
+    for wb, a_bits in ALL_PAIRS:
+        w_bits, bip = (1, True) if wb == "b" else (wb, False)
+        lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+
+        def codes(shape):
+            w = rng.choice([-1, 1], size=shape) if bip else rng.integers(lo, hi + 1, size=shape)
+            w.reshape(-1)[:2] = (-1, 1) if bip else (lo, hi)
+            return w
+        xc = rng.integers(0, 1 << a_bits, size=(1, 12, 5, 7)).astype(np.uint8)
+        xc[0, 0, 0, 0] = (1 << a_bits) - 1
+        wc, wd = codes((16, 12, 3, 3)), codes((13, 77))
+        xd = xc.reshape(1, -1)[:, :77].copy()
+        word = bs.conv_word(12)
+        cases = [("bitserial_conv2d", xc, bs.pack_conv_weights(wc, w_bits, word, bip),
+                  bs.conv_te(a_bits, w_bits, 16, word, (1, 1), (1, 1, 1, 1), bip), _conv_ref(xc, wc, 1)),
+                 ("bitserial_dense", xd, bs.pack_weights(wd, w_bits, bip), bs.dense_te(a_bits, w_bits, 13, bip),
+                  xd.astype(np.int64) @ wd.T)]
+        for name, x, packed, fn, ref in cases:
+            assert np.array_equal(_run_scheduled(name, x, packed, fn)[1], ref), (name, wb, a_bits)
 
 
-@pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 2, 2), ("conv", 3, 4)])
+@pytest.mark.parametrize("op,w_bits,a_bits", [("gemm", 2, 2), ("conv", 3, 4), ("conv", "b", 2)])
 def test_bitserial_build_verifies_and_equals_the_int8_build(tmp_path, op, w_bits, a_bits):
     """Built end to end: the bit-serial layer passes the export gate against onnxruntime, and its outputs
     equal the int8 build's up to float rounding of the same integer accumulators (one ulp)."""
@@ -152,7 +215,7 @@ def test_bitserial_build_verifies_and_equals_the_int8_build(tmp_path, op, w_bits
     build(m, "host-cpu", tmp_path / "i8", {"kernels": "int8"})
     bs = json.loads((tmp_path / "bs" / "build.json").read_text())
     i8 = json.loads((tmp_path / "i8" / "build.json").read_text())
-    assert [la["kernel"] for la in bs["layers"]] == [f"bitserial W{w_bits}A{a_bits}"]
+    assert [la["kernel"] for la in bs["layers"]] == [f"bitserial W{1 if w_bits == 'b' else w_bits}A{a_bits}"]
     assert [la["kernel"] for la in i8["layers"]] == ["int8"]
     assert bs["verification"]["passed"] and i8["verification"]["passed"]
     shape = bs["input"]["shape"]
@@ -168,8 +231,8 @@ def test_wrong_weight_packing_is_caught(tmp_path, monkeypatch):
     from bitfold.export.tvm import bitserial as bs
     good = bs.pack_weights
 
-    def bad(w, bits):
-        p = good(w, bits)
+    def bad(w, bits, bipolar=False):
+        p = good(w, bits, bipolar)
         p[:-1, -1] = p[:-1, 0]        # the top plane replaced by the bottom one
         return p
     monkeypatch.setattr(bs, "pack_weights", bad)
@@ -252,11 +315,13 @@ def test_default_schedule_changes_only_float_rounding(trained_run, tmp_path, ker
 
 
 def test_bitserial_aarch64_build_is_exact_under_qemu(arm64_sysroot, tmp_path):
-    """The bit-serial kernels compiled for aarch64 (NEON popcount) run under qemu-user and match."""
+    """The bit-serial kernels compiled for aarch64 (NEON popcount) run under qemu-user and match
+    onnxruntime under the strict gate - every width pair, convolution and dense, in one build."""
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.fail("aarch64-linux-gnu-g++ is not installed (Debian: g++-aarch64-linux-gnu)")
-    m = _one_layer_qcdq(tmp_path / "m.onnx", "conv", 3, 2)
+    m = _branches_qcdq(tmp_path / "m.onnx", ALL_PAIRS)
     r = build(m, "rpi4", tmp_path / "b", {"kernels": "bitserial", "qemu": True})
     meta = json.loads((tmp_path / "b" / "build.json").read_text())
-    assert r.verified and meta["layers"][0]["kernel"] == "bitserial W3A2"
-    assert meta["verification_emulated"]["passed"]
+    labels = [f"W{w if w != 'b' else 1}{'s' if w == 1 else ''}A{a}" for w, a in ALL_PAIRS]
+    assert [la["kernel"] for la in meta["layers"]] == [f"bitserial {lb}" for lb in labels for _ in (0, 1)]
+    assert r.verified and meta["verification_emulated"]["passed"]
