@@ -17,8 +17,9 @@ that seed's float weights (``init_from``; the fixed baselines too), on the same 
   and with the paper's non-uniform activations (act=nonuniform: trains, does not export);
   ADQ with a Fisher allocation under 3 average hidden-layer weight bits (trained W4 -> allocate ->
   continue) against the uniform allocation (ADQ W3A4).
-* asq: W4A4 / W3A3 / W2A2: fixed, ASQ, ASQ without adapter, ASQ with POT weights; ASQ's folded QCDQ
-  export (onnxruntime) and dynamic export accuracy.
+* asq: W4A4 / W3A3 / W2A2: fixed, ASQ, ASQ without adapter, ASQ with POT weights, ASQ with uniform
+  weight levels (with and without adapter: ASQ's activation step alone against the fixed row's quantizer);
+  ASQ's folded QCDQ export (onnxruntime) and dynamic export accuracy.
 
 Prints mean +- sd over the seeds per row (and the per-seed values), writes CSV (one line per run) and a
 PNG (accuracy vs average hidden-layer weight bits) into --out/<method>_<model>/. Every training run is one Dask task
@@ -89,6 +90,12 @@ def rows_for(method: str, quick: bool, model: str = "mlp"):
             if not quick:
                 rows += [(f"asq {b.upper()} no adapter", {"method": "asq", "bits": b, "method_options": {"adapter": False}}),
                          (f"asq {b.upper()} POT weights", {"method": "asq", "bits": b, "method_options": {"levels": "pot"}})]
+        # appended, so that the rows above keep their run directories (r<index>)
+        for b in ([] if quick else ["w4a4", "w3a3", "w2a2"]):
+            rows += [(f"asq {b.upper()} uniform weights", {"method": "asq", "bits": b,
+                                                            "method_options": {"levels": "uniform"}}),
+                     (f"asq {b.upper()} uniform weights no adapter",
+                      {"method": "asq", "bits": b, "method_options": {"levels": "uniform", "adapter": False}})]
         return rows
     raise SystemExit(f"unknown --method {method!r}: adaqat, mebqat, adq or asq")
 

@@ -120,15 +120,17 @@ class ASQAct(nn.Module):
 
 
 class POSTWeight(nn.Module):
-    """Parametrization: weight -> nearest signed power-of-sqrt(2) level times a learned alpha."""
+    """Parametrization: weight -> nearest signed power-of-sqrt(2) level times a learned alpha
+    (``base`` 2: powers of two; ``base`` None: the uniform grid {0, +-1/k, ..., +-1} with the same
+    number of levels - the ablation that keeps ASQ's learned alpha but not its level spacing)."""
 
-    def __init__(self, bits: int, base: float = math.sqrt(2)):
+    def __init__(self, bits: int, base: float | None = math.sqrt(2)):
         super().__init__()
         if bits < 2:
             raise BitfoldError("POST weights need >= 2 bits (sign + zero + one level)")
         self.bits = int(bits)
         k = 2 ** (bits - 1) - 1
-        mags = torch.tensor([base ** -i for i in range(k)])
+        mags = torch.tensor([base ** -i for i in range(k)]) if base else torch.arange(k, 0, -1) / k
         self.register_buffer("unit_levels", torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values)
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -156,8 +158,8 @@ class FoldedScale(nn.Module):
         return x * self.factor
 
 
-#: weight level sets: POST (powers of sqrt 2, the method's) and POT (powers of 2, the ablation)
-LEVEL_BASES = {"post": math.sqrt(2), "pot": 2.0}
+#: weight level sets: POST (powers of sqrt 2, the method's), POT (powers of 2) and uniform (the ablations)
+LEVEL_BASES = {"post": math.sqrt(2), "pot": 2.0, "uniform": None}
 
 
 @register_method("asq")

@@ -28,6 +28,15 @@ def test_post_levels_are_signed_powers_of_sqrt2_with_zero():
     assert p.alpha.grad is not None and float(p.alpha.grad) != 0.0
 
 
+def test_uniform_level_ablation_is_an_evenly_spaced_grid_of_the_same_size():
+    """levels=uniform (the ablation): as many levels as POST, evenly spaced, zero included, alpha learned."""
+    for bits in (2, 3, 4):
+        lv = POSTWeight(bits, None).unit_levels
+        assert len(lv) == len(POSTWeight(bits).unit_levels) == 2 ** bits - 1
+        assert torch.allclose(lv[1:] - lv[:-1], torch.full((len(lv) - 1,), 2.0 / (len(lv) - 1)), atol=1e-6)
+        assert float(lv.abs().min()) == 0.0 and float(lv.max()) == 1.0
+
+
 def test_asq_activation_step_adapts_and_learns():
     act = ASQAct(4, signed=False)
     x = torch.rand(8, 4, 5, 5) * 3
