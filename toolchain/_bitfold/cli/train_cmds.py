@@ -84,7 +84,7 @@ def train(
     init_from: Optional[Path] = typer.Option(None, help="start from another run's weights (e.g. after `bitfold allocate`)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option KEY=VALUE, repeatable (e.g. asq: "
-                                            "adapter=false, levels=pot; mebqat: quantizer=dorefa)"),
+                                            "adapter=false, levels=pot|uniform; mebqat: quantizer=dorefa)"),
     fast_quant: bool = typer.Option(True, help="fused training steps for fixed-width quantizers (bit-identical "
                                                "to Brevitas; --no-fast-quant runs Brevitas's own modules)"),
     compile_backend: Optional[str] = typer.Option(None, "--compile", help="train under torch.compile with this backend "
