@@ -163,6 +163,11 @@ def choose_kernels(model, board, mode: str, *, events=None, **compile_kw) -> tup
     ops = tvm_bs.operands(model)
     able = {i for i, o in enumerate(ops) if o.why_not() is None}
     record = {"mode": mode, "eligible": [ops[i].layer for i in sorted(able)]}
+    if mode == "bitserial" and not able:
+        why = "; ".join(f"{o.layer}: {o.why_not()}" for o in ops) or "it has no Conv/Gemm/MatMul layer"
+        raise BitfoldError(f"--kernels bitserial: no layer of this model can run bit-serial ({why})",
+                           "the bit-serial kernels take <= 4-bit signed or bipolar (+-1) weights and <= 4-bit "
+                           "unsigned inputs (zero point 0), groups 1, dilation 1; build with --kernels auto or int8")
     if mode == "int8" or not able:
         return {}, record
     if mode == "bitserial":

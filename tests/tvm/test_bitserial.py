@@ -263,6 +263,10 @@ def test_auto_choice_is_measured_per_layer_and_recorded(tmp_path):
     meta5 = json.loads((tmp_path / "b5" / "build.json").read_text())
     assert meta5["kernel_choice"]["eligible"] == [] and meta5["layers"][0]["kernel"] == "int8"
     assert meta5["layers"][0]["bitserial"] == "W5A2 is wider than 4 bits"
+    # forcing the bit-serial kernels on a model none of whose layers qualifies is an error that says why
+    with pytest.raises(BitfoldError, match="no layer of this model can run bit-serial .fc: W5A2 is wider than 4 bits"):
+        build(m5, "host-cpu", tmp_path / "b5s", {"kernels": "bitserial"})
+    assert not (tmp_path / "b5s").exists()
     with pytest.raises(BitfoldError, match="unknown kernel choice"):
         build(m, "host-cpu", tmp_path / "x", {"kernels": "fast"})
 
