@@ -64,6 +64,12 @@ def rows_for(method: str, quick: bool, model: str = "mlp"):
             rows.append((f"adaqat {est} lam={lam:g}{' edges learned' if edges else ''}",
                          {"method": "adaqat", "bits": "w8a8:all" if edges else "w8a8",
                           "method_options": {"cost": "bitops", "lam": lam, "estimator": est, "learn_edges": edges}}))
+        if not quick:
+            # AdaQAT's own quantizers (DoReFa weights, PACT activations) held at W3A3 for the whole run
+            # (widths clamped to [2.6, 3.4], no cost): the quantizers against the fixed row's, without
+            # the width schedule (appended: the rows above keep their run directories)
+            rows.append(("adaqat quantizers held at W3A3", {"method": "adaqat", "bits": "w3a3", "method_options":
+                         {"cost": "bitops", "lam": 0.0, "min_bits": 2.6, "max_bits": 3.4}}))
         return rows
     if method == "mebqat":
         pairs = [(2, 2), (8, 8)] if quick else PAIRS
