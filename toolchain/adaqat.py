@@ -8,7 +8,7 @@ Choices made here (and tested):
 * Every compute layer owns a real-valued weight width ``N_w`` and every activation site a
   real-valued ``N_a`` (shared by the layers it feeds), clamped to ``[min_bits, max_bits]`` in the
   forward pass and after every optimizer step. First and last layer stay at their initial widths
-  unless ``learn_edges`` (the paper keeps them at 8 bit).
+  unless ``learn_edges`` (the paper keeps them at 8 bit) - also when ``max_bits`` is below them.
 * Discretisation: **nearest** integer, ``round(clamp(N))``.
 * Weights, DoReFa-style: the layer's weight is re-parametrised as ``tanh(w) / max|tanh(w)|``
   (a torch parametrization) and quantized on the symmetric narrow-range grid of ``2^k - 1`` levels
@@ -239,7 +239,10 @@ class AdaQATMethod(QuantMethod):
         learn = self._learnable(model)
         for m in self._all_widths(model):
             if m not in learn:
+                # kept at its initial width whatever [min_bits, max_bits] is (a max_bits under the
+                # edges' 8 bits would otherwise clamp them down)
                 m.n.requires_grad_(False)
+                m.lo = m.hi = float(m.n)
         # thresholded outputs: every site except the one feeding the first layer (the model input)
         self.capped = [m for k, m in self.site_widths(model).items() if names[0] not in k and m in learn] \
             if self.out_cap is not None and self.out_cap < self.max_bits else []
@@ -322,7 +325,7 @@ class AdaQATMethod(QuantMethod):
                     for m, s in zip(live, steps):
                         m.n.sub_(k * s)
                         m.n.grad = None
-            for m in self._all_widths(model):
+            for m in self._cached(model, "learn", lambda: self._learnable(model)):
                 m.n.clamp_(self.min_bits, self.max_bits)
             for m in self.capped:
                 m.n.clamp_(max=float(self.out_cap))

@@ -71,14 +71,22 @@ def test_increasing_lambda_strictly_lowers_the_final_cost(lam_sweep):
 
 def test_widths_stay_in_range_and_outputs_are_written(tmp_path):
     # a strong penalty and a fast width learning rate push the widths hard against the floor
+    # max_bits 5 bounds the learned widths only: the first and last layer keep their initial widths
     cfg = TrainConfig(model="mlp", bits="w6a6", method="adaqat", epochs=4,
-                      method_options={"lam": 50.0, "bit_lr": 0.5, "finetune_epochs": 1, "min_bits": 3})
+                      method_options={"lam": 50.0, "bit_lr": 0.5, "finetune_epochs": 1, "min_bits": 3, "max_bits": 5})
     run = tmp_path / "r"
     train(cfg, run, progress=False)
     with open(run / "bit_trajectory.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert rows and all(3.0 <= float(r["bits"]) <= 8.0 for r in rows)
-    assert min(float(r["bits"]) for r in rows) == 3.0
+    edges = {rows[0]["name"], rows[-1]["name"]}
+    hidden = [float(r["bits"]) for r in rows if r["name"] not in edges]
+    assert hidden and all(3.0 <= b <= 5.0 for b in hidden)
+    assert min(hidden) == 3.0
+    first = {(r["name"], r["kind"]): float(r["bits"]) for r in rows[::-1]}
+    for r in rows:
+        if r["name"] in edges:
+            assert float(r["bits"]) == first[(r["name"], r["kind"])]
+    assert max(first[k] for k in first if k[0] in edges) > 5.0
     learned = json.loads((run / "learned_bitmap.json").read_text())
     assert learned == json.loads((run / "bitmap.json").read_text())
     assert all(isinstance(v["w"], int) and 2 <= v["w"] <= 8 for v in learned.values())
