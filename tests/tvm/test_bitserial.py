@@ -24,9 +24,9 @@ def _one_layer_qcdq(path, op: str, w_bits: int, a_bits: int, seed: int = 0, k: i
         xshape, wshape, yshape = [1, k], (n, k), [1, n]
     else:
         xshape, wshape, yshape = [1, 12, 6, 6], (n, 12, 3, 3), [1, n, 6, 6]
-    w = rng.integers(-128, 128, size=wshape).astype(np.int8)   # wider than w_bits: the Clip narrows it
-    if w_bits == "b":
-        w = rng.choice(np.array([-1, 1], np.int8), size=wshape)
+    # signed: wider than w_bits (the Clip narrows it); bipolar: +-1 codes
+    w = rng.choice(np.array([-1, 1], np.int8), size=wshape) if w_bits == "b" else \
+        rng.integers(-128, 128, size=wshape).astype(np.int8)
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "sx"),
              numpy_helper.from_array(np.array(0, np.uint8), "zx"),
              numpy_helper.from_array(np.array(0, np.uint8), "xlo"),
@@ -60,8 +60,7 @@ def _branches_qcdq(path, pairs, seed: int = 0, n: int = 16):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(np.array(0, np.uint8), "zx"), numpy_helper.from_array(np.array(0, np.uint8), "xlo"),
-             numpy_helper.from_array(np.array(1, np.int64), "one")]
+    inits = [numpy_helper.from_array(np.array(0, np.uint8), "zx"), numpy_helper.from_array(np.array(0, np.uint8), "xlo")]
     nodes = [helper.make_node("Relu", ["x"], ["xr"])]
     outs = []
     for i, (w_bits, a_bits) in enumerate(pairs):
