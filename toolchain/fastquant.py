@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitfold.toolchain import qkernels
+
 
 #: ``threshold_backward(g, t, 0)``: ``g`` where ``t > 0``, else 0 - autograd's own ReLU backward, used
 #: for every mask here: on CPU it runs at the speed of a float multiply, a comparison producing a bool
@@ -60,6 +62,45 @@ def _quant_fwd(ctx, x, s, lo, hi, ste_clamp, relu_before, *keep):
     return c * s
 
 
+def _kernel_fwd(ctx, x, s, lo, hi, ste_clamp, relu, *keep):
+    """:func:`_quant_fwd` (with the ReLU before it, ``relu``) as one compiled pass
+    (:mod:`bitfold.toolchain.qkernels`) when the tensors allow it, else None; saves ``x`` (the
+    backward recomputes ``x / s`` and the rounding, in the same operations), ``s`` and ``keep``."""
+    lay = qkernels.layout(x, s)
+    if lay is None:
+        ctx.kernel = None
+        return None
+    mask = 0 if ste_clamp else (1 if relu and lo <= 0 else 2)   # after a ReLU nothing is below lo <= 0
+    ctx.kernel = (lay, lo, hi, relu, mask)
+    ctx.save_for_backward(x, s, *keep)
+    return qkernels.forward(x, s, lay, lo, hi, relu)
+
+
+def _kernel_bwd(ctx, g, need_x: bool, need_s: bool):
+    """(grad_x, grad_s, kept tensors) of :func:`_kernel_fwd` - the ReLU's backward included - with
+    the scale's gradient reduced as :func:`_scale_grad` reduces it."""
+    x, s, *keep = ctx.saved_tensors
+    lay, lo, hi, relu, mask = ctx.kernel
+    if g.dtype != x.dtype or g.shape != x.shape or not qkernels.standard(g):
+        # a gradient in another memory layout (a convolution's backward may hand one in channels-last
+        # order): the products ``g * c`` then take g's layout, and their sums add in that order - the
+        # tensor operations, on the forward's values recomputed (same operations, same results)
+        r = torch.relu(x) if relu else x
+        y = r / s
+        q = torch.round(y)
+        c = torch.clamp(q, lo, hi)
+        grad_c = g * s
+        if mask:
+            grad_c = keep_in_range(grad_c, q, lo, hi, above_lo=mask == 1)
+        grad_x = grad_c / s if need_x else None
+        if grad_x is not None and relu:
+            grad_x = _keep_where_positive(grad_x, r, 0)
+        return grad_x, (_scale_grad(g, c, grad_c, y, s) if need_s else None), keep
+    grad_x, prods = qkernels.backward(x, g, s, lay, lo, hi, relu, mask, need_x, need_s)
+    grad_s = prods[0].sum_to_size(s.shape) - prods[1].sum_to_size(s.shape) if prods is not None else None
+    return grad_x, grad_s, keep
+
+
 def _quant_bwd(ctx, g, need_x: bool, need_s: bool):
     """Gradients of :func:`_quant_fwd` towards x and s, as autograd evaluates the Brevitas graph: round
     is straight-through; the clamp is straight-through for weights (``TensorClampSte``) and cuts the
@@ -83,21 +124,27 @@ class _QuantFromValue(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, value, relu: bool, min_val, thr, lo: float, hi: float, ste_clamp: bool):
-        if relu:
-            x = torch.relu(x)
         s = torch.abs(value)
         if min_val is not None:
             s = torch.clamp_min(s, min_val)
         s = s / thr
         ctx.thr, ctx.relu = thr, relu
+        out = _kernel_fwd(ctx, x, s, lo, hi, ste_clamp, relu, value)
+        if out is not None:
+            return out
+        if relu:
+            x = torch.relu(x)
         return _quant_fwd(ctx, x, s, lo, hi, ste_clamp, relu, value, x if relu else None)
 
     @staticmethod
     def backward(ctx, g):
-        grad_x, grad_s = _quant_bwd(ctx, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        value, r = ctx.saved_tensors[4:]
-        if grad_x is not None and ctx.relu:
-            grad_x = _keep_where_positive(grad_x, r, 0)   # ReLU's backward, as autograd runs it
+        if ctx.kernel is not None:
+            grad_x, grad_s, (value,) = _kernel_bwd(ctx, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        else:
+            grad_x, grad_s = _quant_bwd(ctx, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            value, r = ctx.saved_tensors[4:]
+            if grad_x is not None and ctx.relu:
+                grad_x = _keep_where_positive(grad_x, r, 0)   # ReLU's backward, as autograd runs it
         grad_v = (grad_s / ctx.thr) * value.sgn() if grad_s is not None else None   # div, clamp STE, abs
         return grad_x, grad_v, None, None, None, None, None, None
 
@@ -167,14 +214,21 @@ class _QuantFromAbsMax(torch.autograd.Function):
             s = torch.clamp_min(s, min_val)
         s = s / thr
         ctx.thr, ctx.per_channel = thr, per_channel
+        out = _kernel_fwd(ctx, w, s, lo, hi, ste_clamp, False, at_max)
+        if out is not None:
+            return out
         return _quant_fwd(ctx, w, s, lo, hi, ste_clamp, False, w, at_max)
 
     @staticmethod
     def backward(ctx, g):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
-        grad_x, grad_s = _quant_bwd(ctx, g, True, True)
-        w, at_max = ctx.saved_tensors[4:]
+        if ctx.kernel is not None:
+            grad_x, grad_s, (at_max,) = _kernel_bwd(ctx, g, True, True)
+            w = ctx.saved_tensors[0]
+        else:
+            grad_x, grad_s = _quant_bwd(ctx, g, True, True)
+            w, at_max = ctx.saved_tensors[4:]
         grad_stats = grad_s / ctx.thr                 # div; the clamp is straight-through; then the view
         # the max's backward is zero but at the arg-max elements; then abs's backward (a product with
         # sgn(w)) and the sum with the direct gradient

@@ -1,0 +1,156 @@
+"""Compiled single-pass kernels of the fused integer quantizer (``qkernels.c``), for float32 CPU tensors.
+
+A fused quantizer (:mod:`bitfold.toolchain.fastquant`) still spends its time in separate tensor
+operations - ``x / s``, ``round``, ``clamp``, ``* s`` forward and ten more backward - each a pass over
+memory and a dispatch. :func:`forward` and :func:`backward` compute the same values, element by element
+with the same single-precision operations in the same order, in one pass each; the reductions stay with
+torch. The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$BITFOLD_HOME/kernels`` (default ``~/.cache/bitfold/kernels``, keyed by the source, the flags and this
+CPU) and loaded with ctypes; where no compiler works, :func:`available` is False, :func:`status` says
+why and the fused quantizers run their torch operations (same results, slower).
+``BITFOLD_QKERNELS=0`` turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("qkernels.c")
+#: no -ffast-math (it would reorder and contract the float operations); -ffp-contract=off: no fused
+#: multiply-adds the tensor operations do not make
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+
+_lib: ctypes.CDLL | None = None
+_why: str | None = None
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("BITFOLD_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "bitfold") / "kernels"
+
+
+def _compile() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "libbfq.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:300]}")
+        os.replace(tmp, out)      # whole or not at all: another process may be loading it
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _why
+    if _lib is not None or _why is not None:
+        return _lib
+    if os.environ.get("BITFOLD_QKERNELS", "1") == "0":
+        _why = "turned off (BITFOLD_QKERNELS=0)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compile()))
+        lib.bfq_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int]
+        lib.bfq_forward.restype = None
+        lib.bfq_backward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int,
+                                     _P, _P, _P]
+        lib.bfq_backward.restype = None
+        _lib = lib
+    except (OSError, RuntimeError) as e:
+        _why = str(e)
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded (compiling them on first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """One line: the kernels in use, or why the torch operations run instead."""
+    return "compiled quantizer kernels: on" if available() else f"compiled quantizer kernels: off ({_why})"
+
+
+def standard(t: torch.Tensor) -> bool:
+    """Row-major strides on every dimension, those of size 1 included. ``is_contiguous`` ignores the
+    stride of a size-1 dimension; the tensor operations do not: a (64, 1, 8, 8) image batch with
+    channels-last strides makes their outputs (and every convolution after them) channels-last, while
+    an output allocated in row-major order would not - so only row-major tensors take the kernels,
+    whose outputs are row-major as the operations' are then."""
+    expect = 1
+    for n, st in zip(reversed(t.shape), reversed(t.stride())):
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def layout(x: torch.Tensor, s: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, inner, per_row) when the kernels take ``x`` with scale ``s`` - float32, CPU, row-major,
+    ``s`` one value or one per row of ``x`` (shape (rows, 1, ...)) and no larger than ``x`` - else
+    None (the caller runs the tensor operations)."""
+    if x.dtype != torch.float32 or s.dtype != torch.float32 or x.device.type != "cpu" or s.device.type != "cpu" \
+            or not standard(x) or x.dim() == 0 or s.dim() > x.dim() or torch.compiler.is_compiling() or not available():
+        return None
+    n = x.numel()
+    if s.numel() == 1:
+        return 1, n, 0
+    if s.dim() == x.dim() and s.shape[0] == x.shape[0] and s.numel() == x.shape[0] and s.is_contiguous():
+        return x.shape[0], n // x.shape[0], 1
+    return None
+
+
+def forward(x: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
+            relu: bool) -> torch.Tensor:
+    """``clamp(round(r / s), lo, hi) * s`` with ``r = relu(x)`` (``relu``) or ``x``; ``lay`` from
+    :func:`layout`."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    rows, inner, per_row = lay
+    _lib.bfq_forward(x.data_ptr(), out.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu))
+    return out
+
+
+def backward(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
+             relu: bool, mask: int, need_x: bool, need_s: bool):
+    """(grad_x or None, (g * c, gc * (y / s)) or None) of :func:`forward`: ``gc = g * s`` cut where
+    the rounded value is above ``hi`` (``mask`` >= 1) or below ``lo`` (``mask`` 2), ``grad_x = gc / s``
+    (0 where ``x <= 0`` under ``relu``); the scale's gradient is the difference of the two products'
+    sums to the scale's shape."""
+    if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
+        raise ValueError("qkernels.backward: the gradient must be a row-major float32 tensor of the input's shape")
+    gx = torch.empty(x.shape, dtype=x.dtype) if need_x else None
+    p1 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
+    p2 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
+    rows, inner, per_row = lay
+    _lib.bfq_backward(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu), mask,
+                      gx.data_ptr() if gx is not None else None, p1.data_ptr() if p1 is not None else None,
+                      p2.data_ptr() if p2 is not None else None)
+    return gx, (p1, p2) if need_s else None
