@@ -230,6 +230,8 @@ class _QuantFromAbsMax(torch.autograd.Function):
             grad_x, grad_s = _quant_bwd(ctx, g, True, True)
             w, at_max = ctx.saved_tensors[4:]
         grad_stats = grad_s / ctx.thr                 # div; the clamp is straight-through; then the view
+        if ctx.kernel is not None and qkernels.add_max_gradient(grad_x, w, at_max, grad_stats, ctx.per_channel):
+            return grad_x, None, None, None, None, None, None, None
         # the max's backward is zero but at the arg-max elements; then abs's backward (a product with
         # sgn(w)) and the sum with the direct gradient
         if ctx.per_channel:   # to the index torch.max returned, in each channel (autograd's scatter)

@@ -100,3 +100,28 @@ void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, c
             row_s(x + b, g + b, inner, sv, lo, hi, relu, mask, p1 + b, p2 + b);
     }
 }
+
+static inline float sgn_of(float w) { return w > 0.0f ? 1.0f : (w < 0.0f ? -1.0f : 0.0f); }
+
+/* The weight statistic's gradient, per tensor: the maximum |w| routes ``gs`` evenly over the
+ * elements equal to it (autograd's max backward), through abs (a product with sgn(w)):
+ * gx += (gs / ties) * tie * sgn(w), ties counted exactly. */
+void bfq_add_ties(float *restrict gx, const float *restrict w, int64_t n, float maxval, float gs) {
+    int64_t ties = 0;
+    for (int64_t j = 0; j < n; j++)
+        ties += (w[j] < 0.0f ? -w[j] : w[j]) >= maxval;
+    const float share = gs / (float)ties;
+    for (int64_t j = 0; j < n; j++) {       /* addcmul's order: x + (share * tie) * sgn(w) */
+        const float tie = (w[j] < 0.0f ? -w[j] : w[j]) >= maxval ? 1.0f : 0.0f;
+        gx[j] = gx[j] + share * tie * sgn_of(w[j]);
+    }
+}
+
+/* The same per output channel: to the element torch.max returned in each row. */
+void bfq_add_at_rows(float *restrict gx, const float *restrict w, int64_t rows, int64_t inner,
+                     const int64_t *restrict at, const float *restrict gs) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t k = i * inner + at[i];
+        gx[k] = gx[k] + gs[i] * sgn_of(w[k]);
+    }
+}

@@ -83,6 +83,10 @@ def _load() -> ctypes.CDLL | None:
         lib.bfq_backward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int,
                                      _P, _P, _P]
         lib.bfq_backward.restype = None
+        lib.bfq_add_ties.argtypes = [_P, _P, _I, _F, _F]
+        lib.bfq_add_ties.restype = None
+        lib.bfq_add_at_rows.argtypes = [_P, _P, _I, _I, _P, _P]
+        lib.bfq_add_at_rows.restype = None
         _lib = lib
     except (OSError, RuntimeError) as e:
         _why = str(e)
@@ -154,3 +158,23 @@ def backward(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, 
                       gx.data_ptr() if gx is not None else None, p1.data_ptr() if p1 is not None else None,
                       p2.data_ptr() if p2 is not None else None)
     return gx, (p1, p2) if need_s else None
+
+
+def add_max_gradient(gx: torch.Tensor, w: torch.Tensor, at_max: torch.Tensor, gs: torch.Tensor,
+                     per_channel: bool) -> bool:
+    """The max-abs weight statistic's gradient ``gs`` added into ``gx`` in place, as autograd routes
+    it - per output channel to the element ``torch.max`` returned (``at_max``, the indices), per tensor
+    spread evenly over the elements whose ``|w|`` equals the maximum (``at_max``, the value), each
+    times ``sgn(w)``; False (nothing done) where the tensors do not suit the kernels."""
+    if not (available() and standard(gx) and standard(w) and gx.dtype == w.dtype == gs.dtype == torch.float32
+            and gx.shape == w.shape and gx.device.type == "cpu" and w.device.type == "cpu"):
+        return False
+    if per_channel:
+        at = at_max.contiguous()
+        g = gs.reshape(-1).contiguous()
+        if at.dtype != torch.int64 or at.numel() != w.shape[0] or g.numel() != w.shape[0]:
+            return False
+        _lib.bfq_add_at_rows(gx.data_ptr(), w.data_ptr(), w.shape[0], w.numel() // w.shape[0], at.data_ptr(), g.data_ptr())
+    else:
+        _lib.bfq_add_ties(gx.data_ptr(), w.data_ptr(), w.numel(), float(at_max), float(gs.reshape(())))
+    return True
