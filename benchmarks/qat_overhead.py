@@ -8,8 +8,9 @@ ResNet-20 at 32x32, batch 64 (ResNet-20: 32), on random batches. Per model and t
 training step (forward, backward, Adam, the method's own step work) of float, fixed W4A4, AdaQAT, MEBQAT
 (all its tasks of a step; also per task), ADQ W4A4 and ASQ W4A4 - each with the trainer's fused
 fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, the path before the
-fusion) and "adaqat brevitas" (AdaQAT on Brevitas's modules) - is timed in interleaved rounds so that
-machine noise hits all alike; medians and ratios (to float, and adaptive to fixed) are printed.
+fusion), "adaqat brevitas" (AdaQAT on Brevitas's modules), "fixed ops" and "adaqat ops" (fused, each
+quantizer as its tensor operations rather than its compiled passes, bitfold.toolchain.qkernels: the
+fused path before those) - is timed in interleaved rounds so that machine noise hits all alike; medians and ratios (to float, and adaptive to fixed) are printed.
 Run it on a quiet machine: with 2 threads and a busy second core OpenMP threads wait on each other.
 ``--device cuda``: the same table on a GPU (the thread count then only sets the host's torch threads;
 each round is closed by ``torch.cuda.synchronize``). ``--compile`` adds two rows, float and fixed W4A4
@@ -30,13 +31,18 @@ warnings.filterwarnings("ignore")
 #: quantizers, bitfold.toolchain.fastquant) except "brevitas", the same fixed model on Brevitas's modules
 METHODS = [("float", "float", {}), ("brevitas", "fixed", {}), ("fixed W4A4", "fixed", {}),
            ("adaqat", "adaqat", {"cost": "bitops"}), ("mebqat", "mebqat", {}), ("adq W4A4", "adq", {}),
-           ("asq W4A4", "asq", {}), ("adaqat brevitas", "adaqat", {"cost": "bitops"})]
+           ("asq W4A4", "asq", {}), ("adaqat brevitas", "adaqat", {"cost": "bitops"}),
+           ("fixed ops", "fixed", {}), ("adaqat ops", "adaqat", {"cost": "bitops"})]
 #: rows after the adaptive methods' columns (not compared with fixed as a method of their own)
-EXTRA = {"adaqat brevitas"}
+EXTRA = {"adaqat brevitas", "fixed ops", "adaqat ops"}
+#: rows whose fused quantizers run their tensor operations, not the compiled passes (the fused path
+#: before bitfold.toolchain.qkernels), timed beside the others
+OPS = {"fixed ops", "adaqat ops"}
 
 
-def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None):
-    """(one training step, tasks per step) of a freshly built model."""
+def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False):
+    """(one training step, tasks per step) of a freshly built model; ``ops``: the fused quantizers run
+    their tensor operations instead of the compiled passes."""
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
@@ -57,8 +63,11 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
     opt = torch.optim.Adam(m.parameters(), 1e-3)
     state = {"s": 0, "fused": fused if qm is not None else None}
     fwd = torch.compile(m, backend=compile_) if compile_ else m
+    kernels = not ops
 
     def step():
+        from bitfold.toolchain import qkernels
+        prev = qkernels.set_enabled(kernels)
         opt.zero_grad()
         if qm is None or qm.backward_step(fwd, m, x, y, state["s"]) is None:
             F.cross_entropy(fwd(x), y).backward()
@@ -66,6 +75,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
         if qm is not None:
             qm.after_step(m, state["s"])
         state["s"] += 1
+        qkernels.set_enabled(prev)
     return step, (getattr(qm, "tasks_per_step", 1) if qm is not None else 1)
 
 
@@ -97,7 +107,8 @@ def main():
                 comp = label.endswith("compiled")
                 try:
                     fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=not label.endswith("brevitas"),
-                                                       device=args.device, compile_=args.compile_backend if comp else None)
+                                                       device=args.device, compile_=args.compile_backend if comp else None,
+                                                       ops=label in OPS)
                     if comp:   # compilation happens on the first call: a failure is reported, not fatal
                         fns[label]()
                 except Exception as e:  # noqa: BLE001 - only the compiled rows may fail; others re-raise
@@ -110,8 +121,10 @@ def main():
             fp, fx = med["float"], med["fixed W4A4"]
             ratios = [f"brevitas/float {med['brevitas'] / fp:.2f}x", f"fixed/float {fx / fp:.2f}x"] + [
                 f"{k}/fixed {med[k] / fx / tasks[k]:.2f}x" + (f" per task ({tasks[k]} tasks)" if tasks[k] > 1 else "")
-                for k, _, _ in METHODS[3:] if k not in EXTRA] + [f"adaqat/adaqat brevitas {med['adaqat'] / med['adaqat brevitas']:.2f}x"]
-            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if not lab.endswith("brevitas")}
+                for k, _, _ in METHODS[3:] if k not in EXTRA] + [f"adaqat/adaqat brevitas {med['adaqat'] / med['adaqat brevitas']:.2f}x",
+                                                                  f"fixed ops/float {med['fixed ops'] / fp:.2f}x",
+                                                                  f"adaqat ops/fixed ops {med['adaqat ops'] / med['fixed ops']:.2f}x"]
+            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if not lab.endswith("brevitas") and lab not in OPS}
             ratios += [f"{k}/{eager_of[k.split()[0]]} {med[k] / med[eager_of[k.split()[0]]]:.2f}x"
                        for k in med if k.endswith("compiled")]
             print(f"{name + ' ' + 'x'.join(map(str, shape)) + f' b{batch}':<22}{th:>4}  "

@@ -354,9 +354,12 @@ class FastQuantReport:
     """Which layers run fused, and why the others do not (layer -> reason)."""
     fused: list[str] = field(default_factory=list)
     brevitas: dict[str, str] = field(default_factory=dict)
+    kernels: str = ""      # qkernels.status(): the compiled passes in use, or why not
 
     def summary(self) -> str:
         s = f"fast quantizers: {len(self.fused)} of {len(self.fused) + len(self.brevitas)} quantized layers fused"
+        if self.kernels:
+            s += f" ({self.kernels})"
         if self.brevitas:
             s += "; Brevitas path for " + ", ".join(f"{k} ({v})" for k, v in sorted(self.brevitas.items()))
         return s
@@ -631,6 +634,8 @@ def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
             swapped.append((m, type(m)))
             m.__class__ = fast
             report.fused.append(name)
+        if report.fused:
+            report.kernels = qkernels.status()
         yield report
     finally:
         for m, cls in swapped:

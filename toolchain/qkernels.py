@@ -93,13 +93,26 @@ def _load() -> ctypes.CDLL | None:
     return _lib
 
 
+_enabled = True
+
+
+def set_enabled(on: bool) -> bool:
+    """Use the kernels (True, the default) or the tensor operations; returns the previous setting
+    (benchmarks time both paths side by side in one process)."""
+    global _enabled
+    prev, _enabled = _enabled, bool(on)
+    return prev
+
+
 def available() -> bool:
-    """True when the compiled kernels are loaded (compiling them on first call)."""
-    return _load() is not None
+    """True when the compiled kernels are loaded (compiling them on first call) and enabled."""
+    return _enabled and _load() is not None
 
 
 def status() -> str:
     """One line: the kernels in use, or why the torch operations run instead."""
+    if not _enabled:
+        return "compiled quantizer kernels: off (set_enabled(False))"
     return "compiled quantizer kernels: on" if available() else f"compiled quantizer kernels: off ({_why})"
 
 

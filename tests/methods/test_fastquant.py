@@ -96,6 +96,8 @@ def test_every_method_trains_and_exports_identically(tmp_path, method):
         runs[fast] = out
         if fast:
             assert len(m["fast_quant"]["fused"]) == FUSED[method], m["fast_quant"]
+            if FUSED[method]:
+                assert m["fast_quant"]["kernels"] == "compiled quantizer kernels: on", m["fast_quant"]
         else:
             assert m["fast_quant"]["fused"] == []
     a, b = (load_checkpoint(runs[f] / "checkpoint.pt") for f in (True, False))
@@ -210,3 +212,60 @@ def test_compiled_learned_widths_stay_on_brevitas_and_forward_equals_eager():
         ref = m(x)
         net, _ = compile_steps(m, "inductor")
         assert torch.equal(net(x), ref)
+
+
+def _quant_both_paths(fn, *tensors):
+    """Outputs and gradients of ``fn`` with the compiled kernels and with the tensor operations."""
+    from bitfold.toolchain import qkernels
+    res = []
+    for on in (True, False):
+        prev = qkernels.set_enabled(on)
+        try:
+            leaves = [t.detach().clone().requires_grad_(True) for t in tensors[:-1]]
+            out = fn(*leaves)
+            out.backward(tensors[-1])
+            res.append([out.detach()] + [t.grad for t in leaves])
+        finally:
+            qkernels.set_enabled(prev)
+    return res
+
+
+@pytest.mark.parametrize("relu,lo,hi,ste", [(True, 0.0, 7.0, False), (False, -8.0, 7.0, False),
+                                            (False, -7.0, 7.0, True), (True, 0.0, 255.0, False)])
+@pytest.mark.parametrize("grad_layout", ["row-major", "channels-last"])
+def test_compiled_kernels_equal_the_tensor_operations(relu, lo, hi, ste, grad_layout):
+    """The compiled single-pass quantizer (bitfold.toolchain.qkernels) is built here - CI installs the
+    C compiler, so a missing one fails - and gives the tensor operations' outputs and gradients bit for
+    bit: values on rounding ties (k + 1/2 steps), beyond both bounds, zeros; a gradient in
+    channels-last order takes the operations' path (its sums add in that order)."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    assert qkernels.available(), qkernels.status()
+    torch.manual_seed(0)
+    value = torch.tensor(1.7)
+    s = float(value) / 4.0
+    x = torch.randn(8, 16, 6, 6) * 3
+    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) * s      # exact rounding ties
+    x[:, :2] = 0.0
+    g = torch.randn(8, 16, 6, 6)
+    if grad_layout == "channels-last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    assert qkernels.layout(x, torch.tensor(s)) is not None
+    a, b = _quant_both_paths(lambda x_, v_: fq._QuantFromValue.apply(x_, v_, relu, 1e-8, 4.0, lo, hi, ste), x, value, g)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_compiled_weight_kernels_equal_the_tensor_operations(per_channel):
+    """The weight quantizer with its max-abs statistic through the compiled passes (the statistic's
+    gradient to the arg-max per channel, spread over ties per tensor) equals the tensor operations."""
+    from bitfold.toolchain import fastquant as fq
+    torch.manual_seed(2)
+    w = torch.randn(12, 5, 3, 3)
+    top = float(w.abs().max()) * 1.2
+    w[0, 0, 0, 0], w[0, 1, 1, 1], w[3, 2, 0, 1], w[7, 4, 2, 2] = top, -top, -top, top   # ties
+    g = torch.randn_like(w)
+    shape = (12, 1, 1, 1) if per_channel else ()
+    a, b = _quant_both_paths(lambda w_: fq._QuantFromAbsMax.apply(w_, per_channel, shape, 1e-8, 3.0, -4.0, 3.0, True), w, g)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
