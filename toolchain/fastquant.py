@@ -158,18 +158,45 @@ class _QuantTensorRange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, lo, hi, relu: bool, ste_clamp: bool, unsigned: bool = False):
+        ctx.relu, ctx.ste = relu, ste_clamp
+        ctx.none_below = relu and unsigned     # q >= 0 == lo: nothing is clamped from below
+        lay = qkernels.layout(x, s) if lo.numel() == 1 and hi.numel() == 1 else None
+        ctx.kernel = None if lay is None else (lay, float(lo), float(hi))
+        if ctx.kernel is not None:   # one compiled pass; the backward recomputes from x
+            ctx.save_for_backward(x, s, lo, hi)
+            return qkernels.forward(x, s, lay, ctx.kernel[1], ctx.kernel[2], relu)
         r = torch.relu(x) if relu else x
         y = r / s
         q = torch.round(y)
         c = torch.clamp(q, lo, hi)
-        ctx.relu, ctx.ste = relu, ste_clamp
-        ctx.none_below = relu and unsigned     # q >= 0 == lo: nothing is clamped from below
         ctx.save_for_backward(y, s, c, q, lo, hi, r if relu else None)
         return c * s
 
     @staticmethod
     def backward(ctx, g):
-        y, s, c, q, lo, hi, r = ctx.saved_tensors
+        if ctx.kernel is not None:
+            x, s, lo, hi = ctx.saved_tensors
+            lay, lof, hif = ctx.kernel
+            need = ctx.needs_input_grad
+            if g.dtype == x.dtype and g.shape == x.shape and qkernels.standard(g):
+                grad_x, prods, above, below = qkernels.backward_range(
+                    x, g, s, lay, lof, hif, ctx.relu, ctx.ste, need[0], need[1])
+                grad_s = prods[0].sum_to_size(s.shape) - prods[1].sum_to_size(s.shape) if prods is not None else None
+                grad_lo = grad_hi = None
+                if not ctx.ste:
+                    if need[2]:
+                        grad_lo = torch.zeros_like(lo) if ctx.none_below else below.sum_to_size(lo.shape)
+                    if need[3]:
+                        grad_hi = above.sum_to_size(hi.shape)
+                return grad_x, grad_s, grad_lo, grad_hi, None, None, None
+            # a gradient in another layout: the operations below, on the forward's values recomputed
+            r = torch.relu(x) if ctx.relu else x
+            y = r / s
+            q = torch.round(y)
+            c = torch.clamp(q, lo, hi)
+            r = r if ctx.relu else None
+        else:
+            y, s, c, q, lo, hi, r = ctx.saved_tensors
         g2 = g * s
         grad_lo = grad_hi = None
         if ctx.ste:

@@ -125,3 +125,33 @@ void bfq_add_at_rows(float *restrict gx, const float *restrict w, int64_t rows, 
         gx[k] = gx[k] + gs[i] * sgn_of(w[k]);
     }
 }
+
+/* The backward of a quantizer whose bounds are learned (AdaQAT's width): as bfq_backward with
+ * mask 2 (or none, ste), and also the parts of gc = g * s cut above hi and below lo - the bounds'
+ * gradients are their sums (``above`` where q > hi, ``below`` where q < lo, else 0). */
+static void range_row(const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi,
+                      int relu, float *restrict gx, float *restrict p1, float *restrict p2,
+                      float *restrict above, float *restrict below) {
+    for (int64_t j = 0; j < n; j++) {
+        const float xv = x[j], gv = g[j];
+        const float r = relu ? relu_of(xv) : xv;
+        const float y = r / sv;
+        const float q = __builtin_rintf(y);
+        const float g2 = gv * sv;
+        const int up = q > hi, down = q < lo;
+        const float gq = (up | down) ? 0.0f : g2;
+        gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : gq / sv;
+        p1[j] = gv * clamp_to(q, lo, hi);
+        p2[j] = gq * (y / sv);
+        above[j] = up ? g2 : 0.0f;
+        below[j] = down ? g2 : 0.0f;
+    }
+}
+
+void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t inner, const float *s, int per_row,
+                        float lo, float hi, int relu, float *gx, float *p1, float *p2, float *above, float *below) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t b = i * inner;
+        range_row(x + b, g + b, inner, s[per_row ? i : 0], lo, hi, relu, gx + b, p1 + b, p2 + b, above + b, below + b);
+    }
+}

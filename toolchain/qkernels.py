@@ -83,6 +83,8 @@ def _load() -> ctypes.CDLL | None:
         lib.bfq_backward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int,
                                      _P, _P, _P]
         lib.bfq_backward.restype = None
+        lib.bfq_backward_range.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, _P, _P, _P, _P, _P]
+        lib.bfq_backward_range.restype = None
         lib.bfq_add_ties.argtypes = [_P, _P, _I, _F, _F]
         lib.bfq_add_ties.restype = None
         lib.bfq_add_at_rows.argtypes = [_P, _P, _I, _I, _P, _P]
@@ -191,3 +193,22 @@ def add_max_gradient(gx: torch.Tensor, w: torch.Tensor, at_max: torch.Tensor, gs
     else:
         _lib.bfq_add_ties(gx.data_ptr(), w.data_ptr(), w.numel(), float(at_max), float(gs.reshape(())))
     return True
+
+
+def backward_range(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
+                   relu: bool, ste: bool, need_x: bool, need_s: bool):
+    """(grad_x, (g * c, gq * (y / s)) or None, above, below) of :func:`forward` with learned bounds:
+    ``gq = g * s`` cut outside [lo, hi] unless ``ste``; ``above`` / ``below``: ``g * s`` where the
+    rounded value is above ``hi`` / below ``lo``, else 0 (the bounds' gradients are their sums; None
+    under ``ste``)."""
+    if ste:
+        gx, prods = backward(x, g, s, lay, lo, hi, relu, 0, need_x, need_s)
+        return gx, prods, None, None
+    if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
+        raise ValueError("qkernels.backward_range: the gradient must be a row-major float32 tensor of the input's shape")
+    out = [torch.empty(x.shape, dtype=x.dtype) for _ in range(5)]
+    rows, inner, per_row = lay
+    _lib.bfq_backward_range(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu),
+                            *(t.data_ptr() for t in out))
+    gx, p1, p2, above, below = out
+    return (gx if need_x else None), ((p1, p2) if need_s else None), above, below

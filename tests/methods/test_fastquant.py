@@ -269,3 +269,23 @@ def test_compiled_weight_kernels_equal_the_tensor_operations(per_channel):
     a, b = _quant_both_paths(lambda w_: fq._QuantFromAbsMax.apply(w_, per_channel, shape, 1e-8, 3.0, -4.0, 3.0, True), w, g)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("relu,unsigned,ste", [(True, True, False), (False, False, False), (False, False, True)])
+def test_compiled_learned_range_kernel_equals_the_tensor_operations(relu, unsigned, ste):
+    """AdaQAT's quantizer (bounds that are tensors with gradients, from a learned width) through the
+    compiled passes: output and the gradients of x, the scale and both bounds equal the operations'."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    torch.manual_seed(3)
+    x = torch.randn(16, 8, 5, 5) * 4
+    s = torch.tensor(0.37)
+    x.view(-1)[:100] = (torch.randint(-20, 20, (100,)) + 0.5) * 0.37
+    lo, hi = (torch.tensor(0.0), torch.tensor(7.0)) if unsigned else (torch.tensor(-4.0), torch.tensor(3.0))
+    g = torch.randn_like(x)
+    assert qkernels.layout(x, s) is not None
+    a, b = _quant_both_paths(lambda x_, s_, lo_, hi_: fq._QuantTensorRange.apply(x_, s_, lo_, hi_, relu, ste, unsigned),
+                             x, s, lo, hi, g)
+    for p, q in zip(a, b):
+        assert (p is None and q is None) or torch.equal(p, q)
+    if not ste:
+        assert a[3] is not None and float(a[4].abs()) > 0     # the bounds' gradients are there (and not 0)
