@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from bitfold.toolchain.adq import ADQMethod, assign
+from bitfold.toolchain import qkernels
 from bitfold.toolchain.fastquant import keep_in_range
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import act_sites, register_method
@@ -57,16 +58,38 @@ class _ASQQuantStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, beta, n: float, p: float):
         d = s * beta
+        ctx.n, ctx.p = n, p
+        # one compiled pass (bitfold.toolchain.qkernels: divide by d, one per sample, multiply by s)
+        # where the tensors allow it; the backward then recomputes y, q and c from x
+        ctx.lay = qkernels.layout(x, d) if s.numel() == 1 else None
+        if ctx.lay is not None:
+            ctx.save_for_backward(x, d, s, beta)
+            return qkernels.forward(x, d, ctx.lay, n, p, False, sm=s)
         y = x / d
         q = torch.round(y)
         c = torch.clamp(q, n, p)
-        ctx.n, ctx.p = n, p
         ctx.save_for_backward(y, d, q, c, s, beta)
         return c * s
 
     @staticmethod
     def backward(ctx, g):
-        y, d, q, c, s, beta = ctx.saved_tensors
+        if ctx.lay is not None:
+            x, d, s, beta = ctx.saved_tensors
+            if g.dtype == x.dtype and g.shape == x.shape and qkernels.standard(g):
+                grad_x, (p1, p2) = qkernels.backward(x, g, d, ctx.lay, ctx.n, ctx.p, False, 2,
+                                                     ctx.needs_input_grad[0], True, sm=s)
+                grad_d = -p2.sum_to_size(d.shape)
+                grad_s = grad_beta = None
+                if ctx.needs_input_grad[1]:
+                    grad_s = p1.sum_to_size(s.shape) + (grad_d * beta).sum_to_size(s.shape)
+                if ctx.needs_input_grad[2]:
+                    grad_beta = (grad_d * s).sum_to_size(beta.shape)
+                return grad_x, grad_s, grad_beta, None, None
+            y = x / d            # a gradient in another layout: the operations, on recomputed values
+            q = torch.round(y)
+            c = torch.clamp(q, ctx.n, ctx.p)
+        else:
+            y, d, q, c, s, beta = ctx.saved_tensors
         grad_q = keep_in_range(g * s, q, ctx.n, ctx.p)
         grad_x = grad_q / d if ctx.needs_input_grad[0] else None
         grad_d = -(grad_q * (y / d)).sum_to_size(d.shape)

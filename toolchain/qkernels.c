@@ -18,44 +18,46 @@ static inline float clamp_to(float q, float lo, float hi) {
     return c > hi ? hi : c;
 }
 
-/* out = clamp(rint(r / s), lo, hi) * s */
-void bfq_forward(const float *restrict x, float *restrict out, int64_t rows, int64_t inner, const float *s, int per_row,
-                 float lo, float hi, int relu) {
+/* out = clamp(rint(r / sd), lo, hi) * sm: the scale divided by (sd) and the one multiplied by (sm)
+ * are the same tensor for an integer quantizer, different for ASQ's (sd = s * beta per sample) */
+void bfq_forward(const float *restrict x, float *restrict out, int64_t rows, int64_t inner,
+                 const float *sd, int per_row_d, const float *sm, int per_row_m, float lo, float hi, int relu) {
     for (int64_t i = 0; i < rows; i++) {
-        const float sv = s[per_row ? i : 0];
+        const float dv = sd[per_row_d ? i : 0], mv = sm[per_row_m ? i : 0];
         const float *xr = x + i * inner;
         float *o = out + i * inner;
         if (relu) {
             for (int64_t j = 0; j < inner; j++)
-                o[j] = clamp_to(__builtin_rintf(relu_of(xr[j]) / sv), lo, hi) * sv;
+                o[j] = clamp_to(__builtin_rintf(relu_of(xr[j]) / dv), lo, hi) * mv;
         } else {
             for (int64_t j = 0; j < inner; j++)
-                o[j] = clamp_to(__builtin_rintf(xr[j] / sv), lo, hi) * sv;
+                o[j] = clamp_to(__builtin_rintf(xr[j] / dv), lo, hi) * mv;
         }
     }
 }
 
 /* The backward of bfq_forward as autograd evaluates the tensor operations:
- *   gc = g * s, set to 0 where q = rint(r / s) is above hi (mask >= 1) or below lo (mask == 2);
- *   gx = gc / s, set to 0 where x <= 0 (relu);               written when gx != 0
- *   p1 = g * clamp(q, lo, hi), p2 = gc * ((r / s) / s);     written when p1 != 0
- * (the scale's gradient is sum(p1) - sum(p2), each summed by torch to the scale's shape).
+ *   gc = g * sm, set to 0 where q = rint(r / sd) is above hi (mask >= 1) or below lo (mask == 2);
+ *   gx = gc / sd, set to 0 where x <= 0 (relu);                written when gx != 0
+ *   p1 = g * clamp(q, lo, hi), p2 = gc * ((r / sd) / sd);     written when p1 != 0
+ * (an integer quantizer's scale gradient is sum(p1) - sum(p2), each summed by torch to the scale's
+ * shape; ASQ's combines them with beta).
  * One loop per case, without branches on the pointers, so that each vectorizes. */
-static inline float masked_gc(float g, float q, float sv, float lo, float hi, int mask) {
-    float gc = g * sv;
+static inline float masked_gc(float g, float q, float mv, float lo, float hi, int mask) {
+    float gc = g * mv;
     if (mask >= 1 && !(q <= hi)) gc = 0.0f;
     if (mask == 2 && !(q >= lo)) gc = 0.0f;
     return gc;
 }
 
-static void row_both(const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi,
+static void row_both(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
                      int relu, int mask, float *restrict gx, float *restrict p1, float *restrict p2) {
     for (int64_t j = 0; j < n; j++) {
         const float xv = x[j], gv = g[j];
         const float r = relu ? relu_of(xv) : xv;
         const float y = r / sv;
         const float q = __builtin_rintf(y);
-        const float gc = masked_gc(gv, q, sv, lo, hi, mask);
+        const float gc = masked_gc(gv, q, mv, lo, hi, mask);
         const float v = gc / sv;
         gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : v;
         p1[j] = gv * clamp_to(q, lo, hi);
@@ -63,41 +65,42 @@ static void row_both(const float *restrict x, const float *restrict g, int64_t n
     }
 }
 
-static void row_x(const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi,
+static void row_x(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
                   int relu, int mask, float *restrict gx) {
     for (int64_t j = 0; j < n; j++) {
         const float xv = x[j];
         const float r = relu ? relu_of(xv) : xv;
         const float q = __builtin_rintf(r / sv);
-        const float v = masked_gc(g[j], q, sv, lo, hi, mask) / sv;
+        const float v = masked_gc(g[j], q, mv, lo, hi, mask) / sv;
         gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : v;
     }
 }
 
-static void row_s(const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi,
+static void row_s(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
                   int relu, int mask, float *restrict p1, float *restrict p2) {
     for (int64_t j = 0; j < n; j++) {
         const float xv = x[j], gv = g[j];
         const float r = relu ? relu_of(xv) : xv;
         const float y = r / sv;
         const float q = __builtin_rintf(y);
-        const float gc = masked_gc(gv, q, sv, lo, hi, mask);
+        const float gc = masked_gc(gv, q, mv, lo, hi, mask);
         p1[j] = gv * clamp_to(q, lo, hi);
         p2[j] = gc * (y / sv);
     }
 }
 
-void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, const float *s, int per_row,
-                  float lo, float hi, int relu, int mask, float *gx, float *p1, float *p2) {
+void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, const float *sd, int per_row_d,
+                  const float *sm, int per_row_m, float lo, float hi, int relu, int mask,
+                  float *gx, float *p1, float *p2) {
     for (int64_t i = 0; i < rows; i++) {
-        const float sv = s[per_row ? i : 0];
+        const float sv = sd[per_row_d ? i : 0], mv = sm[per_row_m ? i : 0];
         const int64_t b = i * inner;
         if (gx && p1)
-            row_both(x + b, g + b, inner, sv, lo, hi, relu, mask, gx + b, p1 + b, p2 + b);
+            row_both(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, gx + b, p1 + b, p2 + b);
         else if (gx)
-            row_x(x + b, g + b, inner, sv, lo, hi, relu, mask, gx + b);
+            row_x(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, gx + b);
         else if (p1)
-            row_s(x + b, g + b, inner, sv, lo, hi, relu, mask, p1 + b, p2 + b);
+            row_s(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, p1 + b, p2 + b);
     }
 }
 

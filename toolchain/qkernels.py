@@ -78,10 +78,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_compile()))
-        lib.bfq_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int]
+        lib.bfq_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _P, ctypes.c_int, _F, _F, ctypes.c_int]
         lib.bfq_forward.restype = None
-        lib.bfq_backward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int,
-                                     _P, _P, _P]
+        lib.bfq_backward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _P, ctypes.c_int, _F, _F, ctypes.c_int,
+                                     ctypes.c_int, _P, _P, _P]
         lib.bfq_backward.restype = None
         lib.bfq_backward_range.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, _P, _P, _P, _P, _P]
         lib.bfq_backward_range.restype = None
@@ -148,28 +148,32 @@ def layout(x: torch.Tensor, s: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def forward(x: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
-            relu: bool) -> torch.Tensor:
+            relu: bool, sm: torch.Tensor | None = None, per_row_m: int = 0) -> torch.Tensor:
     """``clamp(round(r / s), lo, hi) * s`` with ``r = relu(x)`` (``relu``) or ``x``; ``lay`` from
-    :func:`layout`."""
+    :func:`layout`; ``sm``: a different scale to multiply by (ASQ: ``x / (s * beta)``, times ``s``),
+    one value (``per_row_m`` 0) or one per row."""
     out = torch.empty(x.shape, dtype=x.dtype)
     rows, inner, per_row = lay
-    _lib.bfq_forward(x.data_ptr(), out.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu))
+    m, pm = (s, per_row) if sm is None else (sm, per_row_m)
+    _lib.bfq_forward(x.data_ptr(), out.data_ptr(), rows, inner, s.data_ptr(), per_row, m.data_ptr(), pm, lo, hi, int(relu))
     return out
 
 
 def backward(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
-             relu: bool, mask: int, need_x: bool, need_s: bool):
-    """(grad_x or None, (g * c, gc * (y / s)) or None) of :func:`forward`: ``gc = g * s`` cut where
-    the rounded value is above ``hi`` (``mask`` >= 1) or below ``lo`` (``mask`` 2), ``grad_x = gc / s``
-    (0 where ``x <= 0`` under ``relu``); the scale's gradient is the difference of the two products'
-    sums to the scale's shape."""
+             relu: bool, mask: int, need_x: bool, need_s: bool, sm: torch.Tensor | None = None, per_row_m: int = 0):
+    """(grad_x or None, (g * c, gc * (y / s)) or None) of :func:`forward`: ``gc = g * s`` (``g * sm``)
+    cut where the rounded value is above ``hi`` (``mask`` >= 1) or below ``lo`` (``mask`` 2),
+    ``grad_x = gc / s`` (0 where ``x <= 0`` under ``relu``); an integer quantizer's scale gradient is
+    the difference of the two products' sums to the scale's shape."""
     if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
         raise ValueError("qkernels.backward: the gradient must be a row-major float32 tensor of the input's shape")
     gx = torch.empty(x.shape, dtype=x.dtype) if need_x else None
     p1 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
     p2 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
     rows, inner, per_row = lay
-    _lib.bfq_backward(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu), mask,
+    m, pm = (s, per_row) if sm is None else (sm, per_row_m)
+    _lib.bfq_backward(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, m.data_ptr(), pm, lo, hi,
+                      int(relu), mask,
                       gx.data_ptr() if gx is not None else None, p1.data_ptr() if p1 is not None else None,
                       p2.data_ptr() if p2 is not None else None)
     return gx, (p1, p2) if need_s else None

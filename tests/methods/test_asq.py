@@ -101,13 +101,18 @@ def test_ablation_options_from_the_cli(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["compiled", "operations"])
 @pytest.mark.parametrize("signed,shape", [(False, (16, 8, 6, 6)), (True, (16, 20))])
-def test_fused_activation_step_equals_the_plain_expression(signed, shape):
-    """ASQAct's training step (one autograd node) gives the output and every gradient - input, step,
-    adapter - of clamp(round(x / (s * beta)), n, p) * s through autograd, bit for bit."""
+def test_fused_activation_step_equals_the_plain_expression(signed, shape, kernels, monkeypatch):
+    """ASQAct's training step (one autograd node; its compiled pass, or its tensor operations) gives
+    the output and every gradient - input, step, adapter - of clamp(round(x / (s * beta)), n, p) * s
+    through autograd, bit for bit."""
     import copy
 
+    from bitfold.toolchain import qkernels
     from bitfold.toolchain.asq import _RoundSTE
+    monkeypatch.setattr(qkernels, "_enabled", kernels)
+    assert qkernels.available() == kernels, qkernels.status()
     torch.manual_seed(0)
     a = ASQAct(3, signed=signed)
     x0 = torch.randn(*shape) * 2
