@@ -152,7 +152,7 @@ def forward(x: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: flo
     """``clamp(round(r / s), lo, hi) * s`` with ``r = relu(x)`` (``relu``) or ``x``; ``lay`` from
     :func:`layout`; ``sm``: a different scale to multiply by (ASQ: ``x / (s * beta)``, times ``s``),
     one value (``per_row_m`` 0) or one per row."""
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty_like(x)       # x is row-major: so is its copy (the operations' output layout)
     rows, inner, per_row = lay
     m, pm = (s, per_row) if sm is None else (sm, per_row_m)
     _lib.bfq_forward(x.data_ptr(), out.data_ptr(), rows, inner, s.data_ptr(), per_row, m.data_ptr(), pm, lo, hi, int(relu))
@@ -167,9 +167,9 @@ def backward(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, 
     the difference of the two products' sums to the scale's shape."""
     if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
         raise ValueError("qkernels.backward: the gradient must be a row-major float32 tensor of the input's shape")
-    gx = torch.empty(x.shape, dtype=x.dtype) if need_x else None
-    p1 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
-    p2 = torch.empty(x.shape, dtype=x.dtype) if need_s else None
+    gx = torch.empty_like(x) if need_x else None
+    p1 = torch.empty_like(x) if need_s else None
+    p2 = torch.empty_like(x) if need_s else None
     rows, inner, per_row = lay
     m, pm = (s, per_row) if sm is None else (sm, per_row_m)
     _lib.bfq_backward(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, m.data_ptr(), pm, lo, hi,
@@ -210,7 +210,7 @@ def backward_range(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple
         return gx, prods, None, None
     if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
         raise ValueError("qkernels.backward_range: the gradient must be a row-major float32 tensor of the input's shape")
-    out = [torch.empty(x.shape, dtype=x.dtype) for _ in range(5)]
+    out = [torch.empty_like(x) for _ in range(5)]
     rows, inner, per_row = lay
     _lib.bfq_backward_range(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu),
                             *(t.data_ptr() for t in out))
