@@ -158,3 +158,33 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
         range_row(x + b, g + b, inner, s[per_row ? i : 0], lo, hi, relu, gx + b, p1 + b, p2 + b, above + b, below + b);
     }
 }
+
+/* torch.bucketize(w, mids) (right=False) for ascending mids: the number of mids strictly below each
+ * value (ADQ's nearest codebook entry at 5-8 bits). A binary search over the mids padded with +inf to
+ * 2^k - 1 entries, one level at a time over a block of values, so that the blocks' searches overlap
+ * (one value's search is a chain of dependent loads). */
+#include <math.h>
+#include <stdlib.h>
+
+#define BFQ_BLOCK 256
+
+int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
+                  int64_t *restrict out) {
+    int64_t p2 = 1;
+    while (p2 < nb + 1) p2 <<= 1;
+    float *m = (float *)malloc(sizeof(float) * (size_t)p2);
+    if (!m) return -1;
+    for (int64_t i = 0; i < p2; i++) m[i] = i < nb ? mids[i] : INFINITY;
+    int32_t pos[BFQ_BLOCK];
+    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
+        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
+        const float *v = w + b;
+        for (int64_t j = 0; j < len; j++) pos[j] = 0;
+        for (int64_t step = p2 >> 1; step >= 1; step >>= 1)
+            for (int64_t j = 0; j < len; j++)
+                pos[j] += (m[pos[j] + step - 1] < v[j]) ? (int32_t)step : 0;
+        for (int64_t j = 0; j < len; j++) out[b + j] = pos[j];
+    }
+    free(m);
+    return 0;
+}

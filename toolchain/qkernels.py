@@ -85,6 +85,8 @@ def _load() -> ctypes.CDLL | None:
         lib.bfq_backward.restype = None
         lib.bfq_backward_range.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, _F, _F, ctypes.c_int, _P, _P, _P, _P, _P]
         lib.bfq_backward_range.restype = None
+        lib.bfq_bucketize.argtypes = [_P, _I, _P, _I, _P]
+        lib.bfq_bucketize.restype = ctypes.c_int
         lib.bfq_add_ties.argtypes = [_P, _P, _I, _F, _F]
         lib.bfq_add_ties.restype = None
         lib.bfq_add_at_rows.argtypes = [_P, _P, _I, _I, _P, _P]
@@ -216,3 +218,16 @@ def backward_range(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple
                             *(t.data_ptr() for t in out))
     gx, p1, p2, above, below = out
     return (gx if need_x else None), ((p1, p2) if need_s else None), above, below
+
+
+def bucketize(w: torch.Tensor, mids: torch.Tensor) -> torch.Tensor | None:
+    """``torch.bucketize(w, mids)`` (ascending ``mids``; ties go left) as one compiled pass, or None
+    where the tensors do not suit the kernels."""
+    if not (available() and w.dtype == mids.dtype == torch.float32 and w.device.type == mids.device.type == "cpu"
+            and mids.dim() == 1 and mids.numel() > 0):
+        return None
+    w, mids = w.contiguous(), mids.contiguous()
+    out = torch.empty(w.shape, dtype=torch.int64)
+    if mids.numel() >= 2 ** 30 or _lib.bfq_bucketize(w.data_ptr(), w.numel(), mids.data_ptr(), mids.numel(), out.data_ptr()):
+        return None
+    return out

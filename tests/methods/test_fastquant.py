@@ -289,3 +289,18 @@ def test_compiled_learned_range_kernel_equals_the_tensor_operations(relu, unsign
         assert (p is None and q is None) or torch.equal(p, q)
     if not ste:
         assert a[3] is not None and float(a[4].abs()) > 0     # the bounds' gradients are there (and not 0)
+
+
+@pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300])
+def test_compiled_bucketize_equals_torch(nb):
+    """ADQ's nearest-entry search at more than 4 bits (bitfold.toolchain.qkernels.bucketize) gives
+    torch.bucketize's index: values on a midpoint (ties go left), just below one, +-inf."""
+    from bitfold.toolchain import qkernels
+    torch.manual_seed(nb)
+    mids = torch.randn(nb).sort().values
+    w = torch.randn(4000)
+    w[:nb] = mids
+    w[nb:2 * nb] = torch.nextafter(mids, torch.tensor(-10.0))
+    w[-2:] = torch.tensor([float("inf"), -float("inf")])
+    got = qkernels.bucketize(w.view(40, 100), mids)
+    assert got is not None and torch.equal(got, torch.bucketize(w.view(40, 100), mids))
