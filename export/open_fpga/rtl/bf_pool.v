@@ -50,17 +50,31 @@ module bf_pool #(
   wire stall = emitB && !out_ready;
   assign out_valid = emitB;
   assign out_data = m;
-  // not gated by rst: the counters reset with priority over `take`, and the stage before is in
-  // reset (no output) at least as long as this one - keeps the reset net out of the ready chain
-  assign in_ready = !stall;
-  wire take = in_valid && in_ready;
+  // in_ready is a register: a one-beat skid holds the word accepted in a cycle the unit stalls, and
+  // ready is "the skid is empty". As !stall it went from stage B's valid through the ready of the
+  // unit after into the converter before, whose buffer shifts on it: the critical path of the digits
+  // CNN W3A3 once the layers' ready was a register (pool0.vB -> u_dwc2 buffer, 10.4 ns, 8.1 of them
+  // routing). Not gated by rst: the counters reset with priority over `take`, and the stage before
+  // is in reset (no output) at least as long as this one.
+  reg skv = 1'b0;
+  reg [N*BITS-1:0] skd;
+  assign in_ready = !skv;
+  wire cv = skv || in_valid;                       // the unit's input: the skid's word first
+  wire [N*BITS-1:0] cd = skv ? skd : in_data;
+  wire take = cv && !stall;
+  always @(posedge clk) begin
+    if (rst) skv <= 1'b0;
+    else if (!skv && in_valid && stall) skv <= 1'b1;   // accepted while stalled: kept
+    else if (skv && !stall) skv <= 1'b0;               // taken from the skid
+    if (!skv) skd <= in_data;
+  end
 
   wire wrB = vB && winB && !lastB;   // stage B writes its running maximum back this cycle
   always @(posedge clk) begin
     if (!stall) begin
       rdB <= row[idx];
       hitB <= wrB && (idxB == idx);
-      vB <= take; dB <= in_data; idxB <= idx; winB <= in_win;
+      vB <= take; dB <= cd; idxB <= idx; winB <= in_win;
       firstB <= (ky == 0) && (kx == 0); lastB <= (ky == K - 1) && (kx == K - 1);
       if (wrB) begin
         row[idxB] <= m;
