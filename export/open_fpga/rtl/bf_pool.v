@@ -56,17 +56,17 @@ module bf_pool #(
   // CNN W3A3 once the layers' ready was a register (pool0.vB -> u_dwc2 buffer, 10.4 ns, 8.1 of them
   // routing). Not gated by rst: the counters reset with priority over `take`, and the stage before
   // is in reset (no output) at least as long as this one.
-  reg skv = 1'b0;
+  reg room = 1'b1;                                 // the skid is empty
   reg [N*BITS-1:0] skd;
-  assign in_ready = !skv;
-  wire cv = skv || in_valid;                       // the unit's input: the skid's word first
-  wire [N*BITS-1:0] cd = skv ? skd : in_data;
+  assign in_ready = room;
+  wire cv = !room || in_valid;                     // the unit's input: the skid's word first
+  wire [N*BITS-1:0] cd = room ? in_data : skd;
   wire take = cv && !stall;
   always @(posedge clk) begin
-    if (rst) skv <= 1'b0;
-    else if (!skv && in_valid && stall) skv <= 1'b1;   // accepted while stalled: kept
-    else if (skv && !stall) skv <= 1'b0;               // taken from the skid
-    if (!skv) skd <= in_data;
+    if (rst) room <= 1'b1;
+    else if (room && in_valid && stall) room <= 1'b0;  // accepted while stalled: kept
+    else if (!room && !stall) room <= 1'b1;            // taken from the skid
+    if (room) skd <= in_data;
   end
 
   wire wrB = vB && winB && !lastB;   // stage B writes its running maximum back this cycle
