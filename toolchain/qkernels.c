@@ -50,42 +50,25 @@ static inline float masked_gc(float g, float q, float mv, float lo, float hi, in
     return gc;
 }
 
-static void row_both(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
-                     int relu, int mask, float *restrict gx, float *restrict p1, float *restrict p2) {
+/* One row of the backward; want_x / want_s are constants at each call below, so the always-inlined
+ * copies have no branches on them and each vectorizes. */
+static inline __attribute__((always_inline)) void backward_row(
+        const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
+        int relu, int mask, int want_x, int want_s, float *restrict gx, float *restrict p1, float *restrict p2) {
     for (int64_t j = 0; j < n; j++) {
         const float xv = x[j], gv = g[j];
         const float r = relu ? relu_of(xv) : xv;
         const float y = r / sv;
         const float q = __builtin_rintf(y);
         const float gc = masked_gc(gv, q, mv, lo, hi, mask);
-        const float v = gc / sv;
-        gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : v;
-        p1[j] = gv * clamp_to(q, lo, hi);
-        p2[j] = gc * (y / sv);
-    }
-}
-
-static void row_x(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
-                  int relu, int mask, float *restrict gx) {
-    for (int64_t j = 0; j < n; j++) {
-        const float xv = x[j];
-        const float r = relu ? relu_of(xv) : xv;
-        const float q = __builtin_rintf(r / sv);
-        const float v = masked_gc(g[j], q, mv, lo, hi, mask) / sv;
-        gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : v;
-    }
-}
-
-static void row_s(const float *restrict x, const float *restrict g, int64_t n, float sv, float mv, float lo, float hi,
-                  int relu, int mask, float *restrict p1, float *restrict p2) {
-    for (int64_t j = 0; j < n; j++) {
-        const float xv = x[j], gv = g[j];
-        const float r = relu ? relu_of(xv) : xv;
-        const float y = r / sv;
-        const float q = __builtin_rintf(y);
-        const float gc = masked_gc(gv, q, mv, lo, hi, mask);
-        p1[j] = gv * clamp_to(q, lo, hi);
-        p2[j] = gc * (y / sv);
+        if (want_x) {
+            const float v = gc / sv;
+            gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : v;
+        }
+        if (want_s) {
+            p1[j] = gv * clamp_to(q, lo, hi);
+            p2[j] = gc * (y / sv);
+        }
     }
 }
 
@@ -96,11 +79,11 @@ void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, c
         const float sv = sd[per_row_d ? i : 0], mv = sm[per_row_m ? i : 0];
         const int64_t b = i * inner;
         if (gx && p1)
-            row_both(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, gx + b, p1 + b, p2 + b);
+            backward_row(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, 1, 1, gx + b, p1 + b, p2 + b);
         else if (gx)
-            row_x(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, gx + b);
+            backward_row(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, 1, 0, gx + b, 0, 0);
         else if (p1)
-            row_s(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, p1 + b, p2 + b);
+            backward_row(x + b, g + b, inner, sv, mv, lo, hi, relu, mask, 0, 1, 0, p1 + b, p2 + b);
     }
 }
 
