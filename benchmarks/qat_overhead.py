@@ -10,7 +10,8 @@ training step (forward, backward, Adam, the method's own step work) of float, fi
 fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, the path before the
 fusion), "adaqat brevitas" (AdaQAT on Brevitas's modules), "fixed ops" and "adaqat ops" (fused, each
 quantizer as its tensor operations rather than its compiled passes, bitfold.toolchain.qkernels: the
-fused path before those) - is timed in interleaved rounds so that machine noise hits all alike; medians and ratios (to float, and adaptive to fixed) are printed.
+fused path before those) - is timed in interleaved rounds so that machine noise hits all alike;
+medians and ratios (to float, and adaptive to fixed) are printed.
 Run it on a quiet machine: with 2 threads and a busy second core OpenMP threads wait on each other.
 ``--device cuda``: the same table on a GPU (the thread count then only sets the host's torch threads;
 each round is closed by ``torch.cuda.synchronize``). ``--compile`` adds two rows, float and fixed W4A4
@@ -43,6 +44,7 @@ OPS = {"fixed ops", "adaqat ops"}
 def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False):
     """(one training step, tasks per step) of a freshly built model; ``ops``: the fused quantizers run
     their tensor operations instead of the compiled passes."""
+    from bitfold.toolchain import qkernels
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
@@ -66,7 +68,6 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
     kernels = not ops
 
     def step():
-        from bitfold.toolchain import qkernels
         prev = qkernels.set_enabled(kernels)
         opt.zero_grad()
         if qm is None or qm.backward_step(fwd, m, x, y, state["s"]) is None:

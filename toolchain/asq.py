@@ -75,7 +75,7 @@ class _ASQQuantStep(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.lay is not None:
             x, d, s, beta = ctx.saved_tensors
-            if g.dtype == x.dtype and g.shape == x.shape and qkernels.standard(g):
+            if qkernels.grad_fits(g, x):
                 grad_x, (p1, p2) = qkernels.backward(x, g, d, ctx.lay, ctx.n, ctx.p, False, 2,
                                                      ctx.needs_input_grad[0], True, sm=s)
                 grad_d = -p2.sum_to_size(d.shape)

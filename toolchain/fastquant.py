@@ -81,21 +81,18 @@ def _kernel_bwd(ctx, g, need_x: bool, need_s: bool):
     the scale's gradient reduced as :func:`_scale_grad` reduces it."""
     x, s, *keep = ctx.saved_tensors
     lay, lo, hi, relu, mask = ctx.kernel
-    if g.dtype != x.dtype or g.shape != x.shape or not qkernels.standard(g):
+    if not qkernels.grad_fits(g, x):
         # a gradient in another memory layout (a convolution's backward may hand one in channels-last
         # order): the products ``g * c`` then take g's layout, and their sums add in that order - the
         # tensor operations, on the forward's values recomputed (same operations, same results)
         r = torch.relu(x) if relu else x
         y = r / s
         q = torch.round(y)
-        c = torch.clamp(q, lo, hi)
-        grad_c = g * s
-        if mask:
-            grad_c = keep_in_range(grad_c, q, lo, hi, above_lo=mask == 1)
-        grad_x = grad_c / s if need_x else None
+        grad_x, grad_s = _grads(g, y, s, torch.clamp(q, lo, hi), q, (lo, hi, mask == 1) if mask else None,
+                                need_x, need_s)
         if grad_x is not None and relu:
             grad_x = _keep_where_positive(grad_x, r, 0)
-        return grad_x, (_scale_grad(g, c, grad_c, y, s) if need_s else None), keep
+        return grad_x, grad_s, keep
     grad_x, prods = qkernels.backward(x, g, s, lay, lo, hi, relu, mask, need_x, need_s)
     grad_s = prods[0].sum_to_size(s.shape) - prods[1].sum_to_size(s.shape) if prods is not None else None
     return grad_x, grad_s, keep
@@ -108,9 +105,14 @@ def _quant_bwd(ctx, g, need_x: bool, need_s: bool):
     both of its uses' gradients (:func:`_scale_grad`). ``(g * s) / s`` is not ``g`` in floating
     point: every expression is autograd's, rewritten only where that is exact."""
     y, s, c, q = ctx.saved_tensors[:4]
+    return _grads(g, y, s, c, q, ctx.bounds, need_x, need_s)
+
+
+def _grads(g, y, s, c, q, bounds, need_x: bool, need_s: bool):
+    """:func:`_quant_bwd` on given values: ``bounds`` (lo, hi, above_lo) of a cutting clamp, or None."""
     grad_c = g * s
-    if ctx.bounds is not None:
-        grad_c = keep_in_range(grad_c, q, *ctx.bounds)
+    if bounds is not None:
+        grad_c = keep_in_range(grad_c, q, *bounds)
     grad_x = grad_c / s if need_x else None
     grad_s = _scale_grad(g, c, grad_c, y, s) if need_s else None
     return grad_x, grad_s
@@ -178,7 +180,7 @@ class _QuantTensorRange(torch.autograd.Function):
             x, s, lo, hi = ctx.saved_tensors
             lay, lof, hif = ctx.kernel
             need = ctx.needs_input_grad
-            if g.dtype == x.dtype and g.shape == x.shape and qkernels.standard(g):
+            if qkernels.grad_fits(g, x):
                 grad_x, prods, above, below = qkernels.backward_range(
                     x, g, s, lay, lof, hif, ctx.relu, ctx.ste, need[0], need[1])
                 grad_s = prods[0].sum_to_size(s.shape) - prods[1].sum_to_size(s.shape) if prods is not None else None

@@ -134,6 +134,13 @@ def standard(t: torch.Tensor) -> bool:
     return True
 
 
+def grad_fits(g: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the backward kernels take the gradient ``g`` of an input ``x`` that :func:`layout`
+    took: float32, ``x``'s shape, row-major (else the caller's tensor operations run, whose products
+    then follow g's layout)."""
+    return g.dtype == torch.float32 and g.shape == x.shape and standard(g)
+
+
 def layout(x: torch.Tensor, s: torch.Tensor) -> tuple[int, int, int] | None:
     """(rows, inner, per_row) when the kernels take ``x`` with scale ``s`` - float32, CPU, row-major,
     ``s`` one value or one per row of ``x`` (shape (rows, 1, ...)) and no larger than ``x`` - else
@@ -167,7 +174,7 @@ def backward(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, 
     cut where the rounded value is above ``hi`` (``mask`` >= 1) or below ``lo`` (``mask`` 2),
     ``grad_x = gc / s`` (0 where ``x <= 0`` under ``relu``); an integer quantizer's scale gradient is
     the difference of the two products' sums to the scale's shape."""
-    if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
+    if not grad_fits(g, x):
         raise ValueError("qkernels.backward: the gradient must be a row-major float32 tensor of the input's shape")
     gx = torch.empty_like(x) if need_x else None
     p1 = torch.empty_like(x) if need_s else None
@@ -210,7 +217,7 @@ def backward_range(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple
     if ste:
         gx, prods = backward(x, g, s, lay, lo, hi, relu, 0, need_x, need_s)
         return gx, prods, None, None
-    if g.dtype != torch.float32 or g.shape != x.shape or not standard(g):
+    if not grad_fits(g, x):
         raise ValueError("qkernels.backward_range: the gradient must be a row-major float32 tensor of the input's shape")
     out = [torch.empty_like(x) for _ in range(5)]
     rows, inner, per_row = lay
