@@ -10,7 +10,8 @@ training step (forward, backward, Adam, the method's own step work) of float, fi
 fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, the path before the
 fusion), "adaqat brevitas" (AdaQAT on Brevitas's modules), "fixed ops" and "adaqat ops" (fused, each
 quantizer as its tensor operations rather than its compiled passes, bitfold.toolchain.qkernels: the
-fused path before those) - is timed in interleaved rounds so that machine noise hits all alike;
+fused path before those), "fixed pynode" (fused, compiled passes, each quantizer's autograd node a
+Python Function rather than the C++ node of qautograd.cpp: the fused path before that) - is timed in interleaved rounds so that machine noise hits all alike;
 medians and ratios (to float, and adaptive to fixed) are printed.
 Run it on a quiet machine: with 2 threads and a busy second core OpenMP threads wait on each other.
 ``--device cuda``: the same table on a GPU (the thread count then only sets the host's torch threads;
@@ -33,17 +34,21 @@ warnings.filterwarnings("ignore")
 METHODS = [("float", "float", {}), ("brevitas", "fixed", {}), ("fixed W4A4", "fixed", {}),
            ("adaqat", "adaqat", {"cost": "bitops"}), ("mebqat", "mebqat", {}), ("adq W4A4", "adq", {}),
            ("asq W4A4", "asq", {}), ("adaqat brevitas", "adaqat", {"cost": "bitops"}),
-           ("fixed ops", "fixed", {}), ("adaqat ops", "adaqat", {"cost": "bitops"})]
+           ("fixed ops", "fixed", {}), ("adaqat ops", "adaqat", {"cost": "bitops"}), ("fixed pynode", "fixed", {})]
 #: rows after the adaptive methods' columns (not compared with fixed as a method of their own)
-EXTRA = {"adaqat brevitas", "fixed ops", "adaqat ops"}
+EXTRA = {"adaqat brevitas", "fixed ops", "adaqat ops", "fixed pynode"}
 #: rows whose fused quantizers run their tensor operations, not the compiled passes (the fused path
 #: before bitfold.toolchain.qkernels), timed beside the others
 OPS = {"fixed ops", "adaqat ops"}
+#: rows whose fused quantizers are the Python autograd Functions around the compiled passes, not the
+#: C++ autograd nodes (the fused path before qautograd.cpp)
+PYNODE = {"fixed pynode"}
 
 
-def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False):
+def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False, pynode=False):
     """(one training step, tasks per step) of a freshly built model; ``ops``: the fused quantizers run
-    their tensor operations instead of the compiled passes."""
+    their tensor operations instead of the compiled passes; ``pynode``: their autograd nodes are the
+    Python Functions, not the C++ ones."""
     from bitfold.toolchain import qkernels
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
@@ -69,6 +74,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
 
     def step():
         prev = qkernels.set_enabled(kernels)
+        prev_nodes = qkernels.set_nodes_enabled(not pynode)
         opt.zero_grad()
         if qm is None or qm.backward_step(fwd, m, x, y, state["s"]) is None:
             F.cross_entropy(fwd(x), y).backward()
@@ -77,6 +83,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
             qm.after_step(m, state["s"])
         state["s"] += 1
         qkernels.set_enabled(prev)
+        qkernels.set_nodes_enabled(prev_nodes)
     return step, (getattr(qm, "tasks_per_step", 1) if qm is not None else 1)
 
 
@@ -109,7 +116,7 @@ def main():
                 try:
                     fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=not label.endswith("brevitas"),
                                                        device=args.device, compile_=args.compile_backend if comp else None,
-                                                       ops=label in OPS)
+                                                       ops=label in OPS, pynode=label in PYNODE)
                     if comp:   # compilation happens on the first call: a failure is reported, not fatal
                         fns[label]()
                 except Exception as e:  # noqa: BLE001 - only the compiled rows may fail; others re-raise
@@ -124,8 +131,10 @@ def main():
                 f"{k}/fixed {med[k] / fx / tasks[k]:.2f}x" + (f" per task ({tasks[k]} tasks)" if tasks[k] > 1 else "")
                 for k, _, _ in METHODS[3:] if k not in EXTRA] + [f"adaqat/adaqat brevitas {med['adaqat'] / med['adaqat brevitas']:.2f}x",
                                                                   f"fixed ops/float {med['fixed ops'] / fp:.2f}x",
-                                                                  f"adaqat ops/fixed ops {med['adaqat ops'] / med['fixed ops']:.2f}x"]
-            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS if not lab.endswith("brevitas") and lab not in OPS}
+                                                                  f"adaqat ops/fixed ops {med['adaqat ops'] / med['fixed ops']:.2f}x",
+                                                                  f"fixed pynode/float {med['fixed pynode'] / fp:.2f}x"]
+            eager_of = {lab.split()[0]: lab for lab, _, _ in METHODS
+                if not lab.endswith("brevitas") and lab not in OPS and lab not in PYNODE}
             ratios += [f"{k}/{eager_of[k.split()[0]]} {med[k] / med[eager_of[k.split()[0]]]:.2f}x"
                        for k in med if k.endswith("compiled")]
             print(f"{name + ' ' + 'x'.join(map(str, shape)) + f' b{batch}':<22}{th:>4}  "

@@ -263,16 +263,17 @@ class _QuantFromAbsMax(torch.autograd.Function):
             return grad_x, None, None, None, None, None, None, None
         # the max's backward is zero but at the arg-max elements; then abs's backward (a product with
         # sgn(w)) and the sum with the direct gradient
+        # (grad_x may be in another memory layout than w - a channels-last gradient: reshape, not view)
         if ctx.per_channel:   # to the index torch.max returned, in each channel (autograd's scatter)
             rows = torch.arange(w.shape[0], device=w.device)
-            gw, wf = grad_x.view(w.shape[0], -1), w.reshape(w.shape[0], -1)
+            gw, wf = grad_x.reshape(w.shape[0], -1), w.reshape(w.shape[0], -1)
             gw[rows, at_max] += grad_stats.reshape(-1) * wf[rows, at_max].sgn()
+            grad_x = gw.reshape(w.shape)
         else:                 # spread evenly over the elements equal to the maximum (autograd's masked fill)
-            wf = w.reshape(-1)
-            ties = 1.0 - _keep_where_positive(torch.ones_like(wf), at_max - torch.abs(wf), 0)   # 1 where |w| == max
+            ties = 1.0 - _keep_where_positive(torch.ones_like(w), at_max - torch.abs(w), 0)   # 1 where |w| == max
             share = grad_stats.reshape(()) / ties.sum()          # the sum counts the ties exactly (< 2^24)
             # x + share * tie * sgn(w): the products of 0, 1 and +-1 are exact in any order
-            grad_x.view(-1).addcmul_(ties, wf.sgn(), value=share)
+            grad_x = grad_x.addcmul(ties, w.sgn(), value=share)
         return grad_x, None, None, None, None, None, None, None
 
 
@@ -358,6 +359,7 @@ class WeightPlan:
     min_val: float | None
     ste_clamp: bool
     learned_scale: bool = False   # a scale parameter initialised from the weight statistic (LSQ-style)
+    scaling: nn.Module | None = None   # the quantizer's scaling module (its learned scale's holder)
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,7 @@ class ActPlan:
     relu: bool
     min_val: float | None
     ste_clamp: bool
+    scaling: nn.Module | None = None   # the quantizer's scaling module: its learned scale and statistics counter
 
 
 @dataclass(frozen=True)
@@ -485,7 +488,7 @@ def weight_plan(layer) -> WeightPlan:
     if len(mins) > 1:
         raise _NotFusable("two different scale minima")
     return WeightPlan(_Range(tq, pre, switchable), per_channel, tuple(pls.stats.stats_output_shape),
-                      next(iter(mins), None), ste, learned)
+                      next(iter(mins), None), ste, learned, sc)
 
 
 def act_plan(site) -> ActPlan:
@@ -514,14 +517,19 @@ def act_plan(site) -> ActPlan:
             and _is(sc.restrict_threshold_pre, "Abs")):
         raise _NotFusable("scale restricted other than to a float")
     rng = _Range(tq, lambda t: sc.restrict_threshold(sc.restrict_threshold_pre(t)), switchable)
-    return ActPlan(rng, relu, _min_val(sc.clamp_scaling.clamp_min_ste), ste)
+    return ActPlan(rng, relu, _min_val(sc.clamp_scaling.clamp_min_ste), ste, sc)
 
 
 def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = None) -> torch.Tensor:
     """The quantized weight; ``value``: the learned scale parameter of a ``learned_scale`` plan."""
     lo, hi, thr = p.range()
+    ops = _native(w, thr)
     if p.learned_scale:
+        if ops is not None:
+            return ops.quant_value(w, value, False, p.min_val, thr, lo, hi, p.ste_clamp)
         return _QuantFromValue.apply(w, value, False, p.min_val, thr, lo, hi, p.ste_clamp)
+    if ops is not None:
+        return ops.quant_absmax(w, p.per_channel, p.stats_shape, p.min_val, thr, lo, hi, p.ste_clamp)
     if not torch.compiler.is_compiling():
         return _QuantFromAbsMax.apply(w, p.per_channel, p.stats_shape, p.min_val, thr, lo, hi, p.ste_clamp)
     if p.per_channel:
@@ -549,7 +557,20 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
 
 def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:
     lo, hi, thr = p.range()
+    ops = _native(x, thr)
+    if ops is not None:
+        return ops.quant_value(x, value, p.relu, p.min_val, thr, lo, hi, p.ste_clamp)
     return _QuantFromValue.apply(x, value, p.relu, p.min_val, thr, lo, hi, p.ste_clamp)
+
+
+def _native(x: torch.Tensor, thr) -> object | None:
+    """The C++ autograd nodes (``torch.ops.bitfold_q``, :func:`qkernels.ops`: the Functions above,
+    same operations, without Python's per-call work) for a CPU float32 tensor, outside torch.compile
+    (dynamo does not trace into them); else None and the Python Functions run."""
+    if not x.is_cpu or x.dtype is not torch.float32 or not isinstance(thr, torch.Tensor) \
+            or torch.compiler.is_compiling():
+        return None
+    return qkernels.ops()
 
 
 #: plans of the layers inside an active :func:`fast_quant` block (a copy of a layer made inside the
@@ -564,7 +585,7 @@ def _fast_layer_forward(self, x):
     if isinstance(plan, LearnedPlan):
         w = fused_learned(self.weight, plan)
     else:
-        sc = self.weight_quant.tensor_quant.scaling_impl
+        sc = plan.scaling
         if plan.learned_scale and not sc.init_done:
             return super(type(self), self).forward(x)
         w = fused_weight(self.weight, plan, sc.value if plan.learned_scale else None)
@@ -576,9 +597,10 @@ def _fast_layer_forward(self, x):
 
 def _fast_act_forward(self, x):
     plan = _ACTIVE.get(self)
-    sc = self.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
-    # statistics still being collected (or the step that turns them into the scale): Brevitas
-    if plan is None or not self.training or sc.counter <= sc.collect_stats_steps or type(x) is not torch.Tensor:
+    if plan is None or not self.training or type(x) is not torch.Tensor:
+        return super(type(self), self).forward(x)
+    sc = plan.tq.scaling_impl if isinstance(plan, LearnedPlan) else plan.scaling
+    if sc.counter <= sc.collect_stats_steps:   # statistics still being collected (or the step that turns them into the scale)
         return super(type(self), self).forward(x)
     if isinstance(plan, LearnedPlan):
         return fused_learned(x, plan)

@@ -9,6 +9,12 @@ torch. The C file is compiled on first use with the system C compiler (``$CC``, 
 CPU) and loaded with ctypes; where no compiler works, :func:`available` is False, :func:`status` says
 why and the fused quantizers run their torch operations (same results, slower).
 ``BITFOLD_QKERNELS=0`` turns the kernels off.
+
+The fused quantizers' autograd nodes themselves (``qautograd.cpp``: forward and backward in C++, the
+kernels above inside) are built the same way with the C++ compiler (``$CXX``, else ``c++``) against the
+installed torch and loaded as the operators ``torch.ops.bitfold_q``: :func:`ops` returns them, or None
+(:func:`status` says why) where no C++ compiler works - the Python autograd Functions then run, with
+the same results.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC"
 
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
+_SRC_OPS = Path(__file__).with_name("qautograd.cpp")
+_ops = None            # torch.ops.bitfold_q once loaded
+_ops_why: str | None = None
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -46,27 +55,64 @@ def _cache_dir() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "bitfold") / "kernels"
 
 
-def _compile() -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    out = _cache_dir() / key / "libbfq.so"
+def _build(cmd: list[str], sources: list[Path], name: str, extra_key: str = "", libs: tuple = ()) -> Path:
+    """``cmd`` + ``-o <lib>`` + the first source + ``libs``, compiled once into the cache (keyed by the sources,
+    the command, ``extra_key`` and this CPU); the path of the shared library."""
+    blob = b"".join(p.read_bytes() for p in sources) + " ".join([*cmd, *libs]).encode() + extra_key.encode()
+    key = hashlib.sha256(blob + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / key / name
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True)
+        r = subprocess.run([*cmd, "-o", tmp, str(sources[0]), *libs], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:300]}")
+            raise RuntimeError(f"{cmd[0]} failed: {(r.stderr or r.stdout).strip()[:300]}")
         os.replace(tmp, out)      # whole or not at all: another process may be loading it
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _compile() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    return _build([cc, *FLAGS], [_SRC], "libbfq.so")
+
+
+def _compile_ops() -> Path:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    root = Path(torch.__file__).parent
+    cmd = [cxx, *FLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+           f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}"]
+    # the libraries after the source: a linker with --as-needed drops those named before their users
+    return _build(cmd, [_SRC_OPS, _SRC], "libbfqop.so", torch.__version__, ("-ltorch", "-ltorch_cpu", "-lc10"))
+
+
+def ops():
+    """``torch.ops.bitfold_q`` (the fused quantizers' autograd nodes in C++, compiled on first call),
+    or None where they cannot be built or the kernels are off (:func:`status` says why)."""
+    global _ops, _ops_why
+    if not (_enabled and _nodes):
+        return None
+    if _ops is not None or _ops_why is not None:
+        return _ops
+    if _load() is None:
+        _ops_why = _why
+        return None
+    try:
+        torch.ops.load_library(str(_compile_ops()))
+        _ops = torch.ops.bitfold_q
+    except (OSError, RuntimeError) as e:
+        _ops_why = str(e)
+    return _ops
 
 
 def _load() -> ctypes.CDLL | None:
@@ -108,6 +154,17 @@ def set_enabled(on: bool) -> bool:
     return prev
 
 
+_nodes = True
+
+
+def set_nodes_enabled(on: bool) -> bool:
+    """Use the C++ autograd nodes (True, the default) or the Python Functions around the kernels;
+    returns the previous setting (benchmarks time both in one process)."""
+    global _nodes
+    prev, _nodes = _nodes, bool(on)
+    return prev
+
+
 def available() -> bool:
     """True when the compiled kernels are loaded (compiling them on first call) and enabled."""
     return _enabled and _load() is not None
@@ -117,7 +174,12 @@ def status() -> str:
     """One line: the kernels in use, or why the torch operations run instead."""
     if not _enabled:
         return "compiled quantizer kernels: off (set_enabled(False))"
-    return "compiled quantizer kernels: on" if available() else f"compiled quantizer kernels: off ({_why})"
+    if not available():
+        return f"compiled quantizer kernels: off ({_why})"
+    if not _nodes:
+        return "compiled quantizer kernels: on, autograd nodes in Python (set_nodes_enabled(False))"
+    return "compiled quantizer kernels: on, autograd nodes in C++" if ops() is not None else \
+        f"compiled quantizer kernels: on, autograd nodes in Python ({_ops_why})"
 
 
 def standard(t: torch.Tensor) -> bool:

@@ -68,6 +68,7 @@ def test_the_comparison_sees_a_wrong_gradient(monkeypatch):
         gx, gs, *rest = orig(ctx, g)
         return (g if gx is not None else None), gs, *rest
     monkeypatch.setattr(fq._QuantFromValue, "backward", staticmethod(sloppy))
+    monkeypatch.setattr(fq, "_native", lambda x, thr: None)      # the Python Functions, not the C++ nodes
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8) * 3, torch.randint(0, 10, (16,))
     ref = build_model("cnn", (1, 8, 8), 10, bits="w3a3", method="fixed")
@@ -97,7 +98,7 @@ def test_every_method_trains_and_exports_identically(tmp_path, method):
         if fast:
             assert len(m["fast_quant"]["fused"]) == FUSED[method], m["fast_quant"]
             if FUSED[method]:
-                assert m["fast_quant"]["kernels"] == "compiled quantizer kernels: on", m["fast_quant"]
+                assert m["fast_quant"]["kernels"] == "compiled quantizer kernels: on, autograd nodes in C++", m["fast_quant"]
         else:
             assert m["fast_quant"]["fused"] == []
     a, b = (load_checkpoint(runs[f] / "checkpoint.pt") for f in (True, False))
@@ -269,6 +270,81 @@ def test_compiled_weight_kernels_equal_the_tensor_operations(per_channel):
     a, b = _quant_both_paths(lambda w_: fq._QuantFromAbsMax.apply(w_, per_channel, shape, 1e-8, 3.0, -4.0, 3.0, True), w, g)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+def _native_and_python(native, python, *tensors):
+    """Outputs and gradients of the C++ autograd node ``native`` and the Python Function ``python``."""
+    res = []
+    for fn in (native, python):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors[:-1]]
+        out = fn(*leaves)
+        out.backward(tensors[-1])
+        res.append([out.detach()] + [t.grad for t in leaves])
+    return res
+
+
+@pytest.mark.parametrize("relu,lo,hi,ste", [(True, 0.0, 7.0, False), (False, -8.0, 7.0, False),
+                                            (False, -7.0, 7.0, True), (True, 0.0, 255.0, False)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last input"])
+def test_cpp_activation_node_equals_the_python_function(relu, lo, hi, ste, layout):
+    """The activation quantizer's autograd node in C++ (qautograd.cpp, built here - CI installs g++)
+    gives the Python Function's output and gradients bit for bit - ties, both bounds, zeros; a
+    channels-last gradient (the operations' path in the backward) and a channels-last input (the
+    operations' path throughout)."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(0)
+    value, thr = torch.tensor(1.7), torch.tensor(4.0)
+    s = float(value) / 4.0
+    x = torch.randn(8, 16, 6, 6) * 3
+    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) * s      # exact rounding ties
+    x[:, :2] = 0.0
+    g = torch.randn(8, 16, 6, 6)
+    if layout == "channels-last gradient":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = _native_and_python(lambda x_, v_: ops.quant_value(x_, v_, relu, 1e-8, thr, lo, hi, ste),
+                              lambda x_, v_: fq._QuantFromValue.apply(x_, v_, relu, 1e-8, thr, lo, hi, ste), x, value, g)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+    assert float(a[2].abs()) > 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last weight"])
+def test_cpp_weight_node_equals_the_python_function(per_channel, layout):
+    """The max-abs weight quantizer's node in C++ equals the Python Function: output, the weight's
+    gradient with the statistic's share (per-channel arg-max, per-tensor ties), in each layout."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(2)
+    w = torch.randn(12, 5, 3, 3)
+    top = float(w.abs().max()) * 1.2
+    w[0, 0, 0, 0], w[0, 1, 1, 1], w[3, 2, 0, 1], w[7, 4, 2, 2] = top, -top, -top, top   # ties
+    g = torch.randn_like(w)
+    if layout == "channels-last gradient":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last weight":
+        w = w.contiguous(memory_format=torch.channels_last)
+    shape, thr = ((12, 1, 1, 1) if per_channel else ()), torch.tensor(3.0)
+    a, b = _native_and_python(lambda w_: ops.quant_absmax(w_, per_channel, shape, 1e-8, thr, -4.0, 3.0, True),
+                              lambda w_: fq._QuantFromAbsMax.apply(w_, per_channel, shape, 1e-8, thr, -4.0, 3.0, True), w, g)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+
+
+def test_cpp_node_comparison_sees_a_difference():
+    """The comparison above can fail: another clamp (ste off) changes the C++ node's gradient."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    torch.manual_seed(0)
+    x, value, thr, g = torch.randn(4, 8) * 9, torch.tensor(1.0), torch.tensor(4.0), torch.randn(4, 8)
+    a, b = _native_and_python(lambda x_, v_: ops.quant_value(x_, v_, False, 1e-8, thr, -2.0, 1.0, True),
+                              lambda x_, v_: fq._QuantFromValue.apply(x_, v_, False, 1e-8, thr, -2.0, 1.0, False), x, value, g)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("relu,unsigned,ste", [(True, True, False), (False, False, False), (False, False, True)])

@@ -1,0 +1,266 @@
+// bitfold fast-QAT autograd nodes: the fused integer quantizers of bitfold.toolchain.fastquant
+// (_QuantFromValue, _QuantFromAbsMax) as torch operators whose forward and backward run in C++.
+//
+// On a small network a fused quantizer spends most of its time not in arithmetic but in Python: the
+// autograd Function's call machinery and a dozen scalar-sized tensor operations around the one-pass
+// kernels (the scale from its parameter or statistic, the products' sums, the parameter's gradient),
+// each a Python-to-C++ round trip. Here the same operations are the same ATen calls made from C++,
+// in the same order, and the tensor-sized work is the kernels of qkernels.c (included below), so the
+// results are bit-identical to the Python Functions (tests compare them with torch.equal). Where the
+// kernels do not take a tensor (layout, dtype, device) the tensor operations of the Python Functions
+// run, also from here.
+//
+// Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
+// torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+extern "C" {
+#define restrict __restrict__
+#include "qkernels.c"
+#undef restrict
+}
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Row-major strides on every dimension, size-1 ones included (qkernels.standard).
+bool standard(const Tensor& t) {
+    int64_t expect = 1;
+    for (int64_t d = t.dim() - 1; d >= 0; --d) {
+        if (t.stride(d) != expect) return false;
+        expect *= t.size(d);
+    }
+    return true;
+}
+
+struct Layout {
+    bool ok;
+    int64_t rows, inner;
+    int per_row;
+};
+
+// qkernels.layout: float32 CPU row-major x; s one value or one per row of x.
+Layout layout(const Tensor& x, const Tensor& s) {
+    const Layout no{false, 0, 0, 0};
+    if (x.scalar_type() != at::kFloat || s.scalar_type() != at::kFloat || !x.device().is_cpu() ||
+        !s.device().is_cpu() || x.dim() == 0 || s.dim() > x.dim() || !standard(x))
+        return no;
+    const int64_t n = x.numel();
+    if (s.numel() == 1) return {true, 1, n, 0};
+    if (x.size(0) > 0 && s.dim() == x.dim() && s.size(0) == x.size(0) && s.numel() == x.size(0) && s.is_contiguous())
+        return {true, x.size(0), n / x.size(0), 1};
+    return no;
+}
+
+// qkernels.grad_fits
+bool grad_fits(const Tensor& g, const Tensor& x) {
+    return g.scalar_type() == at::kFloat && g.sizes() == x.sizes() && standard(g);
+}
+
+float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// fastquant._grads: a clamp's backward cutting outside [lo, hi] (``cut``; only the upper bound when
+// ``above_lo``), round straight-through, the scale's two uses summed to its shape.
+void grads_ops(const Tensor& g, const Tensor& y, const Tensor& s, const Tensor& c, const Tensor& q, bool cut,
+               double lo, double hi, bool above_lo, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
+    Tensor grad_c = g * s;
+    if (cut) {
+        grad_c = at::threshold_backward(grad_c, at::rsub(q, hi + 0.5), 0);
+        if (!above_lo) grad_c = at::threshold_backward(grad_c, at::sub(q, lo - 0.5), 0);
+    }
+    if (need_x) grad_x = grad_c / s;
+    if (need_s) grad_s = at::sum_to(g * c, s.sizes()) - at::sum_to(grad_c * (y / s), s.sizes());
+}
+
+// The one-pass backward (bfq_backward) and the scale's gradient from its two products.
+void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layout& lay, double lo, double hi,
+                  bool relu, int mask, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
+    Tensor gx = need_x ? at::empty_like(x) : Tensor();
+    Tensor p1 = need_s ? at::empty_like(x) : Tensor();
+    Tensor p2 = need_s ? at::empty_like(x) : Tensor();
+    bfq_backward(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner, s.data_ptr<float>(), lay.per_row,
+                 s.data_ptr<float>(), lay.per_row, (float)lo, (float)hi, relu, mask, fptr(gx), fptr(p1), fptr(p2));
+    grad_x = gx;
+    if (need_s) grad_s = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
+}
+
+Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, double lo, double hi, bool relu) {
+    Tensor out = at::empty_like(x);
+    bfq_forward(x.data_ptr<float>(), out.data_ptr<float>(), lay.rows, lay.inner, s.data_ptr<float>(), lay.per_row,
+                s.data_ptr<float>(), lay.per_row, (float)lo, (float)hi, relu);
+    return out;
+}
+
+// fastquant._QuantFromValue: s = max(|value|, min_val) / thr; clamp(round(relu?(x) / s), lo, hi) * s.
+struct QuantValue : public torch::autograd::Function<QuantValue> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& value, bool relu,
+                          std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
+        Tensor s = at::abs(value);
+        if (min_val) s = at::clamp_min(s, *min_val);
+        s = s / thr;
+        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(relu), double(ste)};
+        const Layout lay = layout(x, s);
+        ctx->saved_data["k"] = lay.ok;
+        if (lay.ok) {
+            ctx->save_for_backward({x, s, value, thr});
+            return kernel_forward(x, s, lay, lo, hi, relu);
+        }
+        const Tensor r = relu ? at::relu(x) : x;
+        const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
+        ctx->save_for_backward({y, s, c, q, value, thr, relu ? r : Tensor()});
+        return c * s;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
+        const double lo = cfg[0], hi = cfg[1];
+        const bool relu = cfg[2] != 0.0, ste = cfg[3] != 0.0;
+        const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
+        const auto saved = ctx->get_saved_variables();
+        Tensor grad_x, grad_s, value, thr;
+        if (ctx->saved_data["k"].toBool()) {
+            const Tensor &x = saved[0], &s = saved[1];
+            value = saved[2];
+            thr = saved[3];
+            const int mask = ste ? 0 : (relu && lo <= 0 ? 1 : 2);   // after a ReLU nothing is below lo <= 0
+            if (grad_fits(g, x)) {
+                grads_kernel(x, g, s, layout(x, s), lo, hi, relu, mask, need_x, need_s, grad_x, grad_s);
+            } else {   // a gradient in another layout: the operations, on the forward's values recomputed
+                const Tensor r = relu ? at::relu(x) : x;
+                const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
+                grads_ops(g, y, s, c, q, mask != 0, lo, hi, mask == 1, need_x, need_s, grad_x, grad_s);
+                if (grad_x.defined() && relu) grad_x = at::threshold_backward(grad_x, r, 0);
+            }
+        } else {
+            const Tensor &y = saved[0], &s = saved[1], &c = saved[2], &q = saved[3], &r = saved[6];
+            value = saved[4];
+            thr = saved[5];
+            grads_ops(g, y, s, c, q, !ste, lo, hi, relu && lo <= 0, need_x, need_s, grad_x, grad_s);
+            if (grad_x.defined() && relu) grad_x = at::threshold_backward(grad_x, r, 0);
+        }
+        Tensor grad_v = grad_s.defined() ? (grad_s / thr) * value.sgn() : Tensor();   // div, clamp STE, abs
+        return {grad_x, grad_v, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+// fastquant._QuantFromAbsMax: s = max(max|w|, min_val) / thr per tensor or per output channel; the
+// statistic's gradient to each channel's arg-max, or spread over the ties of the tensor's maximum.
+struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& w, bool per_channel, std::vector<int64_t> stats_shape,
+                          std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
+        Tensor stats, at_max;
+        if (per_channel) {
+            auto mx = at::max(at::abs(w.reshape({w.size(0), -1})), 1);
+            stats = std::get<0>(mx);
+            at_max = std::get<1>(mx);
+        } else {
+            stats = at::max(at::abs(w.reshape(-1)));
+            at_max = stats;
+        }
+        Tensor s = stats.view(stats_shape);
+        if (min_val) s = at::clamp_min(s, *min_val);
+        s = s / thr;
+        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste)};
+        const Layout lay = layout(w, s);
+        ctx->saved_data["k"] = lay.ok;
+        if (lay.ok) {
+            ctx->save_for_backward({w, s, at_max, thr});
+            return kernel_forward(w, s, lay, lo, hi, false);
+        }
+        const Tensor y = w / s, q = at::round(y), c = at::clamp(q, lo, hi);
+        ctx->save_for_backward({y, s, c, q, w, at_max, thr});
+        return c * s;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        variable_list out(8);
+        if (!ctx->needs_input_grad(0)) return out;
+        const Tensor& g = grads[0];
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
+        const double lo = cfg[0], hi = cfg[1];
+        const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0;
+        const bool kernel = ctx->saved_data["k"].toBool();
+        const auto saved = ctx->get_saved_variables();
+        Tensor grad_x, grad_s, w, at_max, thr;
+        if (kernel) {
+            const Tensor& s = saved[1];
+            w = saved[0];
+            at_max = saved[2];
+            thr = saved[3];
+            if (grad_fits(g, w)) {
+                grads_kernel(w, g, s, layout(w, s), lo, hi, false, ste ? 0 : 2, true, true, grad_x, grad_s);
+            } else {
+                const Tensor y = w / s, q = at::round(y), c = at::clamp(q, lo, hi);
+                grads_ops(g, y, s, c, q, !ste, lo, hi, false, true, true, grad_x, grad_s);
+            }
+        } else {
+            grads_ops(g, saved[0], saved[1], saved[2], saved[3], !ste, lo, hi, false, true, true, grad_x, grad_s);
+            w = saved[4];
+            at_max = saved[5];
+            thr = saved[6];
+        }
+        const Tensor grad_stats = grad_s / thr;   // div; the clamp is straight-through; then the view
+        const int64_t rows = w.size(0);
+        if (kernel && standard(grad_x) && grad_x.scalar_type() == at::kFloat && grad_stats.scalar_type() == at::kFloat &&
+            grad_x.sizes() == w.sizes() && grad_x.device().is_cpu()) {   // w: taken by the kernels
+            if (per_channel) {
+                const Tensor at = at_max.contiguous(), gs = grad_stats.reshape(-1).contiguous();
+                bfq_add_at_rows(grad_x.data_ptr<float>(), w.data_ptr<float>(), rows, w.numel() / rows,
+                                at.data_ptr<int64_t>(), gs.data_ptr<float>());
+            } else {
+                bfq_add_ties(grad_x.data_ptr<float>(), w.data_ptr<float>(), w.numel(), at_max.item<float>(),
+                             grad_stats.reshape({}).item<float>());
+            }
+        } else if (per_channel) {   // to the index torch.max returned, in each channel (autograd's scatter)
+            using at::indexing::TensorIndex;
+            const Tensor idx_rows = at::arange(rows, w.options().dtype(at::kLong));
+            Tensor gw = grad_x.reshape({rows, -1});   // grad_x may be in another layout than w
+            const Tensor wf = w.reshape({rows, -1});
+            const std::vector<TensorIndex> idx{TensorIndex(idx_rows), TensorIndex(at_max)};
+            Tensor part = gw.index(idx);
+            part += grad_stats.reshape(-1) * wf.index(idx).sgn();
+            gw.index_put_(idx, part);
+            grad_x = gw.reshape(w.sizes());
+        } else {   // spread evenly over the elements equal to the maximum (autograd's masked fill)
+            const Tensor ties = at::rsub(at::threshold_backward(at::ones_like(w), at_max - at::abs(w), 0), 1.0);
+            const Tensor share = grad_stats.reshape({}) / ties.sum();
+            grad_x = grad_x.addcmul(ties, w.sgn(), share.item());
+        }
+        out[0] = grad_x;
+        return out;
+    }
+};
+
+Tensor quant_value(const Tensor& x, const Tensor& value, bool relu, std::optional<double> min_val, const Tensor& thr,
+                   double lo, double hi, bool ste_clamp) {
+    return QuantValue::apply(x, value, relu, min_val, thr, lo, hi, ste_clamp);
+}
+
+Tensor quant_absmax(const Tensor& w, bool per_channel, at::IntArrayRef stats_shape, std::optional<double> min_val,
+                    const Tensor& thr, double lo, double hi, bool ste_clamp) {
+    return QuantAbsMax::apply(w, per_channel, stats_shape.vec(), min_val, thr, lo, hi, ste_clamp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bitfold_q, m) {
+    m.def("quant_value(Tensor x, Tensor value, bool relu, float? min_val, Tensor thr, float lo, float hi, "
+          "bool ste_clamp) -> Tensor",
+          &quant_value);
+    m.def("quant_absmax(Tensor w, bool per_channel, int[] stats_shape, float? min_val, Tensor thr, float lo, "
+          "float hi, bool ste_clamp) -> Tensor",
+          &quant_absmax);
+}
