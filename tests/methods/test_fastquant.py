@@ -369,7 +369,7 @@ def test_compiled_learned_range_kernel_equals_the_tensor_operations(relu, unsign
 
 @pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300])
 def test_compiled_bucketize_equals_torch(nb):
-    """ADQ's nearest-entry search at more than 4 bits (bitfold.toolchain.qkernels.bucketize) gives
+    """ADQ's nearest-entry search at every width (bitfold.toolchain.qkernels.bucketize) gives
     torch.bucketize's index: values on a midpoint (ties go left), just below one, +-inf."""
     from bitfold.toolchain import qkernels
     torch.manual_seed(nb)
