@@ -14,7 +14,7 @@ The fused quantizers' autograd nodes themselves (``qautograd.cpp``: forward and 
 kernels above inside) are built the same way with the C++ compiler (``$CXX``, else ``c++``) against the
 installed torch and loaded as the operators ``torch.ops.bitfold_q``: :func:`ops` returns them, or None
 (:func:`status` says why) where no C++ compiler works - the Python autograd Functions then run, with
-the same results.
+the same results (``BITFOLD_QNODES=0`` turns the C++ nodes off).
 """
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ def ops():
         return _ops
     if _load() is None:
         _ops_why = _why
+        return None
+    if os.environ.get("BITFOLD_QNODES", "1") == "0":
+        _ops_why = "turned off (BITFOLD_QNODES=0)"
         return None
     try:
         torch.ops.load_library(str(_compile_ops()))
