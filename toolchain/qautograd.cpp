@@ -71,6 +71,32 @@ bool grad_fits(const Tensor& g, const Tensor& x) {
 
 float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+// A 0-dim float32 CPU tensor: scalar arithmetic on it is done here in float, as ATen's kernels do it
+// (one dispatch each saved on a training step's dozen scalar operations).
+bool scalar_f32(const Tensor& t) { return t.dim() == 0 && t.scalar_type() == at::kFloat && t.device().is_cpu(); }
+
+float fval(const Tensor& t) { return *t.data_ptr<float>(); }
+
+Tensor scalar_of(float v, const Tensor& like) {
+    Tensor t = at::empty({}, like.options());
+    *t.data_ptr<float>() = v;
+    return t;
+}
+
+// max(|v|, min) / thr as abs, clamp_min (its Scalar cast to float; NaN kept, as std::max keeps it) and
+// div compute it in float
+float scale_of(float v, std::optional<double> min_val, float thr) {
+    float a = fabsf(v);
+    if (min_val) {
+        const float m = (float)*min_val;
+        a = a < m ? m : a;
+    }
+    return a / thr;
+}
+
+// sgn of a real float as ATen's sign kernel: (0 < v) - (v < 0), so +0 for +-0 and NaN
+float sgn_of_f(float v) { return (float)((0.0f < v) - (v < 0.0f)); }
+
 // fastquant._grads: a clamp's backward cutting outside [lo, hi] (``cut``; only the upper bound when
 // ``above_lo``), round straight-through, the scale's two uses summed to its shape.
 void grads_ops(const Tensor& g, const Tensor& y, const Tensor& s, const Tensor& c, const Tensor& q, bool cut,
@@ -93,7 +119,11 @@ void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layou
     bfq_backward(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner, s.data_ptr<float>(), lay.per_row,
                  s.data_ptr<float>(), lay.per_row, (float)lo, (float)hi, relu, mask, fptr(gx), fptr(p1), fptr(p2));
     grad_x = gx;
-    if (need_s) grad_s = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
+    if (!need_s) return;
+    if (scalar_f32(s))   // sum_to a 0-dim shape is sum(); the difference of two floats in float
+        grad_s = scalar_of(fval(p1.sum()) - fval(p2.sum()), s);
+    else
+        grad_s = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
 }
 
 Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, double lo, double hi, bool relu) {
@@ -107,12 +137,16 @@ Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, doubl
 struct QuantValue : public torch::autograd::Function<QuantValue> {
     static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& value, bool relu,
                           std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
-        Tensor s = at::abs(value);
-        if (min_val) s = at::clamp_min(s, *min_val);
-        s = s / thr;
-        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(relu), double(ste)};
+        Tensor s;
+        if (scalar_f32(value) && scalar_f32(thr)) {
+            s = scalar_of(scale_of(fval(value), min_val, fval(thr)), value);
+        } else {
+            s = at::abs(value);
+            if (min_val) s = at::clamp_min(s, *min_val);
+            s = s / thr;
+        }
         const Layout lay = layout(x, s);
-        ctx->saved_data["k"] = lay.ok;
+        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(relu), double(ste), double(lay.ok)};
         if (lay.ok) {
             ctx->save_for_backward({x, s, value, thr});
             return kernel_forward(x, s, lay, lo, hi, relu);
@@ -127,11 +161,11 @@ struct QuantValue : public torch::autograd::Function<QuantValue> {
         const Tensor& g = grads[0];
         const auto cfg = ctx->saved_data["c"].toDoubleVector();
         const double lo = cfg[0], hi = cfg[1];
-        const bool relu = cfg[2] != 0.0, ste = cfg[3] != 0.0;
+        const bool relu = cfg[2] != 0.0, ste = cfg[3] != 0.0, kernel = cfg[4] != 0.0;
         const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
         const auto saved = ctx->get_saved_variables();
         Tensor grad_x, grad_s, value, thr;
-        if (ctx->saved_data["k"].toBool()) {
+        if (kernel) {
             const Tensor &x = saved[0], &s = saved[1];
             value = saved[2];
             thr = saved[3];
@@ -151,7 +185,11 @@ struct QuantValue : public torch::autograd::Function<QuantValue> {
             grads_ops(g, y, s, c, q, !ste, lo, hi, relu && lo <= 0, need_x, need_s, grad_x, grad_s);
             if (grad_x.defined() && relu) grad_x = at::threshold_backward(grad_x, r, 0);
         }
-        Tensor grad_v = grad_s.defined() ? (grad_s / thr) * value.sgn() : Tensor();   // div, clamp STE, abs
+        Tensor grad_v;   // div, the clamp straight-through, abs
+        if (grad_s.defined() && scalar_f32(grad_s) && scalar_f32(thr) && scalar_f32(value))
+            grad_v = scalar_of((fval(grad_s) / fval(thr)) * sgn_of_f(fval(value)), value);
+        else if (grad_s.defined())
+            grad_v = (grad_s / thr) * value.sgn();
         return {grad_x, grad_v, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
@@ -170,12 +208,16 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
             stats = at::max(at::abs(w.reshape(-1)));
             at_max = stats;
         }
-        Tensor s = stats.view(stats_shape);
-        if (min_val) s = at::clamp_min(s, *min_val);
-        s = s / thr;
-        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste)};
+        Tensor s;
+        if (stats_shape.empty() && scalar_f32(stats) && scalar_f32(thr))
+            s = scalar_of(scale_of(fval(stats), min_val, fval(thr)), stats);
+        else {
+            s = stats.view(stats_shape);
+            if (min_val) s = at::clamp_min(s, *min_val);
+            s = s / thr;
+        }
         const Layout lay = layout(w, s);
-        ctx->saved_data["k"] = lay.ok;
+        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste), double(lay.ok)};
         if (lay.ok) {
             ctx->save_for_backward({w, s, at_max, thr});
             return kernel_forward(w, s, lay, lo, hi, false);
@@ -191,8 +233,7 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
         const Tensor& g = grads[0];
         const auto cfg = ctx->saved_data["c"].toDoubleVector();
         const double lo = cfg[0], hi = cfg[1];
-        const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0;
-        const bool kernel = ctx->saved_data["k"].toBool();
+        const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0, kernel = cfg[4] != 0.0;
         const auto saved = ctx->get_saved_variables();
         Tensor grad_x, grad_s, w, at_max, thr;
         if (kernel) {
@@ -212,7 +253,9 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
             at_max = saved[5];
             thr = saved[6];
         }
-        const Tensor grad_stats = grad_s / thr;   // div; the clamp is straight-through; then the view
+        // div; the clamp is straight-through; then the view
+        const Tensor grad_stats = scalar_f32(grad_s) && scalar_f32(thr) ? scalar_of(fval(grad_s) / fval(thr), grad_s)
+                                                                        : grad_s / thr;
         const int64_t rows = w.size(0);
         if (kernel && standard(grad_x) && grad_x.scalar_type() == at::kFloat && grad_stats.scalar_type() == at::kFloat &&
             grad_x.sizes() == w.sizes() && grad_x.device().is_cpu()) {   // w: taken by the kernels
