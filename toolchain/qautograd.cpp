@@ -17,9 +17,11 @@
 #include <stdlib.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -110,14 +112,34 @@ void grads_ops(const Tensor& g, const Tensor& y, const Tensor& s, const Tensor& 
     if (need_s) grad_s = at::sum_to(g * c, s.sizes()) - at::sum_to(grad_c * (y / s), s.sizes());
 }
 
+// The passes split over torch's intra-op threads (at::parallel_for: torch.set_num_threads applies;
+// one thread runs inline): by rows for a per-row scale, by element ranges for one scale. Each element
+// is computed alone, so any split gives the same values.
+constexpr int64_t kGrain = 1 << 15;
+
+template <typename F>
+void split(const Layout& lay, F body) {   // body(row0, rows, off, len): a block of rows, or a range of one row
+    if (lay.per_row) {
+        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, lay.inner));
+        at::parallel_for(0, lay.rows, grain, [&](int64_t b, int64_t e) { body(b, e - b, b * lay.inner, lay.inner); });
+    } else {
+        at::parallel_for(0, lay.inner, kGrain, [&](int64_t b, int64_t e) { body(0, 1, b, e - b); });
+    }
+}
+
 // The one-pass backward (bfq_backward) and the scale's gradient from its two products.
 void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layout& lay, double lo, double hi,
                   bool relu, int mask, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
     Tensor gx = need_x ? at::empty_like(x) : Tensor();
     Tensor p1 = need_s ? at::empty_like(x) : Tensor();
     Tensor p2 = need_s ? at::empty_like(x) : Tensor();
-    bfq_backward(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner, s.data_ptr<float>(), lay.per_row,
-                 s.data_ptr<float>(), lay.per_row, (float)lo, (float)hi, relu, mask, fptr(gx), fptr(p1), fptr(p2));
+    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
+    float *gxp = fptr(gx), *p1p = fptr(p1), *p2p = fptr(p2);
+    split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+        const float* sr = sp + (lay.per_row ? row : 0);
+        bfq_backward(xp + off, gp + off, rows, len, sr, lay.per_row, sr, lay.per_row, (float)lo, (float)hi, relu, mask,
+                     gxp ? gxp + off : nullptr, p1p ? p1p + off : nullptr, p2p ? p2p + off : nullptr);
+    });
     grad_x = gx;
     if (!need_s) return;
     if (scalar_f32(s))   // sum_to a 0-dim shape is sum(); the difference of two floats in float
@@ -128,8 +150,12 @@ void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layou
 
 Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, double lo, double hi, bool relu) {
     Tensor out = at::empty_like(x);
-    bfq_forward(x.data_ptr<float>(), out.data_ptr<float>(), lay.rows, lay.inner, s.data_ptr<float>(), lay.per_row,
-                s.data_ptr<float>(), lay.per_row, (float)lo, (float)hi, relu);
+    const float *xp = x.data_ptr<float>(), *sp = s.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+        const float* sr = sp + (lay.per_row ? row : 0);
+        bfq_forward(xp + off, op + off, rows, len, sr, lay.per_row, sr, lay.per_row, (float)lo, (float)hi, relu);
+    });
     return out;
 }
 

@@ -336,6 +336,30 @@ def test_cpp_weight_node_equals_the_python_function(per_channel, layout):
         assert torch.equal(p, q) and p.stride() == q.stride()
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_cpp_nodes_split_over_threads_equal_the_python_functions(per_channel):
+    """Tensors large enough that the C++ nodes split their passes over torch's threads (2 here) give
+    the Python Functions' (single-pass) outputs and gradients bit for bit."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(5)
+        x, value, thr = torch.randn(64, 16, 12, 12) * 3, torch.tensor(0.9), torch.tensor(7.0)   # 147 k elements
+        g = torch.randn_like(x)
+        a, b = _native_and_python(lambda x_, v_: ops.quant_value(x_, v_, True, 1e-8, thr, 0.0, 7.0, False),
+                                  lambda x_, v_: fq._QuantFromValue.apply(x_, v_, True, 1e-8, thr, 0.0, 7.0, False), x, value, g)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+        shape = (64, 1, 1, 1) if per_channel else ()
+        a, b = _native_and_python(lambda w_: ops.quant_absmax(w_, per_channel, shape, 1e-8, thr, -7.0, 7.0, True),
+                                  lambda w_: fq._QuantFromAbsMax.apply(w_, per_channel, shape, 1e-8, thr, -7.0, 7.0, True), x, g)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_cpp_node_comparison_sees_a_difference():
     """The comparison above can fail: another clamp (ste off) changes the C++ node's gradient."""
     from bitfold.toolchain import fastquant as fq, qkernels
