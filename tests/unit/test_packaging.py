@@ -20,6 +20,8 @@ def test_wheel_holds_one_bitfold_namespace_with_board_files(tmp_path):
         assert f"bitfold/{sub}/__init__.py" in names
     assert "bitfold/boards/pynq-z2.toml" in names and "bitfold/cli/__main__.py" in names
     assert "bitfold/export/open_fpga/rtl/bf_mvau.v" in names and "bitfold/hw_models/tables/ulx3s-85f.json" in names
+    # the fast-QAT sources compiled on first use (the C++ nodes include the C passes)
+    assert "bitfold/toolchain/qkernels.c" in names and "bitfold/toolchain/qautograd.cpp" in names
     entry = zipfile.ZipFile(wheel).read(wheel.name.split("-py3")[0] + ".dist-info/entry_points.txt").decode()
     assert "bitfold = bitfold.cli:main" in entry
     assert "[bitfold.backends]" in entry and "open-fpga = bitfold.export.open_fpga:OpenFPGABackend" in entry
