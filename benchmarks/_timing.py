@@ -12,7 +12,7 @@ def train_step_times(configs: dict, bits="w3a4", model="cnn", shape=(1, 8, 8), r
 
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import init_activation_stats
+    from bitfold.toolchain.train import init_activation_stats, make_optimizer
     x, y = torch.rand(64, *shape), torch.randint(0, 10, (64,))
     fns = {}
     for label, (method, opts) in configs.items():
@@ -21,7 +21,7 @@ def train_step_times(configs: dict, bits="w3a4", model="cnn", shape=(1, 8, 8), r
         init_activation_stats(m, x, 64)
         qm = m.quant_method
         qm.setup(m, describe_layers(m, shape))
-        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        opt = make_optimizer([{"params": list(m.parameters()), "lr": 1e-3}])   # the trainer's Adam
 
         def fn(m=m, qm=qm, opt=opt):
             opt.zero_grad()

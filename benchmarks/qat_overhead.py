@@ -53,7 +53,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import init_activation_stats
+    from bitfold.toolchain.train import init_activation_stats, make_optimizer
     torch.manual_seed(0)
     x, y = torch.rand(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
     if method == "float":
@@ -67,7 +67,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
         fused = fast_quant(m, enabled=fast)
         fused.__enter__()  # for as long as this step function lives (it holds `fused`)
     m.train()
-    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    opt = make_optimizer([{"params": list(m.parameters()), "lr": 1e-3}])   # the trainer's Adam
     state = {"s": 0, "fused": fused if qm is not None else None}
     fwd = torch.compile(m, backend=compile_) if compile_ else m
     kernels = not ops

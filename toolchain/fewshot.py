@@ -146,7 +146,7 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
     init_activation_stats(model, seen_x, 256)
     model.eval()
     qm = model.quant_method
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)   # as the trainer's (train.make_optimizer)
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.episodes):
         opt.zero_grad()

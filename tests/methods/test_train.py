@@ -137,3 +137,32 @@ def test_thread_choice_respects_omp_and_load(monkeypatch):
     assert n == 1 and "load 1.2" in why
     monkeypatch.setattr(tr.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert tr.choose_threads(world=2)[0] == 1                            # two DDP processes share 2 cores
+
+
+def test_trainers_adam_equals_the_single_tensor_loop():
+    """The trainer's multi-tensor Adam (train.make_optimizer) gives the single-tensor loop's
+    parameters and state bit for bit: parameter groups with their own lr and weight decay, 0-dim
+    scale parameters, steps where some gradients are missing, a decaying lr."""
+    from bitfold.toolchain.train import make_optimizer
+    shapes = [(64, 78), (64,), (), (), (10, 64), (8, 2), (1,), ()]
+
+    def run(make):
+        torch.manual_seed(1)
+        ps = [torch.randn(s).requires_grad_() for s in shapes]
+        opt = make([{"params": ps[:3], "lr": 1e-3, "weight_decay": 1e-4},
+                    {"params": ps[3:6], "lr": 3e-2, "weight_decay": 0.0},
+                    {"params": ps[6:], "lr": 1e-2, "weight_decay": 5e-4}])
+        g = torch.Generator().manual_seed(2)
+        for step in range(25):
+            for i, p in enumerate(ps):
+                p.grad = None if (step + i) % 7 == 0 else torch.randn(p.shape, generator=g)
+            for gr in opt.param_groups:
+                gr["lr"] *= 0.97
+            opt.step()
+        return ps, opt.state_dict()["state"]
+
+    a, sa = run(make_optimizer)
+    b, sb = run(lambda groups: torch.optim.Adam(groups, foreach=False))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+    assert not torch.equal(a[0], run(lambda groups: torch.optim.Adam(groups, foreach=False, eps=1e-6))[0][0])
