@@ -96,6 +96,16 @@ float scale_of(float v, std::optional<double> min_val, float thr) {
     return a / thr;
 }
 
+// The scale max(v, min_val) / thr, v = |value| (take_abs) or the max-abs statistic in the scale's
+// shape: ATen's abs, clamp_min and div, or their float arithmetic on a 0-dim v and thr.
+Tensor scale_tensor(const Tensor& v, bool take_abs, std::optional<double> min_val, const Tensor& thr) {
+    if (scalar_f32(v) && scalar_f32(thr))   // (|v| is v for a statistic: it is >= 0)
+        return scalar_of(scale_of(fval(v), min_val, fval(thr)), v);
+    Tensor s = take_abs ? at::abs(v) : v;
+    if (min_val) s = at::clamp_min(s, *min_val);
+    return s / thr;
+}
+
 // sgn of a real float as ATen's sign kernel: (0 < v) - (v < 0), so +0 for +-0 and NaN
 float sgn_of_f(float v) { return (float)((0.0f < v) - (v < 0.0f)); }
 
@@ -163,14 +173,7 @@ Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, doubl
 struct QuantValue : public torch::autograd::Function<QuantValue> {
     static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& value, bool relu,
                           std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
-        Tensor s;
-        if (scalar_f32(value) && scalar_f32(thr)) {
-            s = scalar_of(scale_of(fval(value), min_val, fval(thr)), value);
-        } else {
-            s = at::abs(value);
-            if (min_val) s = at::clamp_min(s, *min_val);
-            s = s / thr;
-        }
+        const Tensor s = scale_tensor(value, true, min_val, thr);
         const Layout lay = layout(x, s);
         ctx->saved_data["c"] = std::vector<double>{lo, hi, double(relu), double(ste), double(lay.ok)};
         if (lay.ok) {
@@ -234,14 +237,7 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
             stats = at::max(at::abs(w.reshape(-1)));
             at_max = stats;
         }
-        Tensor s;
-        if (stats_shape.empty() && scalar_f32(stats) && scalar_f32(thr))
-            s = scalar_of(scale_of(fval(stats), min_val, fval(thr)), stats);
-        else {
-            s = stats.view(stats_shape);
-            if (min_val) s = at::clamp_min(s, *min_val);
-            s = s / thr;
-        }
+        const Tensor s = scale_tensor(stats.view(stats_shape), false, min_val, thr);
         const Layout lay = layout(w, s);
         ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste), double(lay.ok)};
         if (lay.ok) {

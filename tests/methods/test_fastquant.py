@@ -215,6 +215,17 @@ def test_compiled_learned_widths_stay_on_brevitas_and_forward_equals_eager():
         assert torch.equal(net(x), ref)
 
 
+def _ties_case(s: float, channels_last_grad: bool):
+    """An activation batch with values on rounding ties (k + 1/2 steps of ``s``), beyond both bounds
+    and zeros, and a gradient for it (row-major or channels-last)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 6, 6) * 3
+    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) * s      # exact rounding ties
+    x[:, :2] = 0.0
+    g = torch.randn(8, 16, 6, 6)
+    return x, (g.contiguous(memory_format=torch.channels_last) if channels_last_grad else g)
+
+
 def _quant_both_paths(fn, *tensors):
     """Outputs and gradients of ``fn`` with the compiled kernels and with the tensor operations."""
     from bitfold.toolchain import qkernels
@@ -241,15 +252,9 @@ def test_compiled_kernels_equal_the_tensor_operations(relu, lo, hi, ste, grad_la
     channels-last order takes the operations' path (its sums add in that order)."""
     from bitfold.toolchain import fastquant as fq, qkernels
     assert qkernels.available(), qkernels.status()
-    torch.manual_seed(0)
     value = torch.tensor(1.7)
     s = float(value) / 4.0
-    x = torch.randn(8, 16, 6, 6) * 3
-    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) * s      # exact rounding ties
-    x[:, :2] = 0.0
-    g = torch.randn(8, 16, 6, 6)
-    if grad_layout == "channels-last":
-        g = g.contiguous(memory_format=torch.channels_last)
+    x, g = _ties_case(s, grad_layout == "channels-last")
     assert qkernels.layout(x, torch.tensor(s)) is not None
     a, b = _quant_both_paths(lambda x_, v_: fq._QuantFromValue.apply(x_, v_, relu, 1e-8, 4.0, lo, hi, ste), x, value, g)
     for p, q in zip(a, b):
@@ -294,15 +299,8 @@ def test_cpp_activation_node_equals_the_python_function(relu, lo, hi, ste, layou
     from bitfold.toolchain import fastquant as fq, qkernels
     ops = qkernels.ops()
     assert ops is not None, qkernels.status()
-    torch.manual_seed(0)
     value, thr = torch.tensor(1.7), torch.tensor(4.0)
-    s = float(value) / 4.0
-    x = torch.randn(8, 16, 6, 6) * 3
-    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) * s      # exact rounding ties
-    x[:, :2] = 0.0
-    g = torch.randn(8, 16, 6, 6)
-    if layout == "channels-last gradient":
-        g = g.contiguous(memory_format=torch.channels_last)
+    x, g = _ties_case(float(value) / 4.0, layout == "channels-last gradient")
     if layout == "channels-last input":
         x = x.contiguous(memory_format=torch.channels_last)
     a, b = _native_and_python(lambda x_, v_: ops.quant_value(x_, v_, relu, 1e-8, thr, lo, hi, ste),
