@@ -552,6 +552,9 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     s = tq.scaling_impl(x, tq.int_scaling_impl(bw))
     lo = tq.int_quant.min_int(bw)
     hi = tq.int_quant.max_int(bw)
+    ops = _native(x, s) if isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) else None
+    if ops is not None:
+        return ops.quant_range(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
     return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
 
 

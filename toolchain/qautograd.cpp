@@ -309,6 +309,110 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
     }
 };
 
+// fastquant._QuantTensorRange: clamp(round(relu?(x) / s), lo, hi) * s with a scale and bounds that are tensors
+// computed under autograd (a learned width's: AdaQAT); the bounds get the clamp's gradients (the parts of g * s
+// cut above hi and below lo, summed to their shapes), none under a straight-through clamp.
+struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& s, const Tensor& lo, const Tensor& hi,
+                          bool relu, bool ste, bool unsigned_) {
+        const bool none_below = relu && unsigned_;   // q >= 0 == lo: nothing is clamped from below
+        const Layout lay = lo.numel() == 1 && hi.numel() == 1 ? layout(x, s) : Layout{false, 0, 0, 0};
+        const double lof = lay.ok ? lo.item<double>() : 0.0, hif = lay.ok ? hi.item<double>() : 0.0;
+        ctx->saved_data["c"] = std::vector<double>{double(relu), double(ste), double(none_below), double(lay.ok), lof, hif};
+        if (lay.ok) {   // one pass; the backward recomputes from x
+            ctx->save_for_backward({x, s, lo, hi});
+            return kernel_forward(x, s, lay, lof, hif, relu);
+        }
+        const Tensor r = relu ? at::relu(x) : x;
+        const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
+        ctx->save_for_backward({y, s, c, q, lo, hi, relu ? r : Tensor()});
+        return c * s;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
+        const bool relu = cfg[0] != 0.0, ste = cfg[1] != 0.0, none_below = cfg[2] != 0.0, kernel = cfg[3] != 0.0;
+        const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
+        const bool need_lo = ctx->needs_input_grad(2), need_hi = ctx->needs_input_grad(3);
+        const auto saved = ctx->get_saved_variables();
+        variable_list out(7);
+        Tensor y, s, c, q, lo, hi, r;
+        if (kernel) {
+            const Tensor& x = saved[0];
+            s = saved[1];
+            lo = saved[2];
+            hi = saved[3];
+            if (grad_fits(g, x)) {
+                const Layout lay = layout(x, s);
+                const float lof = (float)cfg[4], hif = (float)cfg[5];
+                Tensor grad_s;
+                if (ste) {
+                    grads_kernel(x, g, s, lay, cfg[4], cfg[5], relu, 0, need_x, need_s, out[0], grad_s);
+                    out[1] = grad_s;
+                    return out;
+                }
+                Tensor gx = at::empty_like(x), p1 = at::empty_like(x), p2 = at::empty_like(x);
+                Tensor above = at::empty_like(x), below = at::empty_like(x);
+                const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
+                float *o[5] = {gx.data_ptr<float>(), p1.data_ptr<float>(), p2.data_ptr<float>(),
+                               above.data_ptr<float>(), below.data_ptr<float>()};
+                split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+                    bfq_backward_range(xp + off, gp + off, rows, len, sp + (lay.per_row ? row : 0), lay.per_row, lof,
+                                       hif, relu, o[0] + off, o[1] + off, o[2] + off, o[3] + off, o[4] + off);
+                });
+                if (need_x) out[0] = gx;
+                if (need_s) out[1] = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
+                if (need_lo) out[2] = none_below ? at::zeros_like(lo) : at::sum_to(below, lo.sizes());
+                if (need_hi) out[3] = at::sum_to(above, hi.sizes());
+                return out;
+            }
+            // a gradient in another layout: the operations below, on the forward's values recomputed
+            const Tensor rr = relu ? at::relu(x) : x;
+            y = rr / s;
+            q = at::round(y);
+            c = at::clamp(q, lo, hi);
+            if (relu) r = rr;
+        } else {
+            y = saved[0];
+            s = saved[1];
+            c = saved[2];
+            q = saved[3];
+            lo = saved[4];
+            hi = saved[5];
+            r = saved[6];
+        }
+        const Tensor g2 = g * s;
+        Tensor grad_q;
+        if (ste) {
+            grad_q = g2;
+        } else {
+            // where(q > hi, g2, 0) and where(q < lo, g2, 0); g2 minus both is g2 inside the range, 0 outside
+            const Tensor above = at::threshold_backward(g2, q - hi, 0);
+            if (none_below) {   // where(q < lo, g2, 0) is all zeros: its sum is exactly 0
+                grad_q = g2 - above;
+                if (need_lo) out[2] = at::zeros_like(lo);
+            } else {
+                const Tensor below = at::threshold_backward(g2, lo - q, 0);
+                grad_q = g2 - above - below;
+                if (need_lo) out[2] = at::sum_to(below, lo.sizes());
+            }
+            if (need_hi) out[3] = at::sum_to(above, hi.sizes());
+        }
+        if (need_x) {
+            out[0] = grad_q / s;
+            if (relu) out[0] = at::threshold_backward(out[0], r, 0);
+        }
+        if (need_s) out[1] = at::sum_to(g * c, s.sizes()) - at::sum_to(grad_q * (y / s), s.sizes());
+        return out;
+    }
+};
+
+Tensor quant_range(const Tensor& x, const Tensor& s, const Tensor& lo, const Tensor& hi, bool relu, bool ste_clamp,
+                   bool unsigned_) {
+    return QuantTensorRange::apply(x, s, lo, hi, relu, ste_clamp, unsigned_);
+}
+
 Tensor quant_value(const Tensor& x, const Tensor& value, bool relu, std::optional<double> min_val, const Tensor& thr,
                    double lo, double hi, bool ste_clamp) {
     return QuantValue::apply(x, value, relu, min_val, thr, lo, hi, ste_clamp);
@@ -328,4 +432,6 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_absmax(Tensor w, bool per_channel, int[] stats_shape, float? min_val, Tensor thr, float lo, "
           "float hi, bool ste_clamp) -> Tensor",
           &quant_absmax);
+    m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
+          &quant_range);
 }

@@ -358,6 +358,33 @@ def test_cpp_nodes_split_over_threads_equal_the_python_functions(per_channel):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("relu,unsigned,ste", [(True, True, False), (False, False, False), (False, False, True)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last input"])
+def test_cpp_learned_range_node_equals_the_python_function(relu, unsigned, ste, layout):
+    """AdaQAT's quantizer node in C++ (tensor scale and bounds with gradients) equals the Python
+    Function: output and the gradients of x, the scale and both bounds, in each layout."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(3)
+    x = torch.randn(16, 8, 5, 5) * 4
+    x.view(-1)[:100] = (torch.randint(-20, 20, (100,)) + 0.5) * 0.37
+    s = torch.tensor(0.37)
+    lo, hi = (torch.tensor(0.0), torch.tensor(7.0)) if unsigned else (torch.tensor(-4.0), torch.tensor(3.0))
+    g = torch.randn_like(x)
+    if layout == "channels-last gradient":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = _native_and_python(lambda x_, s_, lo_, hi_: ops.quant_range(x_, s_, lo_, hi_, relu, ste, unsigned),
+                              lambda x_, s_, lo_, hi_: fq._QuantTensorRange.apply(x_, s_, lo_, hi_, relu, ste, unsigned),
+                              x, s, lo, hi, g)
+    for p, q in zip(a, b):
+        assert (p is None and q is None) or (torch.equal(p, q) and p.stride() == q.stride())
+    if not ste:
+        assert a[3] is not None and float(a[4].abs()) > 0
+
+
 def test_cpp_node_comparison_sees_a_difference():
     """The comparison above can fail: another clamp (ste off) changes the C++ node's gradient."""
     from bitfold.toolchain import fastquant as fq, qkernels
