@@ -171,7 +171,11 @@ class ASQAct(nn.Module):
                 self.initialized.fill_(True)
         s = self.log_s.exp()
         if self.training and torch.is_grad_enabled():
-            return _ASQQuantStep.apply(x, s, self.beta(x), float(self.n), float(self.p))
+            beta = self.beta(x)
+            ops = qkernels.ops_for(x)   # the same node in C++ (bitfold_q.asq_step), else the Python one
+            if ops is not None:
+                return ops.asq_step(x, s, beta, float(self.n), float(self.p))
+            return _ASQQuantStep.apply(x, s, beta, float(self.n), float(self.p))
         x_int = torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p)
         return x_int * s
 

@@ -570,10 +570,7 @@ def _native(x: torch.Tensor, thr) -> object | None:
     """The C++ autograd nodes (``torch.ops.bitfold_q``, :func:`qkernels.ops`: the Functions above,
     same operations, without Python's per-call work) for a CPU float32 tensor, outside torch.compile
     (dynamo does not trace into them); else None and the Python Functions run."""
-    if not x.is_cpu or x.dtype is not torch.float32 or not isinstance(thr, torch.Tensor) \
-            or torch.compiler.is_compiling():
-        return None
-    return qkernels.ops()
+    return qkernels.ops_for(x) if isinstance(thr, torch.Tensor) else None
 
 
 #: plans of the layers inside an active :func:`fast_quant` block (a copy of a layer made inside the

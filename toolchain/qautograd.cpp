@@ -408,6 +408,85 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
     }
 };
 
+// asq._ASQQuantStep: clamp(round(x / (s * beta)), n, p) * s - ASQ's activation step, beta one value per sample
+// (its adapter's); the clamp cuts the gradient outside [n, p]; s gets both uses' gradients, beta its own.
+struct ASQStep : public torch::autograd::Function<ASQStep> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
+        const Tensor d = s * beta;
+        const Layout lay = s.numel() == 1 && scalar_f32(s) ? layout(x, d) : Layout{false, 0, 0, 0};
+        ctx->saved_data["c"] = std::vector<double>{n, p, double(lay.ok)};
+        if (lay.ok) {   // one pass dividing by d (per sample) and multiplying by s; the backward recomputes from x
+            ctx->save_for_backward({x, d, s, beta});
+            Tensor out = at::empty_like(x);
+            const float *xp = x.data_ptr<float>(), *dp = d.data_ptr<float>(), *sp = s.data_ptr<float>();
+            float* op = out.data_ptr<float>();
+            split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+                bfq_forward(xp + off, op + off, rows, len, dp + (lay.per_row ? row : 0), lay.per_row, sp, 0, (float)n,
+                            (float)p, 0);
+            });
+            return out;
+        }
+        const Tensor y = x / d, q = at::round(y), c = at::clamp(q, n, p);
+        ctx->save_for_backward({y, d, q, c, s, beta});
+        return c * s;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
+        const double n = cfg[0], p = cfg[1];
+        const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
+        const auto saved = ctx->get_saved_variables();
+        variable_list out(5);
+        Tensor y, d, q, c, s, beta;
+        if (cfg[2] != 0.0) {
+            const Tensor& x = saved[0];
+            d = saved[1];
+            s = saved[2];
+            beta = saved[3];
+            if (grad_fits(g, x)) {
+                const Layout lay = layout(x, d);
+                Tensor gx = need_x ? at::empty_like(x) : Tensor();
+                const Tensor p1 = at::empty_like(x), p2 = at::empty_like(x);
+                const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *dp = d.data_ptr<float>(),
+                            *sp = s.data_ptr<float>();
+                float *gxp = fptr(gx), *p1p = p1.data_ptr<float>(), *p2p = p2.data_ptr<float>();
+                split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+                    bfq_backward(xp + off, gp + off, rows, len, dp + (lay.per_row ? row : 0), lay.per_row, sp, 0,
+                                 (float)n, (float)p, 0, 2, gxp ? gxp + off : nullptr, p1p + off, p2p + off);
+                });
+                out[0] = gx;
+                const Tensor grad_d = -at::sum_to(p2, d.sizes());
+                if (need_s) out[1] = at::sum_to(p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
+                if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+                return out;
+            }
+            y = x / d;   // a gradient in another layout: the operations, on recomputed values
+            q = at::round(y);
+            c = at::clamp(q, n, p);
+        } else {
+            y = saved[0];
+            d = saved[1];
+            q = saved[2];
+            c = saved[3];
+            s = saved[4];
+            beta = saved[5];
+        }
+        Tensor grad_q = g * s;   // keep_in_range: the clamp's backward, read as (p + 1/2) - q > 0 and q - (n - 1/2) > 0
+        grad_q = at::threshold_backward(grad_q, at::rsub(q, p + 0.5), 0);
+        grad_q = at::threshold_backward(grad_q, at::sub(q, n - 0.5), 0);
+        if (need_x) out[0] = grad_q / d;
+        const Tensor grad_d = -at::sum_to(grad_q * (y / d), d.sizes());
+        if (need_s) out[1] = at::sum_to(g * c, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
+        if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+        return out;
+    }
+};
+
+Tensor asq_step(const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
+    return ASQStep::apply(x, s, beta, n, p);
+}
+
 Tensor quant_range(const Tensor& x, const Tensor& s, const Tensor& lo, const Tensor& hi, bool relu, bool ste_clamp,
                    bool unsigned_) {
     return QuantTensorRange::apply(x, s, lo, hi, relu, ste_clamp, unsigned_);
@@ -432,6 +511,7 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_absmax(Tensor w, bool per_channel, int[] stats_shape, float? min_val, Tensor thr, float lo, "
           "float hi, bool ste_clamp) -> Tensor",
           &quant_absmax);
+    m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
 }
