@@ -109,12 +109,13 @@ def row_std(flat: torch.Tensor) -> torch.Tensor:
     if flat.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing() \
             and not torch.compiler.is_compiling():
         return _RowStd.apply(flat)
-    return _two_pass_std(flat)
+    return _two_pass_std(flat)[1]
 
 
 def _two_pass_std(flat):
+    """(deviations from each row's mean, each row's std)."""
     d = flat - flat.mean(1, keepdim=True)
-    return ((d * d).sum(1) / (flat.shape[1] - 1)).sqrt()
+    return d, ((d * d).sum(1) / (flat.shape[1] - 1)).sqrt()
 
 
 class _RowStd(torch.autograd.Function):
@@ -123,8 +124,7 @@ class _RowStd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat):
-        d = flat - flat.mean(1, keepdim=True)
-        s = ((d * d).sum(1) / (flat.shape[1] - 1)).sqrt()
+        d, s = _two_pass_std(flat)
         ctx.save_for_backward(d, s)
         return s
 

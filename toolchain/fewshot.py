@@ -128,7 +128,7 @@ def _set_task(model, w, a):
 def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
     from bitfold.toolchain.data import load_dataset
     from bitfold.toolchain.models import build_model
-    from bitfold.toolchain.train import init_activation_stats
+    from bitfold.toolchain.train import init_activation_stats, make_optimizer
     if cfg.ways < 2 or cfg.shots < 1 or cfg.inner_steps < 0:
         raise BitfoldError("few-shot needs ways >= 2, shots >= 1, inner_steps >= 0")
     if cfg.head not in ("slots", "proto"):
@@ -146,7 +146,7 @@ def run_fewshot(out, cfg: FewShotConfig = FewShotConfig(), events=None) -> dict:
     init_activation_stats(model, seen_x, 256)
     model.eval()
     qm = model.quant_method
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)   # as the trainer's (train.make_optimizer)
+    opt = make_optimizer([{"params": list(model.parameters()), "lr": cfg.lr}])
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.episodes):
         opt.zero_grad()

@@ -137,36 +137,76 @@ void split(const Layout& lay, F body) {   // body(row0, rows, off, len): a block
     }
 }
 
-// The one-pass backward (bfq_backward) and the scale's gradient from its two products.
-void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layout& lay, double lo, double hi,
-                  bool relu, int mask, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
-    Tensor gx = need_x ? at::empty_like(x) : Tensor();
-    Tensor p1 = need_s ? at::empty_like(x) : Tensor();
-    Tensor p2 = need_s ? at::empty_like(x) : Tensor();
-    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
-    float *gxp = fptr(gx), *p1p = fptr(p1), *p2p = fptr(p2);
-    split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
-        const float* sr = sp + (lay.per_row ? row : 0);
-        bfq_backward(xp + off, gp + off, rows, len, sr, lay.per_row, sr, lay.per_row, (float)lo, (float)hi, relu, mask,
-                     gxp ? gxp + off : nullptr, p1p ? p1p + off : nullptr, p2p ? p2p + off : nullptr);
-    });
-    grad_x = gx;
-    if (!need_s) return;
-    if (scalar_f32(s))   // sum_to a 0-dim shape is sum(); the difference of two floats in float
-        grad_s = scalar_of(fval(p1.sum()) - fval(p2.sum()), s);
-    else
-        grad_s = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
-}
+// The scale a pass divides by (sd, laid out as ``lay`` says) and the one it multiplies by: sm, one value
+// (ASQ's: sd = s * beta per sample, sm = s), or sd itself when sm is undefined.
+struct Scales {
+    const float *d, *m;
+    int per_row_m;
+    Scales(const Tensor& sd, const Tensor& sm, const Layout& lay)
+        : d(sd.data_ptr<float>()), m(sm.defined() ? sm.data_ptr<float>() : d), per_row_m(sm.defined() ? 0 : lay.per_row) {}
+};
 
-Tensor kernel_forward(const Tensor& x, const Tensor& s, const Layout& lay, double lo, double hi, bool relu) {
+// The one-pass forward (bfq_forward): clamp(round(relu?(x) / sd), lo, hi) * sm.
+Tensor kernel_forward(const Tensor& x, const Tensor& sd, const Layout& lay, double lo, double hi, bool relu,
+                      const Tensor& sm = Tensor()) {
     Tensor out = at::empty_like(x);
-    const float *xp = x.data_ptr<float>(), *sp = s.data_ptr<float>();
+    const Scales sc(sd, sm, lay);
+    const float* xp = x.data_ptr<float>();
     float* op = out.data_ptr<float>();
     split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
-        const float* sr = sp + (lay.per_row ? row : 0);
-        bfq_forward(xp + off, op + off, rows, len, sr, lay.per_row, sr, lay.per_row, (float)lo, (float)hi, relu);
+        bfq_forward(xp + off, op + off, rows, len, sc.d + (lay.per_row ? row : 0), lay.per_row,
+                    sc.m + (sc.per_row_m ? row : 0), sc.per_row_m, (float)lo, (float)hi, relu);
     });
     return out;
+}
+
+// The one-pass backward (bfq_backward): the input's gradient (need_x) and the two products whose sums
+// are the scale's gradient (need_s), each undefined when not needed.
+struct Products {
+    Tensor gx, p1, p2;
+};
+
+Products kernel_backward(const Tensor& x, const Tensor& g, const Tensor& sd, const Layout& lay, double lo, double hi,
+                         bool relu, int mask, bool need_x, bool need_s, const Tensor& sm = Tensor()) {
+    Products o{need_x ? at::empty_like(x) : Tensor(), need_s ? at::empty_like(x) : Tensor(),
+               need_s ? at::empty_like(x) : Tensor()};
+    const Scales sc(sd, sm, lay);
+    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
+    float *gxp = fptr(o.gx), *p1p = fptr(o.p1), *p2p = fptr(o.p2);
+    split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+        bfq_backward(xp + off, gp + off, rows, len, sc.d + (lay.per_row ? row : 0), lay.per_row,
+                     sc.m + (sc.per_row_m ? row : 0), sc.per_row_m, (float)lo, (float)hi, relu, mask,
+                     gxp ? gxp + off : nullptr, p1p ? p1p + off : nullptr, p2p ? p2p + off : nullptr);
+    });
+    return o;
+}
+
+// kernel_backward and an integer quantizer's scale gradient: the difference of the products' sums.
+void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layout& lay, double lo, double hi,
+                  bool relu, int mask, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
+    const Products o = kernel_backward(x, g, s, lay, lo, hi, relu, mask, need_x, need_s);
+    grad_x = o.gx;
+    if (!need_s) return;
+    if (scalar_f32(s))   // sum_to a 0-dim shape is sum(); the difference of two floats in float
+        grad_s = scalar_of(fval(o.p1.sum()) - fval(o.p2.sum()), s);
+    else
+        grad_s = at::sum_to(o.p1, s.sizes()) - at::sum_to(o.p2, s.sizes());
+}
+
+// The tensor operations of a quantizer (where the passes do not take the tensors): r = relu?(x),
+// y = r / d, q = round(y), c = clamp(q, lo, hi) - bounds numbers or tensors.
+struct Quantized {
+    Tensor r, y, q, c;
+};
+
+template <typename B>
+Quantized quantize_ops(const Tensor& x, const Tensor& d, const B& lo, const B& hi, bool relu) {
+    Quantized o;
+    o.r = relu ? at::relu(x) : x;
+    o.y = o.r / d;
+    o.q = at::round(o.y);
+    o.c = at::clamp(o.q, lo, hi);
+    return o;
 }
 
 // fastquant._QuantFromValue: s = max(|value|, min_val) / thr; clamp(round(relu?(x) / s), lo, hi) * s.
@@ -180,10 +220,9 @@ struct QuantValue : public torch::autograd::Function<QuantValue> {
             ctx->save_for_backward({x, s, value, thr});
             return kernel_forward(x, s, lay, lo, hi, relu);
         }
-        const Tensor r = relu ? at::relu(x) : x;
-        const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
-        ctx->save_for_backward({y, s, c, q, value, thr, relu ? r : Tensor()});
-        return c * s;
+        const Quantized o = quantize_ops(x, s, lo, hi, relu);
+        ctx->save_for_backward({o.y, s, o.c, o.q, value, thr, relu ? o.r : Tensor()});
+        return o.c * s;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -202,10 +241,9 @@ struct QuantValue : public torch::autograd::Function<QuantValue> {
             if (grad_fits(g, x)) {
                 grads_kernel(x, g, s, layout(x, s), lo, hi, relu, mask, need_x, need_s, grad_x, grad_s);
             } else {   // a gradient in another layout: the operations, on the forward's values recomputed
-                const Tensor r = relu ? at::relu(x) : x;
-                const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
-                grads_ops(g, y, s, c, q, mask != 0, lo, hi, mask == 1, need_x, need_s, grad_x, grad_s);
-                if (grad_x.defined() && relu) grad_x = at::threshold_backward(grad_x, r, 0);
+                const Quantized o = quantize_ops(x, s, lo, hi, relu);
+                grads_ops(g, o.y, s, o.c, o.q, mask != 0, lo, hi, mask == 1, need_x, need_s, grad_x, grad_s);
+                if (grad_x.defined() && relu) grad_x = at::threshold_backward(grad_x, o.r, 0);
             }
         } else {
             const Tensor &y = saved[0], &s = saved[1], &c = saved[2], &q = saved[3], &r = saved[6];
@@ -244,9 +282,9 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
             ctx->save_for_backward({w, s, at_max, thr});
             return kernel_forward(w, s, lay, lo, hi, false);
         }
-        const Tensor y = w / s, q = at::round(y), c = at::clamp(q, lo, hi);
-        ctx->save_for_backward({y, s, c, q, w, at_max, thr});
-        return c * s;
+        const Quantized o = quantize_ops(w, s, lo, hi, false);
+        ctx->save_for_backward({o.y, s, o.c, o.q, w, at_max, thr});
+        return o.c * s;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -266,8 +304,8 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
             if (grad_fits(g, w)) {
                 grads_kernel(w, g, s, layout(w, s), lo, hi, false, ste ? 0 : 2, true, true, grad_x, grad_s);
             } else {
-                const Tensor y = w / s, q = at::round(y), c = at::clamp(q, lo, hi);
-                grads_ops(g, y, s, c, q, !ste, lo, hi, false, true, true, grad_x, grad_s);
+                const Quantized o = quantize_ops(w, s, lo, hi, false);
+                grads_ops(g, o.y, s, o.c, o.q, !ste, lo, hi, false, true, true, grad_x, grad_s);
             }
         } else {
             grads_ops(g, saved[0], saved[1], saved[2], saved[3], !ste, lo, hi, false, true, true, grad_x, grad_s);
@@ -323,10 +361,9 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
             ctx->save_for_backward({x, s, lo, hi});
             return kernel_forward(x, s, lay, lof, hif, relu);
         }
-        const Tensor r = relu ? at::relu(x) : x;
-        const Tensor y = r / s, q = at::round(y), c = at::clamp(q, lo, hi);
-        ctx->save_for_backward({y, s, c, q, lo, hi, relu ? r : Tensor()});
-        return c * s;
+        const Quantized o = quantize_ops(x, s, lo, hi, relu);
+        ctx->save_for_backward({o.y, s, o.c, o.q, lo, hi, relu ? o.r : Tensor()});
+        return o.c * s;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -368,11 +405,11 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
                 return out;
             }
             // a gradient in another layout: the operations below, on the forward's values recomputed
-            const Tensor rr = relu ? at::relu(x) : x;
-            y = rr / s;
-            q = at::round(y);
-            c = at::clamp(q, lo, hi);
-            if (relu) r = rr;
+            const Quantized o = quantize_ops(x, s, lo, hi, relu);
+            y = o.y;
+            q = o.q;
+            c = o.c;
+            if (relu) r = o.r;
         } else {
             y = saved[0];
             s = saved[1];
@@ -417,18 +454,11 @@ struct ASQStep : public torch::autograd::Function<ASQStep> {
         ctx->saved_data["c"] = std::vector<double>{n, p, double(lay.ok)};
         if (lay.ok) {   // one pass dividing by d (per sample) and multiplying by s; the backward recomputes from x
             ctx->save_for_backward({x, d, s, beta});
-            Tensor out = at::empty_like(x);
-            const float *xp = x.data_ptr<float>(), *dp = d.data_ptr<float>(), *sp = s.data_ptr<float>();
-            float* op = out.data_ptr<float>();
-            split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
-                bfq_forward(xp + off, op + off, rows, len, dp + (lay.per_row ? row : 0), lay.per_row, sp, 0, (float)n,
-                            (float)p, 0);
-            });
-            return out;
+            return kernel_forward(x, d, lay, n, p, false, s);
         }
-        const Tensor y = x / d, q = at::round(y), c = at::clamp(q, n, p);
-        ctx->save_for_backward({y, d, q, c, s, beta});
-        return c * s;
+        const Quantized o = quantize_ops(x, d, n, p, false);
+        ctx->save_for_backward({o.y, d, o.q, o.c, s, beta});
+        return o.c * s;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -445,25 +475,17 @@ struct ASQStep : public torch::autograd::Function<ASQStep> {
             s = saved[2];
             beta = saved[3];
             if (grad_fits(g, x)) {
-                const Layout lay = layout(x, d);
-                Tensor gx = need_x ? at::empty_like(x) : Tensor();
-                const Tensor p1 = at::empty_like(x), p2 = at::empty_like(x);
-                const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *dp = d.data_ptr<float>(),
-                            *sp = s.data_ptr<float>();
-                float *gxp = fptr(gx), *p1p = p1.data_ptr<float>(), *p2p = p2.data_ptr<float>();
-                split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
-                    bfq_backward(xp + off, gp + off, rows, len, dp + (lay.per_row ? row : 0), lay.per_row, sp, 0,
-                                 (float)n, (float)p, 0, 2, gxp ? gxp + off : nullptr, p1p + off, p2p + off);
-                });
-                out[0] = gx;
-                const Tensor grad_d = -at::sum_to(p2, d.sizes());
-                if (need_s) out[1] = at::sum_to(p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
+                const Products o = kernel_backward(x, g, d, layout(x, d), n, p, false, 2, need_x, true, s);
+                out[0] = o.gx;
+                const Tensor grad_d = -at::sum_to(o.p2, d.sizes());
+                if (need_s) out[1] = at::sum_to(o.p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
                 if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
                 return out;
             }
-            y = x / d;   // a gradient in another layout: the operations, on recomputed values
-            q = at::round(y);
-            c = at::clamp(q, n, p);
+            const Quantized o = quantize_ops(x, d, n, p, false);   // a gradient in another layout: the operations
+            y = o.y;
+            q = o.q;
+            c = o.c;
         } else {
             y = saved[0];
             d = saved[1];

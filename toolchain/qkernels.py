@@ -160,20 +160,20 @@ def set_enabled(on: bool) -> bool:
 _nodes = True
 
 
-def ops_for(x: torch.Tensor):
-    """:func:`ops` for a CPU float32 tensor outside torch.compile (dynamo does not trace into the C++
-    nodes), else None - the caller's Python Function runs then."""
-    if not x.is_cpu or x.dtype is not torch.float32 or torch.compiler.is_compiling():
-        return None
-    return ops()
-
-
 def set_nodes_enabled(on: bool) -> bool:
     """Use the C++ autograd nodes (True, the default) or the Python Functions around the kernels;
     returns the previous setting (benchmarks time both in one process)."""
     global _nodes
     prev, _nodes = _nodes, bool(on)
     return prev
+
+
+def ops_for(x: torch.Tensor):
+    """:func:`ops` for a CPU float32 tensor outside torch.compile (dynamo does not trace into the C++
+    nodes), else None - the caller's Python Function runs then."""
+    if not x.is_cpu or x.dtype is not torch.float32 or torch.compiler.is_compiling():
+        return None
+    return ops()
 
 
 def available() -> bool:

@@ -136,31 +136,3 @@ def test_fused_activation_step_equals_the_plain_expression(signed, shape, path, 
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
     assert float(x1.grad.abs().sum()) > 0 and (ref == b.p * s).any()     # the clamp bites
 
-
-@pytest.mark.parametrize("layout", ["channels-last gradient", "channels-last input", "one step per tensor (1,)"])
-def test_cpp_activation_step_equals_the_python_node_in_other_layouts(layout):
-    """The C++ ASQ step (bitfold_q.asq_step) equals the Python node where the compiled pass does not
-    take the tensors: a channels-last gradient (the operations in the backward), a channels-last
-    input and a step of shape (1,) (the operations throughout)."""
-    from bitfold.toolchain import qkernels
-    from bitfold.toolchain.asq import _ASQQuantStep
-    ops = qkernels.ops()
-    assert ops is not None, qkernels.status()
-    torch.manual_seed(4)
-    x = torch.randn(16, 8, 6, 6) * 2
-    s = torch.tensor([0.3]) if layout.startswith("one step") else torch.tensor(0.3)
-    beta = (torch.rand(16, 1, 1, 1) + 0.5)
-    g = torch.randn_like(x)
-    if layout == "channels-last gradient":
-        g = g.contiguous(memory_format=torch.channels_last)
-    if layout == "channels-last input":
-        x = x.contiguous(memory_format=torch.channels_last)
-    res = []
-    for fn in (lambda *a: ops.asq_step(*a, 0.0, 7.0), lambda *a: _ASQQuantStep.apply(*a, 0.0, 7.0)):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, s, beta)]
-        out = fn(*leaves)
-        out.backward(g)
-        res.append([out.detach()] + [t.grad for t in leaves])
-    for p, q in zip(*res):
-        assert torch.equal(p, q) and p.stride() == q.stride()
-    assert float(res[0][2].abs().sum()) > 0 and float(res[0][3].abs().sum()) > 0

@@ -385,6 +385,32 @@ def test_cpp_learned_range_node_equals_the_python_function(relu, unsigned, ste, 
         assert a[3] is not None and float(a[4].abs()) > 0
 
 
+@pytest.mark.parametrize("layout", ["channels-last gradient", "channels-last input", "one step per tensor (1,)"])
+def test_cpp_asq_step_equals_the_python_node_in_other_layouts(layout):
+    """ASQ's activation step in C++ (bitfold_q.asq_step) equals the Python node where the compiled
+    pass does not take the tensors: a channels-last gradient (the operations in the backward), a
+    channels-last input and a step of shape (1,) (the operations throughout); test_asq compares both
+    with the plain expression in row-major order."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.asq import _ASQQuantStep
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(4)
+    x = torch.randn(16, 8, 6, 6) * 2
+    s = torch.tensor([0.3]) if layout.startswith("one step") else torch.tensor(0.3)
+    beta = torch.rand(16, 1, 1, 1) + 0.5
+    g = torch.randn_like(x)
+    if layout == "channels-last gradient":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = _native_and_python(lambda *t: ops.asq_step(*t, 0.0, 7.0), lambda *t: _ASQQuantStep.apply(*t, 0.0, 7.0),
+                              x, s, beta, g)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+    assert float(a[2].abs().sum()) > 0 and float(a[3].abs().sum()) > 0
+
+
 def test_cpp_node_comparison_sees_a_difference():
     """The comparison above can fail: another clamp (ste off) changes the C++ node's gradient."""
     from bitfold.toolchain import fastquant as fq, qkernels
