@@ -151,7 +151,10 @@ class ASQAct(nn.Module):
         if not self.use_adapter:
             return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
         flat = x.flatten(1)
-        stats = torch.stack([flat.abs().mean(1), row_std(flat)], 1)
+        ops = None if torch.jit.is_tracing() else qkernels.ops_for(flat)
+        # (mean |x|, std) per sample: one C++ node (bitfold_q.row_stats: two passes, sums in double) where
+        # it runs, else the tensor operations (equal within float rounding; the export traces these)
+        stats = ops.row_stats(flat) if ops is not None else torch.stack([flat.abs().mean(1), row_std(flat)], 1)
         return (2 * torch.sigmoid(self.adapter(stats))).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
     @property

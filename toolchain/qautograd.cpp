@@ -11,7 +11,8 @@
 // run, also from here.
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
-// torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax.
+// torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
+// row_stats.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -505,6 +506,43 @@ struct ASQStep : public torch::autograd::Function<ASQStep> {
     }
 };
 
+// asq.ASQAct's adapter statistics: (mean |x|, std) of each row of a 2-d float32 CPU tensor, one pass for the
+// sums and one for the squared deviations (bfq_row_stats); the backward one pass (bfq_row_stats_backward)
+// where autograd would run the abs, mean, stack and std backwards, each a pass and an allocation.
+struct RowStats : public torch::autograd::Function<RowStats> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& flat) {
+        TORCH_CHECK(flat.dim() == 2 && flat.scalar_type() == at::kFloat && flat.device().is_cpu(),
+                    "row_stats takes a 2-d float32 CPU tensor");
+        const Tensor x = flat.contiguous();
+        const int64_t rows = x.size(0), n = x.size(1);
+        Tensor out = at::empty({rows, 2}, x.options()), aux = at::empty({rows, 2}, x.options());
+        const float* xp = x.data_ptr<float>();
+        float *op = out.data_ptr<float>(), *ap = aux.data_ptr<float>();
+        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+            bfq_row_stats(xp + b * n, e - b, n, op + 2 * b, ap + 2 * b);
+        });
+        ctx->save_for_backward({x, aux});
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &aux = saved[1];
+        if (!grads[0].defined()) return {Tensor()};
+        const Tensor g = grads[0].to(at::kFloat).contiguous();
+        const int64_t rows = x.size(0), n = x.size(1);
+        Tensor gx = at::empty_like(x);
+        const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *ap = aux.data_ptr<float>();
+        float* gxp = gx.data_ptr<float>();
+        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+            bfq_row_stats_backward(xp + b * n, gp + 2 * b, ap + 2 * b, e - b, n, gxp + b * n);
+        });
+        return {gx};
+    }
+};
+
+Tensor row_stats(const Tensor& flat) { return RowStats::apply(flat); }
+
 Tensor asq_step(const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
     return ASQStep::apply(x, s, beta, n, p);
 }
@@ -534,6 +572,7 @@ TORCH_LIBRARY(bitfold_q, m) {
           "float hi, bool ste_clamp) -> Tensor",
           &quant_absmax);
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
+    m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
 }

@@ -9,6 +9,7 @@
  * Layout: ``rows`` x ``inner`` contiguous floats; ``s`` holds one scale per row (per_row = 1,
  * a per-output-channel weight scale) or one for the whole tensor (per_row = 0).
  */
+#include <math.h>
 #include <stdint.h>
 
 static inline float relu_of(float x) { return x > 0.0f ? x : 0.0f; }
@@ -89,6 +90,71 @@ void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, c
 
 static inline float sgn_of(float w) { return w > 0.0f ? 1.0f : (w < 0.0f ? -1.0f : 0.0f); }
 
+/* ASQ's adapter statistics of each row of a rows x n matrix: mean |x| and the sample standard deviation
+ * (n - 1) as two passes - the mean, then the squared deviations (x - mean, in float) - summed in double
+ * over BFQ_LANES interleaved partial sums, added up in a fixed order, so the values do not depend on how
+ * the loops are vectorized. out: (mean |x|, std) per row; aux: (mean, std) per row, for the backward. */
+#define BFQ_LANES 16
+
+static double lanes_total(const double *acc) {
+    double t = 0.0;
+    for (int k = 0; k < BFQ_LANES; k++) t += acc[k];
+    return t;
+}
+
+void bfq_row_stats(const float *restrict x, int64_t rows, int64_t n, float *restrict out, float *restrict aux) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * n;
+        double sx[BFQ_LANES] = {0.0}, sa[BFQ_LANES] = {0.0}, sq[BFQ_LANES] = {0.0};
+        int64_t j = 0;
+        for (; j + BFQ_LANES <= n; j += BFQ_LANES)
+            for (int k = 0; k < BFQ_LANES; k++) {
+                const double v = xr[j + k];
+                sx[k] += v;
+                sa[k] += fabs(v);
+            }
+        for (int k = 0; j < n; j++, k++) {
+            const double v = xr[j];
+            sx[k] += v;
+            sa[k] += fabs(v);
+        }
+        const float mean = (float)(lanes_total(sx) / (double)n);
+        for (j = 0; j + BFQ_LANES <= n; j += BFQ_LANES)
+            for (int k = 0; k < BFQ_LANES; k++) {
+                const double d = (double)(xr[j + k] - mean);
+                sq[k] += d * d;
+            }
+        for (int k = 0; j < n; j++, k++) {
+            const double d = (double)(xr[j] - mean);
+            sq[k] += d * d;
+        }
+        /* n = 1: 0 / 0, NaN, as torch.std */
+        const float sd = (float)sqrt(lanes_total(sq) / (double)(n - 1));
+        out[2 * i] = (float)(lanes_total(sa) / (double)n);
+        out[2 * i + 1] = sd;
+        aux[2 * i] = mean;
+        aux[2 * i + 1] = sd;
+    }
+}
+
+/* Their backward: gx = (g_abs / n) * sgn(x) + (x - mean) * g_std / (std * (n - 1)) - mean |x|'s gradient
+ * through abs (0 at x = 0) plus the std's (0 for a row of zero spread, as torch's std backward). g: the
+ * (g_abs, g_std) pair of each row. */
+void bfq_row_stats_backward(const float *restrict x, const float *restrict g, const float *restrict aux, int64_t rows,
+                            int64_t n, float *restrict gx) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * n;
+        float *o = gx + i * n;
+        const float mean = aux[2 * i], sd = aux[2 * i + 1];
+        const float a = g[2 * i] / (float)n;
+        const float c = sd == 0.0f ? 0.0f : g[2 * i + 1] / (sd * (float)(n - 1));
+        for (int64_t j = 0; j < n; j++) {
+            const float v = xr[j];
+            o[j] = a * sgn_of(v) + (v - mean) * c;
+        }
+    }
+}
+
 /* The weight statistic's gradient, per tensor: the maximum |w| routes ``gs`` evenly over the
  * elements equal to it (autograd's max backward), through abs (a product with sgn(w)):
  * gx += (gs / ties) * tie * sgn(w), ties counted exactly. */
@@ -146,7 +212,6 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
  * value (ADQ's nearest codebook entry at 5-8 bits). A binary search over the mids padded with +inf to
  * 2^k - 1 entries, one level at a time over a block of values, so that the blocks' searches overlap
  * (one value's search is a chain of dependent loads). */
-#include <math.h>
 #include <stdlib.h>
 
 #define BFQ_BLOCK 256

@@ -136,3 +136,39 @@ def test_fused_activation_step_equals_the_plain_expression(signed, shape, path, 
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
     assert float(x1.grad.abs().sum()) > 0 and (ref == b.p * s).any()     # the clamp bites
 
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_adapter_statistics_node_equals_the_tensor_operations(threads):
+    """The adapter's per-sample statistics in C++ (bitfold_q.row_stats: mean |x| and std, sums in double)
+    equal the tensor operations (the fallback, and what the export traces) within float rounding, values
+    and input gradient - a row of zero spread (std 0: only mean |x| passes a gradient) and a row of zeros
+    included, a channels-last activation flattened, the rows split over 2 threads - and are closer to a
+    float64 reference than those operations."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.asq import row_std
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(6)
+        x = torch.randn(40, 16, 14, 14).contiguous(memory_format=torch.channels_last) * 3 + 1   # 3136 per row
+        x[1] = 0.25
+        x[2] = 0.0
+        g = torch.randn(40, 2)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a = ops.row_stats(x1.flatten(1))
+        f2 = x2.flatten(1)
+        b = torch.stack([f2.abs().mean(1), row_std(f2)], 1)
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        assert a.shape == (40, 2) and x1.grad.shape == x.shape
+        assert torch.allclose(a, b, rtol=1e-6, atol=0) and float(a[1, 1]) == 0.0 and float(a[2, 0]) == 0.0
+        assert torch.allclose(x1.grad, x2.grad, rtol=1e-5, atol=1e-9) and float(x1.grad.abs().sum()) > 0
+        assert torch.equal(x1.grad[1], torch.full_like(x1.grad[1], float(g[1, 0]) / 3136))   # abs path only
+        ref = x.double().flatten(1)
+        ref = torch.stack([ref.abs().mean(1), ref.std(1)], 1)
+        assert (a.double() - ref).abs().max() <= (b.double() - ref).abs().max()
+    finally:
+        torch.set_num_threads(prev)
