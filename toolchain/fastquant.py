@@ -182,7 +182,7 @@ class _QuantTensorRange(torch.autograd.Function):
             need = ctx.needs_input_grad
             if qkernels.grad_fits(g, x):
                 grad_x, prods, above, below = qkernels.backward_range(
-                    x, g, s, lay, lof, hif, ctx.relu, ctx.ste, need[0], need[1])
+                    x, g, s, lay, lof, hif, ctx.relu, ctx.ste, need[0], need[1], need[3], need[2] and not ctx.none_below)
                 grad_s = prods[0].sum_to_size(s.shape) - prods[1].sum_to_size(s.shape) if prods is not None else None
                 grad_lo = grad_hi = None
                 if not ctx.ste:

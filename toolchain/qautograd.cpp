@@ -390,14 +390,17 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
                     out[1] = grad_s;
                     return out;
                 }
-                Tensor gx = at::empty_like(x), p1 = at::empty_like(x), p2 = at::empty_like(x);
-                Tensor above = at::empty_like(x), below = at::empty_like(x);
+                // only the gradients needed (none of ``below`` where nothing can be below lo)
+                const bool want_lo = need_lo && !none_below;
+                const auto alloc = [&](bool want) { return want ? at::empty_like(x) : Tensor(); };
+                Tensor gx = alloc(need_x), p1 = alloc(need_s), p2 = alloc(need_s), above = alloc(need_hi),
+                       below = alloc(want_lo);
                 const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
-                float *o[5] = {gx.data_ptr<float>(), p1.data_ptr<float>(), p2.data_ptr<float>(),
-                               above.data_ptr<float>(), below.data_ptr<float>()};
+                float* o[5] = {fptr(gx), fptr(p1), fptr(p2), fptr(above), fptr(below)};
                 split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+                    const auto at_off = [&](float* p) { return p ? p + off : nullptr; };
                     bfq_backward_range(xp + off, gp + off, rows, len, sp + (lay.per_row ? row : 0), lay.per_row, lof,
-                                       hif, relu, o[0] + off, o[1] + off, o[2] + off, o[3] + off, o[4] + off);
+                                       hif, relu, at_off(o[0]), at_off(o[1]), at_off(o[2]), at_off(o[3]), at_off(o[4]));
                 });
                 if (need_x) out[0] = gx;
                 if (need_s) out[1] = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());

@@ -180,10 +180,13 @@ void bfq_add_at_rows(float *restrict gx, const float *restrict w, int64_t rows, 
 
 /* The backward of a quantizer whose bounds are learned (AdaQAT's width): as bfq_backward with
  * mask 2 (or none, ste), and also the parts of gc = g * s cut above hi and below lo - the bounds'
- * gradients are their sums (``above`` where q > hi, ``below`` where q < lo, else 0). */
-static void range_row(const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi,
-                      int relu, float *restrict gx, float *restrict p1, float *restrict p2,
-                      float *restrict above, float *restrict below) {
+ * gradients are their sums (``above`` where q > hi, ``below`` where q < lo, else 0). An output pointer
+ * that is NULL is not written (p1 and p2 together): a gradient nobody needs, e.g. ``below`` after a
+ * ReLU into an unsigned range, where nothing is below lo = 0. want_* are constants at each call below. */
+static inline __attribute__((always_inline)) void range_row(
+        const float *restrict x, const float *restrict g, int64_t n, float sv, float lo, float hi, int relu,
+        int want_x, int want_s, int want_hi, int want_lo, float *restrict gx, float *restrict p1, float *restrict p2,
+        float *restrict above, float *restrict below) {
     for (int64_t j = 0; j < n; j++) {
         const float xv = x[j], gv = g[j];
         const float r = relu ? relu_of(xv) : xv;
@@ -192,21 +195,38 @@ static void range_row(const float *restrict x, const float *restrict g, int64_t 
         const float g2 = gv * sv;
         const int up = q > hi, down = q < lo;
         const float gq = (up | down) ? 0.0f : g2;
-        gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : gq / sv;
-        p1[j] = gv * clamp_to(q, lo, hi);
-        p2[j] = gq * (y / sv);
-        above[j] = up ? g2 : 0.0f;
-        below[j] = down ? g2 : 0.0f;
+        if (want_x) gx[j] = (relu & !(xv > 0.0f)) ? 0.0f : gq / sv;
+        if (want_s) {
+            p1[j] = gv * clamp_to(q, lo, hi);
+            p2[j] = gq * (y / sv);
+        }
+        if (want_hi) above[j] = up ? g2 : 0.0f;
+        if (want_lo) below[j] = down ? g2 : 0.0f;
     }
 }
 
+#define BFQ_RANGE_CASE(X, S, H, L)                                                                            \
+    case (X) | (S) << 1 | (H) << 2 | (L) << 3:                                                                \
+        range_row(x + b, g + b, inner, sv, lo, hi, relu, X, S, H, L, X ? gx + b : 0, S ? p1 + b : 0,          \
+                  S ? p2 + b : 0, H ? above + b : 0, L ? below + b : 0);                                      \
+        break;
+
 void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t inner, const float *s, int per_row,
                         float lo, float hi, int relu, float *gx, float *p1, float *p2, float *above, float *below) {
+    const int want = (gx != 0) | (p1 != 0 && p2 != 0) << 1 | (above != 0) << 2 | (below != 0) << 3;
     for (int64_t i = 0; i < rows; i++) {
         const int64_t b = i * inner;
-        range_row(x + b, g + b, inner, s[per_row ? i : 0], lo, hi, relu, gx + b, p1 + b, p2 + b, above + b, below + b);
+        const float sv = s[per_row ? i : 0];
+        switch (want) {
+            BFQ_RANGE_CASE(0, 0, 0, 1) BFQ_RANGE_CASE(0, 0, 1, 0) BFQ_RANGE_CASE(0, 0, 1, 1)
+            BFQ_RANGE_CASE(0, 1, 0, 0) BFQ_RANGE_CASE(0, 1, 0, 1) BFQ_RANGE_CASE(0, 1, 1, 0) BFQ_RANGE_CASE(0, 1, 1, 1)
+            BFQ_RANGE_CASE(1, 0, 0, 0) BFQ_RANGE_CASE(1, 0, 0, 1) BFQ_RANGE_CASE(1, 0, 1, 0) BFQ_RANGE_CASE(1, 0, 1, 1)
+            BFQ_RANGE_CASE(1, 1, 0, 0) BFQ_RANGE_CASE(1, 1, 0, 1) BFQ_RANGE_CASE(1, 1, 1, 0) BFQ_RANGE_CASE(1, 1, 1, 1)
+            default: return;   /* nothing wanted */
+        }
     }
 }
+#undef BFQ_RANGE_CASE
 
 /* torch.bucketize(w, mids) (right=False) for ascending mids: the number of mids strictly below each
  * value (ADQ's nearest codebook entry at 5-8 bits). A binary search over the mids padded with +inf to

@@ -282,22 +282,22 @@ def add_max_gradient(gx: torch.Tensor, w: torch.Tensor, at_max: torch.Tensor, gs
 
 
 def backward_range(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lay: tuple[int, int, int], lo: float, hi: float,
-                   relu: bool, ste: bool, need_x: bool, need_s: bool):
+                   relu: bool, ste: bool, need_x: bool, need_s: bool, need_hi: bool = True, need_lo: bool = True):
     """(grad_x, (g * c, gq * (y / s)) or None, above, below) of :func:`forward` with learned bounds:
     ``gq = g * s`` cut outside [lo, hi] unless ``ste``; ``above`` / ``below``: ``g * s`` where the
     rounded value is above ``hi`` / below ``lo``, else 0 (the bounds' gradients are their sums; None
-    under ``ste``)."""
+    under ``ste``). What is not needed is None and not computed."""
     if ste:
         gx, prods = backward(x, g, s, lay, lo, hi, relu, 0, need_x, need_s)
         return gx, prods, None, None
     if not grad_fits(g, x):
         raise ValueError("qkernels.backward_range: the gradient must be a row-major float32 tensor of the input's shape")
-    out = [torch.empty_like(x) for _ in range(5)]
+    out = [torch.empty_like(x) if want else None for want in (need_x, need_s, need_s, need_hi, need_lo)]
     rows, inner, per_row = lay
     _lib.bfq_backward_range(x.data_ptr(), g.data_ptr(), rows, inner, s.data_ptr(), per_row, lo, hi, int(relu),
-                            *(t.data_ptr() for t in out))
+                            *(t.data_ptr() if t is not None else None for t in out))
     gx, p1, p2, above, below = out
-    return (gx if need_x else None), ((p1, p2) if need_s else None), above, below
+    return gx, ((p1, p2) if need_s else None), above, below
 
 
 def bucketize(w: torch.Tensor, mids: torch.Tensor) -> torch.Tensor | None:
