@@ -2,7 +2,7 @@
 
     python benchmarks/open_fpga_vs_finn.py [--nets digits-mlp fashion-mlp digits-cnn fashion-cnn ...] [--bits 1 2 3 4 mixed]
         [--fps 100000] [--boards ulx3s-85f icebreaker] [--finn-board pynq-z2] [--no-pnr] [--quick]
-        [--dsp off|on|both] [--no-finn]
+        [--dsp off|on|both] [--no-finn] [--match-rate]
 
 Every network is trained briefly (the hardware depends on shapes, widths and weight values, not
 on accuracy), exported once to QONNX, and that one file goes
@@ -16,6 +16,10 @@ generated design (digits MLP W2A2) is synthesized by yosys with ``synth_xilinx``
 ``synth_ecp5`` (block RAM, LUT RAM and DSP off in both, so both count logic only), and
 factor = LUT4 cells / LUT6-class cells (LUT1..LUT6). The figure of merit is LUTs per (inference/s):
 open LUT4 / fps against FINN LUT6 x factor / fps. Rows that do not fit or fail say why.
+``--match-rate``: where a board cannot hold the requested rate (the planner folds down to what fits,
+e.g. the iCE40 UP5K's 5,280 LCs at ~45 MHz), one more FINN row at the rate that board reached
+(``target_fps`` = that rate, ``matches`` = the open-flow row), so that both flows are also compared
+at one rate both reach.
 Results: ``benchmarks/results/open_fpga_vs_finn.{csv,json}``.
 """
 from __future__ import annotations
@@ -141,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--dsp", choices=["off", "on", "both"], default="off",
                     help="open flow on ECP5: lane multipliers in DSP blocks (bitfold build --dsp); both: one row each")
     ap.add_argument("--no-finn", action="store_true", help="open-flow rows only")
+    ap.add_argument("--match-rate", action="store_true",
+                    help="also FINN at the rate each open-flow row reached where it fell short of --fps")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "open_fpga_vs_finn"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -169,10 +175,17 @@ def main(argv=None):
                     group.append(open_row(onnx, board, args.fps, root, not args.no_pnr, dsp))
             for r in group:
                 r.update(net=net, bits=b if b == "mixed" else f"W{b}A{b}", target_fps=args.fps)
+            if have_finn and args.match_rate:   # FINN at the rate a board folded down to
+                for r in [r for r in group if r["flow"].startswith("open") and r.get("fps") and r["fps"] < 0.99 * args.fps]:
+                    m = finn_row(onnx, args.finn_board, r["fps"])
+                    m.update(net=net, bits=r["bits"], target_fps=r["fps"], matches=r["flow"])
+                    m["flow"] += f" @{r['flow'].split()[1]} rate"
+                    group.append(m)
+            for r in group:
                 lut4 = r.get("lut", 0) * (conv["factor"] if r["flow"].startswith("finn") else 1.0)
                 r["lut4_equiv"] = round(lut4)
                 r["lut4_per_kfps"] = round(lut4 / (r["fps"] / 1000), 2) if r.get("fps") else None
-                print(f"{net:<12}{r['bits']:<7}{r['flow']:<16} LUT {r.get('lut', '-'):>7} (LUT4-eq "
+                print(f"{net:<12}{r['bits']:<7}{r['flow']:<24} LUT {r.get('lut', '-'):>7} (LUT4-eq "
                       f"{r['lut4_equiv']:>7}) BRAM {r.get('bram', '-'):>4} DSP {r.get('dsp', '-'):>3} "
                       f"Fmax {r.get('fmax_mhz', '-'):>6} fps {r.get('fps', '-'):>10} "
                       f"LUT4/kfps {r['lut4_per_kfps'] if r['lut4_per_kfps'] is not None else '-':>8} "
