@@ -381,17 +381,32 @@ class LearnedPlan:
     ste_clamp: bool
 
 
+@dataclass(frozen=True)
+class DirectPlan:
+    """A layer without a quantizer of its own (its weight quantization off - ADQ's and ASQ's codebook
+    weights are parametrizations - and no input, output or bias quantizer): its training forward is
+    ``F.linear`` / ``F.conv*`` of the (parametrized) weight, what Brevitas's forward computes for it,
+    without Brevitas's per-call work."""
+
+
+DIRECT = DirectPlan()
+
+
 @dataclass
 class FastQuantReport:
-    """Which layers run fused, and why the others do not (layer -> reason)."""
+    """Which layers run fused, which run directly (no quantizer of their own), and why the others do
+    not (layer -> reason)."""
     fused: list[str] = field(default_factory=list)
     brevitas: dict[str, str] = field(default_factory=dict)
     kernels: str = ""      # qkernels.status(): the compiled passes in use, or why not
+    direct: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         s = f"fast quantizers: {len(self.fused)} of {len(self.fused) + len(self.brevitas)} quantized layers fused"
         if self.kernels:
             s += f" ({self.kernels})"
+        if self.direct:
+            s += f"; {len(self.direct)} layers without a weight quantizer run F.linear/conv directly"
         if self.brevitas:
             s += "; Brevitas path for " + ", ".join(f"{k} ({v})" for k, v in sorted(self.brevitas.items()))
         return s
@@ -444,6 +459,11 @@ def _int_quant_parts(tq) -> tuple[bool, bool]:
 
 def _float_restrict(mod) -> bool:
     return _is(mod, "FloatRestrictValue")
+
+
+def _no_weight_quant(layer) -> bool:
+    wq = layer.weight_quant
+    return not wq.is_quant_enabled and not getattr(wq, "export_mode", False)
 
 
 def weight_plan(layer) -> WeightPlan:
@@ -582,7 +602,9 @@ def _fast_layer_forward(self, x):
     plan = _ACTIVE.get(self)
     if plan is None or not self.training or type(x) is not torch.Tensor:
         return super(type(self), self).forward(x)
-    if isinstance(plan, LearnedPlan):
+    if plan is DIRECT:
+        w = self.weight
+    elif isinstance(plan, LearnedPlan):
         w = fused_learned(self.weight, plan)
     else:
         sc = plan.scaling
@@ -673,7 +695,7 @@ def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
                     reason = _layer_reason(m)
                     if reason:
                         raise _NotFusable(reason)
-                    plan = weight_plan(m)
+                    plan = DIRECT if _no_weight_quant(m) else weight_plan(m)
                 else:
                     plan = act_plan(m)
                 if isinstance(plan, LearnedPlan) and not learned:
@@ -684,7 +706,7 @@ def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
             _ACTIVE[m] = plan
             swapped.append((m, type(m)))
             m.__class__ = fast
-            report.fused.append(name)
+            (report.direct if plan is DIRECT else report.fused).append(name)
         if report.fused:
             report.kernels = qkernels.status()
         yield report

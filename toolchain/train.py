@@ -329,7 +329,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     metrics = run_metrics(model, layers, history)
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["world_size"] = world
-    metrics["fast_quant"] = {"fused": list(fused.fused), "brevitas": dict(fused.brevitas), "kernels": fused.kernels}
+    metrics["fast_quant"] = {"fused": list(fused.fused), "brevitas": dict(fused.brevitas), "kernels": fused.kernels,
+                             "direct": list(fused.direct)}
     if compiled is not None:
         metrics["compile"] = compile_report(compiled)
     if device.type == "cpu":

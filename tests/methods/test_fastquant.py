@@ -84,6 +84,9 @@ def test_the_comparison_sees_a_wrong_gradient(monkeypatch):
 #: MEBQAT's all (its widths are switched, not learned); ADQ's activation sites (its weights are codebook
 #: parametrizations); AdaQAT's widths are learned and ASQ's quantizers are its own: they keep Brevitas
 FUSED = {"fixed": 8, "adq": 4, "asq": 0, "adaqat": 8, "mebqat": 8}
+#: layers without a weight quantizer of their own (ADQ's and ASQ's codebook weights are parametrizations):
+#: their training forward runs F.conv/F.linear directly, not through Brevitas's forward
+DIRECT = {"adq": 4, "asq": 4}
 
 
 @pytest.mark.parametrize("method", sorted(FUSED))
@@ -97,10 +100,11 @@ def test_every_method_trains_and_exports_identically(tmp_path, method):
         runs[fast] = out
         if fast:
             assert len(m["fast_quant"]["fused"]) == FUSED[method], m["fast_quant"]
+            assert len(m["fast_quant"]["direct"]) == DIRECT.get(method, 0), m["fast_quant"]
             if FUSED[method]:
                 assert m["fast_quant"]["kernels"] == "compiled quantizer kernels: on, autograd nodes in C++", m["fast_quant"]
         else:
-            assert m["fast_quant"]["fused"] == []
+            assert m["fast_quant"]["fused"] == [] and m["fast_quant"]["direct"] == []
     a, b = (load_checkpoint(runs[f] / "checkpoint.pt") for f in (True, False))
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
