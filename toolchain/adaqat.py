@@ -233,6 +233,12 @@ class AdaQATMethod(QuantMethod):
 
     # -- training hooks -------------------------------------------------------------------------
     def setup(self, model, layers):
+        from brevitas import config as brevitas_config
+        if brevitas_config.JIT_ENABLED:   # TorchScript hides the width modules from the walks below
+            raise BitfoldError("AdaQAT's learned bit-widths do not run with BREVITAS_JIT=1 (Brevitas's quantizers "
+                               "become TorchScript modules)",
+                               "unset BREVITAS_JIT: bitfold's fused quantizers are faster than Brevitas's "
+                               "TorchScript path (benchmarks/qat_overhead.py; README, Fast QAT)")
         self.layers = layers
         names = [d.name for d in layers]
         self.edges = set() if self.learn_edges else {names[0], names[-1]}

@@ -198,3 +198,17 @@ def test_sgd_widths_follow_the_relative_price_and_adam_does_not(tmp_path):
     # Adam's normalised steps erase the 4x: both widths move alike (why sgd is the default)
     pricey, cheap = _width_drops(tmp_path, "adam")
     assert abs(pricey - cheap) < 0.15 * max(pricey, cheap), (pricey, cheap)
+
+
+def test_brevitas_jit_is_refused_with_a_clear_error(monkeypatch):
+    """Under BREVITAS_JIT=1 Brevitas scripts its quantizers and the learned widths cannot be found:
+    AdaQAT says so (and what to do) instead of failing inside its cost walk."""
+    from brevitas import config as brevitas_config
+
+    from bitfold.core.errors import BitfoldError
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.models import build_model
+    m = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method="adaqat", cost="bitops")
+    monkeypatch.setattr(brevitas_config, "JIT_ENABLED", True)
+    with pytest.raises(BitfoldError, match="BREVITAS_JIT"):
+        m.quant_method.setup(m, describe_layers(m, (1, 8, 8)))
