@@ -5,7 +5,8 @@
 
 Models as the benchmarks train them: the TFC-style MLP and the CNN at 28x28 (Fashion-MNIST's shape),
 ResNet-20 at 32x32, batch 64 (ResNet-20: 32), on random batches. Per model and thread count, one
-training step (forward, backward, Adam, the method's own step work) of float, fixed W4A4, AdaQAT, MEBQAT
+training step as the trainer runs it (forward, the method's extra loss term - AdaQAT's cost penalty -
+backward, Adam, the method's own step work) of float, fixed W4A4, AdaQAT, MEBQAT
 (all its tasks of a step; also per task), ADQ W4A4 and ASQ W4A4 - each with the trainer's fused
 fixed-width quantizers, and "brevitas" (fixed W4A4 on Brevitas's own modules, the path before the
 fusion), "adaqat brevitas" (AdaQAT on Brevitas's modules), "fixed ops" and "adaqat ops" (fused, each
@@ -77,7 +78,9 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
         prev_nodes = qkernels.set_nodes_enabled(not pynode)
         opt.zero_grad()
         if qm is None or qm.backward_step(fwd, m, x, y, state["s"]) is None:
-            F.cross_entropy(fwd(x), y).backward()
+            loss = F.cross_entropy(fwd(x), y)      # and the method's own loss term, as the trainer adds it
+            extra = qm.extra_loss(m, state["s"], (x, y), loss) if qm is not None else None
+            (loss if extra is None else loss + extra).backward()
         opt.step()
         if qm is not None:
             qm.after_step(m, state["s"])
