@@ -17,6 +17,9 @@ Fused kinds: weights - integer, zero zero-point, constant bit-width, scale from 
 statistic of the weight (per tensor or per output channel, float scale); activations - ReLU or
 identity followed by an integer quantizer with a learned float scale whose statistics collection is
 over. These are the ``fixed`` method's quantizers (and those of layers other methods leave fixed).
+A layer with no quantizer of its own (weight quantization off - ADQ's and ASQ's codebook weights are
+parametrizations - and no input, output or bias quantizer) runs ``F.linear`` / ``F.conv*`` of its weight
+directly (:data:`DIRECT`): what Brevitas's forward computes for it, without its per-call work.
 """
 from __future__ import annotations
 
