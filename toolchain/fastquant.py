@@ -464,15 +464,12 @@ def _float_restrict(mod) -> bool:
     return _is(mod, "FloatRestrictValue")
 
 
-def _no_weight_quant(layer) -> bool:
+def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     wq = layer.weight_quant
-    return not wq.is_quant_enabled and not getattr(wq, "export_mode", False)
-
-
-def weight_plan(layer) -> WeightPlan:
-    wq = layer.weight_quant
-    if not wq.is_quant_enabled or getattr(wq, "export_mode", False):
-        raise _NotFusable("weight quantization off")
+    if getattr(wq, "export_mode", False):
+        raise _NotFusable("weight quantizer in export mode")
+    if not wq.is_quant_enabled:
+        return DIRECT
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
     if switchable is None:
@@ -698,7 +695,7 @@ def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
                     reason = _layer_reason(m)
                     if reason:
                         raise _NotFusable(reason)
-                    plan = DIRECT if _no_weight_quant(m) else weight_plan(m)
+                    plan = weight_plan(m)
                 else:
                     plan = act_plan(m)
                 if isinstance(plan, LearnedPlan) and not learned:
