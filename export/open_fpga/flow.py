@@ -45,7 +45,7 @@ from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, PARALLEL_THRESHOLDS, Fol
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
-RTL_FILES = ("bf_mvau.v", "bf_pool.v", "bf_dwc.v")
+RTL_FILES = ("bf_mvau.v", "bf_dspmul.v", "bf_pool.v", "bf_dwc.v")
 UART_BAUD = 115200
 
 
@@ -260,6 +260,8 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
                 # block's operands come from registers placed next to it (DSPs sit in columns of their
                 # own; the digits CNN W4A4 with 8 lanes a copy: 66 MHz at 100, 10 of 15 ns routing)
                 params["RDFAN"] = 1
+                # and each multiplier with the DSP block's own input and output registers (bf_dspmul)
+                params["DSPREG"] = 1
             ps = ", ".join(f".{k}({v})" for k, v in params.items())
             ps += f', .WFILE("{s.name}_w.mem"), .TFILE("{tfile}")' + (f', .WCFILE("{s.name}_wc")' if "WABITS" in params else "")
             # one wrapper module per layer: the unit of out-of-context synthesis (see synthesize)
@@ -411,7 +413,8 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
 
         def one(mod):
             syn = f"synth_{fam}" if mod in dsp_mods else synth
-            read = f"read_verilog{defs} -defer bf_mvau.v {mod}.v"
+            # a DSP layer: bf_dspmul as the MULT18X18D primitive with its registers (BF_ECP5_DSP)
+            read = f"read_verilog{defs}{' -DBF_ECP5_DSP' if mod in dsp_mods else ''} -defer bf_mvau.v bf_dspmul.v {mod}.v"
             r = _yosys(rtl, f"{read}; {syn} -top {mod} -json {mod}.json; tee -q -o stat_{mod}.json stat -json",
                        f"yosys_{mod}.log")
             if fam != "ecp5" or r.returncode != 0:
@@ -440,7 +443,7 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
         mapping = {m: v for m, v in zip(mods, mapping) if v is not None}
         p = next((r for r in runs if r.returncode != 0), None)
         if p is None:
-            rest = [f for f in design.files if f not in design.layer_files and f != "bf_mvau.v"]
+            rest = [f for f in design.files if f not in design.layer_files and f not in ("bf_mvau.v", "bf_dspmul.v")]
             p = _yosys(rtl, f"read_verilog -lib {' '.join(design.layer_files)}; read_verilog{defs} -defer {' '.join(rest)}; "
                             f"{synth} -top bf_top -json glue.json", "yosys_glue.log")
         if p.returncode == 0:

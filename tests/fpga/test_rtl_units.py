@@ -230,11 +230,20 @@ def test_dsp_layers_take_their_multipliers_out_of_the_luts(tmp_path):
         design = flow.generate(im, f, rtl, board)
         cells[tag] = count_cells(flow.synthesize(rtl, design, board)["cells"], "ecp5")
     assert cells["lut"][3] == 0 and cells["dsp"][3] == 8 * 16
-    # DSP lanes take one copy of the registered input read each (RDFAN 1: 128 copies), still exact
+    # each multiplier uses the block's own input and output registers (bf_dspmul), the registers the
+    # LUT build has in the fabric: the same flip-flop count less the 128 lanes' operand and product bits
+    mults = [c for m in json.loads((tmp_path / "dsp" / "top.json").read_text())["modules"].values()
+             for c in m["cells"].values() if c["type"] == "MULT18X18D"]
+    assert len(mults) == 128 and all(c["parameters"][f"REG_{r}_CLK"] == "CLK0"
+                                     for c in mults for r in ("INPUTA", "INPUTB", "OUTPUT"))
+    assert cells["dsp"][1] < cells["lut"][1]
+    # DSP lanes take one copy of the registered input read each (RDFAN 1: 128 copies) and a cycle
+    # more for the block's registers (DSPREG 1), still exact under random back-pressure
     sim = tmp_path / "sim"
     sim.mkdir()
     out, ref, _ = _sim(im, fold, sim, n=8, stall=True)
-    assert np.array_equal(out, ref) and "RDFAN(1)" in (sim / "rtl" / "bfl_dense0.v").read_text()
+    params = (sim / "rtl" / "bfl_dense0.v").read_text()
+    assert np.array_equal(out, ref) and "RDFAN(1)" in params and "DSPREG(1)" in params
     assert cells["dsp"][0] < 0.6 * cells["lut"][0]                  # a 4x5-bit product per lane in a DSP
     # the planner with DSPs reaches a faster folding within the same LUT budget
     from bitfold.export.open_fpga.flow import choose_folding

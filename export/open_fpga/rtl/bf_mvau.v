@@ -41,6 +41,7 @@ module bf_mvau #(
   parameter RDFAN = 8,             // RDREG = 1: PE lanes fed by one copy of the registered input read
   parameter WABITS = 0,            // > 0: weight-word bits read through one copy of the ROM address register
   parameter APIPE = 0,             // 1: the input read address computed over two register stages (a cycle more)
+  parameter DSPREG = 0,            // 1: the lanes' products in DSP blocks, input and output registered (bf_dspmul; a cycle more)
   parameter WFILE = "w.mem", TFILE = "t.mem", WCFILE = "wc"
 ) (
   input  wire clk,
@@ -64,6 +65,7 @@ module bf_mvau #(
   localparam LOG2 = $clog2(LN);                 // adder tree levels
   localparam P2 = 1 << LOG2;                    // lanes rounded up to a power of two
   localparam TL = (LOG2 + 1) / 2;               // registered tree levels (every second + the root)
+  localparam TLC = TL + DSPREG;                 // registers between stage B's control and the tree's root
   localparam PAR = (NT > 0) && (NT <= PARNT);      // thresholds compared in parallel (else binary search)
   localparam BSL = (NT > PARNT) ? OBITS * (2 + RDREG) : 2;   // accumulator -> result (search levels)
   // copies of the registered input read (the pad code already in), one per RDFAN lanes: every input bit
@@ -82,7 +84,7 @@ module bf_mvau #(
   // row and column, then pad test and row * IW * CG + column * CG + group): in one cycle it was the
   // critical path of the Fashion-MNIST CNN (oy -> tap read address, 11.6 ns)
   localparam WP = (NWC > 1 || APIPE) ? 1 : 0;
-  localparam LAT = 5 + RDREG + RDPRE + TL + BSL + WP;   // issue -> FIFO write
+  localparam LAT = 5 + RDREG + RDPRE + TLC + BSL + WP;   // issue -> FIFO write
   // credits come back CRD cycles after the FIFO read (registers between the output FIFO and the
   // issue counters: in a wide layer the two sit far apart - the digits CNN W4A4's conv1 spent 7.9 ns
   // routing its FIFO pop into the credit counter), so the FIFO holds that many cycles' groups more
@@ -276,6 +278,27 @@ module bf_mvau #(
     end
   end
 
+  // DSPREG: the products in DSP blocks with their own input and output registers (bf_dspmul), from
+  // the same stage-R operands, a cycle after stage B's fabric products (which are then unused): with
+  // combinational DSPs between fabric registers the digits CNN W4A4 placed at 61.6 MHz - 8.4 ns of
+  // routing into a DSP column, 3.9 through the multiplier. The control waits that cycle in TLC.
+  wire [PE*LN*PB-1:0] prodD;
+  genvar gq, gs;
+  generate
+    if (DSPREG) begin : dsp
+      for (gq = 0; gq < PE; gq = gq + 1) begin : pe
+        for (gs = 0; gs < LN; gs = gs + 1) begin : lane
+          bf_dspmul #(.AW(WBITS), .BW(IBITS + 1), .PW(PB)) m (
+            .clk(clk), .a(wdX[(gq*LN+gs)*WBITS +: WBITS]),
+            .b({1'b0, rdC[((gq / RDFAN % NRC) * LN + gs)*IBITS +: IBITS]}), .p(prodD[(gq*LN+gs)*PB +: PB]));
+        end
+      end
+    end else begin : nodsp
+      assign prodD = {(PE*LN*PB){1'b0}};
+    end
+  endgenerate
+  wire [PE*LN*PB-1:0] prodE = DSPREG ? prodD : prodB;   // the adder tree's leaves
+
   // ---------------------------------------------------------------- adder tree (per PE lane)
   // heap layout: node i has children 2i and 2i+1, leaves at P2..2*P2-1; a node at height h
   // (leaves' parents: 1) is a register when h is even or it is the root
@@ -287,11 +310,11 @@ module bf_mvau #(
       for (gi = 0; gi < P2; gi = gi + 1) begin : leaf
         if (gi < LN && ACCB > PB) begin : used_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] =
-            {{(ACCB-PB){prodB[(gp*LN+gi)*PB + PB - 1]}}, prodB[(gp*LN+gi)*PB +: PB]};
+            {{(ACCB-PB){prodE[(gp*LN+gi)*PB + PB - 1]}}, prodE[(gp*LN+gi)*PB +: PB]};
         end else if (gi < LN) begin : narrow_leaf
           // the accumulator is sized for the whole dot product, so every single product fits its
           // ACCB bits (e.g. bipolar 1-bit products on a small fan-in): the low bits are exact
-          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = prodB[(gp*LN+gi)*PB +: ACCB];
+          assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = prodE[(gp*LN+gi)*PB +: ACCB];
         end else begin : zero_leaf
           assign tree[(gp*2*P2 + P2 + gi)*ACCB +: ACCB] = {ACCB{1'b0}};
         end
@@ -311,24 +334,24 @@ module bf_mvau #(
       assign sumT[gp*ACCB +: ACCB] = tree[(gp*2*P2 + 1)*ACCB +: ACCB];   // the root (a leaf if LN = 1)
     end
   endgenerate
-  // the control bits travel alongside the tree's TL registers
-  reg [TL:0] vT, firstT, lastT;
-  reg [(TL+1)*CW-1:0] nfT;
+  // the control bits travel alongside the tree's TL registers (and DSPREG's)
+  reg [TLC:0] vT, firstT, lastT;
+  reg [(TLC+1)*CW-1:0] nfT;
   integer t;
   always @(posedge clk) begin
     vT[0] <= 1'b0; firstT[0] <= 1'b0; lastT[0] <= 1'b0;
-    for (t = TL; t > 0; t = t - 1) begin
+    for (t = TLC; t > 0; t = t - 1) begin
       vT[t] <= (t == 1) ? vB : vT[t-1];
       firstT[t] <= (t == 1) ? firstB : firstT[t-1];
       lastT[t] <= (t == 1) ? lastB : lastT[t-1];
       nfT[t*CW +: CW] <= (t == 1) ? nfB : nfT[(t-1)*CW +: CW];
     end
-    if (rst) vT <= {(TL+1){1'b0}};
+    if (rst) vT <= {(TLC+1){1'b0}};
   end
-  wire vS = (TL == 0) ? vB : vT[TL];
-  wire firstS = (TL == 0) ? firstB : firstT[TL];
-  wire lastS = (TL == 0) ? lastB : lastT[TL];
-  wire [CW-1:0] nfS = (TL == 0) ? nfB : nfT[TL*CW +: CW];
+  wire vS = (TLC == 0) ? vB : vT[TLC];
+  wire firstS = (TLC == 0) ? firstB : firstT[TLC];
+  wire lastS = (TLC == 0) ? lastB : lastT[TLC];
+  wire [CW-1:0] nfS = (TLC == 0) ? nfB : nfT[TLC*CW +: CW];
   wire [PE*ACCB-1:0] sumS = sumT;
 
   // ---------------------------------------------------------------- accumulate
