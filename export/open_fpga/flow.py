@@ -12,8 +12,8 @@ Stages (each a small function with a typed artefact in and out):
   Fmax, timing, bitstream.
 
 RTL: ``export/open_fpga/rtl/bf_mvau.v`` (folded, pipelined matrix-vector-threshold unit with a
-two-bank input buffer), ``bf_pool.v`` (streaming max-pool), ``bf_dwc.v`` (stream width
-converter), ``bf_uart.v``; the design clock comes from :mod:`.clock` (a PLL)
+two-bank input buffer), ``bf_dspmul.v`` (a lane's product in an ECP5 DSP block with its
+registers), ``bf_pool.v`` (streaming max-pool), ``bf_dwc.v`` (stream width converter), ``bf_uart.v``; the design clock comes from :mod:`.clock` (a PLL)
 — written here because the libraries that emit layer RTL do not fit this flow: da4ml emits
 fully unrolled constant-matrix logic (no PE/SIMD folding, so the demo CNN would not fit an
 iCE40, and its designs take minutes in yowasp yosys's abc9), and finn-rtllib's MVU is
@@ -45,7 +45,11 @@ from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, PARALLEL_THRESHOLDS, Fol
 
 RTL_DIR = Path(__file__).parent / "rtl"
 #: the core's RTL sources (the UART top adds bf_uart.v, bf_core.v and bf_top.v)
-RTL_FILES = ("bf_mvau.v", "bf_dspmul.v", "bf_pool.v", "bf_dwc.v")
+#: a DSP layer's lane multiplier: in yosys's read list only where a layer uses DSP blocks - an unused
+#: module read beside the others changes yosys's LUT mapping of the rest (synth_xilinx on the digits MLP
+#: W2A2 core: 2,211 LUTs with it, 2,221 without), and the LUT builds' cost tables were measured without it
+DSP_RTL = "bf_dspmul.v"
+RTL_FILES = ("bf_mvau.v", DSP_RTL, "bf_pool.v", "bf_dwc.v")
 UART_BAUD = 115200
 
 
@@ -314,7 +318,8 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             f'LOCATE COMP "tx" SITE "{pins["tx"]}";\nIOBUF PORT "tx" IO_TYPE=LVCMOS33;\n')
     else:
         (rtl / "board.pcf").write_text(f"set_io clk {pins['clk']}\nset_io rx {pins['rx']}\nset_io tx {pins['tx']}\n")
-    files = [*RTL_FILES, *layer_files, "bf_uart.v", "bf_core.v", "bf_clock.v", "bf_pll.v", "bf_top.v"]
+    units = [f for f in RTL_FILES if f != DSP_RTL or any(st.get("dsp") for st in info)]
+    files = [*units, *layer_files, "bf_uart.v", "bf_core.v", "bf_clock.v", "bf_pll.v", "bf_top.v"]
     n_in = int(np.prod(im.input.shape))
     return Design(in_bits, out_bits, out_signed, n_in, _out_elems(im), files, info, clock, layer_files)
 
@@ -414,7 +419,8 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
         def one(mod):
             syn = f"synth_{fam}" if mod in dsp_mods else synth
             # a DSP layer: bf_dspmul as the MULT18X18D primitive with its registers (BF_ECP5_DSP)
-            read = f"read_verilog{defs}{' -DBF_ECP5_DSP' if mod in dsp_mods else ''} -defer bf_mvau.v bf_dspmul.v {mod}.v"
+            read = (f"read_verilog{defs} -DBF_ECP5_DSP -defer bf_mvau.v {DSP_RTL} {mod}.v" if mod in dsp_mods
+                    else f"read_verilog{defs} -defer bf_mvau.v {mod}.v")
             r = _yosys(rtl, f"{read}; {syn} -top {mod} -json {mod}.json; tee -q -o stat_{mod}.json stat -json",
                        f"yosys_{mod}.log")
             if fam != "ecp5" or r.returncode != 0:
@@ -443,7 +449,7 @@ def synthesize(rtl: Path, design: Design, board, ooc: bool | None = None) -> dic
         mapping = {m: v for m, v in zip(mods, mapping) if v is not None}
         p = next((r for r in runs if r.returncode != 0), None)
         if p is None:
-            rest = [f for f in design.files if f not in design.layer_files and f not in ("bf_mvau.v", "bf_dspmul.v")]
+            rest = [f for f in design.files if f not in design.layer_files and f not in ("bf_mvau.v", DSP_RTL)]
             p = _yosys(rtl, f"read_verilog -lib {' '.join(design.layer_files)}; read_verilog{defs} -defer {' '.join(rest)}; "
                             f"{synth} -top bf_top -json glue.json", "yosys_glue.log")
         if p.returncode == 0:
