@@ -63,31 +63,28 @@ SLOW = {"test_every_case_verifies_or_is_refused", "test_kill_during_training_the
         "test_demo_end_to_end", "test_torchrun_ddp_two_processes", "test_wheel_holds_one_bitfold_namespace_with_board_files"}
 
 
-#: pytest-xdist work units (--dist loadgroup): a test file runs on one worker, so its module
-#: fixtures are built once; files that share an expensive session fixture share a unit
-XDIST_UNITS = {"tests/tvm/test_tvm_backend.py": "arm64", "tests/tvm/test_bitserial.py": "arm64"}
-#: the longest units first (measured with --durations=0 under -n 2), so that no worker is left
-#: alone with a long file at the end; the rest keep collection order
-XDIST_FIRST = ("tests/fpga/test_open_fpga.py", "tests/finn/test_finn_backend.py", "arm64",
-               "tests/export/test_fuzz_export.py", "tests/fpga/test_demo.py", "tests/export/test_faults.py",
-               "tests/fpga/test_rtl_units.py", "tests/methods/test_byom.py", "tests/fpga/test_loop_fpga.py")
+#: pytest-xdist (--dist loadfile): each test file runs on one worker, so its module fixtures are
+#: built once. The longest files first (measured with --durations under -n 2), so that no worker is
+#: left alone with a long file at the end; the rest keep collection order. (Not --dist loadgroup with
+#: xdist_group marks: under pytest 9.2 xdist 3.8 cannot add the group to a test's node id, so every
+#: test became a unit of its own and the open-flow builds fixture ran on both workers.)
+XDIST_FIRST = ("tests/fpga/test_open_fpga.py", "tests/finn/test_finn_backend.py", "tests/tvm/test_tvm_backend.py",
+               "tests/export/test_fuzz_export.py", "tests/fpga/test_demo.py", "tests/tvm/test_bitserial.py",
+               "tests/export/test_faults.py", "tests/fpga/test_rtl_units.py", "tests/methods/test_byom.py",
+               "tests/fpga/test_loop_fpga.py")
 
 
-def _xdist_unit(item) -> str:
+def _test_file(item) -> str:
     path = Path(str(item.fspath)).resolve()
     root = Path(__file__).resolve().parent.parent
-    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
-    return XDIST_UNITS.get(rel, rel)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
-@pytest.hookimpl(tryfirst=True)     # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     import inspect
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(_xdist_unit(item)))
-        rank = {u: i for i, u in enumerate(XDIST_FIRST)}
-        items.sort(key=lambda it: rank.get(_xdist_unit(it), len(rank)))   # stable: the rest keep their order
+        rank = {f: i for i, f in enumerate(XDIST_FIRST)}
+        items.sort(key=lambda it: rank.get(_test_file(it), len(rank)))   # stable: the rest keep their order
     for item in items:
         area = AREA_BY_DIR.get(Path(str(item.fspath)).parent.name)
         marks = {area} if area else set()
