@@ -74,10 +74,12 @@ XDIST_FIRST = ("tests/fpga/test_open_fpga.py", "tests/finn/test_finn_backend.py"
                "tests/fpga/test_loop_fpga.py")
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def _test_file(item) -> str:
     path = Path(str(item.fspath)).resolve()
-    root = Path(__file__).resolve().parent.parent
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.as_posix()
 
 
 def pytest_collection_modifyitems(config, items):

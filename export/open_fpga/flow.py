@@ -13,7 +13,8 @@ Stages (each a small function with a typed artefact in and out):
 
 RTL: ``export/open_fpga/rtl/bf_mvau.v`` (folded, pipelined matrix-vector-threshold unit with a
 two-bank input buffer), ``bf_dspmul.v`` (a lane's product in an ECP5 DSP block with its
-registers), ``bf_pool.v`` (streaming max-pool), ``bf_dwc.v`` (stream width converter), ``bf_uart.v``; the design clock comes from :mod:`.clock` (a PLL)
+registers), ``bf_pool.v`` (streaming max-pool), ``bf_dwc.v`` (stream width converter),
+``bf_uart.v``; the design clock comes from :mod:`.clock` (a PLL)
 — written here because the libraries that emit layer RTL do not fit this flow: da4ml emits
 fully unrolled constant-matrix logic (no PE/SIMD folding, so the demo CNN would not fit an
 iCE40, and its designs take minutes in yowasp yosys's abc9), and finn-rtllib's MVU is
