@@ -131,8 +131,10 @@ class CodebookWeight(nn.Module):
             with torch.no_grad():
                 self.codebook.copy_(INITS[self.init](w, self.bits))
                 self.initialized.fill_(True)
-        q = self.codebook[assign(w, self.codebook)]
-        return w + (q - w).detach()
+        d = qkernels.codebook_delta(w, self.codebook)   # q - w in one pass, or None: the operations
+        if d is None:
+            d = (self.codebook[assign(w, self.codebook)] - w).detach()
+        return w + d
 
     @torch.no_grad()
     def ema_update(self, w: torch.Tensor) -> None:
@@ -144,6 +146,8 @@ class CodebookWeight(nn.Module):
         """
         if not bool(self.initialized):
             self.forward(w)
+        if qkernels.codebook_ema(w, self.codebook, self.momentum, self.init == "signed"):
+            return                          # the operations below, in one pass (bit for bit)
         flat = w.detach().flatten()
         fi = assign(flat, self.codebook)
         sums = torch.zeros_like(self.codebook).index_add_(0, fi, flat)

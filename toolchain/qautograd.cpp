@@ -268,7 +268,14 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
     static Tensor forward(AutogradContext* ctx, const Tensor& w, bool per_channel, std::vector<int64_t> stats_shape,
                           std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
         Tensor stats, at_max;
-        if (per_channel) {
+        float mx = 0.0f;
+        int64_t ties = 0, first = -1;   // first: the unique arg-max (bfq_absmax), or -1
+        if (!per_channel && w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
+            bfq_absmax(w.data_ptr<float>(), w.numel(), &mx, &ties, &first) == 0) {
+            stats = scalar_of(mx, w);   // torch.max(torch.abs(w)) in one pass (a 0-dim tensor, as torch's)
+            at_max = stats;
+            if (ties != 1) first = -1;
+        } else if (per_channel) {
             auto mx = at::max(at::abs(w.reshape({w.size(0), -1})), 1);
             stats = std::get<0>(mx);
             at_max = std::get<1>(mx);
@@ -278,7 +285,7 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
         }
         const Tensor s = scale_tensor(stats.view(stats_shape), false, min_val, thr);
         const Layout lay = layout(w, s);
-        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste), double(lay.ok)};
+        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste), double(lay.ok), double(first)};
         if (lay.ok) {
             ctx->save_for_backward({w, s, at_max, thr});
             return kernel_forward(w, s, lay, lo, hi, false);
@@ -295,6 +302,7 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
         const auto cfg = ctx->saved_data["c"].toDoubleVector();
         const double lo = cfg[0], hi = cfg[1];
         const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0, kernel = cfg[4] != 0.0;
+        const int64_t first = (int64_t)cfg[5];
         const auto saved = ctx->get_saved_variables();
         Tensor grad_x, grad_s, w, at_max, thr;
         if (kernel) {
@@ -324,6 +332,10 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
                 const Tensor at = at_max.contiguous(), gs = grad_stats.reshape(-1).contiguous();
                 bfq_add_at_rows(grad_x.data_ptr<float>(), w.data_ptr<float>(), rows, w.numel() / rows,
                                 at.data_ptr<int64_t>(), gs.data_ptr<float>());
+            } else if (first >= 0) {   // one element at the maximum: bfq_add_ties' sum with ties = 1, at it
+                float* gx = grad_x.data_ptr<float>();
+                const float share = grad_stats.reshape({}).item<float>() / 1.0f;
+                gx[first] = gx[first] + share * 1.0f * sgn_of(w.data_ptr<float>()[first]);
             } else {
                 bfq_add_ties(grad_x.data_ptr<float>(), w.data_ptr<float>(), w.numel(), at_max.item<float>(),
                              grad_stats.reshape({}).item<float>());
@@ -544,6 +556,54 @@ struct RowStats : public torch::autograd::Function<RowStats> {
     }
 };
 
+// asq.POSTWeight's snap: levels[i] + (w - w.detach()), i the nearest level of each weight (assign: the number of
+// midpoints of the ascending levels strictly below it); w's gradient passes through, the levels' is the
+// gather's backward (index_put_ with accumulate). The passes of qkernels.c where the levels are ascending and
+// the tensors suit them, else ATen's operations (assign's sort, bucketize, index).
+struct PostSnap : public torch::autograd::Function<PostSnap> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& w, const Tensor& levels) {
+        const Tensor lv = levels.detach();
+        if (w.scalar_type() == at::kFloat && lv.scalar_type() == at::kFloat && w.device().is_cpu() &&
+            lv.device().is_cpu() && standard(w) && lv.dim() == 1 && lv.is_contiguous() && lv.numel() <= 65535) {
+            Tensor out = at::empty_like(w);
+            Tensor idx = at::empty(w.sizes(), w.options().dtype(at::kShort));   // uint16 values in int16 storage
+            const int rc = bfq_snap_levels(w.data_ptr<float>(), w.numel(), lv.data_ptr<float>(), lv.numel(),
+                                           out.data_ptr<float>(), reinterpret_cast<uint16_t*>(idx.data_ptr<int16_t>()));
+            if (rc == 0) {
+                ctx->save_for_backward({idx});
+                ctx->saved_data["k"] = lv.numel();
+                ctx->saved_data["fast"] = true;
+                return out;
+            }
+        }
+        const bool sorted = lv.numel() < 2 || at::ge(lv.slice(0, 1), lv.slice(0, 0, -1)).all().item<bool>();
+        const Tensor c = sorted ? lv : std::get<0>(at::sort(lv));
+        const Tensor mids = (c.slice(0, 1) + c.slice(0, 0, -1)) / 2;
+        const Tensor idx = at::bucketize(w.detach(), mids);
+        ctx->save_for_backward({idx});
+        ctx->saved_data["k"] = lv.numel();
+        ctx->saved_data["fast"] = false;
+        return lv.index({idx}) + (w - w.detach());
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const Tensor idx = ctx->get_saved_variables()[0];
+        const int64_t k = ctx->saved_data["k"].toInt();
+        Tensor grad_lv = at::zeros({k}, g.options());
+        if (ctx->saved_data["fast"].toBool() && g.scalar_type() == at::kFloat && standard(g) && g.sizes() == idx.sizes()) {
+            bfq_scatter_add(g.data_ptr<float>(), reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>()), g.numel(),
+                            grad_lv.data_ptr<float>());
+        } else {
+            const Tensor i64 = ctx->saved_data["fast"].toBool() ? at::bitwise_and(idx.to(at::kInt), 0xffff).to(at::kLong) : idx;
+            grad_lv.index_put_({i64}, g, true);
+        }
+        return {g, grad_lv};
+    }
+};
+
+Tensor post_snap(const Tensor& w, const Tensor& levels) { return PostSnap::apply(w, levels); }
+
 Tensor row_stats(const Tensor& flat) { return RowStats::apply(flat); }
 
 Tensor asq_step(const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
@@ -576,6 +636,7 @@ TORCH_LIBRARY(bitfold_q, m) {
           &quant_absmax);
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
+    m.def("post_snap(Tensor w, Tensor levels) -> Tensor", &post_snap);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
 }

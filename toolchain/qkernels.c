@@ -155,6 +155,69 @@ void bfq_row_stats_backward(const float *restrict x, const float *restrict g, co
     }
 }
 
+/* max |w| over n values (torch.max(torch.abs(w)): a maximum is exact in any order), with the number of
+ * values whose |w| equals it and the first of them - what the backward needs to route the statistic's
+ * gradient without another pass when the maximum is unique. Returns 1 (nothing written) when a value
+ * is NaN (torch's maximum is NaN then: the caller runs torch's operations) or n is 0. Written with
+ * GCC/Clang vector types (8 floats): the compilers do not vectorize these selects and counts alone. */
+typedef float bfq_v8 __attribute__((vector_size(32)));
+typedef int32_t bfq_i8 __attribute__((vector_size(32)));
+
+static inline bfq_i8 abs_bits(const float *p) {   /* |p[0..7]| as bits (sign cleared) */
+    bfq_i8 v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v & 0x7fffffff;
+}
+
+int bfq_absmax(const float *restrict w, int64_t n, float *maxval, int64_t *ties, int64_t *first) {
+    if (n <= 0 || n >= INT32_MAX) return 1;   /* (lane indices are 32-bit) */
+    bfq_v8 acc[4] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};   /* four chains, so that the selects overlap */
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32)
+        for (int c = 0; c < 4; c++) {
+            const bfq_v8 a = (bfq_v8)abs_bits(w + j + 8 * c);
+            const bfq_i8 gt = a > acc[c];        /* false for a NaN: it is caught by the count below */
+            acc[c] = (bfq_v8)(((bfq_i8)a & gt) | ((bfq_i8)acc[c] & ~gt));
+        }
+    float m = 0.0f;
+    for (int c = 0; c < 4; c++)
+        for (int k = 0; k < 8; k++) m = acc[c][k] > m ? acc[c][k] : m;
+    for (; j < n; j++) {
+        const float a = fabsf(w[j]);
+        m = a > m ? a : m;
+    }
+    const bfq_v8 mv = {m, m, m, m, m, m, m, m};
+    /* a NaN is neither at nor below the maximum: then at + below < n; pos: each lane's first index at it */
+    bfq_i8 at = {0}, below = {0}, pos = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
+    bfq_i8 idx = {0, 1, 2, 3, 4, 5, 6, 7};
+    const bfq_i8 eight = {8, 8, 8, 8, 8, 8, 8, 8};
+    for (j = 0; j + 8 <= n; j += 8, idx += eight) {
+        const bfq_v8 a = (bfq_v8)abs_bits(w + j);
+        const bfq_i8 hit = a >= mv;
+        at -= hit;
+        below -= a < mv;
+        const bfq_i8 cand = (idx & hit) | (INT32_MAX & ~hit), earlier = cand < pos;
+        pos = (cand & earlier) | (pos & ~earlier);
+    }
+    int64_t n_at = 0, n_below = 0, where = INT64_MAX;
+    for (int k = 0; k < 8; k++) {
+        n_at += at[k];
+        n_below += below[k];
+        if (pos[k] < where) where = pos[k];
+    }
+    for (; j < n; j++) {
+        const float a = fabsf(w[j]);
+        if (a >= m && j < where) where = j;
+        n_at += a >= m;
+        n_below += a < m;
+    }
+    if (n_at + n_below != n) return 1;
+    *maxval = m;
+    *ties = n_at;
+    *first = where;
+    return 0;
+}
+
 /* The weight statistic's gradient, per tensor: the maximum |w| routes ``gs`` evenly over the
  * elements equal to it (autograd's max backward), through abs (a product with sgn(w)):
  * gx += (gs / ties) * tie * sgn(w), ties counted exactly. */
@@ -236,23 +299,149 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
 
 #define BFQ_BLOCK 256
 
+/* The binary search of a block of values over mids padded to p2 - 1 entries (m): pos[j] = the number
+ * of mids strictly below v[j]. */
+static void search_block(const float *restrict m, int64_t p2, const float *restrict v, int64_t len,
+                         int32_t *restrict pos) {
+    for (int64_t j = 0; j < len; j++) pos[j] = 0;
+    for (int64_t step = p2 >> 1; step >= 1; step >>= 1)
+        for (int64_t j = 0; j < len; j++)
+            pos[j] += (m[pos[j] + step - 1] < v[j]) ? (int32_t)step : 0;
+}
+
+/* mids padded with +inf to 2^k - 1 entries (*p2 = 2^k, the smallest above nb); NULL when out of memory */
+static float *padded(const float *mids, int64_t nb, int64_t *p2) {
+    int64_t n2 = 1;
+    while (n2 < nb + 1) n2 <<= 1;
+    float *m = (float *)malloc(sizeof(float) * (size_t)n2);
+    if (m)
+        for (int64_t i = 0; i < n2; i++) m[i] = i < nb ? mids[i] : INFINITY;
+    *p2 = n2;
+    return m;
+}
+
 int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
                   int64_t *restrict out) {
-    int64_t p2 = 1;
-    while (p2 < nb + 1) p2 <<= 1;
-    float *m = (float *)malloc(sizeof(float) * (size_t)p2);
+    int64_t p2;
+    float *m = padded(mids, nb, &p2);
     if (!m) return -1;
-    for (int64_t i = 0; i < p2; i++) m[i] = i < nb ? mids[i] : INFINITY;
     int32_t pos[BFQ_BLOCK];
     for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
         const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
-        const float *v = w + b;
-        for (int64_t j = 0; j < len; j++) pos[j] = 0;
-        for (int64_t step = p2 >> 1; step >= 1; step >>= 1)
-            for (int64_t j = 0; j < len; j++)
-                pos[j] += (m[pos[j] + step - 1] < v[j]) ? (int32_t)step : 0;
+        search_block(m, p2, w + b, len, pos);
         for (int64_t j = 0; j < len; j++) out[b + j] = pos[j];
     }
     free(m);
     return 0;
+}
+
+#define BFQ_MAX_CODEBOOK 4096   /* entries (ADQ: 2^8); larger codebooks run torch's operations */
+
+/* The midpoints (c[i + 1] + c[i]) / 2 of a codebook of k >= 2 entries, as torch's ``(c[1:] + c[:-1]) / 2``;
+ * 1 when the codebook is not in ascending order (a NaN included): the caller sorts it with torch then. */
+static int codebook_mids(const float *c, int64_t k, float *mids) {
+    for (int64_t i = 0; i + 1 < k; i++) {
+        if (!(c[i + 1] >= c[i])) return 1;
+        mids[i] = (c[i + 1] + c[i]) / 2.0f;
+    }
+    return 0;
+}
+
+/* ADQ's codebook weight (CodebookWeight.forward): delta = c[i] - w, i the nearest entry's index (the number
+ * of midpoints strictly below w, torch.bucketize's); the caller adds w + delta under autograd. Returns 1
+ * (nothing written) when the codebook is not ascending, -1 out of memory. */
+int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict c, int64_t k, float *restrict delta) {
+    if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
+    float mids[BFQ_MAX_CODEBOOK];
+    if (codebook_mids(c, k, mids)) return 1;
+    int64_t p2;
+    float *m = padded(mids, k - 1, &p2);
+    if (!m) return -1;
+    int32_t pos[BFQ_BLOCK];
+    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
+        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
+        search_block(m, p2, w + b, len, pos);
+        for (int64_t j = 0; j < len; j++) delta[b + j] = c[pos[j]] - w[b + j];
+    }
+    free(m);
+    return 0;
+}
+
+/* ADQ's codebook update (CodebookWeight.ema_update) in place: each entry's sum and count of the weights
+ * nearest to it, added in element order as index_add_ adds them; upd = mom * c + (1 - mom) * sum / max(cnt, 1)
+ * for an entry with weights (and not 0 under keep_zero), as the tensor operations compute it in float;
+ * then sorted ascending. ``one_minus``: (float)(1 - momentum) computed in double, as Python computes it.
+ * Returns 1 (nothing changed) when the codebook is not ascending or an entry would be NaN, -1 out of
+ * memory. */
+static int cmp_float(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+int bfq_codebook_ema(const float *restrict w, int64_t n, float *restrict c, int64_t k, float mom, float one_minus,
+                     int keep_zero) {
+    if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
+    float mids[BFQ_MAX_CODEBOOK];
+    if (codebook_mids(c, k, mids)) return 1;
+    int64_t p2;
+    float *m = padded(mids, k - 1, &p2);
+    float *acc = (float *)calloc((size_t)(2 * k), sizeof(float));
+    if (!m || !acc) {
+        free(m);
+        free(acc);
+        return -1;
+    }
+    float *sums = acc, *cnt = acc + k;
+    int32_t pos[BFQ_BLOCK];
+    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
+        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
+        search_block(m, p2, w + b, len, pos);
+        for (int64_t j = 0; j < len; j++) {
+            sums[pos[j]] = sums[pos[j]] + w[b + j] * 1.0f;
+            cnt[pos[j]] = cnt[pos[j]] + 1.0f * 1.0f;
+        }
+    }
+    float *next = mids;   /* (the midpoints are no longer needed: the new entries go there) */
+    int ok = 1;
+    for (int64_t i = 0; i < k; i++) {
+        const float upd = mom * c[i] + (one_minus * sums[i]) / (cnt[i] < 1.0f ? 1.0f : cnt[i]);
+        next[i] = cnt[i] > 0.0f && !(keep_zero && c[i] == 0.0f) ? upd : c[i];
+        ok &= next[i] == next[i];
+    }
+    free(m);
+    free(acc);
+    if (!ok) return 1;     /* a NaN: torch's sort places it, not this one */
+    qsort(next, (size_t)k, sizeof(float), cmp_float);
+    for (int64_t i = 0; i < k; i++) c[i] = next[i];
+    return 0;
+}
+
+/* ASQ's POST weight (POSTWeight.forward: ``levels[assign(w, levels)] + (w - w.detach())``): out = lv[i] + (w - w)
+ * with i the nearest level's index, written to idx for the backward. Returns 1 (nothing written) when the
+ * levels are not ascending (assign sorts them then, and gathers from the unsorted ones), -1 out of memory. */
+int bfq_snap_levels(const float *restrict w, int64_t n, const float *restrict lv, int64_t k, float *restrict out,
+                    uint16_t *restrict idx) {
+    if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
+    float mids[BFQ_MAX_CODEBOOK];
+    if (codebook_mids(lv, k, mids)) return 1;
+    int64_t p2;
+    float *m = padded(mids, k - 1, &p2);
+    if (!m) return -1;
+    int32_t pos[BFQ_BLOCK];
+    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
+        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
+        search_block(m, p2, w + b, len, pos);
+        for (int64_t j = 0; j < len; j++) {
+            out[b + j] = lv[pos[j]] + (w[b + j] - w[b + j]);
+            idx[b + j] = (uint16_t)pos[j];
+        }
+    }
+    free(m);
+    return 0;
+}
+
+/* The gather's backward (index_put_ with accumulate): acc[idx[j]] += g[j] in element order; acc zeroed by
+ * the caller. */
+void bfq_scatter_add(const float *restrict g, const uint16_t *restrict idx, int64_t n, float *restrict acc) {
+    for (int64_t j = 0; j < n; j++) acc[idx[j]] = acc[idx[j]] + g[j];
 }

@@ -136,6 +136,10 @@ def _load() -> ctypes.CDLL | None:
         lib.bfq_backward_range.restype = None
         lib.bfq_bucketize.argtypes = [_P, _I, _P, _I, _P]
         lib.bfq_bucketize.restype = ctypes.c_int
+        lib.bfq_codebook_delta.argtypes = [_P, _I, _P, _I, _P]
+        lib.bfq_codebook_delta.restype = ctypes.c_int
+        lib.bfq_codebook_ema.argtypes = [_P, _I, _P, _I, _F, _F, ctypes.c_int]
+        lib.bfq_codebook_ema.restype = ctypes.c_int
         lib.bfq_add_ties.argtypes = [_P, _P, _I, _F, _F]
         lib.bfq_add_ties.restype = None
         lib.bfq_add_at_rows.argtypes = [_P, _P, _I, _I, _P, _P]
@@ -311,3 +315,34 @@ def bucketize(w: torch.Tensor, mids: torch.Tensor) -> torch.Tensor | None:
     if mids.numel() >= 2 ** 30 or _lib.bfq_bucketize(w.data_ptr(), w.numel(), mids.data_ptr(), mids.numel(), out.data_ptr()):
         return None
     return out
+
+
+def _codebook_fits(w: torch.Tensor, codebook: torch.Tensor) -> bool:
+    return (available() and w.dtype == codebook.dtype == torch.float32 and w.device.type == "cpu"
+            and codebook.device.type == "cpu" and codebook.dim() == 1 and 2 <= codebook.numel() <= 4096
+            and codebook.is_contiguous())
+
+
+def codebook_delta(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor | None:
+    """``codebook[assign(w, codebook)] - w`` (ADQ's snap to the nearest entry, ties to the lower one) as
+    one pass, or None where the kernels do not take the tensors or the codebook is not ascending (the
+    caller runs the tensor operations)."""
+    if not _codebook_fits(w, codebook):
+        return None
+    w = w.detach().contiguous()
+    out = torch.empty_like(w)
+    if _lib.bfq_codebook_delta(w.data_ptr(), w.numel(), codebook.data_ptr(), codebook.numel(), out.data_ptr()):
+        return None
+    return out
+
+
+def codebook_ema(w: torch.Tensor, codebook: torch.Tensor, momentum: float, keep_zero: bool) -> bool:
+    """ADQ's codebook update in place (the tensor operations of ``CodebookWeight.ema_update``: each
+    entry with weights moves to ``momentum * c + (1 - momentum) * mean``, entries at 0 stay under
+    ``keep_zero``, then sorted), in one pass over ``w``; False (nothing changed) where the kernels do
+    not take the tensors, the codebook is not ascending or an entry would become NaN."""
+    if not _codebook_fits(w, codebook):
+        return False
+    w = w.detach().contiguous()
+    return _lib.bfq_codebook_ema(w.data_ptr(), w.numel(), codebook.data_ptr(), codebook.numel(), float(momentum),
+                                 float(1 - momentum), int(keep_zero)) == 0

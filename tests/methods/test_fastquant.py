@@ -316,16 +316,21 @@ def test_cpp_activation_node_equals_the_python_function(relu, lo, hi, ste, layou
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last weight"])
-def test_cpp_weight_node_equals_the_python_function(per_channel, layout):
+@pytest.mark.parametrize("ties", [True, False])
+def test_cpp_weight_node_equals_the_python_function(per_channel, layout, ties):
     """The max-abs weight quantizer's node in C++ equals the Python Function: output, the weight's
-    gradient with the statistic's share (per-channel arg-max, per-tensor ties), in each layout."""
+    gradient with the statistic's share (per-channel arg-max, per-tensor ties, or the one maximum the
+    forward's pass found), in each layout."""
     from bitfold.toolchain import fastquant as fq, qkernels
     ops = qkernels.ops()
     assert ops is not None, qkernels.status()
     torch.manual_seed(2)
     w = torch.randn(12, 5, 3, 3)
     top = float(w.abs().max()) * 1.2
-    w[0, 0, 0, 0], w[0, 1, 1, 1], w[3, 2, 0, 1], w[7, 4, 2, 2] = top, -top, -top, top   # ties
+    if ties:
+        w[0, 0, 0, 0], w[0, 1, 1, 1], w[3, 2, 0, 1], w[7, 4, 2, 2] = top, -top, -top, top
+    else:   # one maximum, late in the tensor and negative: its gradient is the statistic's whole share
+        w[9, 3, 2, 1] = -top
     g = torch.randn_like(w)
     if layout == "channels-last gradient":
         g = g.contiguous(memory_format=torch.channels_last)
@@ -459,3 +464,65 @@ def test_compiled_bucketize_equals_torch(nb):
     w[-2:] = torch.tensor([float("inf"), -float("inf")])
     got = qkernels.bucketize(w.view(40, 100), mids)
     assert got is not None and torch.equal(got, torch.bucketize(w.view(40, 100), mids))
+
+
+@pytest.mark.parametrize("bits,init", [(2, "quantile"), (4, "signed"), (8, "uniform")])
+def test_compiled_codebook_passes_equal_the_tensor_operations(bits, init):
+    """ADQ's codebook weight and its update (bitfold.toolchain.qkernels.codebook_delta / codebook_ema)
+    give the tensor operations' snapped weights and codebooks bit for bit over several steps - index_add_'s
+    sums in element order, the update's float expression, the sort, a signed codebook's fixed zero."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.adq import CodebookWeight
+    torch.manual_seed(bits)
+    w = torch.randn(64, 300)
+    fast, ref = CodebookWeight(bits, 0.9, init), CodebookWeight(bits, 0.9, init)
+    for _ in range(4):
+        w = w + 0.05 * torch.randn_like(w)
+        a = fast(w)
+        prev = qkernels.set_enabled(False)
+        try:
+            b = ref(w)
+            assert qkernels.codebook_delta(w, ref.codebook) is None    # the reference runs the operations
+            ref.ema_update(w)
+        finally:
+            qkernels.set_enabled(prev)
+        assert qkernels.codebook_delta(w, fast.codebook) is not None
+        fast.ema_update(w)
+        assert torch.equal(a, b) and torch.equal(fast.codebook, ref.codebook)
+    assert (0.0 in fast.codebook.tolist()) == (init == "signed")
+    unsorted = fast.codebook.flip(0).contiguous()
+    assert qkernels.codebook_delta(w, unsorted) is None and not qkernels.codebook_ema(w, unsorted, 0.9, False)
+
+
+@pytest.mark.parametrize("bits,base", [(2, 2 ** 0.5), (4, 2 ** 0.5), (8, 2.0), (4, None)])
+@pytest.mark.parametrize("grad_layout", ["row-major", "channels-last"])
+def test_cpp_post_snap_equals_the_tensor_operations(bits, base, grad_layout):
+    """ASQ's POST weight in its C++ node (bitfold_q.post_snap: snap, then the gather's backward as a sum
+    in element order) gives the tensor operations' output, weight gradient and alpha gradient bit for bit;
+    levels out of order (a negative alpha) take the operations' path inside the node, with their result."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.asq import POSTWeight
+    assert qkernels.ops() is not None, qkernels.status()
+    torch.manual_seed(bits)
+    w0 = torch.randn(16, 3, 5, 5)
+    g = torch.randn_like(w0)
+    if grad_layout == "channels-last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    for alpha in (1.7, -0.8):
+        res = []
+        for fast in (True, False):
+            post = POSTWeight(bits, base)
+            post(w0)                                      # initialises alpha
+            with torch.no_grad():
+                post.alpha.fill_(alpha)
+            prev = qkernels.set_enabled(fast)
+            try:
+                w = w0.clone().requires_grad_()
+                out = post(w)
+                out.backward(g)
+            finally:
+                qkernels.set_enabled(prev)
+            res.append((out.detach(), w.grad, post.alpha.grad))
+        (a, ga, aa), (b, gb, ab) = res
+        assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(aa, ab), (alpha, aa, ab)
+        assert float(aa.abs()) > 0
