@@ -68,7 +68,9 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
         fused = fast_quant(m, enabled=fast)
         fused.__enter__()  # for as long as this step function lives (it holds `fused`)
     m.train()
-    opt = make_optimizer([{"params": list(m.parameters()), "lr": 1e-3}])   # the trainer's Adam
+    # the trainer's Adam over the method's parameter groups (AdaQAT's widths are stepped by the method)
+    groups = qm.param_groups(m, 1e-3, 0.0) if qm is not None else [{"params": list(m.parameters()), "lr": 1e-3}]
+    opt = make_optimizer(groups)
     state = {"s": 0, "fused": fused if qm is not None else None}
     fwd = torch.compile(m, backend=compile_) if compile_ else m
     kernels = not ops

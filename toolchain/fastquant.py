@@ -375,13 +375,28 @@ class ActPlan:
 
 
 @dataclass(frozen=True)
+class LearnedChain:
+    """How a learned width's quantizer computes its range and scale, read once from its Brevitas
+    modules, for the C++ node that computes them (``bitfold_q.learned_scale``, see qautograd.cpp):
+    the integer range's kind, the constant scale of a weight (or the activation's learned value and
+    its minimum), and whether the width's gradient may be taken there (at most two non-zero parts)."""
+    signed: bool
+    narrow: bool
+    const_scale: float | None       # a weight's constant scale (after its restrictions); None: learned value
+    min_val: float | None
+    width_grad: bool
+
+
+@dataclass(frozen=True)
 class LearnedPlan:
-    """A quantizer whose bit-width is learned (AdaQAT): its width, integer range and scale are
-    computed by its own Brevitas modules at every call, under autograd; the tensor-sized part is
-    fused (:class:`_QuantTensorRange`)."""
+    """A quantizer whose bit-width is learned (AdaQAT): its width, integer range and scale from the
+    C++ node of :class:`LearnedChain` where the quantizer has that form, else computed by its own
+    Brevitas modules at every call, under autograd; the tensor-sized part is fused
+    (:class:`_QuantTensorRange`)."""
     tq: nn.Module
     relu: bool
     ste_clamp: bool
+    chain: LearnedChain | None = None
 
 
 @dataclass(frozen=True)
@@ -464,6 +479,51 @@ def _float_restrict(mod) -> bool:
     return _is(mod, "FloatRestrictValue")
 
 
+def _learned_chain(tq, act: bool, ste_clamp: bool) -> LearnedChain | None:
+    """The :class:`LearnedChain` of a learned-width quantizer whose modules compute exactly what the
+    C++ node does (width straight-through, integer scaling of the quantizer's own sign and range, float
+    restrictions: abs of the threshold twice, abs of the value with an optional signed minimum), else None
+    (Brevitas's modules run)."""
+    bwm, iq, isc, sc = tq.msb_clamp_bit_width_impl, tq.int_quant, tq.int_scaling_impl, tq.scaling_impl
+    if not (_is(bwm, "LearnedBitWidth") and _is(isc, "IntScaling") and isc.signed == iq.signed
+            and isc.narrow_range == iq.narrow_range and getattr(isc, "dtype", None) in (None, torch.float32)):
+        return None
+    signed, narrow = bool(iq.signed), bool(iq.narrow_range)
+    from brevitas.core.function_wrapper import Identity
+    ident = lambda m: m is None or isinstance(m, Identity) or _is(m, "Identity")   # noqa: E731
+    if act:
+        if not (_is(sc, "ParameterFromRuntimeStatsScaling") and not sc.local_loss_mode
+                and _float_restrict(sc.restrict_scaling.restrict_value_impl)
+                and _is(sc.restrict_scaling.restrict_value_impl.apply_abs, "Abs")
+                and _float_restrict(sc.restrict_threshold.restrict_value_impl)
+                and _is(sc.restrict_threshold.restrict_value_impl.apply_abs, "Abs")
+                and ident(sc.restrict_scale_threshold.restrict_value_impl) and _is(sc.restrict_threshold_pre, "Abs")
+                and sc.value.dim() == 0):
+            return None
+        try:
+            min_val = _min_val(sc.clamp_scaling.clamp_min_ste)
+        except _NotFusable:
+            return None
+        const = None
+    else:
+        if not (_is(sc, "ConstScaling") and _is(sc.restrict_threshold_pre, "Abs")
+                and _float_restrict(sc.restrict_clamp_threshold.restrict_value_impl)
+                and _is(sc.restrict_clamp_threshold.restrict_value_impl.apply_abs, "Abs")
+                and ident(sc.restrict_clamp_threshold.clamp_ste)
+                and ident(sc.restrict_clamp_scale_threshold.restrict_value_impl)
+                and ident(sc.restrict_clamp_scale_threshold.clamp_ste)):
+            return None
+        with torch.no_grad():
+            v = sc.restrict_clamp_scaling(sc.value())
+        if v.numel() != 1 or v.dtype != torch.float32:
+            return None
+        const, min_val = float(v), None
+    # the width's gradient: from the threshold, and from the bounds where the clamp passes theirs - a
+    # weight's straight-through clamp passes none; an unsigned range's lo is 0 * bw (its part is 0)
+    width_grad = (not act and ste_clamp) or (act and not signed)
+    return LearnedChain(signed, narrow, const, min_val, width_grad)
+
+
 def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     wq = layer.weight_quant
     if getattr(wq, "export_mode", False):
@@ -473,7 +533,7 @@ def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
     if switchable is None:
-        return LearnedPlan(tq, False, ste)
+        return LearnedPlan(tq, False, ste, _learned_chain(tq, False, ste))
     sc = tq.scaling_impl
     learned = _is(sc, "ParameterFromStatsFromParameterScaling")
     if not (_is(sc, "StatsFromParameterScaling") or learned and not sc.local_loss_mode):
@@ -529,8 +589,8 @@ def act_plan(site) -> ActPlan:
     sc = tq.scaling_impl
     if not _is(sc, "ParameterFromRuntimeStatsScaling") or sc.local_loss_mode:
         raise _NotFusable(f"activation scale {type(sc).__name__}")
-    if switchable is None:   # a learned width: Brevitas's scale modules run at every call
-        return LearnedPlan(tq, relu, ste)
+    if switchable is None:   # a learned width: its range and scale computed at every call
+        return LearnedPlan(tq, relu, ste, _learned_chain(tq, True, ste))
     if not (_float_restrict(sc.restrict_scaling.restrict_value_impl)
             and _float_restrict(sc.restrict_threshold.restrict_value_impl)
             and _is(sc.restrict_scale_threshold.restrict_value_impl, "Identity")
@@ -568,6 +628,11 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     ``IntQuant.to_int``), so that the width's gradient is summed from the same parts in the same
     order; then the fused tensor step."""
     tq = p.tq
+    ops = _native(x, x)
+    ranged = _learned_range(ops, p) if ops is not None and p.chain is not None else None
+    if ranged is not None:
+        s, lo, hi = ranged
+        return ops.quant_range(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
     bw = tq.msb_clamp_bit_width_impl()
     s = tq.scaling_impl(x, tq.int_scaling_impl(bw))
     lo = tq.int_quant.min_int(bw)
@@ -576,6 +641,24 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     if ops is not None:
         return ops.quant_range(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
     return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
+
+
+def _learned_range(ops, p: LearnedPlan):
+    """(s, lo, hi) of a learned-width quantizer from the C++ node (``bitfold_q.learned_scale``), or None
+    where its width is not in a state the node computes (the finite-difference estimator's widths, a
+    width whose gradient would have three parts, tensors of another kind)."""
+    bwm, ch, sc = p.tq.msb_clamp_bit_width_impl, p.chain, p.tq.scaling_impl
+    n = bwm.n
+    frozen = float(bwm.frozen)
+    if bwm.override is not None or (frozen <= 0 and bwm.estimator != "ste") \
+            or (frozen <= 0 and n.requires_grad and not ch.width_grad):
+        return None
+    value = sc.value if ch.const_scale is None else None
+    for t in (n, value):
+        if t is not None and (t.dtype != torch.float32 or t.dim() != 0 or t.device.type != "cpu"):
+            return None
+    return ops.learned_scale(n, value, ch.signed, ch.narrow, ch.const_scale or 0.0, ch.min_val, bwm.lo, bwm.hi,
+                             frozen if frozen > 0 else 0.0)
 
 
 def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:

@@ -19,10 +19,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -556,6 +558,191 @@ struct RowStats : public torch::autograd::Function<RowStats> {
     }
 };
 
+// A learned width's integer range and scale (AdaQAT: fastquant.fused_learned), what Brevitas's modules compute
+// from the width parameter n and, for an activation, the learned scale value, as one node: forward
+//   bw = frozen, or clamp(n, lo_b, hi_b) + (round(.) - .)   (LearnedBitWidth, straight-through)
+//   P = 2 ** (bw - 1) signed, 2 ** bw unsigned               (brevitas.function.ops.min_int / max_int)
+//   lo = -P + 1 | -P (signed narrow | wide), 0 * bw (unsigned); hi = P - 1 | P - 2 (unsigned narrow)
+//   thr = -lo (signed, IntScaling) or hi (unsigned); T = |(|thr|)|  (threshold restrictions)
+//   s = c / T, c = the constant scale (weights) or sign * max(|(|value|)|, min_val) (ScalarSignedClampMinSte;
+//       without a minimum |(|value|)|)
+// and a backward of autograd's formulas for those operations (DivBackward0's -g * ((c / T) / T), PowBackward2's
+// g * (P * log 2), the abs, negation and clamp masks), each in float as ATen computes it. The width's gradient
+// is the sum of the threshold's, hi's and lo's parts; the caller uses this node only where at most two of them
+// are non-zero (a sum of two is exact in any order): a weight's straight-through clamp (bounds without
+// gradient) or an unsigned range (lo = 0 * bw). Outputs: (s, lo, hi), 0-dim float tensors.
+struct LearnedScale : public torch::autograd::Function<LearnedScale> {
+    static constexpr float kLn2 = 0.693147180559945309417f;   // (float)log(2.0), as Scalar(2).log() in float
+
+    static variable_list forward(AutogradContext* ctx, const Tensor& n, const Tensor& value, bool has_value,
+                                 bool is_signed, bool narrow, double const_scale, std::optional<double> min_val,
+                                 double lo_b, double hi_b, double frozen) {
+        const bool learned = frozen <= 0.0;
+        const float nv = fval(n);
+        float bw;
+        if (learned) {
+            const float lb = (float)lo_b, hb = (float)hi_b;
+            const float nc = std::isnan(nv) ? nv : std::min(std::max(nv, lb), hb);
+            bw = nc + (std::nearbyint(nc) - nc);
+        } else {
+            bw = (float)frozen;
+        }
+        const float e = is_signed ? bw - 1.0f : bw;
+        const float p = std::pow(2.0f, e);
+        float lo, hi, thr;
+        if (is_signed) {
+            lo = narrow ? -p + 1.0f : -p;
+            hi = p - 1.0f;
+            thr = narrow ? -(-p + 1.0f) : -(-p);
+        } else {
+            lo = 0.0f * bw;
+            hi = narrow ? p - 2.0f : p - 1.0f;
+            thr = hi;
+        }
+        const float t = std::fabs(std::fabs(thr));
+        float c, a = 0.0f, sign = 1.0f, v = 0.0f;
+        if (has_value) {
+            v = fval(value);
+            a = std::fabs(v);
+            const float b = std::fabs(a);
+            if (min_val) {
+                sign = a >= 0.0f ? 1.0f : -1.0f;
+                const float m = (float)*min_val;
+                c = sign * (std::isnan(b) ? b : std::max(b, m));
+            } else {
+                c = b;
+            }
+        } else {
+            c = (float)const_scale;
+        }
+        const float sv = c / t;
+        ctx->saved_data["f"] = std::vector<double>{nv, (double)lo_b, (double)hi_b, p, thr, t, c, a, sign, v,
+                                                    double(learned), double(has_value), double(bool(min_val)),
+                                                    double(is_signed)};
+        Tensor so = scalar_of(sv, n), lot = scalar_of(lo, n), hit = scalar_of(hi, n);
+        if (!learned || !n.requires_grad()) ctx->mark_non_differentiable({lot, hit});
+        return {so, lot, hit};
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto f = ctx->saved_data["f"].toDoubleVector();
+        const float nv = f[0], lb = f[1], hb = f[2], p = f[3], thr = f[4], t = f[5], c = f[6], a = f[7], sign = f[8],
+                    v = f[9];
+        const bool learned = f[10] != 0.0, has_value = f[11] != 0.0, has_min = f[12] != 0.0;
+        const Tensor &gs_t = grads[0], &glo_t = grads[1], &ghi_t = grads[2];
+        const bool has_gs = gs_t.defined();
+        const float gs = has_gs ? fval(gs_t) : 0.0f;
+        variable_list out(10);
+        if (learned && ctx->needs_input_grad(0)) {
+            bool any = false;
+            float gbw = 0.0f;
+            if (has_gs) {   // s = c / T: T's gradient, through the two abs and the negations to P, then pow
+                const float gt = -gs * ((c / t) / t);
+                const float gthr = (gt * sgn_of_f(std::fabs(thr))) * sgn_of_f(thr);
+                gbw = gthr * (p * kLn2);
+                any = true;
+            }
+            if (ghi_t.defined()) {   // hi = P - k
+                const float part = fval(ghi_t) * (p * kLn2);
+                gbw = any ? gbw + part : part;
+                any = true;
+            }
+            if (glo_t.defined()) {   // lo: 0 * bw (unsigned) or -P (+ 1) (signed: not used with a bound gradient)
+                const float part = f[13] != 0.0 ? -fval(glo_t) * (p * kLn2) : fval(glo_t) * 0.0f;
+                gbw = any ? gbw + part : part;
+                any = true;
+            }
+            if (any) out[0] = scalar_of(nv >= lb && nv <= hb ? gbw : 0.0f, grads[0].defined() ? grads[0] : (ghi_t.defined() ? ghi_t : glo_t));
+        }
+        if (has_value && has_gs && ctx->needs_input_grad(1)) {   // s = c / T, c from |(|value|)|
+            const float gd = gs / t;
+            // with a minimum: the sign's product, then abs_binary_sign_grad's binary sign; then abs
+            const float ga = has_min ? (a >= 0.0f ? 1.0f : -1.0f) * (gd * sign) : gd;
+            out[1] = scalar_of(ga * sgn_of_f(v), gs_t);
+        }
+        return out;
+    }
+};
+
+std::vector<Tensor> learned_scale(const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
+                                  double const_scale, std::optional<double> min_val, double lo_b, double hi_b,
+                                  double frozen) {
+    // (no value: n stands in, not read - an undefined input has no device for autograd's checks)
+    return LearnedScale::apply(n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val, lo_b,
+                               hi_b, frozen);
+}
+
+// adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
+// one pass (bfq_absmax, with its unique arg-max), the rest of autograd's graph (DivBackward0 for both operands,
+// clamp_min's mask, MaxBackward1's share to the maximum, AbsBackward0's sgn) in the passes of qkernels.c and one
+// torch sum. Where the maximum is not unique or a value is NaN, or the tensors do not suit the passes: the
+// operations themselves, under autograd (this node then only wraps them).
+struct TanhNorm : public torch::autograd::Function<TanhNorm> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& w, double min_val) {
+        const Tensor t = at::tanh(w);
+        float mx = 0.0f;
+        int64_t ties = 0, first = -1;
+        const bool fast = t.scalar_type() == at::kFloat && t.device().is_cpu() && standard(t) && t.numel() > 0 &&
+                          bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1;
+        ctx->saved_data["fast"] = fast;
+        if (!fast) {   // autograd's graph of the operations, run again in the backward
+            ctx->save_for_backward({w});
+            ctx->saved_data["min"] = min_val;
+            return t / at::clamp_min(at::max(at::abs(t)), min_val);
+        }
+        const float mf = (float)min_val;
+        const float d = mx < mf ? mf : mx;   // clamp_min: max(m, min) in float
+        const Tensor dt = scalar_of(d, t);
+        ctx->save_for_backward({t});
+        ctx->saved_data["f"] = std::vector<double>{d, mx, mf, double(first)};
+        return t / dt;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto saved = ctx->get_saved_variables();
+        if (!ctx->saved_data["fast"].toBool() || !(g.scalar_type() == at::kFloat && standard(g) &&
+                                                   g.sizes() == saved[0].sizes())) {
+            Tensor w = ctx->saved_data["fast"].toBool() ? Tensor() : saved[0];
+            if (!w.defined()) {   // the fast forward saved t: w = atanh(t) is not exact - recompute from t
+                const Tensor& t = saved[0];
+                const auto f = ctx->saved_data["f"].toDoubleVector();
+                Tensor tv = t.detach().requires_grad_(true);
+                Tensor out;
+                {
+                    at::AutoGradMode on(true);
+                    out = tv / at::clamp_min(at::max(at::abs(tv)), f[2]);
+                }
+                const Tensor gt = torch::autograd::grad({out}, {tv}, {g})[0];
+                return {at::tanh_backward(gt, t), Tensor()};
+            }
+            Tensor wv = w.detach().requires_grad_(true);
+            Tensor out;
+            {
+                at::AutoGradMode on(true);
+                const Tensor t = at::tanh(wv);
+                out = t / at::clamp_min(at::max(at::abs(t)), ctx->saved_data["min"].toDouble());
+            }
+            return {torch::autograd::grad({out}, {wv}, {g})[0], Tensor()};
+        }
+        const Tensor& t = saved[0];
+        const auto f = ctx->saved_data["f"].toDoubleVector();
+        const float d = f[0], mx = f[1], mf = f[2];
+        const int64_t first = (int64_t)f[3], n = t.numel();
+        const float *gp = g.data_ptr<float>(), *tp = t.data_ptr<float>();
+        Tensor p = at::empty_like(t);
+        bfq_tanhnorm_prods(gp, tp, n, d, p.data_ptr<float>());
+        const float gd = fval(at::sum_to(p, c10::IntArrayRef{}));       // d's gradient (0-dim: the sum)
+        const float gm = mx >= mf ? gd : 0.0f;                          // clamp_min's mask
+        const float share = gm / 1.0f;                                  // the max's gradient over its one element
+        Tensor gt = at::empty_like(t);
+        bfq_tanhnorm_grad(gp, tp, n, d, first, share, gt.data_ptr<float>());
+        return {at::tanh_backward(gt, t), Tensor()};
+    }
+};
+
+Tensor tanh_normalize(const Tensor& w, double min_val) { return TanhNorm::apply(w, min_val); }
+
 // asq.POSTWeight's snap: levels[i] + (w - w.detach()), i the nearest level of each weight (assign: the number of
 // midpoints of the ascending levels strictly below it); w's gradient passes through, the levels' is the
 // gather's backward (index_put_ with accumulate). The passes of qkernels.c where the levels are ascending and
@@ -637,6 +824,10 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
     m.def("post_snap(Tensor w, Tensor levels) -> Tensor", &post_snap);
+    m.def("tanh_normalize(Tensor w, float min_val) -> Tensor", &tanh_normalize);
+    m.def("learned_scale(Tensor n, Tensor? value, bool is_signed, bool narrow, float const_scale, float? min_val, "
+          "float lo_b, float hi_b, float frozen) -> Tensor[]",
+          &learned_scale);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
 }

@@ -445,3 +445,23 @@ int bfq_snap_levels(const float *restrict w, int64_t n, const float *restrict lv
 void bfq_scatter_add(const float *restrict g, const uint16_t *restrict idx, int64_t n, float *restrict acc) {
     for (int64_t j = 0; j < n; j++) acc[idx[j]] = acc[idx[j]] + g[j];
 }
+
+/* AdaQAT's weight normalisation t / d (d = max(max|t|, min), t = tanh(w)), backward, in two passes around
+ * torch's sum: bfq_tanhnorm_prods writes p = -g * ((t / d) / d), the products whose sum is d's gradient
+ * (DivBackward0); bfq_tanhnorm_grad writes t's gradient, g / d plus the max's share routed through abs
+ * (``share`` at the one maximum ``first``, 0 elsewhere, times sgn(t): autograd adds those zeros too). */
+void bfq_tanhnorm_prods(const float *restrict g, const float *restrict t, int64_t n, float d, float *restrict p) {
+    for (int64_t j = 0; j < n; j++) p[j] = -g[j] * ((t[j] / d) / d);
+}
+
+void bfq_tanhnorm_grad(const float *restrict g, const float *restrict t, int64_t n, float d, int64_t first,
+                       float share, float *restrict gt) {
+    for (int64_t j = 0; j < n; j++) {
+        const float st = (float)((0.0f < t[j]) - (t[j] < 0.0f));
+        gt[j] = g[j] / d + 0.0f * st;
+    }
+    if (first >= 0) {
+        const float st = (float)((0.0f < t[first]) - (t[first] < 0.0f));
+        gt[first] = g[first] / d + share * st;
+    }
+}

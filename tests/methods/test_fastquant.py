@@ -526,3 +526,76 @@ def test_cpp_post_snap_equals_the_tensor_operations(bits, base, grad_layout):
         (a, ga, aa), (b, gb, ab) = res
         assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(aa, ab), (alpha, aa, ab)
         assert float(aa.abs()) > 0
+
+
+@pytest.mark.parametrize("estimator", ["ste", "fd"])
+def test_learned_range_node_trains_as_brevitas_with_penalty_and_freeze(estimator):
+    """AdaQAT as the trainer steps it (task loss + the cost penalty, the widths' own step, then frozen
+    widths): the C++ nodes of the learned range and scale (bitfold_q.learned_scale) and of the weight
+    normalisation (bitfold_q.tanh_normalize) give every gradient and the state of Brevitas's modules and
+    the tensor operations (all compiled code off) bit for bit; the finite-difference estimator's widths
+    keep Brevitas's modules."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain import fastquant as fq
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.train import make_optimizer
+    assert qkernels.ops() is not None, qkernels.status()
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 12, 12), torch.randint(0, 10, (32,))
+    base = build_model("mlp", (1, 12, 12), 10, bits="w4a4", method="adaqat", estimator=estimator, lam=0.5)
+    init_activation_stats(base, x, 32)
+    base.quant_method.setup(base, describe_layers(base, (1, 12, 12)))
+    runs = []
+    for compiled in (True, False):
+        m = copy.deepcopy(base)
+        qm = m.quant_method
+        opt = make_optimizer(qm.param_groups(m, 1e-2, 0.0))
+        prev = qkernels.set_enabled(compiled)
+        grads = []
+        try:
+            with fast_quant(m):
+                chains = [p.chain for p in fq._ACTIVE.values() if isinstance(p, fq.LearnedPlan)]
+                for step in range(6):
+                    if step == 4:
+                        qm.on_epoch_end(m, 0, 1)          # the last epochs: widths frozen to integers
+                    opt.zero_grad()
+                    loss = F.cross_entropy(m(x), y)
+                    extra = qm.extra_loss(m, step, (x, y), loss)
+                    (loss if extra is None else loss + extra).backward()
+                    grads.append(_grads(m))
+                    opt.step()
+                    qm.after_step(m, step)
+        finally:
+            qkernels.set_enabled(prev)
+        runs.append((grads, m.state_dict()))
+        assert sum(c is not None for c in chains) == 8       # every quantizer has the node's form
+        assert qm.frozen(m)
+    (ga, sa), (gb, sb) = runs
+    for a, b in zip(ga, gb):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    widths = [k for k in ga[0] if k.endswith(".n")]
+    assert widths and any(float(ga[0][k].abs()) > 0 for k in widths)
+    assert not any(k.endswith(".n") for k in ga[-1])        # frozen widths have no gradient
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("grad_layout", ["row-major", "channels-last"])
+def test_cpp_tanh_normalize_equals_the_operations(ties, grad_layout):
+    """AdaQAT's weight normalisation tanh(w) / max|tanh(w)| in its C++ node: output and gradient equal
+    the tensor operations' bit for bit - one maximum (its share routed in the node), tied maxima and
+    a gradient in another layout (the operations' graph inside the node)."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.adaqat import TanhNormalize
+    assert qkernels.ops() is not None, qkernels.status()
+    torch.manual_seed(3)
+    w = torch.randn(16, 4, 3, 3)
+    if ties:
+        w[2, 1, 0, 0], w[9, 3, 2, 2] = 30.0, -30.0        # tanh saturates: |t| == 1 at both
+    g = torch.randn_like(w)
+    if grad_layout == "channels-last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    a, b = _quant_both_paths(lambda w_: TanhNormalize()(w_), w, g)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    t = torch.tanh(w).abs()
+    assert int((t == t.max()).sum()) == (2 if ties else 1)
