@@ -347,10 +347,14 @@ static int codebook_mids(const float *c, int64_t k, float *mids) {
     return 0;
 }
 
-/* ADQ's codebook weight (CodebookWeight.forward): delta = c[i] - w, i the nearest entry's index (the number
- * of midpoints strictly below w, torch.bucketize's); the caller adds w + delta under autograd. Returns 1
- * (nothing written) when the codebook is not ascending, -1 out of memory. */
-int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict c, int64_t k, float *restrict delta) {
+/* The nearest-entry search of every w against a codebook c of k entries, block by block: pos[j] is the
+ * number of midpoints strictly below w[b + j] (torch.bucketize's index); visit(ctx, b, len, pos) is called
+ * for each block. Returns 1 when c is not ascending (or k is outside 2..BFQ_MAX_CODEBOOK), -1 out of
+ * memory, else 0. */
+typedef void (*bfq_visit)(void *ctx, int64_t b, int64_t len, const int32_t *pos);
+
+static int codebook_search(const float *restrict w, int64_t n, const float *restrict c, int64_t k, bfq_visit visit,
+                           void *ctx) {
     if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
     float mids[BFQ_MAX_CODEBOOK];
     if (codebook_mids(c, k, mids)) return 1;
@@ -361,10 +365,46 @@ int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict
     for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
         const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
         search_block(m, p2, w + b, len, pos);
-        for (int64_t j = 0; j < len; j++) delta[b + j] = c[pos[j]] - w[b + j];
+        visit(ctx, b, len, pos);
     }
     free(m);
     return 0;
+}
+
+struct snap_ctx {
+    const float *w, *c;
+    float *out;
+    uint16_t *idx;
+};
+
+static void delta_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+    const struct snap_ctx *x = (const struct snap_ctx *)p;
+    for (int64_t j = 0; j < len; j++) x->out[b + j] = x->c[pos[j]] - x->w[b + j];
+}
+
+/* ADQ's codebook weight (CodebookWeight.forward): delta = c[i] - w, i the nearest entry's index; the caller
+ * adds w + delta under autograd. Returns as codebook_search (nothing written unless 0). */
+int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict c, int64_t k, float *restrict delta) {
+    struct snap_ctx x = {w, c, delta, 0};
+    return codebook_search(w, n, c, k, delta_block, &x);
+}
+
+struct ema_ctx {
+    const float *w;
+    float *sums, *cnt;
+};
+
+static void sums_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+    const struct ema_ctx *x = (const struct ema_ctx *)p;
+    for (int64_t j = 0; j < len; j++) {
+        x->sums[pos[j]] = x->sums[pos[j]] + x->w[b + j] * 1.0f;
+        x->cnt[pos[j]] = x->cnt[pos[j]] + 1.0f * 1.0f;
+    }
+}
+
+static int cmp_float(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
 }
 
 /* ADQ's codebook update (CodebookWeight.ema_update) in place: each entry's sum and count of the weights
@@ -373,42 +413,24 @@ int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict
  * then sorted ascending. ``one_minus``: (float)(1 - momentum) computed in double, as Python computes it.
  * Returns 1 (nothing changed) when the codebook is not ascending or an entry would be NaN, -1 out of
  * memory. */
-static int cmp_float(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
 int bfq_codebook_ema(const float *restrict w, int64_t n, float *restrict c, int64_t k, float mom, float one_minus,
                      int keep_zero) {
     if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
-    float mids[BFQ_MAX_CODEBOOK];
-    if (codebook_mids(c, k, mids)) return 1;
-    int64_t p2;
-    float *m = padded(mids, k - 1, &p2);
     float *acc = (float *)calloc((size_t)(2 * k), sizeof(float));
-    if (!m || !acc) {
-        free(m);
+    if (!acc) return -1;
+    struct ema_ctx x = {w, acc, acc + k};
+    const int rc = codebook_search(w, n, c, k, sums_block, &x);
+    if (rc) {
         free(acc);
-        return -1;
+        return rc;
     }
-    float *sums = acc, *cnt = acc + k;
-    int32_t pos[BFQ_BLOCK];
-    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
-        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
-        search_block(m, p2, w + b, len, pos);
-        for (int64_t j = 0; j < len; j++) {
-            sums[pos[j]] = sums[pos[j]] + w[b + j] * 1.0f;
-            cnt[pos[j]] = cnt[pos[j]] + 1.0f * 1.0f;
-        }
-    }
-    float *next = mids;   /* (the midpoints are no longer needed: the new entries go there) */
+    float next[BFQ_MAX_CODEBOOK];
     int ok = 1;
     for (int64_t i = 0; i < k; i++) {
-        const float upd = mom * c[i] + (one_minus * sums[i]) / (cnt[i] < 1.0f ? 1.0f : cnt[i]);
-        next[i] = cnt[i] > 0.0f && !(keep_zero && c[i] == 0.0f) ? upd : c[i];
+        const float upd = mom * c[i] + (one_minus * x.sums[i]) / (x.cnt[i] < 1.0f ? 1.0f : x.cnt[i]);
+        next[i] = x.cnt[i] > 0.0f && !(keep_zero && c[i] == 0.0f) ? upd : c[i];
         ok &= next[i] == next[i];
     }
-    free(m);
     free(acc);
     if (!ok) return 1;     /* a NaN: torch's sort places it, not this one */
     qsort(next, (size_t)k, sizeof(float), cmp_float);
@@ -416,28 +438,21 @@ int bfq_codebook_ema(const float *restrict w, int64_t n, float *restrict c, int6
     return 0;
 }
 
+static void snap_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+    const struct snap_ctx *x = (const struct snap_ctx *)p;
+    for (int64_t j = 0; j < len; j++) {
+        x->out[b + j] = x->c[pos[j]] + (x->w[b + j] - x->w[b + j]);
+        x->idx[b + j] = (uint16_t)pos[j];
+    }
+}
+
 /* ASQ's POST weight (POSTWeight.forward: ``levels[assign(w, levels)] + (w - w.detach())``): out = lv[i] + (w - w)
- * with i the nearest level's index, written to idx for the backward. Returns 1 (nothing written) when the
- * levels are not ascending (assign sorts them then, and gathers from the unsorted ones), -1 out of memory. */
+ * with i the nearest level's index, written to idx for the backward. Returns as codebook_search (the levels not
+ * ascending: assign sorts them then, and gathers from the unsorted ones). */
 int bfq_snap_levels(const float *restrict w, int64_t n, const float *restrict lv, int64_t k, float *restrict out,
                     uint16_t *restrict idx) {
-    if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
-    float mids[BFQ_MAX_CODEBOOK];
-    if (codebook_mids(lv, k, mids)) return 1;
-    int64_t p2;
-    float *m = padded(mids, k - 1, &p2);
-    if (!m) return -1;
-    int32_t pos[BFQ_BLOCK];
-    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
-        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
-        search_block(m, p2, w + b, len, pos);
-        for (int64_t j = 0; j < len; j++) {
-            out[b + j] = lv[pos[j]] + (w[b + j] - w[b + j]);
-            idx[b + j] = (uint16_t)pos[j];
-        }
-    }
-    free(m);
-    return 0;
+    struct snap_ctx x = {w, lv, out, idx};
+    return codebook_search(w, n, lv, k, snap_block, &x);
 }
 
 /* The gather's backward (index_put_ with accumulate): acc[idx[j]] += g[j] in element order; acc zeroed by
