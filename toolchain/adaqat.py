@@ -325,18 +325,21 @@ class AdaQATMethod(QuantMethod):
         with torch.no_grad():
             if self.bit_opt == "sgd":
                 # frozen widths no longer require grad, so they have none
-                live = [m for m in self._cached(model, "learn", lambda: self._learnable(model)) if m.n.grad is not None]
-                steps = [self.bit_lr * m.n.grad for m in live]
-                if steps:
+                # (multi-tensor operations: the same per-width arithmetic as a loop, in one call each)
+                live = [m.n for m in self._cached(model, "learn", lambda: self._learnable(model)) if m.n.grad is not None]
+                if live:
+                    steps = torch._foreach_mul([n.grad for n in live], self.bit_lr)
                     # one clip for all widths (largest move MAX_BIT_STEP per step): the relative sizes,
                     # which carry the cost's relative prices, are kept
-                    biggest = float(torch.stack([s.abs() for s in steps]).max())
+                    biggest = float(torch.stack(torch._foreach_abs(steps)).max())
                     k = min(1.0, MAX_BIT_STEP / biggest) if biggest > 0 else 1.0
-                    for m, s in zip(live, steps):
-                        m.n.sub_(k * s)
-                        m.n.grad = None
-            for m in self._cached(model, "learn", lambda: self._learnable(model)):
-                m.n.clamp_(self.min_bits, self.max_bits)
+                    torch._foreach_sub_(live, torch._foreach_mul(steps, k))
+                    for n in live:
+                        n.grad = None
+            widths = self._cached(model, "learn_n", lambda: [m.n for m in self._learnable(model)])
+            if widths:
+                torch._foreach_clamp_min_(widths, self.min_bits)
+                torch._foreach_clamp_max_(widths, self.max_bits)
             for m in self.capped:
                 m.n.clamp_(max=float(self.out_cap))
 

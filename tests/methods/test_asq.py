@@ -172,3 +172,25 @@ def test_adapter_statistics_node_equals_the_tensor_operations(threads):
         assert (a.double() - ref).abs().max() <= (b.double() - ref).abs().max()
     finally:
         torch.set_num_threads(prev)
+
+
+def test_adapter_direct_operations_equal_the_module_path():
+    """In training on the CPU the adapter runs its layers' operations directly (no module calls):
+    beta and the adapter's gradients equal the module path's (taken when a hook is registered) bit for bit."""
+    import copy
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.asq import ASQAct
+    assert qkernels.ops() is not None, qkernels.status()
+    torch.manual_seed(0)
+    a = ASQAct(4, False)
+    torch.nn.init.normal_(a.adapter[2].weight)
+    b = copy.deepcopy(a)
+    calls = []
+    b.adapter.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(64, 300).relu()
+    oa, ob = a.beta(x), b.beta(x)
+    g = torch.randn_like(oa)
+    oa.backward(g)
+    ob.backward(g)
+    assert calls == [1] and torch.equal(oa, ob)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.adapter.parameters(), b.adapter.parameters()))
