@@ -623,10 +623,11 @@ def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = No
 
 
 def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
-    """The quantized tensor of a learned-width quantizer: the width, the integer threshold, the scale
-    and the bounds from its Brevitas modules in Brevitas's order (``RescalingIntQuant`` then
-    ``IntQuant.to_int``), so that the width's gradient is summed from the same parts in the same
-    order; then the fused tensor step."""
+    """The quantized tensor of a learned-width quantizer: the scale and the bounds from the C++ node of
+    its :class:`LearnedChain` (:func:`_learned_range`) where it applies, else the width, the integer
+    threshold, the scale and the bounds from its Brevitas modules in Brevitas's order
+    (``RescalingIntQuant`` then ``IntQuant.to_int``), so that the width's gradient is summed from the
+    same parts in the same order; then the fused tensor step."""
     tq = p.tq
     ops = _native(x, x)
     ranged = _learned_range(ops, p) if ops is not None and p.chain is not None else None
