@@ -53,9 +53,11 @@ from bitfold.toolchain.quant import QuantMethod, act_sites, bake_parametrization
 #: at equal BitOPs the finite-difference estimator was about one point more accurate
 #: (6.06e6 BitOPs: fd 97.5 % vs ste 96.4 %; 5.18e6: fd 96.4 % vs ste 95.5 % - 3 to 4 test images,
 #: one seed, so within noise) and needs ~10x larger lambda for the same cost, but costs two extra
-#: forward passes per step (2.1x the fixed-width step time vs 1.13x for ste,
-#: ``benchmarks/adaqat_overhead.py``). STE is the default: same trade-off within noise, inside
-#: the 1.25x step-time budget. Use ``--estimator fd`` when step time does not matter.
+#: forward passes per step, which run in evaluation mode on Brevitas's modules (not fused): 3.9x the
+#: fused fixed-width step vs 1.20x for ste (CNN 8x8, 1 thread, ``benchmarks/adaqat_overhead.py``,
+#: ``benchmarks/results/adaqat_parts_1206.txt``; 2.1x vs 1.13x when the fixed step was not fused).
+#: STE is the default: same trade-off within noise, inside the 1.25x step-time budget on the CNN.
+#: Use ``--estimator fd`` when step time does not matter.
 DEFAULT_ESTIMATOR = "ste"
 ESTIMATORS = ("ste", "fd")
 
