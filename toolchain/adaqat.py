@@ -398,10 +398,14 @@ class AdaQATMethod(QuantMethod):
         return ints
 
     def state(self):
-        return {"trajectory": self.trajectory}
+        return {"trajectory": self.trajectory, "c_ref": self.c_ref}
 
     def load_state(self, state):
         self.trajectory = list(state.get("trajectory", []))
+        # the penalty's reference cost is that of the initial widths: setup() on a resumed run sees the
+        # trained ones (a checkpoint written before it was saved keeps setup()'s value)
+        if state.get("c_ref") is not None:
+            self.c_ref = float(state["c_ref"])
 
     def finalize(self, model, out_dir):
         if not self.frozen(model):

@@ -20,8 +20,16 @@ def test_short_run_beats_chance_by_a_wide_margin(trained_run):
     assert json.loads((out / "bitmap.json").read_text())["convs.2"] == {"w": 3, "a": 2}
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    cfg = TrainConfig(model="mlp", bits="w3a3", epochs=2, batch_size=128)
+#: every method with its compiled nodes (AdaQAT: learned range, tanh normalisation, widths still learning in
+#: epoch 2 of 3; ADQ: codebook passes; ASQ: POST node) - a resumed run equals the uninterrupted one bit for bit
+RESUME_CASES = [("fixed", {}, 2, None), ("adaqat", {"finetune_epochs": 1}, 3, (512, 128)),
+                ("adq", {}, 2, (512, 128)), ("asq", {}, 2, (512, 128))]
+
+
+@pytest.mark.parametrize("method,opts,epochs,subset", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resume_equals_uninterrupted(tmp_path, method, opts, epochs, subset):
+    cfg = TrainConfig(model="mlp", bits="w3a3", epochs=epochs, batch_size=128, method=method, method_options=opts,
+                      subset=subset)
     train(cfg, tmp_path / "full", progress=False)
 
     class Interrupted(Exception):
@@ -36,7 +44,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     train(cfg, tmp_path / "split", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == epochs
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
