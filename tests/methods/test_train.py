@@ -21,9 +21,10 @@ def test_short_run_beats_chance_by_a_wide_margin(trained_run):
 
 
 #: every method with its compiled nodes (AdaQAT: learned range, tanh normalisation, widths still learning in
-#: epoch 2 of 3; ADQ: codebook passes; ASQ: POST node) - a resumed run equals the uninterrupted one bit for bit
+#: epoch 2 of 3; ADQ: codebook passes; ASQ: POST node; MEBQAT) - a resumed run equals the uninterrupted one bit for
+#: bit
 RESUME_CASES = [("fixed", {}, 2, None), ("adaqat", {"finetune_epochs": 1}, 3, (512, 128)),
-                ("adq", {}, 2, (512, 128)), ("asq", {}, 2, (512, 128))]
+                ("adq", {}, 2, (512, 128)), ("asq", {}, 2, (512, 128)), ("mebqat", {}, 2, (512, 128))]
 
 
 @pytest.mark.parametrize("method,opts,epochs,subset", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
