@@ -10,9 +10,13 @@
 // kernels do not take a tensor (layout, dtype, device) the tensor operations of the Python Functions
 // run, also from here.
 //
+// Also nodes whose reference is a method's own tensor operations rather than a Python Function: AdaQAT's
+// learned range and scale (learned_scale: the formulas autograd applies to Brevitas's scalar modules) and
+// weight normalisation (tanh_normalize), ASQ's POST weight (post_snap) - each tested against those operations.
+//
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats.
+// row_stats / learned_scale / tanh_normalize / post_snap.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
