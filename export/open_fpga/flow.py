@@ -39,8 +39,8 @@ from bitfold.export.lower import IntModel, MVAUStage
 from bitfold.export.open_fpga.clock import Clock, clock_files
 from bitfold.export.tools import find_tool, run_tool, verilator_cmd
 from bitfold.export.verify import held_out_inputs
-from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, PARALLEL_THRESHOLDS, Folding, choose_folding as plan_folding,
-                                          divisors, dsp_budget,
+from bitfold.hw_models.fpga_rules import (DSP_FAMILIES, LUT_FRACTION, PARALLEL_THRESHOLDS, Folding,
+                                          choose_folding as plan_folding, divisors, dsp_budget,
                                           estimate_brams, estimate_luts, frame_cycles, pool_lanes, search_levels,
                                           in_simd, rom_brams, simd_choices, stage_cycles, taps)
 
@@ -657,11 +657,14 @@ def simulate_model(onnx_path, board, work: Path, x: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------------ inputs
 # ------------------------------------------------------------------------------------------ build
 def _suggest(im: IntModel, board, fold: Folding, ratio: float) -> dict:
-    """A folding whose estimate is ``0.8 * ratio`` of the one that did not fit (ratio = available/used
-    of the most overfull resource), so the suggestion shrinks with the overflow."""
+    """The fastest folding whose estimate is at most ``0.8 * ratio`` of the one that did not fit (ratio =
+    available/used of the most overfull resource) and within the planner's own budget, so the suggestion
+    shrinks with the overflow - as fast as that budget allows, not the rate the UART can feed (which
+    folds a small network down to one lane a layer)."""
     est = sum(estimate_luts(st, *fold.of(st.name)) if isinstance(st, MVAUStage) else estimate_luts(st)
               for st in im.stages)
-    return choose_folding(im, board, lut_budget=int(est * 0.8 * ratio)).as_dict()
+    budget = min(int(est * 0.8 * ratio), int(board.resources.get("lut", 5000) * LUT_FRACTION))
+    return choose_folding(im, board, lut_budget=budget, target_fps=0).as_dict()
 
 
 def build(onnx_path: Path, board, out_dir: Path, folding: str | Path | None = None, verify: bool = True,

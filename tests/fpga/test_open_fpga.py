@@ -159,6 +159,7 @@ def test_too_large_folding_does_not_fit(models, tmp_path):
     assert "does not fit icebreaker" in msg and "%" in msg and "--folding" in msg
     suggested = json.loads(msg.split("--folding with ", 1)[1])
     assert sum(v["pe"] * v["simd"] for v in suggested.values()) < 3 * 256
+    assert any(v["pe"] * v["simd"] > 1 for v in suggested.values())   # as fast as fits, not one lane a layer
     assert (out / "keep.txt").read_text() == "previous build"      # nothing half-overwritten
 
 
