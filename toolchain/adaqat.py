@@ -324,11 +324,12 @@ class AdaQATMethod(QuantMethod):
         return sum((l_plus - l_minus) * s * m.n for m, s in zip(learn, signs))
 
     def after_step(self, model, step):
+        widths = [m.n for m in self._cached(model, "learn", lambda: self._learnable(model))]
         with torch.no_grad():
             if self.bit_opt == "sgd":
                 # frozen widths no longer require grad, so they have none
                 # (multi-tensor operations: the same per-width arithmetic as a loop, in one call each)
-                live = [m.n for m in self._cached(model, "learn", lambda: self._learnable(model)) if m.n.grad is not None]
+                live = [n for n in widths if n.grad is not None]
                 if live:
                     steps = torch._foreach_mul([n.grad for n in live], self.bit_lr)
                     # one clip for all widths (largest move MAX_BIT_STEP per step): the relative sizes,
@@ -338,7 +339,6 @@ class AdaQATMethod(QuantMethod):
                     torch._foreach_sub_(live, torch._foreach_mul(steps, k))
                     for n in live:
                         n.grad = None
-            widths = self._cached(model, "learn_n", lambda: [m.n for m in self._learnable(model)])
             if widths:
                 torch._foreach_clamp_min_(widths, self.min_bits)
                 torch._foreach_clamp_max_(widths, self.max_bits)

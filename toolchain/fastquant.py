@@ -489,8 +489,7 @@ def _learned_chain(tq, act: bool, ste_clamp: bool) -> LearnedChain | None:
             and isc.narrow_range == iq.narrow_range and getattr(isc, "dtype", None) in (None, torch.float32)):
         return None
     signed, narrow = bool(iq.signed), bool(iq.narrow_range)
-    from brevitas.core.function_wrapper import Identity
-    ident = lambda m: m is None or isinstance(m, Identity) or _is(m, "Identity")   # noqa: E731
+    ident = lambda m: m is None or _is(m, "Identity")   # noqa: E731
     if act:
         if not (_is(sc, "ParameterFromRuntimeStatsScaling") and not sc.local_loss_mode
                 and _float_restrict(sc.restrict_scaling.restrict_value_impl)

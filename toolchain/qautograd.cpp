@@ -656,7 +656,7 @@ struct LearnedScale : public torch::autograd::Function<LearnedScale> {
                 gbw = any ? gbw + part : part;
                 any = true;
             }
-            if (any) out[0] = scalar_of(nv >= lb && nv <= hb ? gbw : 0.0f, grads[0].defined() ? grads[0] : (ghi_t.defined() ? ghi_t : glo_t));
+            if (any) out[0] = scalar_of(nv >= lb && nv <= hb ? gbw : 0.0f, has_gs ? gs_t : ghi_t.defined() ? ghi_t : glo_t);
         }
         if (has_value && has_gs && ctx->needs_input_grad(1)) {   // s = c / T, c from |(|value|)|
             const float gd = gs / t;
@@ -688,49 +688,29 @@ struct TanhNorm : public torch::autograd::Function<TanhNorm> {
         int64_t ties = 0, first = -1;
         const bool fast = t.scalar_type() == at::kFloat && t.device().is_cpu() && standard(t) && t.numel() > 0 &&
                           bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1;
-        ctx->saved_data["fast"] = fast;
-        if (!fast) {   // autograd's graph of the operations, run again in the backward
-            ctx->save_for_backward({w});
-            ctx->saved_data["min"] = min_val;
-            return t / at::clamp_min(at::max(at::abs(t)), min_val);
-        }
         const float mf = (float)min_val;
         const float d = mx < mf ? mf : mx;   // clamp_min: max(m, min) in float
-        const Tensor dt = scalar_of(d, t);
-        ctx->save_for_backward({t});
-        ctx->saved_data["f"] = std::vector<double>{d, mx, mf, double(first)};
-        return t / dt;
+        ctx->saved_data["fast"] = fast;
+        ctx->saved_data["f"] = std::vector<double>{d, mx, min_val, double(first)};
+        ctx->save_for_backward({w, t});
+        return fast ? t / scalar_of(d, t) : t / at::clamp_min(at::max(at::abs(t)), min_val);
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const Tensor& g = grads[0];
         const auto saved = ctx->get_saved_variables();
-        if (!ctx->saved_data["fast"].toBool() || !(g.scalar_type() == at::kFloat && standard(g) &&
-                                                   g.sizes() == saved[0].sizes())) {
-            Tensor w = ctx->saved_data["fast"].toBool() ? Tensor() : saved[0];
-            if (!w.defined()) {   // the fast forward saved t: w = atanh(t) is not exact - recompute from t
-                const Tensor& t = saved[0];
-                const auto f = ctx->saved_data["f"].toDoubleVector();
-                Tensor tv = t.detach().requires_grad_(true);
-                Tensor out;
-                {
-                    at::AutoGradMode on(true);
-                    out = tv / at::clamp_min(at::max(at::abs(tv)), f[2]);
-                }
-                const Tensor gt = torch::autograd::grad({out}, {tv}, {g})[0];
-                return {at::tanh_backward(gt, t), Tensor()};
-            }
-            Tensor wv = w.detach().requires_grad_(true);
-            Tensor out;
+        const Tensor &w = saved[0], &t = saved[1];
+        const auto f = ctx->saved_data["f"].toDoubleVector();
+        if (!ctx->saved_data["fast"].toBool() || !(g.scalar_type() == at::kFloat && standard(g) && g.sizes() == t.sizes())) {
+            // the operations' own graph, recomputed from w (tied maxima, NaN, other layouts)
+            Tensor wv = w.detach().requires_grad_(true), out;
             {
                 at::AutoGradMode on(true);
-                const Tensor t = at::tanh(wv);
-                out = t / at::clamp_min(at::max(at::abs(t)), ctx->saved_data["min"].toDouble());
+                const Tensor tv = at::tanh(wv);
+                out = tv / at::clamp_min(at::max(at::abs(tv)), f[2]);
             }
             return {torch::autograd::grad({out}, {wv}, {g})[0], Tensor()};
         }
-        const Tensor& t = saved[0];
-        const auto f = ctx->saved_data["f"].toDoubleVector();
         const float d = f[0], mx = f[1], mf = f[2];
         const int64_t first = (int64_t)f[3], n = t.numel();
         const float *gp = g.data_ptr<float>(), *tp = t.data_ptr<float>();

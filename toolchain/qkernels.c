@@ -320,8 +320,13 @@ static float *padded(const float *mids, int64_t nb, int64_t *p2) {
     return m;
 }
 
-int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
-                  int64_t *restrict out) {
+/* Every w searched over ascending mids (nb of them), block by block: pos[j] is the number of mids strictly
+ * below w[b + j] (torch.bucketize's index, ties left); visit(ctx, b, len, pos) is called for each block.
+ * Returns -1 out of memory, else 0. */
+typedef void (*bfq_visit)(void *ctx, int64_t b, int64_t len, const int32_t *pos);
+
+static int mids_search(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb, bfq_visit visit,
+                       void *ctx) {
     int64_t p2;
     float *m = padded(mids, nb, &p2);
     if (!m) return -1;
@@ -329,10 +334,20 @@ int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids
     for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
         const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
         search_block(m, p2, w + b, len, pos);
-        for (int64_t j = 0; j < len; j++) out[b + j] = pos[j];
+        visit(ctx, b, len, pos);
     }
     free(m);
     return 0;
+}
+
+static void index_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+    int64_t *out = (int64_t *)p;
+    for (int64_t j = 0; j < len; j++) out[b + j] = pos[j];
+}
+
+int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
+                  int64_t *restrict out) {
+    return mids_search(w, n, mids, nb, index_block, out);
 }
 
 #define BFQ_MAX_CODEBOOK 4096   /* entries (ADQ: 2^8); larger codebooks run torch's operations */
@@ -347,28 +362,14 @@ static int codebook_mids(const float *c, int64_t k, float *mids) {
     return 0;
 }
 
-/* The nearest-entry search of every w against a codebook c of k entries, block by block: pos[j] is the
- * number of midpoints strictly below w[b + j] (torch.bucketize's index); visit(ctx, b, len, pos) is called
- * for each block. Returns 1 when c is not ascending (or k is outside 2..BFQ_MAX_CODEBOOK), -1 out of
- * memory, else 0. */
-typedef void (*bfq_visit)(void *ctx, int64_t b, int64_t len, const int32_t *pos);
-
+/* The nearest-entry search of every w against a codebook c of k entries (mids_search over its midpoints).
+ * Returns 1 when c is not ascending (or k is outside 2..BFQ_MAX_CODEBOOK), -1 out of memory, else 0. */
 static int codebook_search(const float *restrict w, int64_t n, const float *restrict c, int64_t k, bfq_visit visit,
                            void *ctx) {
     if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
     float mids[BFQ_MAX_CODEBOOK];
     if (codebook_mids(c, k, mids)) return 1;
-    int64_t p2;
-    float *m = padded(mids, k - 1, &p2);
-    if (!m) return -1;
-    int32_t pos[BFQ_BLOCK];
-    for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
-        const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
-        search_block(m, p2, w + b, len, pos);
-        visit(ctx, b, len, pos);
-    }
-    free(m);
-    return 0;
+    return mids_search(w, n, mids, k - 1, visit, ctx);
 }
 
 struct snap_ctx {
@@ -471,12 +472,6 @@ void bfq_tanhnorm_prods(const float *restrict g, const float *restrict t, int64_
 
 void bfq_tanhnorm_grad(const float *restrict g, const float *restrict t, int64_t n, float d, int64_t first,
                        float share, float *restrict gt) {
-    for (int64_t j = 0; j < n; j++) {
-        const float st = (float)((0.0f < t[j]) - (t[j] < 0.0f));
-        gt[j] = g[j] / d + 0.0f * st;
-    }
-    if (first >= 0) {
-        const float st = (float)((0.0f < t[first]) - (t[first] < 0.0f));
-        gt[first] = g[first] / d + share * st;
-    }
+    for (int64_t j = 0; j < n; j++) gt[j] = g[j] / d + 0.0f * sgn_of(t[j]);
+    if (first >= 0) gt[first] = g[first] / d + share * sgn_of(t[first]);
 }
