@@ -101,13 +101,16 @@ def frame_cycles(im, of) -> int:
     return max([*stages_cycles(im, of).values(), input_cycles(im), n_out])
 
 
-#: up to this many thresholds per channel (outputs of up to 3 bits) the RTL compares them all at
+#: up to this many thresholds per channel (outputs of up to 2 bits) the RTL compares them all at
 #: once (one ROM word per channel group); above it a pipelined binary search, one level per output
 #: bit, each level a memory of its own per lane (bf_mvau.v). Measured with yosys (one-layer blocks,
 #: PE 1): at 4-bit outputs the search takes 11-13 % fewer LUT4 where the accumulator is wide (W4A4:
 #: 64x64 on the ECP5 8,973 -> 7,831, 64x32 on the iCE40 3,965 -> 3,514; +2 block RAMs) and the same
-#: (+-4 %) at W2A2; at 2-bit outputs both are equal.
-PARALLEL_THRESHOLDS = 7
+#: (+-4 %) at W2A2; at 2-bit outputs both are equal. At 3-bit outputs the parallel word (7 thresholds
+#: x the accumulator) stayed a ROM in logic: the digits MLP W3A3 (SIMD 8) took 3,266 LUT4 on the
+#: iCE40 with it and 2,215 with the search (17 -> 23 block RAMs, Fmax 43.96 -> 46.17 MHz), 2,079 ->
+#: 1,813 LUT4 on the ECP5 (5 -> 6 block RAMs, 104.2 -> 121.9 MHz), so 3-bit outputs search too.
+PARALLEL_THRESHOLDS = 3
 
 
 def search_levels(s) -> int:

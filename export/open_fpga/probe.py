@@ -93,9 +93,12 @@ def rtl_digest() -> str:
     import hashlib
 
     from bitfold.export.open_fpga.flow import RTL_DIR, RTL_FILES
+    from bitfold.hw_models.fpga_rules import PARALLEL_THRESHOLDS
     h = hashlib.sha256()
     for f in RTL_FILES:
         h.update((RTL_DIR / f).read_bytes())
+    # the generator's rule that changes a block's RTL without changing the units' text
+    h.update(f"PARNT={PARALLEL_THRESHOLDS}".encode())
     return h.hexdigest()[:16]
 
 

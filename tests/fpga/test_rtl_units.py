@@ -1,5 +1,5 @@
 """The open flow's RTL units on their own, in verilator, under random back-pressure: the stream
-width converter, the pipelined MVAU on both activation paths (parallel thresholds up to 3 bits,
+width converter, the pipelined MVAU on both activation paths (parallel thresholds up to 2 bits,
 pipelined binary search above), raw accumulator output, and the overlap of layers (cycles per frame = the
 slowest part, not the sum)."""
 import json
@@ -73,7 +73,7 @@ def _sim(im, fold, tmp_path, n=12, stall=False):
     ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 3, 2, 32), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16),
     ((64, 16, 3, 3), None, 8, 64), ((2, 4, 1, 1), None, 1, 2), ((32, 12, 3, 3), 6, 2, 32), ((16, 4, 2, 2), 8, 4, 4),
     ((32, 32, 2, 2), 2, 32, 4)],
-    ids=["thr2-parallel", "thr3-parallel", "thr4-binary-search", "thr5-binary-search", "raw-fully-unrolled",
+    ids=["thr2-parallel", "thr3-binary-search", "thr4-binary-search", "thr5-binary-search", "raw-fully-unrolled",
          "accumulator-narrower-than-product", "thr6-search-one-result-a-cycle", "thr8-search-one-channel-group",
          "four-copies-of-the-input-read"])
 def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe, simd):
