@@ -113,13 +113,15 @@ def frame_cycles(im, of) -> int:
 PARALLEL_THRESHOLDS = 3
 
 
-def search_levels(s) -> int:
-    """Levels of the threshold binary search of an MVAU stage (0: parallel compare or no thresholds)."""
+def search_levels(s, parallel: bool = False) -> int:
+    """Levels of the threshold binary search of an MVAU stage (0: parallel compare or no thresholds);
+    ``parallel``: the stage's folding asks for the parallel compare whatever its thresholds
+    (:meth:`Folding.parallel`: the search's level memories did not fit the board's block RAM)."""
     nt = 0 if s.thresholds is None else s.thresholds.shape[1]
-    return s.obits if nt > PARALLEL_THRESHOLDS else 0
+    return s.obits if nt > PARALLEL_THRESHOLDS and not parallel else 0
 
 
-def estimate_luts(s, pe: int = 1, simd: int = 1, dsp: bool = False) -> int:
+def estimate_luts(s, pe: int = 1, simd: int = 1, dsp: bool = False, parallel: bool = False) -> int:
     """Rough LUT4 estimate of one stage (a planning model; synthesis gives the real figure).
 
     Multipliers ~ W*A LUTs per lane (none when they are in DSP blocks: ``dsp``), adder tree and
@@ -132,7 +134,7 @@ def estimate_luts(s, pe: int = 1, simd: int = 1, dsp: bool = False) -> int:
     nt = 0 if s.thresholds is None else s.thresholds.shape[1]
     mult = 0 if dsp else pe * simd * max(1, s.wbits * s.ibits)
     add = pe * (simd + 1) * acc
-    levels = search_levels(s)
+    levels = search_levels(s, parallel)
     thr = pe * levels * acc if levels else pe * nt * acc // 2
     return int(1.6 * (300 + mult + add + thr))
 
@@ -164,12 +166,12 @@ def rom_brams(width: int, depth: int, family: str) -> int:
     return n if BRAM_COST[family] * n < depth * width / 16 else 0
 
 
-def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40") -> int:
+def estimate_brams(s, pe: int = 1, simd: int = 1, family: str = "ice40", parallel: bool = False) -> int:
     """Block RAMs of one stage: weight and threshold ROMs (as yosys places them) and input buffer."""
     if is_pool(s):        # one row of running maxima (OW x CH codes)
         return buffer_brams(s.bits, s.ow * s.ch, family) if family == "ice40" else 0
     w = rom_brams(pe * simd * s.wbits, (s.oc // pe) * (s.mw // simd), family)
-    levels = search_levels(s)
+    levels = search_levels(s, parallel)
     if levels:                     # per lane, level l holds 2^l thresholds per channel group
         w += pe * sum(rom_brams(s.acc_bits, (s.oc // pe) << level, family) for level in range(levels))
     elif s.thresholds is not None:
@@ -212,7 +214,8 @@ def assign_dsps(im, of, budget: int) -> set:
 
 @dataclass
 class Folding:
-    layers: dict = field(default_factory=dict)   # name -> {"pe": .., "simd": .., "dsp": true (optional)}
+    # name -> {"pe": .., "simd": .., "dsp": true, "parallel": true (both optional)}
+    layers: dict = field(default_factory=dict)
 
     def of(self, name):
         f = self.layers.get(name, {"pe": 1, "simd": 1})
@@ -222,12 +225,50 @@ class Folding:
         """The stage's lane multipliers are DSP blocks (else LUTs)."""
         return bool(self.layers.get(name, {}).get("dsp", False))
 
+    def parallel(self, name) -> bool:
+        """The stage compares all its thresholds at once even where the rule (``PARALLEL_THRESHOLDS``)
+        would search them: no block RAM for the search's level memories."""
+        return bool(self.layers.get(name, {}).get("parallel", False))
+
+    def _with(self, key: str, chosen: set) -> "Folding":
+        return Folding({k: {**{f: x for f, x in v.items() if f != key}, **({key: True} if k in chosen else {})}
+                        for k, v in self.layers.items()})
+
     def with_dsps(self, im, board) -> "Folding":
         """This folding with the board's DSP blocks given to the stages where they save the most
         (:func:`assign_dsps`); the rest keep LUT multipliers."""
-        chosen = assign_dsps(im, self.of, dsp_budget(board))
-        return Folding({k: {"pe": v["pe"], "simd": v["simd"], **({"dsp": True} if k in chosen else {})}
-                        for k, v in self.layers.items()})
+        return self._with("dsp", assign_dsps(im, self.of, dsp_budget(board)))
+
+    def with_parallel(self, chosen: set) -> "Folding":
+        """This folding with the stages in ``chosen`` on the parallel threshold compare."""
+        return self._with("parallel", chosen)
+
+    def brams(self, im, family: str) -> int:
+        """Estimated block RAMs of the whole design under this folding (:func:`estimate_brams`)."""
+        return sum(estimate_brams(st, family=family) if is_pool(st)
+                   else estimate_brams(st, *self.of(st.name), family, self.parallel(st.name)) for st in im.stages)
+
+    def within_brams(self, im, family: str, budget: int) -> "Folding":
+        """This folding, or - where its threshold searches take more block RAM than ``budget`` - with
+        stages moved to the parallel compare (logic instead of level memories) until the estimate
+        fits or none is left: the fewest thresholds first (the cheapest compare in logic), then
+        the most block RAM saved."""
+        plan = self
+        if plan.brams(im, family) <= budget:
+            return plan
+        cands = []
+        for st in im.mvaus:
+            pe, simd = self.of(st.name)
+            save = estimate_brams(st, pe, simd, family) - estimate_brams(st, pe, simd, family, parallel=True)
+            if search_levels(st) and save > 0:
+                cands.append((st.thresholds.shape[1], -save, st.name))
+        chosen = set()
+        for _, _, name in sorted(cands):
+            chosen.add(name)
+            plan = self.with_parallel(chosen)
+            if plan.brams(im, family) <= budget:
+                break
+        return plan
 
     def as_dict(self):
         return {k: dict(v) for k, v in self.layers.items()}
@@ -334,11 +375,13 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
 
     def fits(plan: Folding) -> bool:
         on = assign_dsps(im, plan.of, dsps)
-        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *plan.of(st.name), dsp=st.name in on)
+        luts = sum(estimate_luts(st) if is_pool(st) else estimate_luts(st, *plan.of(st.name), dsp=st.name in on,
+                                                                     parallel=plan.parallel(st.name))
                    for st in im.stages)
-        return luts <= budget and sum(estimate_brams(st, family=board.family) if is_pool(st)
-                                      else estimate_brams(st, *plan.of(st.name), board.family)
-                                      for st in im.stages) <= brams
+        return luts <= budget and plan.brams(im, board.family) <= brams
+
+    def at(cycles) -> Folding:
+        return fold_for_cycles(im, cycles).within_brams(im, board.family, brams)
 
     if target_fps is None:
         target_fps = default_fps or 0
@@ -348,13 +391,13 @@ def choose_folding(im, board, lut_budget: int | None = None, target_fps: float |
     steps |= {stage_cycles(st, d) for st in im.stages if is_pool(st) for d in divisors(st.ch)}
     cands = sorted({floor} | {c for c in steps if c > floor})
     lo, hi = 0, len(cands) - 1          # the slowest candidate folds every stage 1 x 1
-    if fits(fold_for_cycles(im, cands[0])):
+    if fits(at(cands[0])):
         hi = 0
     while lo < hi:
         mid = (lo + hi) // 2
-        if fits(fold_for_cycles(im, cands[mid])):
+        if fits(at(cands[mid])):
             hi = mid
         else:
             lo = mid + 1
-    plan = fold_for_cycles(im, cands[hi])
+    plan = at(cands[hi])
     return plan.with_dsps(im, board) if dsp else plan

@@ -92,7 +92,8 @@ def load_folding(path) -> Folding:
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise BitfoldError(f"folding file {path} must map layer names to {{\"pe\": N, \"simd\": M}}")
     return Folding({k: {"pe": int(v.get("pe", 1)), "simd": int(v.get("simd", 1)),
-                        **({"dsp": True} if v.get("dsp") else {})} for k, v in data.items()})
+                        **({"dsp": True} if v.get("dsp") else {}), **({"parallel": True} if v.get("parallel") else {})}
+                    for k, v in data.items()})
 
 
 def uart_fps(im: IntModel, baud: int = UART_BAUD) -> float:
@@ -124,9 +125,10 @@ def _pack(vals, width: int) -> int:
     return word
 
 
-def _mvau_roms(s: MVAUStage, pe: int, simd: int) -> tuple[str, dict[str, str]]:
+def _mvau_roms(s: MVAUStage, pe: int, simd: int, parallel: bool = False) -> tuple[str, dict[str, str]]:
     """Weight ROM image, and the threshold images by file suffix: one ROM (every threshold of a
-    channel group in a word) for the parallel compare, or one memory per lane and search level."""
+    channel group in a word) for the parallel compare (``parallel``: also above the rule's
+    threshold count), or one memory per lane and search level."""
     nf, sf = s.oc // pe, s.mw // simd
     wrows = []
     for f in range(nf):
@@ -141,7 +143,7 @@ def _mvau_roms(s: MVAUStage, pe: int, simd: int) -> tuple[str, dict[str, str]]:
     if s.thresholds is None:
         return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows([0] * nf, pe * acc)}
     nt = s.thresholds.shape[1]
-    if not search_levels(s):
+    if not search_levels(s, parallel):
         trows = [_pack([thr(f * pe + p, k) for p in range(pe) for k in range(nt)], acc) for f in range(nf)]
         return _hex_rows(wrows, pe * simd * s.wbits), {".mem": _hex_rows(trows, pe * nt * acc)}
     if nt > (1 << s.obits) - 1 or s.obits > 99 or pe > 999:
@@ -231,17 +233,18 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             pe, simd = folding.of(s.name)
             n_in = in_simd(s, simd)
             convert(str(i), n_in, s.ibits)
-            w, tfiles = _mvau_roms(s, pe, simd)
+            par = folding.parallel(s.name)
+            w, tfiles = _mvau_roms(s, pe, simd, par)
             (rtl / f"{s.name}_w.mem").write_text(w)
             for suffix, text in tfiles.items():
                 (rtl / f"{s.name}_t{suffix}").write_text(text)
             # one ROM file (parallel compare) or the prefix of the search levels' files
-            tfile = f"{s.name}_t" if search_levels(s) else f"{s.name}_t.mem"
+            tfile = f"{s.name}_t" if search_levels(s, par) else f"{s.name}_t.mem"
             ob, out_n = s.obits, pe
             nt = 0 if s.thresholds is None else s.thresholds.shape[1]
             params = dict(IH=s.ih, IW=s.iw, IC=s.ic, OC=s.oc, K=s.k, STRIDE=s.stride, PAD=s.pad, OH=s.oh,
                           OW=s.ow, SIMD=n_in, PE=pe, IBITS=s.ibits, WBITS=s.wbits, ACCB=s.acc_bits, OBITS=ob,
-                          NT=nt, PADCODE=s.pad_code, PARNT=PARALLEL_THRESHOLDS,
+                          NT=nt, PADCODE=s.pad_code, PARNT=max(nt, PARALLEL_THRESHOLDS) if par else PARALLEL_THRESHOLDS,
                           # ECP5 block RAM has a 5.6 ns clock-to-out: its read gets a cycle of its own
                           RDREG=int(board.family == "ecp5"))
             if board.family == "ecp5" and s.k > 1:
@@ -286,8 +289,9 @@ def generate(im: IntModel, folding: Folding, rtl: Path, board, clock_mhz: float 
             layer_files.append(f"{mod}.v")
             ps = ""
             info.append({"name": s.name, "kind": "mvau", "pe": pe, "simd": simd, "cycles": stage_cycles(s, pe, simd),
-                         "est_luts": estimate_luts(s, pe, simd, on_dsp),
-                         "est_brams": estimate_brams(s, pe, simd, board.family),
+                         "est_luts": estimate_luts(s, pe, simd, on_dsp, par),
+                         "est_brams": estimate_brams(s, pe, simd, board.family, par),
+                         "thresholds": "parallel" if nt and not search_levels(s, par) else "search" if nt else None,
                          "dsp": on_dsp, "est_dsps": pe * simd if on_dsp else 0,
                          "mult_bits": s.wbits * (s.ibits + 1)})
         else:
@@ -661,7 +665,8 @@ def _suggest(im: IntModel, board, fold: Folding, ratio: float) -> dict:
     available/used of the most overfull resource) and within the planner's own budget, so the suggestion
     shrinks with the overflow - as fast as that budget allows, not the rate the UART can feed (which
     folds a small network down to one lane a layer)."""
-    est = sum(estimate_luts(st, *fold.of(st.name)) if isinstance(st, MVAUStage) else estimate_luts(st)
+    est = sum(estimate_luts(st, *fold.of(st.name), parallel=fold.parallel(st.name)) if isinstance(st, MVAUStage)
+              else estimate_luts(st)
               for st in im.stages)
     budget = min(int(est * 0.8 * ratio), int(board.resources.get("lut", 5000) * LUT_FRACTION))
     return choose_folding(im, board, lut_budget=budget, target_fps=0).as_dict()

@@ -110,3 +110,28 @@ def test_threshold_search_memories_placed_as_the_cost_model_says():
     assert folding_for(64, 32) == (1, 32) and search_levels(im.stages[0]) == 6 and im.stages[0].acc_bits == 8
     (lut, ff, ram, dsp), pe, simd, _ = synth_block(im, 64, 32, board)
     assert ram == 2 == estimate_brams(im.stages[0], pe, simd, "ecp5") == mvau_terms(64, 32, 64, 2, 2, 6)[2]
+
+
+@pytest.mark.parametrize("b_out", [4, 6])
+def test_planner_compares_in_parallel_where_the_search_has_no_block_ram(b_out, tmp_path):
+    """The search's level memories take block RAM. Where a plan's estimate exceeds the board's, the
+    planner moves stages to the parallel compare (logic, no level memories) before it folds slower:
+    the digits MLP's mixed map on the UP5K took 31 of its 30 block RAMs with its 3-bit outputs
+    searched, and the plan at the slowest folding did not fit either."""
+    from dataclasses import replace
+
+    from bitfold.export.open_fpga.flow import load_folding
+    from bitfold.export.open_fpga.probe import one_layer_intmodel
+    from bitfold.hw_models.fpga_rules import choose_folding, estimate_brams
+    board = load_board("icebreaker")
+    im = one_layer_intmodel(64, 32, 2, 2, b_out=b_out)
+    roomy = choose_folding(im, board)
+    fold = roomy.of("dense0")
+    need = roomy.brams(im, "ice40")
+    assert not roomy.parallel("dense0") and need == estimate_brams(im.stages[0], *fold, "ice40")
+    assert estimate_brams(im.stages[0], *fold, "ice40", parallel=True) < need
+    tight = choose_folding(im, replace(board, resources={**board.resources, "bram4": need - 1}))
+    assert tight.parallel("dense0") and tight.of("dense0") == fold and tight.brams(im, "ice40") <= need - 1
+    f = tmp_path / "fold.json"                       # a folding file carries the choice
+    f.write_text(json.dumps(tight.as_dict()))
+    assert load_folding(f).as_dict() == tight.as_dict()

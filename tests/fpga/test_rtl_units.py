@@ -11,7 +11,7 @@ from bitfold.boards import load_board
 from bitfold.export.open_fpga import flow
 from bitfold.export.open_fpga.probe import one_layer_intmodel
 from bitfold.export.tools import run_tool, verilator_cmd
-from bitfold.hw_models.fpga_rules import Folding, frame_cycles
+from bitfold.hw_models.fpga_rules import Folding, frame_cycles, search_levels
 
 DWC_TB = """
 module tb;
@@ -72,15 +72,20 @@ def _sim(im, fold, tmp_path, n=12, stall=False):
 @pytest.mark.parametrize("shape,b_out,pe,simd", [
     ((64, 16, 3, 3), 2, 4, 8), ((64, 16, 3, 3), 3, 2, 32), ((64, 16, 3, 3), 4, 2, 32), ((64, 16, 3, 3), 5, 4, 16),
     ((64, 16, 3, 3), None, 8, 64), ((2, 4, 1, 1), None, 1, 2), ((32, 12, 3, 3), 6, 2, 32), ((16, 4, 2, 2), 8, 4, 4),
-    ((32, 32, 2, 2), 2, 32, 4)],
+    ((32, 32, 2, 2), 2, 32, 4), ((64, 16, 3, 3), 4, 2, 32)],
     ids=["thr2-parallel", "thr3-binary-search", "thr4-binary-search", "thr5-binary-search", "raw-fully-unrolled",
          "accumulator-narrower-than-product", "thr6-search-one-result-a-cycle", "thr8-search-one-channel-group",
-         "four-copies-of-the-input-read"])
-def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, shape, b_out, pe, simd):
+         "four-copies-of-the-input-read", "thr4-parallel-where-no-block-ram"])
+def test_mvau_activation_paths_are_exact_with_stalls(tmp_path, request, shape, b_out, pe, simd):
     # the last case: bipolar W1A1 on a fan-in of 2 - a 3-bit accumulator, narrower than one product's
     # 4 bits (found by the long fuzz run: verilator refused the RTL's negative sign extension)
     im = one_layer_intmodel(*shape, seed=b_out or 0, b_out=b_out)
-    fold = Folding({"dense0": {"pe": pe, "simd": simd}})
+    # the path each case names is the one the generator picks (3-bit outputs: the search, since the
+    # 7-threshold parallel word stayed a ROM in logic; 15 thresholds in parallel where the planner
+    # found no block RAM for the search's memories)
+    case = request.node.callspec.id
+    fold = Folding({"dense0": {"pe": pe, "simd": simd, **({"parallel": True} if "no-block-ram" in case else {})}})
+    assert bool(search_levels(im.stages[0], fold.parallel("dense0"))) == ("search" in case)
     out, ref, _ = _sim(im, fold, tmp_path, stall=True)
     assert np.array_equal(out, ref)
     if b_out is not None:              # the thresholds are not all passed or all failed: a real test
