@@ -40,10 +40,14 @@ def _t(x) -> torch.Tensor:
 
 
 class _PerLayerCost:
-    """A cost that is a sum over layers of ``fn(layer, b_w, b_a)``."""
+    """A cost that is a sum over layers of ``fn(layer, b_w, b_a)``. ``coef``/``acts``: where ``fn``
+    is the product ``coef(layer) * b_w * b_a`` (``acts``) or ``coef(layer) * b_w``, written in
+    that order, its form - a training loss may then evaluate it as one fused node (AdaQAT's
+    penalty: :class:`bitfold.toolchain.adaqat.ProductCost`)."""
 
-    def __init__(self, name: str, unit: str, fn: Callable):
+    def __init__(self, name: str, unit: str, fn: Callable, coef: Callable | None = None, acts: bool = True):
         self.name, self.unit, self._fn = name, unit, fn
+        self.coef, self.acts = coef, acts
 
     def __call__(self, layers, bits) -> CostResult:
         per = {}
@@ -57,8 +61,9 @@ class _PerLayerCost:
         return f"CostModel({self.name}, {self.unit})"
 
 
-bitops = _PerLayerCost("bitops", "BitOPs", lambda d, bw, ba: d.macs * bw * ba)
-weight_bits = _PerLayerCost("weight_bits", "bit", lambda d, bw, ba: d.weight_count * bw)
+bitops = _PerLayerCost("bitops", "BitOPs", lambda d, bw, ba: d.macs * bw * ba, coef=lambda d: d.macs)
+weight_bits = _PerLayerCost("weight_bits", "bit", lambda d, bw, ba: d.weight_count * bw,
+                            coef=lambda d: d.weight_count, acts=False)
 
 COST_MODELS: dict[str, CostModel] = {"bitops": bitops, "weight_bits": weight_bits}
 

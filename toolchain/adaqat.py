@@ -29,7 +29,9 @@ Choices made here (and tested):
   (the measurement is recorded at ``DEFAULT_ESTIMATOR``).
 * Cost: the cost model sees the *continuous* clamped N (smooth in N, so the penalty always has a
   gradient). ``penalty``: ``lam * C / C_ref`` with C_ref the cost at the initial widths;
-  ``budget``: ``lam * max(0, C - B) / B``.
+  ``budget``: ``lam * max(0, C - B) / B``. A product-form cost (BitOPs, weight bits) over widths
+  that each appear once is evaluated as one autograd node (:class:`ProductCost`, float for float
+  the cost model's graph); other costs (board tables, energy) run their own graph.
 * After ``epochs - finetune_epochs`` epochs the widths are frozen to integers (in budget mode the
   rounding is repaired so that the frozen map fits the budget) and the last epochs fine-tune the
   weights at those widths. The frozen model exports like a fixed-width one.
@@ -132,6 +134,40 @@ BIT_OPTIMIZERS = {"sgd": 2.0, "adam": 0.05}
 MAX_BIT_STEP = 0.05
 
 
+class ProductCost(torch.autograd.Function):
+    """A product-form cost (``sum_l coef_l * b_w[l] * b_a[l]``, or without ``b_a``: BitOPs, weight
+    bits) over the clamped widths ``n`` as one autograd node. The graph it replaces - a clamp per
+    width, two products per layer, stack and sum, ~30 nodes and ~0.25 ms a step on the MLP - is
+    reproduced float for float: the same forward operations on the same values in the same
+    order, and in the backward autograd's own formulas (SumBackward's expand, MulBackward0's
+    ``g * other``, ClampBackward1's ``where(lo <= n <= hi, g, 0)``). Only for a plan in which every
+    width appears once (:meth:`AdaQATMethod._product_plan`): one gradient per width, as the graph
+    gives it."""
+
+    @staticmethod
+    def forward(ctx, coef, lo, hi, wi, ai, *ns):
+        n = torch.stack(ns)
+        c = n.clamp(lo, hi)
+        x = coef * c[wi]
+        ba = c[ai] if ai is not None else None
+        ctx.save_for_backward(n, lo, hi, coef, x, ba)
+        ctx.wi, ctx.ai = wi, ai
+        return (x * ba if ba is not None else x).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        n, lo, hi, coef, x, ba = ctx.saved_tensors
+        gl = g.expand(x.shape)
+        grad = torch.zeros_like(n)
+        if ba is not None:
+            grad[ctx.ai] = gl * x
+            grad[ctx.wi] = (gl * ba) * coef
+        else:
+            grad[ctx.wi] = gl * coef
+        grad = torch.where((n >= lo).logical_and_(n <= hi), grad, torch.zeros((), dtype=grad.dtype))
+        return (None,) * 5 + tuple(grad.unbind())
+
+
 @register_method("adaqat")
 class AdaQATMethod(QuantMethod):
     def __init__(self, per_channel: bool = False, cost: str = "bitops", lam: float = 0.1,
@@ -176,6 +212,7 @@ class AdaQATMethod(QuantMethod):
         self.c_ref = None
         self.edges: set[str] = set()
         self.capped: list = []
+        self.fuse_penalty = True   # the product-form penalty as one node (ProductCost); False: the cost model's graph
 
     def options(self) -> dict:
         return {"cost": self.cost_name, "lam": self.lam, "budget": self.budget, "estimator": self.estimator,
@@ -263,6 +300,7 @@ class AdaQATMethod(QuantMethod):
                 m.n.clamp_(max=float(self.out_cap))
         with torch.no_grad():
             self.c_ref = float(self.cost_model(layers, self.layer_bits(model)).total)
+        self._walks.get(model, {}).pop("product", None)   # the fused penalty's plan follows these widths' bounds
         if self.budget is not None and self.c_ref <= 0:
             raise BitfoldError("the cost model gives zero cost at the initial widths")
 
@@ -278,8 +316,34 @@ class AdaQATMethod(QuantMethod):
     def cost(self, model):
         return self.cost_model(self.layers, self.layer_bits(model))
 
+    def _product_plan(self, model):
+        """The fused penalty's constants (:class:`ProductCost`) where the cost model has a product
+        form, every width is on the CPU and no width serves two (layer, role) places; else None."""
+        coef_of = getattr(self.cost_model, "coef", None)
+        if coef_of is None or self.layers is None:
+            return None
+        ww, site_of = self.weight_widths(model), self._site_of(model)
+        names = [d.name for d in self.layers]
+        if any(n not in ww or n not in site_of for n in names):
+            return None
+        order = [ww[n] for n in names] + ([site_of[n] for n in names] if self.cost_model.acts else [])
+        if len({id(m) for m in order}) < len(order) or any(m.n.device.type != "cpu" for m in order):
+            return None
+        k = len(names)
+        idx = torch.arange(len(order))
+        return {"widths": order,
+                "coef": torch.tensor([coef_of(d) for d in self.layers], dtype=torch.int64).to(torch.float32),
+                "lo": torch.tensor([m.lo for m in order], dtype=torch.float32),
+                "hi": torch.tensor([m.hi for m in order], dtype=torch.float32),
+                "wi": idx[:k], "ai": idx[k:] if self.cost_model.acts else None}
+
     def cost_loss(self, model) -> torch.Tensor:
-        c = self.cost(model).total
+        plan = self._cached(model, "product", lambda: self._product_plan(model)) if self.fuse_penalty else None
+        if plan is not None and not any(float(m.frozen) > 0 for m in plan["widths"]):
+            c = ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["wi"], plan["ai"],
+                                  *[m.n for m in plan["widths"]])
+        else:
+            c = self.cost(model).total
         if self.budget is not None:
             return self.lam * torch.relu(c - self.budget) / self.budget
         return self.lam * c / self.c_ref

@@ -579,6 +579,56 @@ def test_learned_range_node_trains_as_brevitas_with_penalty_and_freeze(estimator
     assert not any(k.endswith(".n") for k in ga[-1])        # frozen widths have no gradient
 
 
+@pytest.mark.parametrize("net,cost", [("mlp", "bitops"), ("cnn", "weight_bits")])
+def test_fused_penalty_trains_as_the_cost_models_graph(net, cost):
+    """AdaQAT's penalty over a product-form cost (BitOPs, weight bits) as one node (ProductCost):
+    every gradient, the widths' trajectory and the final state equal the cost model's own graph
+    bit for bit, through the widths' steps and the freeze; a model whose activation site feeds two
+    layers (ResNet's residual) keeps the graph."""
+    from bitfold.toolchain.adaqat import ProductCost
+    from bitfold.toolchain.describe import describe_layers
+    from bitfold.toolchain.train import make_optimizer
+    torch.manual_seed(0)
+    shape = (1, 12, 12) if net == "mlp" else (1, 8, 8)
+    x, y = torch.rand(32, *shape), torch.randint(0, 10, (32,))
+    base = build_model(net, shape, 10, bits="w4a4", method="adaqat", cost=cost, lam=2.0)
+    init_activation_stats(base, x, 32)
+    base.quant_method.setup(base, describe_layers(base, shape))
+    runs = []
+    for fused in (True, False):
+        m = copy.deepcopy(base)
+        qm = m.quant_method
+        qm.fuse_penalty = fused
+        opt = make_optimizer(qm.param_groups(m, 1e-2, 0.0))
+        grads, nodes = [], []
+        with fast_quant(m):
+            for step in range(8):
+                if step == 6:
+                    qm.on_epoch_end(m, 0, 1)
+                opt.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                extra = qm.extra_loss(m, step, (x, y), loss)
+                if extra is not None:
+                    nodes.append(type(extra.grad_fn.next_functions[0][0].next_functions[0][0]).__name__)
+                (loss if extra is None else loss + extra).backward()
+                grads.append(_grads(m))
+                opt.step()
+                qm.after_step(m, step)
+        runs.append((grads, m.state_dict(), qm.trajectory, nodes))
+    (ga, sa, ta, na), (gb, sb, tb, nb) = runs
+    assert set(na) == {"ProductCostBackward"} and "ProductCostBackward" not in nb
+    for a, b in zip(ga, gb):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ta == tb and len({r[3] for r in ta}) > 1          # the widths moved
+    res = build_model("resnet20", (3, 16, 16), 10, bits="w4a4", method="adaqat")
+    init_activation_stats(res, torch.rand(4, 3, 16, 16), 4)
+    res.quant_method.setup(res, describe_layers(res, (3, 16, 16)))
+    extra = res.quant_method.extra_loss(res, 1)
+    assert type(extra.grad_fn.next_functions[0][0].next_functions[0][0]).__name__ != "ProductCostBackward"
+    assert ProductCost.__name__ + "Backward" == "ProductCostBackward"
+
+
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("grad_layout", ["row-major", "channels-last"])
 def test_cpp_tanh_normalize_equals_the_operations(ties, grad_layout):
