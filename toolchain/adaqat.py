@@ -337,9 +337,12 @@ class AdaQATMethod(QuantMethod):
                 "hi": torch.tensor([m.hi for m in order], dtype=torch.float32),
                 "wi": idx[:k], "ai": idx[k:] if self.cost_model.acts else None}
 
-    def cost_loss(self, model) -> torch.Tensor:
+    def cost_loss(self, model, any_frozen: bool | None = None) -> torch.Tensor:
+        """The penalty; ``any_frozen``: whether some width is frozen (read here when not given)."""
         plan = self._cached(model, "product", lambda: self._product_plan(model)) if self.fuse_penalty else None
-        if plan is not None and not any(float(m.frozen) > 0 for m in plan["widths"]):
+        if any_frozen is None:
+            any_frozen = any(f > 0 for f in self._frozen_flags(model))
+        if plan is not None and not any_frozen:
             c = ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["wi"], plan["ai"],
                                   *[m.n for m in plan["widths"]])
         else:
@@ -349,17 +352,22 @@ class AdaQATMethod(QuantMethod):
         return self.lam * c / self.c_ref
 
     def frozen(self, model) -> bool:
-        return bool(torch.stack([m.frozen for m in self._all_widths(model)]).gt(0).all())
+        return all(f > 0 for f in self._frozen_flags(model))
+
+    def _frozen_flags(self, model) -> list[float]:
+        """Every width's frozen value (0: learning), in :meth:`_all_widths` order, read in one call."""
+        return torch.stack([m.frozen for m in self._all_widths(model)]).tolist()
 
     def extra_loss(self, model, step, batch=None, task_loss=None):
-        if self.frozen(model):
+        flags = self._frozen_flags(model)
+        if all(f > 0 for f in flags):
             return None
         learn = self._cached(model, "learn", lambda: self._learnable(model))
         if step % 5 == 0:
             for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
                 name = "+".join(key) if isinstance(key, tuple) else key
                 self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped().detach())])
-        loss = self.cost_loss(model)
+        loss = self.cost_loss(model, any_frozen=any(f > 0 for f in flags))
         if self.estimator == "fd" and batch is not None and learn:
             loss = loss + self._fd_surrogate(model, learn, batch, step)
         return loss
