@@ -140,32 +140,27 @@ class ProductCost(torch.autograd.Function):
     width, two products per layer, stack and sum, ~30 nodes and ~0.25 ms a step on the MLP - is
     reproduced float for float: the same forward operations on the same values in the same
     order, and in the backward autograd's own formulas (SumBackward's expand, MulBackward0's
-    ``g * other``, ClampBackward1's ``where(lo <= n <= hi, g, 0)``). Only for a plan in which every
-    width appears once (:meth:`AdaQATMethod._product_plan`): one gradient per width, as the graph
-    gives it."""
+    ``g * other``, ClampBackward1's ``where(lo <= n <= hi, g, 0)``). ``ns``: the layers' weight
+    widths, then (``acts``) their input sites' widths, each width once (:meth:`AdaQATMethod._product_plan`):
+    one gradient per width, as the graph gives it."""
 
     @staticmethod
-    def forward(ctx, coef, lo, hi, wi, ai, *ns):
+    def forward(ctx, coef, lo, hi, acts: bool, *ns):
         n = torch.stack(ns)
         c = n.clamp(lo, hi)
-        x = coef * c[wi]
-        ba = c[ai] if ai is not None else None
-        ctx.save_for_backward(n, lo, hi, coef, x, ba)
-        ctx.wi, ctx.ai = wi, ai
-        return (x * ba if ba is not None else x).sum()
+        k = coef.shape[0]
+        x = coef * c[:k]
+        ba = c[k:] if acts else None
+        ctx.save_for_backward(coef, x, ba, (n >= lo).logical_and_(n <= hi))
+        return (x * ba if acts else x).sum()
 
     @staticmethod
     def backward(ctx, g):
-        n, lo, hi, coef, x, ba = ctx.saved_tensors
+        coef, x, ba, inside = ctx.saved_tensors
         gl = g.expand(x.shape)
-        grad = torch.zeros_like(n)
-        if ba is not None:
-            grad[ctx.ai] = gl * x
-            grad[ctx.wi] = (gl * ba) * coef
-        else:
-            grad[ctx.wi] = gl * coef
-        grad = torch.where((n >= lo).logical_and_(n <= hi), grad, torch.zeros((), dtype=grad.dtype))
-        return (None,) * 5 + tuple(grad.unbind())
+        grad = torch.cat([(gl * ba) * coef, gl * x]) if ba is not None else gl * coef
+        grad = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype))
+        return (None,) * 4 + tuple(grad.unbind())
 
 
 @register_method("adaqat")
@@ -329,13 +324,10 @@ class AdaQATMethod(QuantMethod):
         order = [ww[n] for n in names] + ([site_of[n] for n in names] if self.cost_model.acts else [])
         if len({id(m) for m in order}) < len(order) or any(m.n.device.type != "cpu" for m in order):
             return None
-        k = len(names)
-        idx = torch.arange(len(order))
-        return {"widths": order,
+        return {"widths": order, "acts": bool(self.cost_model.acts),
                 "coef": torch.tensor([coef_of(d) for d in self.layers], dtype=torch.int64).to(torch.float32),
                 "lo": torch.tensor([m.lo for m in order], dtype=torch.float32),
-                "hi": torch.tensor([m.hi for m in order], dtype=torch.float32),
-                "wi": idx[:k], "ai": idx[k:] if self.cost_model.acts else None}
+                "hi": torch.tensor([m.hi for m in order], dtype=torch.float32)}
 
     def cost_loss(self, model, any_frozen: bool | None = None) -> torch.Tensor:
         """The penalty; ``any_frozen``: whether some width is frozen (read here when not given)."""
@@ -343,8 +335,7 @@ class AdaQATMethod(QuantMethod):
         if any_frozen is None:
             any_frozen = any(f > 0 for f in self._frozen_flags(model))
         if plan is not None and not any_frozen:
-            c = ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["wi"], plan["ai"],
-                                  *[m.n for m in plan["widths"]])
+            c = ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["acts"], *[m.n for m in plan["widths"]])
         else:
             c = self.cost(model).total
         if self.budget is not None:
