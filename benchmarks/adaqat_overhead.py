@@ -6,7 +6,8 @@ Both models (batch 64; default the CNN at 8x8) are stepped as the trainer steps 
 the method's parameter groups) in interleaved rounds; the ratio of medians is printed for the STE
 estimator (default) and the finite-difference estimator (2 extra forwards). ``--parts``: two more
 AdaQAT rows, without its cost penalty, and without the penalty and the widths' own step - what those
-two per-step parts cost. Target: AdaQAT(ste) <= 1.25x fixed.
+two per-step parts cost - and one with the penalty as the cost model's graph instead of one node
+(``fuse_penalty=False``: the path before ProductCost). Target: AdaQAT(ste) <= 1.25x fixed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 
 
-def make_step(name, shape, batch, method, penalty=True, width_step=True, **opts):
+def make_step(name, shape, batch, method, penalty=True, width_step=True, fuse_penalty=True, **opts):
     from bitfold.toolchain.describe import describe_layers
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.models import build_model
@@ -30,6 +31,8 @@ def make_step(name, shape, batch, method, penalty=True, width_step=True, **opts)
     init_activation_stats(model, x, batch)
     qm = model.quant_method
     qm.setup(model, describe_layers(model, shape))
+    if hasattr(qm, "fuse_penalty"):
+        qm.fuse_penalty = fuse_penalty
     opt = make_optimizer(qm.param_groups(model, 1e-3, 0.0))
     fused = fast_quant(model)
     fused.__enter__()      # for as long as the step function lives (it holds `fused`)
@@ -63,6 +66,7 @@ def main():
            "adaqat-ste": make_step(net, shape, batch, "adaqat", estimator="ste"),
            "adaqat-fd": make_step(net, shape, batch, "adaqat", estimator="fd")}
     if args.parts:
+        fns["ste-graph-penalty"] = make_step(net, shape, batch, "adaqat", fuse_penalty=False, estimator="ste")
         fns["ste-no-penalty"] = make_step(net, shape, batch, "adaqat", penalty=False, estimator="ste")
         fns["ste-neither"] = make_step(net, shape, batch, "adaqat", penalty=False, width_step=False, estimator="ste")
     from _timing import interleaved
