@@ -101,6 +101,10 @@ def update_shipped(board: str, stored_rows: list, new_rows: list, jobs: set) -> 
     from bitfold.core.atomic import write_json, write_text
     from bitfold.hw_models.store import Measurement
     from bitfold.hw_models.table import fit_table, load_table_file
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for m in new_rows:              # dated as the measurement store dates what it records
+        m.date = m.date or now
     fresh = by_key(new_rows)
     rows, done = [], set()
     for r in stored_rows:
