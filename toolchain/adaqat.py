@@ -335,7 +335,10 @@ class AdaQATMethod(QuantMethod):
         if any_frozen is None:
             any_frozen = any(f > 0 for f in self._frozen_flags(model))
         if plan is not None and not any_frozen:
-            c = ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["acts"], *[m.n for m in plan["widths"]])
+            ns = [m.n for m in plan["widths"]]
+            ops = qkernels.ops_for(plan["coef"])   # the same node in C++ (bitfold_q.product_cost)
+            c = ops.product_cost(plan["coef"], plan["lo"], plan["hi"], plan["acts"], ns) if ops is not None \
+                else ProductCost.apply(plan["coef"], plan["lo"], plan["hi"], plan["acts"], *ns)
         else:
             c = self.cost(model).total
         if self.budget is not None:
@@ -346,8 +349,15 @@ class AdaQATMethod(QuantMethod):
         return all(f > 0 for f in self._frozen_flags(model))
 
     def _frozen_flags(self, model) -> list[float]:
-        """Every width's frozen value (0: learning), in :meth:`_all_widths` order, read in one call."""
-        return torch.stack([m.frozen for m in self._all_widths(model)]).tolist()
+        """Every width's frozen value (0: learning), in :meth:`_all_widths` order: read in one call, and
+        only again when a buffer is another tensor or was written in place (its version counter)."""
+        bufs = [m.frozen for m in self._all_widths(model)]
+        memo = self._walks.setdefault(model, {}).get("frozen")
+        if memo is None or any(a is not b or v != b._version for a, v, b in zip(memo[0], memo[1], bufs)) \
+                or len(memo[0]) != len(bufs):
+            memo = (bufs, [b._version for b in bufs], torch.stack(bufs).tolist())
+            self._walks[model]["frozen"] = memo
+        return memo[2]
 
     def extra_loss(self, model, step, batch=None, task_loss=None):
         flags = self._frozen_flags(model)

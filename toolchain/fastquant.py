@@ -397,6 +397,19 @@ class LearnedPlan:
     relu: bool
     ste_clamp: bool
     chain: LearnedChain | None = None
+    #: the width's frozen value as last read, with the buffer and its version counter it was read
+    #: from (:func:`frozen_value`): a frozen width changes only through an in-place write or a new buffer
+    seen: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def frozen_value(buf: torch.Tensor, memo: dict) -> float:
+    """``float(buf)`` of a 0-dim buffer, read from the tensor again only when it is another tensor or
+    its version counter moved (an in-place write: ``fill_``, ``load_state_dict``'s copy): a read is a
+    device sync and, inside a training step, ~5-10 us."""
+    last = memo.get("buf")
+    if last is not buf or memo["version"] != buf._version:
+        memo["buf"], memo["version"], memo["value"] = buf, buf._version, float(buf)
+    return memo["value"]
 
 
 @dataclass(frozen=True)
@@ -649,7 +662,7 @@ def _learned_range(ops, p: LearnedPlan):
     width whose gradient would have three parts, tensors of another kind)."""
     bwm, ch, sc = p.tq.msb_clamp_bit_width_impl, p.chain, p.tq.scaling_impl
     n = bwm.n
-    frozen = float(bwm.frozen)
+    frozen = frozen_value(bwm.frozen, p.seen)
     if bwm.override is not None or (frozen <= 0 and bwm.estimator != "ste") \
             or (frozen <= 0 and n.requires_grad and not ch.width_grad):
         return None

@@ -12,11 +12,12 @@
 //
 // Also nodes whose reference is a method's own tensor operations rather than a Python Function: AdaQAT's
 // learned range and scale (learned_scale: the formulas autograd applies to Brevitas's scalar modules) and
-// weight normalisation (tanh_normalize), ASQ's POST weight (post_snap) - each tested against those operations.
+// weight normalisation (tanh_normalize) and product-form cost penalty (product_cost), ASQ's POST weight
+// (post_snap) - each tested against those operations.
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / learned_scale / tanh_normalize / post_snap.
+// row_stats / learned_scale / tanh_normalize / post_snap / product_cost.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -796,6 +797,39 @@ Tensor quant_absmax(const Tensor& w, bool per_channel, at::IntArrayRef stats_sha
     return QuantAbsMax::apply(w, per_channel, stats_shape.vec(), min_val, thr, lo, hi, ste_clamp);
 }
 
+// AdaQAT's product-form penalty (adaqat.ProductCost): sum_l coef_l * b_w[l] (* b_a[l]) over the widths clamped to
+// their bounds, ns = the layers' weight widths then (acts) their sites' widths, each once. The same ATen calls as
+// the Python Function (stack, clamp, the two products, sum; backward: SumBackward's expand, MulBackward0's
+// g * other, ClampBackward1's where), made from C++.
+struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& coef, const Tensor& lo, const Tensor& hi, bool acts,
+                          const at::TensorList& ns) {
+        const Tensor n = at::stack(ns);
+        const Tensor c = at::clamp(n, lo, hi);
+        const int64_t k = coef.size(0);
+        const Tensor x = coef * c.slice(0, 0, k);
+        const Tensor ba = acts ? c.slice(0, k) : Tensor();
+        ctx->save_for_backward({coef, x, ba, at::logical_and(at::ge(n, lo), at::le(n, hi))});
+        ctx->saved_data["count"] = (int64_t)ns.size();
+        return (acts ? x * ba : x).sum();
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &coef = saved[0], &x = saved[1], &ba = saved[2], &inside = saved[3];
+        const Tensor gl = grads[0].expand(x.sizes());
+        Tensor grad = ba.defined() ? at::cat({(gl * ba) * coef, gl * x}) : gl * coef;
+        grad = at::where(inside, grad, at::zeros({}, grad.options()));
+        variable_list out = {Tensor(), Tensor(), Tensor(), Tensor()};
+        for (const Tensor& t : grad.unbind()) out.push_back(t);
+        return out;
+    }
+};
+
+Tensor product_cost(const Tensor& coef, const Tensor& lo, const Tensor& hi, bool acts, at::TensorList ns) {
+    return ProductCostNode::apply(coef, lo, hi, acts, ns);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bitfold_q, m) {
@@ -814,4 +848,5 @@ TORCH_LIBRARY(bitfold_q, m) {
           &learned_scale);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
+    m.def("product_cost(Tensor coef, Tensor lo, Tensor hi, bool acts, Tensor[] ns) -> Tensor", &product_cost);
 }

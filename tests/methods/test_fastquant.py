@@ -579,14 +579,18 @@ def test_learned_range_node_trains_as_brevitas_with_penalty_and_freeze(estimator
     assert not any(k.endswith(".n") for k in ga[-1])        # frozen widths have no gradient
 
 
+@pytest.mark.parametrize("node", ["cpp", "python"])
 @pytest.mark.parametrize("net,cost", [("mlp", "bitops"), ("cnn", "weight_bits")])
-def test_fused_penalty_trains_as_the_cost_models_graph(net, cost):
+def test_fused_penalty_trains_as_the_cost_models_graph(net, cost, node):
     """AdaQAT's penalty over a product-form cost (BitOPs, weight bits) as one node (ProductCost):
     every gradient, the widths' trajectory and the final state equal the cost model's own graph
     bit for bit, through the widths' steps and the freeze; a model whose activation site feeds two
     layers (ResNet's residual) keeps the graph."""
+    from bitfold.toolchain import qkernels
     from bitfold.toolchain.adaqat import ProductCost
     from bitfold.toolchain.describe import describe_layers
+    assert qkernels.ops() is not None, qkernels.status()
+    prev = qkernels.set_nodes_enabled(node == "cpp")
     from bitfold.toolchain.train import make_optimizer
     torch.manual_seed(0)
     shape = (1, 12, 12) if net == "mlp" else (1, 8, 8)
@@ -609,14 +613,16 @@ def test_fused_penalty_trains_as_the_cost_models_graph(net, cost):
                 loss = F.cross_entropy(m(x), y)
                 extra = qm.extra_loss(m, step, (x, y), loss)
                 if extra is not None:
-                    nodes.append(type(extra.grad_fn.next_functions[0][0].next_functions[0][0]).__name__)
+                    nodes.append(extra.grad_fn.next_functions[0][0].next_functions[0][0].name())
                 (loss if extra is None else loss + extra).backward()
                 grads.append(_grads(m))
                 opt.step()
                 qm.after_step(m, step)
         runs.append((grads, m.state_dict(), qm.trajectory, nodes))
+    qkernels.set_nodes_enabled(prev)
     (ga, sa, ta, na), (gb, sb, tb, nb) = runs
-    assert set(na) == {"ProductCostBackward"} and "ProductCostBackward" not in nb
+    want = "ProductCostNode>" if node == "cpp" else "ProductCostBackward"
+    assert len(set(na)) == 1 and na[0].endswith(want) and not any("ProductCost" in n for n in nb)
     for a, b in zip(ga, gb):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -625,7 +631,7 @@ def test_fused_penalty_trains_as_the_cost_models_graph(net, cost):
     init_activation_stats(res, torch.rand(4, 3, 16, 16), 4)
     res.quant_method.setup(res, describe_layers(res, (3, 16, 16)))
     extra = res.quant_method.extra_loss(res, 1)
-    assert type(extra.grad_fn.next_functions[0][0].next_functions[0][0]).__name__ != "ProductCostBackward"
+    assert "ProductCost" not in extra.grad_fn.next_functions[0][0].next_functions[0][0].name()
     assert ProductCost.__name__ + "Backward" == "ProductCostBackward"
 
 
