@@ -399,7 +399,15 @@ class AdaQATMethod(QuantMethod):
     def after_step(self, model, step):
         widths = [m.n for m in self._cached(model, "learn", lambda: self._learnable(model))]
         with torch.no_grad():
-            if self.bit_opt == "sgd":
+            ops = qkernels.ops_for(widths[0]) if widths and self.bit_opt == "sgd" else None
+            if ops is not None:
+                # the same multi-tensor operations as below, called from C++ (bitfold_q.width_step)
+                live = [n for n in widths if n.grad is not None]
+                ops.width_step(live, [n.grad for n in live], self.bit_lr, MAX_BIT_STEP, widths, self.min_bits,
+                               self.max_bits)
+                for n in live:
+                    n.grad = None
+            elif self.bit_opt == "sgd":
                 # frozen widths no longer require grad, so they have none
                 # (multi-tensor operations: the same per-width arithmetic as a loop, in one call each)
                 live = [n for n in widths if n.grad is not None]
@@ -412,7 +420,7 @@ class AdaQATMethod(QuantMethod):
                     torch._foreach_sub_(live, torch._foreach_mul(steps, k))
                     for n in live:
                         n.grad = None
-            if widths:
+            if widths and ops is None:
                 torch._foreach_clamp_min_(widths, self.min_bits)
                 torch._foreach_clamp_max_(widths, self.max_bits)
             for m in self.capped:

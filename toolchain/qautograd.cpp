@@ -17,7 +17,7 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / learned_scale / tanh_normalize / post_snap / product_cost.
+// row_stats / learned_scale / tanh_normalize / post_snap / product_cost / width_step.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -830,6 +830,62 @@ Tensor product_cost(const Tensor& coef, const Tensor& lo, const Tensor& hi, bool
     return ProductCostNode::apply(coef, lo, hi, acts, ns);
 }
 
+// AdaQAT's step of its widths (AdaQATMethod.after_step, bit_opt "sgd"): steps = grad * lr, one clip for all
+// (the largest move max_step), then every width clamped to [lo, hi]. The multi-tensor operations of the Python
+// loop cost ~2 us a width and operation even from C++; for 0-dim float32 CPU widths and gradients (AdaQAT's) the
+// same float arithmetic is done here on the values - ATen's per element: mul by the scalar as float, max over
+// |step| (NaN if any is NaN), the clip factor in double as Python computes it, a float product and difference,
+// clamp_min / clamp_max keeping NaN - and written back with fill_ where a value changed. Other tensors: the
+// multi-tensor operations.
+void width_step(at::TensorList live, at::TensorList grads, double lr, double max_step, at::TensorList widths,
+                double lo, double hi) {
+    at::NoGradGuard no_grad;
+    bool direct = true;
+    for (const Tensor& t : live) direct = direct && scalar_f32(t);
+    for (const Tensor& t : grads) direct = direct && t.defined() && scalar_f32(t);
+    for (const Tensor& t : widths) direct = direct && scalar_f32(t);
+    if (!direct) {
+        if (!live.empty()) {
+            const auto steps = at::_foreach_mul(grads, lr);
+            const double biggest = at::stack(at::_foreach_abs(steps)).max().item<double>();
+            const double k = biggest > 0 ? std::min(1.0, max_step / biggest) : 1.0;
+            at::_foreach_sub_(live, at::_foreach_mul(steps, k));
+        }
+        if (!widths.empty()) {
+            at::_foreach_clamp_min_(widths, lo);
+            at::_foreach_clamp_max_(widths, hi);
+        }
+        return;
+    }
+    const size_t n = live.size();
+    if (n) {
+        std::vector<float> st(n);
+        const float lrf = (float)lr;
+        float big = 0.0f;
+        bool nan = false;
+        for (size_t i = 0; i < n; ++i) {
+            st[i] = fval(grads[i]) * lrf;
+            const float a = std::fabs(st[i]);
+            if (std::isnan(a)) nan = true;
+            else if (a > big) big = a;
+        }
+        const double biggest = nan ? NAN : (double)big;
+        const double k = biggest > 0 ? std::min(1.0, max_step / biggest) : 1.0;
+        const float kf = (float)k;
+        for (size_t i = 0; i < n; ++i) {
+            const float d = st[i] * kf;
+            live[i].fill_(fval(live[i]) - d);
+        }
+    }
+    const float lof = (float)lo, hif = (float)hi;
+    for (const Tensor& t : widths) {
+        const float v = fval(t);
+        const float c1 = std::isnan(v) ? v : std::max(v, lof);
+        const float c2 = std::isnan(c1) ? c1 : std::min(c1, hif);
+        if (c2 != v && !std::isnan(v)) t.fill_(c2);   // (NaN stays NaN)
+    }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bitfold_q, m) {
@@ -849,4 +905,7 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
     m.def("product_cost(Tensor coef, Tensor lo, Tensor hi, bool acts, Tensor[] ns) -> Tensor", &product_cost);
+    m.def("width_step(Tensor(a!)[] live, Tensor[] grads, float lr, float max_step, Tensor(b!)[] widths, float lo, "
+          "float hi) -> ()",
+          &width_step);
 }

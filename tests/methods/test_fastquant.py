@@ -655,3 +655,30 @@ def test_cpp_tanh_normalize_equals_the_operations(ties, grad_layout):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     t = torch.tanh(w).abs()
     assert int((t == t.max()).sum()) == (2 if ties else 1)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["unclipped", "clipped"])
+def test_cpp_width_step_equals_the_multi_tensor_operations(scale):
+    """AdaQAT's widths' step in C++ (bitfold_q.width_step) against the Python multi-tensor operations it
+    replaces: the same widths after 30 steps, with and without the one clip, widths at both bounds."""
+    from bitfold.toolchain import qkernels
+    from bitfold.toolchain.adaqat import MAX_BIT_STEP
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    g = torch.Generator().manual_seed(3)
+    init = [torch.tensor(v) for v in (2.0, 7.99, 4.3, 8.0, 3.1)]
+    a = [t.clone() for t in init]
+    b = [t.clone() for t in init]
+    for _ in range(30):
+        grads = [torch.randn((), generator=g) * scale for _ in init]
+        live = [0, 2, 3, 4]                   # one width without a gradient (frozen)
+        ops.width_step([a[i] for i in live], [grads[i] for i in live], 0.7, MAX_BIT_STEP, a, 2.0, 8.0)
+        steps = torch._foreach_mul([grads[i] for i in live], 0.7)
+        biggest = float(torch.stack(torch._foreach_abs(steps)).max())
+        k = min(1.0, MAX_BIT_STEP / biggest) if biggest > 0 else 1.0
+        torch._foreach_sub_([b[i] for i in live], torch._foreach_mul(steps, k))
+        torch._foreach_clamp_min_(b, 2.0)
+        torch._foreach_clamp_max_(b, 8.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, init))
+    assert torch.equal(a[1], init[1])         # no gradient: only clamped
