@@ -31,9 +31,13 @@ from pathlib import Path
 TABLES = Path(__file__).resolve().parents[1] / "hw_models" / "tables"
 
 
+def _fields(r) -> dict:
+    return r if isinstance(r, dict) else r.__dict__
+
+
 def block_key(r) -> tuple:
     """(shape, b_w, b_a, b_out) of a calibration row (a dict or a Measurement)."""
-    r = r if isinstance(r, dict) else r.__dict__
+    r = _fields(r)
     return (r["in_features"], r["out_features"]), r["b_w"], r["b_a"], r["extra"].get("b_out")
 
 
@@ -47,8 +51,7 @@ def by_key(rows) -> dict:
 
 def by_block(rows) -> dict:
     """block -> {metric: value} of calibration rows (dicts or Measurements)."""
-    return {k: {(r if isinstance(r, dict) else r.__dict__)["metric"]: (r if isinstance(r, dict) else r.__dict__)["value"]
-                for r in v} for k, v in by_key(rows).items()}
+    return {k: {_fields(r)["metric"]: _fields(r)["value"] for r in v} for k, v in by_key(rows).items()}
 
 
 def main(argv=None):

@@ -253,10 +253,9 @@ class Folding:
         stages moved to the parallel compare (logic instead of level memories) until the estimate
         fits or none is left: the fewest thresholds first (the cheapest compare in logic), then
         the most block RAM saved."""
-        plan = self
-        if plan.brams(im, family) <= budget:
-            return plan
-        cands = []
+        if self.brams(im, family) <= budget:
+            return self
+        plan, cands = self, []
         for st in im.mvaus:
             pe, simd = self.of(st.name)
             save = estimate_brams(st, pe, simd, family) - estimate_brams(st, pe, simd, family, parallel=True)

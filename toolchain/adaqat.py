@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from bitfold.toolchain import qkernels
+from bitfold.toolchain.fastquant import frozen_value
 from bitfold.toolchain.bitmap import LayerBits
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import QuantMethod, act_sites, bake_parametrizations, compute_layers, register_method
@@ -329,12 +330,9 @@ class AdaQATMethod(QuantMethod):
                 "lo": torch.tensor([m.lo for m in order], dtype=torch.float32),
                 "hi": torch.tensor([m.hi for m in order], dtype=torch.float32)}
 
-    def cost_loss(self, model, any_frozen: bool | None = None) -> torch.Tensor:
-        """The penalty; ``any_frozen``: whether some width is frozen (read here when not given)."""
+    def cost_loss(self, model) -> torch.Tensor:
         plan = self._cached(model, "product", lambda: self._product_plan(model)) if self.fuse_penalty else None
-        if any_frozen is None:
-            any_frozen = any(f > 0 for f in self._frozen_flags(model))
-        if plan is not None and not any_frozen:
+        if plan is not None and not any(f > 0 for f in self._frozen_flags(model)):
             ns = [m.n for m in plan["widths"]]
             ops = qkernels.ops_for(plan["coef"])   # the same node in C++ (bitfold_q.product_cost)
             c = ops.product_cost(plan["coef"], plan["lo"], plan["hi"], plan["acts"], ns) if ops is not None \
@@ -349,26 +347,21 @@ class AdaQATMethod(QuantMethod):
         return all(f > 0 for f in self._frozen_flags(model))
 
     def _frozen_flags(self, model) -> list[float]:
-        """Every width's frozen value (0: learning), in :meth:`_all_widths` order: read in one call, and
-        only again when a buffer is another tensor or was written in place (its version counter)."""
-        bufs = [m.frozen for m in self._all_widths(model)]
-        memo = self._walks.setdefault(model, {}).get("frozen")
-        if memo is None or any(a is not b or v != b._version for a, v, b in zip(memo[0], memo[1], bufs)) \
-                or len(memo[0]) != len(bufs):
-            memo = (bufs, [b._version for b in bufs], torch.stack(bufs).tolist())
-            self._walks[model]["frozen"] = memo
-        return memo[2]
+        """Every width's frozen value (0: learning), in :meth:`_all_widths` order, each read from its
+        buffer again only after a write (:func:`~bitfold.toolchain.fastquant.frozen_value`)."""
+        widths = self._all_widths(model)
+        memos = self._cached(model, "frozen", lambda: [{} for _ in widths])
+        return [frozen_value(m.frozen, d) for m, d in zip(widths, memos)]
 
     def extra_loss(self, model, step, batch=None, task_loss=None):
-        flags = self._frozen_flags(model)
-        if all(f > 0 for f in flags):
+        if self.frozen(model):
             return None
         learn = self._cached(model, "learn", lambda: self._learnable(model))
         if step % 5 == 0:
             for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
                 name = "+".join(key) if isinstance(key, tuple) else key
                 self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped().detach())])
-        loss = self.cost_loss(model, any_frozen=any(f > 0 for f in flags))
+        loss = self.cost_loss(model)
         if self.estimator == "fd" and batch is not None and learn:
             loss = loss + self._fd_surrogate(model, learn, batch, step)
         return loss
@@ -400,26 +393,22 @@ class AdaQATMethod(QuantMethod):
         widths = [m.n for m in self._cached(model, "learn", lambda: self._learnable(model))]
         with torch.no_grad():
             ops = qkernels.ops_for(widths[0]) if widths and self.bit_opt == "sgd" else None
-            if ops is not None:
-                # the same multi-tensor operations as below, called from C++ (bitfold_q.width_step)
-                live = [n for n in widths if n.grad is not None]
-                ops.width_step(live, [n.grad for n in live], self.bit_lr, MAX_BIT_STEP, widths, self.min_bits,
-                               self.max_bits)
-                for n in live:
-                    n.grad = None
-            elif self.bit_opt == "sgd":
+            if self.bit_opt == "sgd":
                 # frozen widths no longer require grad, so they have none
-                # (multi-tensor operations: the same per-width arithmetic as a loop, in one call each)
                 live = [n for n in widths if n.grad is not None]
-                if live:
+                if ops is not None:   # step and clamp in one C++ call (bitfold_q.width_step), the same floats
+                    ops.width_step(live, [n.grad for n in live], self.bit_lr, MAX_BIT_STEP, widths, self.min_bits,
+                                   self.max_bits)
+                elif live:
+                    # multi-tensor operations: the same per-width arithmetic as a loop, in one call each
                     steps = torch._foreach_mul([n.grad for n in live], self.bit_lr)
                     # one clip for all widths (largest move MAX_BIT_STEP per step): the relative sizes,
                     # which carry the cost's relative prices, are kept
                     biggest = float(torch.stack(torch._foreach_abs(steps)).max())
                     k = min(1.0, MAX_BIT_STEP / biggest) if biggest > 0 else 1.0
                     torch._foreach_sub_(live, torch._foreach_mul(steps, k))
-                    for n in live:
-                        n.grad = None
+                for n in live:
+                    n.grad = None
             if widths and ops is None:
                 torch._foreach_clamp_min_(widths, self.min_bits)
                 torch._foreach_clamp_max_(widths, self.max_bits)

@@ -810,7 +810,6 @@ struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
         const Tensor x = coef * c.slice(0, 0, k);
         const Tensor ba = acts ? c.slice(0, k) : Tensor();
         ctx->save_for_backward({coef, x, ba, at::logical_and(at::ge(n, lo), at::le(n, hi))});
-        ctx->saved_data["count"] = (int64_t)ns.size();
         return (acts ? x * ba : x).sum();
     }
 
@@ -880,9 +879,9 @@ void width_step(at::TensorList live, at::TensorList grads, double lr, double max
     const float lof = (float)lo, hif = (float)hi;
     for (const Tensor& t : widths) {
         const float v = fval(t);
-        const float c1 = std::isnan(v) ? v : std::max(v, lof);
-        const float c2 = std::isnan(c1) ? c1 : std::min(c1, hif);
-        if (c2 != v && !std::isnan(v)) t.fill_(c2);   // (NaN stays NaN)
+        if (std::isnan(v)) continue;   // clamp keeps NaN
+        const float c = std::min(std::max(v, lof), hif);
+        if (c != v) t.fill_(c);
     }
 }
 
