@@ -29,7 +29,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from bitfold.toolchain.adq import ADQMethod, assign
 from bitfold.toolchain import qkernels
-from bitfold.toolchain.fastquant import keep_in_range
+from bitfold.toolchain.fastquant import frozen_value, keep_in_range
 from bitfold.core.errors import BitfoldError
 from bitfold.toolchain.quant import act_sites, register_method
 
@@ -144,6 +144,7 @@ class ASQAct(nn.Module):
         self.n = -self.p if signed else 0
         self.log_s = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._init_seen: dict = {}   # frozen_value's memo of ``initialized`` (a read is ~5 us in a step)
         self.adapter = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
         nn.init.zeros_(self.adapter[2].weight)
         nn.init.zeros_(self.adapter[2].bias)
@@ -172,7 +173,7 @@ class ASQAct(nn.Module):
         return self.log_s.exp()
 
     def forward(self, x):
-        if not bool(self.initialized):
+        if not frozen_value(self.initialized, self._init_seen):
             first = math.log(float(x.detach().abs().max().clamp_min(1e-6)) / self.p)
             if not self.training:  # e.g. a shape probe on zeros: do not fix the step from it
                 s = torch.tensor(math.exp(first))
@@ -206,13 +207,14 @@ class POSTWeight(nn.Module):
         self.register_buffer("unit_levels", torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values)
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._init_seen: dict = {}   # frozen_value's memo of ``initialized``
 
     @property
     def codebook(self) -> torch.Tensor:
         return (self.alpha * self.unit_levels).detach()
 
     def forward(self, w):
-        if not bool(self.initialized):
+        if not frozen_value(self.initialized, self._init_seen):
             with torch.no_grad():
                 self.alpha.fill_(float(w.detach().abs().max().clamp_min(1e-8)))
                 self.initialized.fill_(True)

@@ -397,6 +397,7 @@ class LearnedPlan:
     relu: bool
     ste_clamp: bool
     chain: LearnedChain | None = None
+    width: nn.Module | None = None    # tq's bit-width module (LearnedBitWidth)
     #: the width's frozen value as last read, with the buffer and its version counter it was read
     #: from (:func:`frozen_value`): a frozen width changes only through an in-place write or a new buffer
     seen: dict = field(default_factory=dict, compare=False, repr=False)
@@ -545,7 +546,7 @@ def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
     if switchable is None:
-        return LearnedPlan(tq, False, ste, _learned_chain(tq, False, ste))
+        return LearnedPlan(tq, False, ste, _learned_chain(tq, False, ste), tq.msb_clamp_bit_width_impl)
     sc = tq.scaling_impl
     learned = _is(sc, "ParameterFromStatsFromParameterScaling")
     if not (_is(sc, "StatsFromParameterScaling") or learned and not sc.local_loss_mode):
@@ -602,7 +603,7 @@ def act_plan(site) -> ActPlan:
     if not _is(sc, "ParameterFromRuntimeStatsScaling") or sc.local_loss_mode:
         raise _NotFusable(f"activation scale {type(sc).__name__}")
     if switchable is None:   # a learned width: its range and scale computed at every call
-        return LearnedPlan(tq, relu, ste, _learned_chain(tq, True, ste))
+        return LearnedPlan(tq, relu, ste, _learned_chain(tq, True, ste), tq.msb_clamp_bit_width_impl)
     if not (_float_restrict(sc.restrict_scaling.restrict_value_impl)
             and _float_restrict(sc.restrict_threshold.restrict_value_impl)
             and _is(sc.restrict_scale_threshold.restrict_value_impl, "Identity")
@@ -635,17 +636,17 @@ def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = No
 
 
 def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
-    """The quantized tensor of a learned-width quantizer: the scale and the bounds from the C++ node of
-    its :class:`LearnedChain` (:func:`_learned_range`) where it applies, else the width, the integer
-    threshold, the scale and the bounds from its Brevitas modules in Brevitas's order
+    """The quantized tensor of a learned-width quantizer: the scale, the bounds and the quantized tensor
+    from one C++ node (``bitfold_q.quant_learned``: ``learned_scale``'s and ``quant_range``'s
+    operations, :func:`_learned_args`) where its :class:`LearnedChain` applies, else the width, the
+    integer threshold, the scale and the bounds from its Brevitas modules in Brevitas's order
     (``RescalingIntQuant`` then ``IntQuant.to_int``), so that the width's gradient is summed from the
     same parts in the same order; then the fused tensor step."""
-    tq = p.tq
     ops = _native(x, x)
-    ranged = _learned_range(ops, p) if ops is not None and p.chain is not None else None
-    if ranged is not None:
-        s, lo, hi = ranged
-        return ops.quant_range(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
+    args = _learned_args(p) if ops is not None and p.chain is not None else None
+    if args is not None:
+        return ops.quant_learned(x, *args, p.relu, p.ste_clamp)
+    tq = p.tq
     bw = tq.msb_clamp_bit_width_impl()
     s = tq.scaling_impl(x, tq.int_scaling_impl(bw))
     lo = tq.int_quant.min_int(bw)
@@ -656,22 +657,24 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
 
 
-def _learned_range(ops, p: LearnedPlan):
-    """(s, lo, hi) of a learned-width quantizer from the C++ node (``bitfold_q.learned_scale``), or None
-    where its width is not in a state the node computes (the finite-difference estimator's widths, a
-    width whose gradient would have three parts, tensors of another kind)."""
-    bwm, ch, sc = p.tq.msb_clamp_bit_width_impl, p.chain, p.tq.scaling_impl
-    n = bwm.n
+def _scalar_f32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.dim() == 0 and t.is_cpu
+
+
+def _learned_args(p: LearnedPlan):
+    """The C++ node's arguments after the tensor (``bitfold_q.learned_scale``'s: the width, the
+    activation's learned scale, the chain's constants and the frozen width), or None where its width
+    is not in a state the node computes (the finite-difference estimator's widths, a width whose
+    gradient would have three parts, tensors of another kind)."""
+    bwm, ch = p.width, p.chain
     frozen = frozen_value(bwm.frozen, p.seen)
-    if bwm.override is not None or (frozen <= 0 and bwm.estimator != "ste") \
-            or (frozen <= 0 and n.requires_grad and not ch.width_grad):
+    n = bwm.n
+    if bwm.override is not None or (frozen <= 0 and (bwm.estimator != "ste" or n.requires_grad and not ch.width_grad)):
         return None
-    value = sc.value if ch.const_scale is None else None
-    for t in (n, value):
-        if t is not None and (t.dtype != torch.float32 or t.dim() != 0 or t.device.type != "cpu"):
-            return None
-    return ops.learned_scale(n, value, ch.signed, ch.narrow, ch.const_scale or 0.0, ch.min_val, bwm.lo, bwm.hi,
-                             frozen if frozen > 0 else 0.0)
+    value = p.tq.scaling_impl.value if ch.const_scale is None else None
+    if not _scalar_f32(n) or value is not None and not _scalar_f32(value):
+        return None
+    return n, value, ch.signed, ch.narrow, ch.const_scale or 0.0, ch.min_val, bwm.lo, bwm.hi, frozen if frozen > 0 else 0.0
 
 
 def fused_act(x: torch.Tensor, value: torch.Tensor, p: ActPlan) -> torch.Tensor:

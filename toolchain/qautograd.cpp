@@ -17,7 +17,7 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / learned_scale / tanh_normalize / post_snap / product_cost / width_step.
+// row_stats / learned_scale / quant_learned / tanh_normalize / post_snap / product_cost / width_step.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -367,6 +367,91 @@ struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
     }
 };
 
+// What QuantTensorRange's forward decided and the bounds it read, for its backward.
+struct RangeConfig {
+    bool relu, ste, none_below, kernel;
+    double lo, hi;
+};
+
+// QuantTensorRange's backward on its saved tensors (kernel: x, s, lo, hi; else y, s, c, q, lo, hi, r): the
+// gradients of x, s, lo and hi, each undefined where not needed.
+variable_list range_grads(const Tensor& g, const variable_list& saved, const RangeConfig& cfg, bool need_x, bool need_s,
+                          bool need_lo, bool need_hi) {
+    const bool relu = cfg.relu, ste = cfg.ste, none_below = cfg.none_below, kernel = cfg.kernel;
+    variable_list out(4);
+    Tensor y, s, c, q, lo, hi, r;
+    if (kernel) {
+        const Tensor& x = saved[0];
+        s = saved[1];
+        lo = saved[2];
+        hi = saved[3];
+        if (grad_fits(g, x)) {
+            const Layout lay = layout(x, s);
+            const float lof = (float)cfg.lo, hif = (float)cfg.hi;
+            Tensor grad_s;
+            if (ste) {
+                grads_kernel(x, g, s, lay, cfg.lo, cfg.hi, relu, 0, need_x, need_s, out[0], grad_s);
+                out[1] = grad_s;
+                return out;
+            }
+            // only the gradients needed (none of ``below`` where nothing can be below lo)
+            const bool want_lo = need_lo && !none_below;
+            const auto alloc = [&](bool want) { return want ? at::empty_like(x) : Tensor(); };
+            Tensor gx = alloc(need_x), p1 = alloc(need_s), p2 = alloc(need_s), above = alloc(need_hi),
+                   below = alloc(want_lo);
+            const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
+            float* o[5] = {fptr(gx), fptr(p1), fptr(p2), fptr(above), fptr(below)};
+            split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
+                const auto at_off = [&](float* p) { return p ? p + off : nullptr; };
+                bfq_backward_range(xp + off, gp + off, rows, len, sp + (lay.per_row ? row : 0), lay.per_row, lof,
+                                   hif, relu, at_off(o[0]), at_off(o[1]), at_off(o[2]), at_off(o[3]), at_off(o[4]));
+            });
+            if (need_x) out[0] = gx;
+            if (need_s) out[1] = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
+            if (need_lo) out[2] = none_below ? at::zeros_like(lo) : at::sum_to(below, lo.sizes());
+            if (need_hi) out[3] = at::sum_to(above, hi.sizes());
+            return out;
+        }
+        // a gradient in another layout: the operations below, on the forward's values recomputed
+        const Quantized o = quantize_ops(x, s, lo, hi, relu);
+        y = o.y;
+        q = o.q;
+        c = o.c;
+        if (relu) r = o.r;
+    } else {
+        y = saved[0];
+        s = saved[1];
+        c = saved[2];
+        q = saved[3];
+        lo = saved[4];
+        hi = saved[5];
+        r = saved[6];
+    }
+    const Tensor g2 = g * s;
+    Tensor grad_q;
+    if (ste) {
+        grad_q = g2;
+    } else {
+        // where(q > hi, g2, 0) and where(q < lo, g2, 0); g2 minus both is g2 inside the range, 0 outside
+        const Tensor above = at::threshold_backward(g2, q - hi, 0);
+        if (none_below) {   // where(q < lo, g2, 0) is all zeros: its sum is exactly 0
+            grad_q = g2 - above;
+            if (need_lo) out[2] = at::zeros_like(lo);
+        } else {
+            const Tensor below = at::threshold_backward(g2, lo - q, 0);
+            grad_q = g2 - above - below;
+            if (need_lo) out[2] = at::sum_to(below, lo.sizes());
+        }
+        if (need_hi) out[3] = at::sum_to(above, hi.sizes());
+    }
+    if (need_x) {
+        out[0] = grad_q / s;
+        if (relu) out[0] = at::threshold_backward(out[0], r, 0);
+    }
+    if (need_s) out[1] = at::sum_to(g * c, s.sizes()) - at::sum_to(grad_q * (y / s), s.sizes());
+    return out;
+}
+
 // fastquant._QuantTensorRange: clamp(round(relu?(x) / s), lo, hi) * s with a scale and bounds that are tensors
 // computed under autograd (a learned width's: AdaQAT); the bounds get the clamp's gradients (the parts of g * s
 // cut above hi and below lo, summed to their shapes), none under a straight-through clamp.
@@ -387,83 +472,11 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const Tensor& g = grads[0];
         const auto cfg = ctx->saved_data["c"].toDoubleVector();
-        const bool relu = cfg[0] != 0.0, ste = cfg[1] != 0.0, none_below = cfg[2] != 0.0, kernel = cfg[3] != 0.0;
-        const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
-        const bool need_lo = ctx->needs_input_grad(2), need_hi = ctx->needs_input_grad(3);
-        const auto saved = ctx->get_saved_variables();
-        variable_list out(7);
-        Tensor y, s, c, q, lo, hi, r;
-        if (kernel) {
-            const Tensor& x = saved[0];
-            s = saved[1];
-            lo = saved[2];
-            hi = saved[3];
-            if (grad_fits(g, x)) {
-                const Layout lay = layout(x, s);
-                const float lof = (float)cfg[4], hif = (float)cfg[5];
-                Tensor grad_s;
-                if (ste) {
-                    grads_kernel(x, g, s, lay, cfg[4], cfg[5], relu, 0, need_x, need_s, out[0], grad_s);
-                    out[1] = grad_s;
-                    return out;
-                }
-                // only the gradients needed (none of ``below`` where nothing can be below lo)
-                const bool want_lo = need_lo && !none_below;
-                const auto alloc = [&](bool want) { return want ? at::empty_like(x) : Tensor(); };
-                Tensor gx = alloc(need_x), p1 = alloc(need_s), p2 = alloc(need_s), above = alloc(need_hi),
-                       below = alloc(want_lo);
-                const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>();
-                float* o[5] = {fptr(gx), fptr(p1), fptr(p2), fptr(above), fptr(below)};
-                split(lay, [&](int64_t row, int64_t rows, int64_t off, int64_t len) {
-                    const auto at_off = [&](float* p) { return p ? p + off : nullptr; };
-                    bfq_backward_range(xp + off, gp + off, rows, len, sp + (lay.per_row ? row : 0), lay.per_row, lof,
-                                       hif, relu, at_off(o[0]), at_off(o[1]), at_off(o[2]), at_off(o[3]), at_off(o[4]));
-                });
-                if (need_x) out[0] = gx;
-                if (need_s) out[1] = at::sum_to(p1, s.sizes()) - at::sum_to(p2, s.sizes());
-                if (need_lo) out[2] = none_below ? at::zeros_like(lo) : at::sum_to(below, lo.sizes());
-                if (need_hi) out[3] = at::sum_to(above, hi.sizes());
-                return out;
-            }
-            // a gradient in another layout: the operations below, on the forward's values recomputed
-            const Quantized o = quantize_ops(x, s, lo, hi, relu);
-            y = o.y;
-            q = o.q;
-            c = o.c;
-            if (relu) r = o.r;
-        } else {
-            y = saved[0];
-            s = saved[1];
-            c = saved[2];
-            q = saved[3];
-            lo = saved[4];
-            hi = saved[5];
-            r = saved[6];
-        }
-        const Tensor g2 = g * s;
-        Tensor grad_q;
-        if (ste) {
-            grad_q = g2;
-        } else {
-            // where(q > hi, g2, 0) and where(q < lo, g2, 0); g2 minus both is g2 inside the range, 0 outside
-            const Tensor above = at::threshold_backward(g2, q - hi, 0);
-            if (none_below) {   // where(q < lo, g2, 0) is all zeros: its sum is exactly 0
-                grad_q = g2 - above;
-                if (need_lo) out[2] = at::zeros_like(lo);
-            } else {
-                const Tensor below = at::threshold_backward(g2, lo - q, 0);
-                grad_q = g2 - above - below;
-                if (need_lo) out[2] = at::sum_to(below, lo.sizes());
-            }
-            if (need_hi) out[3] = at::sum_to(above, hi.sizes());
-        }
-        if (need_x) {
-            out[0] = grad_q / s;
-            if (relu) out[0] = at::threshold_backward(out[0], r, 0);
-        }
-        if (need_s) out[1] = at::sum_to(g * c, s.sizes()) - at::sum_to(grad_q * (y / s), s.sizes());
+        const RangeConfig rc{cfg[0] != 0.0, cfg[1] != 0.0, cfg[2] != 0.0, cfg[3] != 0.0, cfg[4], cfg[5]};
+        variable_list out = range_grads(grads[0], ctx->get_saved_variables(), rc, ctx->needs_input_grad(0),
+                                        ctx->needs_input_grad(1), ctx->needs_input_grad(2), ctx->needs_input_grad(3));
+        out.resize(7);
         return out;
     }
 };
@@ -563,6 +576,102 @@ struct RowStats : public torch::autograd::Function<RowStats> {
     }
 };
 
+// The forward's values and what its backward reads (the saved "f" vector).
+struct LearnedValues {
+    float s, lo, hi;
+    bool learned;
+    std::vector<double> f;
+};
+
+LearnedValues learned_values(float nv, float v, bool has_value, bool is_signed, bool narrow, double const_scale,
+                             std::optional<double> min_val, double lo_b, double hi_b, double frozen) {
+    const bool learned = frozen <= 0.0;
+    float bw;
+    if (learned) {
+        const float lb = (float)lo_b, hb = (float)hi_b;
+        const float nc = std::isnan(nv) ? nv : std::min(std::max(nv, lb), hb);
+        bw = nc + (std::nearbyint(nc) - nc);
+    } else {
+        bw = (float)frozen;
+    }
+    const float e = is_signed ? bw - 1.0f : bw;
+    const float p = std::pow(2.0f, e);
+    float lo, hi, thr;
+    if (is_signed) {
+        lo = narrow ? -p + 1.0f : -p;
+        hi = p - 1.0f;
+        thr = narrow ? -(-p + 1.0f) : -(-p);
+    } else {
+        lo = 0.0f * bw;
+        hi = narrow ? p - 2.0f : p - 1.0f;
+        thr = hi;
+    }
+    const float t = std::fabs(std::fabs(thr));
+    float c, a = 0.0f, sign = 1.0f;
+    if (has_value) {
+        a = std::fabs(v);
+        const float b = std::fabs(a);
+        if (min_val) {
+            sign = a >= 0.0f ? 1.0f : -1.0f;
+            const float m = (float)*min_val;
+            c = sign * (std::isnan(b) ? b : std::max(b, m));
+        } else {
+            c = b;
+        }
+    } else {
+        c = (float)const_scale;
+        v = 0.0f;
+    }
+    return {c / t, lo, hi, learned,
+            {nv, lo_b, hi_b, p, thr, t, c, a, sign, v, double(learned), double(has_value), double(bool(min_val)),
+             double(is_signed)}};
+}
+
+// The backward's scalars: n's gradient (need_n, a learned width) from the scale's, hi's and lo's gradients, and the
+// value's (need_v) from the scale's; each present or not, as autograd hands them to the node.
+struct LearnedGrads {
+    std::optional<float> n, v;
+};
+
+LearnedGrads learned_grads(const std::vector<double>& f, bool need_n, bool need_v, std::optional<float> gs,
+                           std::optional<float> glo, std::optional<float> ghi) {
+    static constexpr float kLn2 = 0.693147180559945309417f;   // (float)log(2.0), as Scalar(2).log() in float
+    const float nv = f[0], lb = f[1], hb = f[2], p = f[3], thr = f[4], t = f[5], c = f[6], a = f[7], sign = f[8],
+                v = f[9];
+    const bool learned = f[10] != 0.0, has_value = f[11] != 0.0, has_min = f[12] != 0.0;
+    LearnedGrads out;
+    if (learned && need_n) {
+        bool any = false;
+        float gbw = 0.0f;
+        if (gs) {   // s = c / T: T's gradient, through the two abs and the negations to P, then pow
+            const float gt = -*gs * ((c / t) / t);
+            const float gthr = (gt * sgn_of_f(std::fabs(thr))) * sgn_of_f(thr);
+            gbw = gthr * (p * kLn2);
+            any = true;
+        }
+        if (ghi) {   // hi = P - k
+            const float part = *ghi * (p * kLn2);
+            gbw = any ? gbw + part : part;
+            any = true;
+        }
+        if (glo) {   // lo: 0 * bw (unsigned) or -P (+ 1) (signed: not used with a bound gradient)
+            const float part = f[13] != 0.0 ? -*glo * (p * kLn2) : *glo * 0.0f;
+            gbw = any ? gbw + part : part;
+            any = true;
+        }
+        if (any) out.n = nv >= lb && nv <= hb ? gbw : 0.0f;
+    }
+    if (has_value && gs && need_v) {   // s = c / T, c from |(|value|)|
+        const float gd = *gs / t;
+        // with a minimum: the sign's product, then abs_binary_sign_grad's binary sign; then abs
+        const float ga = has_min ? (a >= 0.0f ? 1.0f : -1.0f) * (gd * sign) : gd;
+        out.v = ga * sgn_of_f(v);
+    }
+    return out;
+}
+
+std::optional<float> fopt(const Tensor& t) { return t.defined() ? std::optional<float>(fval(t)) : std::nullopt; }
+
 // A learned width's integer range and scale (AdaQAT: fastquant.fused_learned), what Brevitas's modules compute
 // from the width parameter n and, for an activation, the learned scale value, as one node: forward
 //   bw = frozen, or clamp(n, lo_b, hi_b) + (round(.) - .)   (LearnedBitWidth, straight-through)
@@ -577,94 +686,25 @@ struct RowStats : public torch::autograd::Function<RowStats> {
 // are non-zero (a sum of two is exact in any order): a weight's straight-through clamp (bounds without
 // gradient) or an unsigned range (lo = 0 * bw). Outputs: (s, lo, hi), 0-dim float tensors.
 struct LearnedScale : public torch::autograd::Function<LearnedScale> {
-    static constexpr float kLn2 = 0.693147180559945309417f;   // (float)log(2.0), as Scalar(2).log() in float
-
     static variable_list forward(AutogradContext* ctx, const Tensor& n, const Tensor& value, bool has_value,
                                  bool is_signed, bool narrow, double const_scale, std::optional<double> min_val,
                                  double lo_b, double hi_b, double frozen) {
-        const bool learned = frozen <= 0.0;
-        const float nv = fval(n);
-        float bw;
-        if (learned) {
-            const float lb = (float)lo_b, hb = (float)hi_b;
-            const float nc = std::isnan(nv) ? nv : std::min(std::max(nv, lb), hb);
-            bw = nc + (std::nearbyint(nc) - nc);
-        } else {
-            bw = (float)frozen;
-        }
-        const float e = is_signed ? bw - 1.0f : bw;
-        const float p = std::pow(2.0f, e);
-        float lo, hi, thr;
-        if (is_signed) {
-            lo = narrow ? -p + 1.0f : -p;
-            hi = p - 1.0f;
-            thr = narrow ? -(-p + 1.0f) : -(-p);
-        } else {
-            lo = 0.0f * bw;
-            hi = narrow ? p - 2.0f : p - 1.0f;
-            thr = hi;
-        }
-        const float t = std::fabs(std::fabs(thr));
-        float c, a = 0.0f, sign = 1.0f, v = 0.0f;
-        if (has_value) {
-            v = fval(value);
-            a = std::fabs(v);
-            const float b = std::fabs(a);
-            if (min_val) {
-                sign = a >= 0.0f ? 1.0f : -1.0f;
-                const float m = (float)*min_val;
-                c = sign * (std::isnan(b) ? b : std::max(b, m));
-            } else {
-                c = b;
-            }
-        } else {
-            c = (float)const_scale;
-        }
-        const float sv = c / t;
-        ctx->saved_data["f"] = std::vector<double>{nv, (double)lo_b, (double)hi_b, p, thr, t, c, a, sign, v,
-                                                    double(learned), double(has_value), double(bool(min_val)),
-                                                    double(is_signed)};
-        Tensor so = scalar_of(sv, n), lot = scalar_of(lo, n), hit = scalar_of(hi, n);
-        if (!learned || !n.requires_grad()) ctx->mark_non_differentiable({lot, hit});
+        const LearnedValues lv = learned_values(fval(n), has_value ? fval(value) : 0.0f, has_value, is_signed, narrow,
+                                                const_scale, min_val, lo_b, hi_b, frozen);
+        ctx->saved_data["f"] = lv.f;
+        Tensor so = scalar_of(lv.s, n), lot = scalar_of(lv.lo, n), hit = scalar_of(lv.hi, n);
+        if (!lv.learned || !n.requires_grad()) ctx->mark_non_differentiable({lot, hit});
         return {so, lot, hit};
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const auto f = ctx->saved_data["f"].toDoubleVector();
-        const float nv = f[0], lb = f[1], hb = f[2], p = f[3], thr = f[4], t = f[5], c = f[6], a = f[7], sign = f[8],
-                    v = f[9];
-        const bool learned = f[10] != 0.0, has_value = f[11] != 0.0, has_min = f[12] != 0.0;
-        const Tensor &gs_t = grads[0], &glo_t = grads[1], &ghi_t = grads[2];
-        const bool has_gs = gs_t.defined();
-        const float gs = has_gs ? fval(gs_t) : 0.0f;
+        const Tensor &gs = grads[0], &glo = grads[1], &ghi = grads[2];
+        const LearnedGrads r = learned_grads(ctx->saved_data["f"].toDoubleVector(), ctx->needs_input_grad(0),
+                                             ctx->needs_input_grad(1), fopt(gs), fopt(glo), fopt(ghi));
+        const Tensor& like = gs.defined() ? gs : ghi.defined() ? ghi : glo;
         variable_list out(10);
-        if (learned && ctx->needs_input_grad(0)) {
-            bool any = false;
-            float gbw = 0.0f;
-            if (has_gs) {   // s = c / T: T's gradient, through the two abs and the negations to P, then pow
-                const float gt = -gs * ((c / t) / t);
-                const float gthr = (gt * sgn_of_f(std::fabs(thr))) * sgn_of_f(thr);
-                gbw = gthr * (p * kLn2);
-                any = true;
-            }
-            if (ghi_t.defined()) {   // hi = P - k
-                const float part = fval(ghi_t) * (p * kLn2);
-                gbw = any ? gbw + part : part;
-                any = true;
-            }
-            if (glo_t.defined()) {   // lo: 0 * bw (unsigned) or -P (+ 1) (signed: not used with a bound gradient)
-                const float part = f[13] != 0.0 ? -fval(glo_t) * (p * kLn2) : fval(glo_t) * 0.0f;
-                gbw = any ? gbw + part : part;
-                any = true;
-            }
-            if (any) out[0] = scalar_of(nv >= lb && nv <= hb ? gbw : 0.0f, has_gs ? gs_t : ghi_t.defined() ? ghi_t : glo_t);
-        }
-        if (has_value && has_gs && ctx->needs_input_grad(1)) {   // s = c / T, c from |(|value|)|
-            const float gd = gs / t;
-            // with a minimum: the sign's product, then abs_binary_sign_grad's binary sign; then abs
-            const float ga = has_min ? (a >= 0.0f ? 1.0f : -1.0f) * (gd * sign) : gd;
-            out[1] = scalar_of(ga * sgn_of_f(v), gs_t);
-        }
+        if (r.n) out[0] = scalar_of(*r.n, like);
+        if (r.v) out[1] = scalar_of(*r.v, gs);
         return out;
     }
 };
@@ -675,6 +715,62 @@ std::vector<Tensor> learned_scale(const Tensor& n, const std::optional<Tensor>& 
     // (no value: n stands in, not read - an undefined input has no device for autograd's checks)
     return LearnedScale::apply(n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val, lo_b,
                                hi_b, frozen);
+}
+
+// learned_scale and quant_range as one node, for a tensor the passes take (CPU float32, row-major): the forward
+// computes the scale and bounds in float and quantizes in one pass; the backward runs QuantTensorRange's and then
+// LearnedScale's backward on its gradients as autograd hands them over between the two nodes - every gradient of
+// the scale and bounds present, a zero where the range node gave none (autograd's zero-filling of a C++ node's
+// missing gradients) - so the result is the two nodes' bit for bit, without one node, three 0-dim tensors and a
+// Python-to-C++ call per quantizer and step.
+struct QuantLearned : public torch::autograd::Function<QuantLearned> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& n, const Tensor& value, bool has_value,
+                          bool is_signed, bool narrow, double const_scale, std::optional<double> min_val, double lo_b,
+                          double hi_b, double frozen, bool relu, bool ste) {
+        const LearnedValues lv = learned_values(fval(n), has_value ? fval(value) : 0.0f, has_value, is_signed, narrow,
+                                                const_scale, min_val, lo_b, hi_b, frozen);
+        const Tensor s = scalar_of(lv.s, x);
+        const bool none_below = relu && !is_signed;   // q >= 0 == lo: nothing is clamped from below
+        ctx->saved_data["f"] = lv.f;
+        ctx->saved_data["c"] = std::vector<double>{double(relu), double(ste), double(none_below), lv.lo, lv.hi};
+        ctx->save_for_backward({x, s});
+        return kernel_forward(x, s, layout(x, s), lv.lo, lv.hi, relu);
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto f = ctx->saved_data["f"].toDoubleVector();
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &s = saved[1];
+        const bool need_n = ctx->needs_input_grad(1), need_v = f[11] != 0.0 && ctx->needs_input_grad(2);
+        // what requires a gradient between the two nodes: s when n or the value does; lo and hi when the width
+        // is learned and n does (else learned_scale marks them non-differentiable)
+        const bool need_s = need_n || need_v, need_b = f[10] != 0.0 && need_n;
+        const RangeConfig rc{cfg[0] != 0.0, cfg[1] != 0.0, cfg[2] != 0.0, true, cfg[3], cfg[4]};
+        const Tensor lo = scalar_of((float)cfg[3], x), hi = scalar_of((float)cfg[4], x);
+        const variable_list g4 = range_grads(grads[0], {x, s, lo, hi}, rc, ctx->needs_input_grad(0), need_s, need_b, need_b);
+        const auto zero_filled = [](const Tensor& t) { return std::optional<float>(t.defined() ? fval(t) : 0.0f); };
+        variable_list out(13);
+        out[0] = g4[0];
+        if (need_s) {
+            const LearnedGrads r = learned_grads(f, need_n, need_v, zero_filled(g4[1]), zero_filled(g4[2]),
+                                                 zero_filled(g4[3]));
+            if (r.n) out[1] = scalar_of(*r.n, x);
+            if (r.v) out[2] = scalar_of(*r.v, x);
+        }
+        return out;
+    }
+};
+
+// QuantLearned where the passes take x, else the two nodes.
+Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
+                     double const_scale, std::optional<double> min_val, double lo_b, double hi_b, double frozen, bool relu,
+                     bool ste_clamp) {
+    if (layout(x, n).ok)   // (n: a 0-dim float32 CPU tensor, as the scale is)
+        return QuantLearned::apply(x, n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val,
+                                   lo_b, hi_b, frozen, relu, ste_clamp);
+    const std::vector<Tensor> r = learned_scale(n, value, is_signed, narrow, const_scale, min_val, lo_b, hi_b, frozen);
+    return QuantTensorRange::apply(x, r[0], r[1], r[2], relu, ste_clamp, !is_signed);
 }
 
 // adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
@@ -903,6 +999,9 @@ TORCH_LIBRARY(bitfold_q, m) {
           &learned_scale);
     m.def("quant_range(Tensor x, Tensor s, Tensor lo, Tensor hi, bool relu, bool ste_clamp, bool unsigned_) -> Tensor",
           &quant_range);
+    m.def("quant_learned(Tensor x, Tensor n, Tensor? value, bool is_signed, bool narrow, float const_scale, "
+          "float? min_val, float lo_b, float hi_b, float frozen, bool relu, bool ste_clamp) -> Tensor",
+          &quant_learned);
     m.def("product_cost(Tensor coef, Tensor lo, Tensor hi, bool acts, Tensor[] ns) -> Tensor", &product_cost);
     m.def("width_step(Tensor(a!)[] live, Tensor[] grads, float lr, float max_step, Tensor(b!)[] widths, float lo, "
           "float hi) -> ()",

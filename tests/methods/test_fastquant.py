@@ -394,6 +394,53 @@ def test_cpp_learned_range_node_equals_the_python_function(relu, unsigned, ste, 
         assert a[3] is not None and float(a[4].abs()) > 0
 
 
+#: (kind, signed, narrow, relu, ste, with value, frozen, n trains, value trains): the forms AdaQAT's chain
+#: sends to the node - a weight (signed narrow, constant scale, straight-through clamp), a ReLU's unsigned
+#: range with a learned value, a signed activation at a frozen width, widths that do not train
+_LEARNED_CASES = [("weight", True, True, False, True, False, 0.0, True, False),
+                  ("relu act", False, False, True, False, True, 0.0, True, True),
+                  ("signed act frozen", True, False, False, False, True, 4.0, True, True),
+                  ("relu act, width fixed", False, False, True, False, True, 0.0, False, True),
+                  ("weight frozen", True, True, False, True, False, 3.0, True, False)]
+
+
+@pytest.mark.parametrize("case", _LEARNED_CASES, ids=[c[0] for c in _LEARNED_CASES])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last input"])
+def test_cpp_quant_learned_equals_the_two_nodes(case, layout):
+    """AdaQAT's quantizer as one C++ node (bitfold_q.quant_learned) gives the two nodes it merges
+    (learned_scale, then quant_range) bit for bit: the output and the gradients of x, the width and
+    the learned value, in each layout (channels-last input: the two nodes themselves run)."""
+    from bitfold.toolchain import qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    _, signed, narrow, relu, ste, has_value, frozen, n_trains, v_trains = case
+    torch.manual_seed(6)
+    x = torch.randn(16, 8, 5, 5) * 3
+    g = torch.randn_like(x)
+    if layout == "channels-last gradient":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    consts = (signed, narrow, 0.0 if has_value else 0.41, 1e-6 if has_value else None, 2.0, 8.0, frozen)
+    res = []
+    for merged in (True, False):
+        xl = x.clone().requires_grad_(True)
+        n = torch.tensor(4.3).requires_grad_(n_trains)
+        v = torch.tensor(1.9).requires_grad_(v_trains) if has_value else None
+        if merged:
+            out = ops.quant_learned(xl, n, v, *consts, relu, ste)
+        else:
+            s, lo, hi = ops.learned_scale(n, v, *consts)
+            out = ops.quant_range(xl, s, lo, hi, relu, ste, not signed)
+        out.backward(g)
+        res.append([out.detach(), xl.grad, n.grad, v.grad if v is not None else None])
+    for p, q in zip(*res):
+        assert (p is None and q is None) or (torch.equal(p, q) and p.stride() == q.stride()), (p, q)
+    assert (res[0][2] is not None) == (n_trains and frozen == 0.0)
+    if res[0][2] is not None:
+        assert float(res[0][2].abs()) > 0
+
+
 @pytest.mark.parametrize("layout", ["channels-last gradient", "channels-last input", "one step per tensor (1,)"])
 def test_cpp_asq_step_equals_the_python_node_in_other_layouts(layout):
     """ASQ's activation step in C++ (bitfold_q.asq_step) equals the Python node where the compiled
