@@ -898,11 +898,53 @@ Tensor quant_absmax(const Tensor& w, bool per_channel, at::IntArrayRef stats_sha
 // the Python Function (stack, clamp, the two products, sum; backward: SumBackward's expand, MulBackward0's
 // g * other, ClampBackward1's where), made from C++.
 struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
+    // AdaQAT's widths and settings as they always are (0-dim float32 widths, float32 vectors, no NaN): the
+    // element-wise operations on the values here, in float (each an exactly rounded product or comparison, as
+    // ATen's), and only the sum as ATen's on the same k products - the same results without ~10 dispatches a
+    // step forward and backward.
+    static bool scalar_form(const Tensor& coef, const Tensor& lo, const Tensor& hi, const at::TensorList& ns) {
+        const auto vec = [&](const Tensor& t) {
+            return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() &&
+                   t.size(0) == (int64_t)ns.size();
+        };
+        if (!(coef.scalar_type() == at::kFloat && coef.device().is_cpu() && coef.dim() == 1 && coef.is_contiguous() &&
+              vec(lo) && vec(hi)))
+            return false;
+        const float *l = lo.data_ptr<float>(), *h = hi.data_ptr<float>();
+        for (size_t i = 0; i < ns.size(); i++) {
+            if (!scalar_f32(ns[i])) return false;
+            const float v = fval(ns[i]);
+            if (std::isnan(v) || std::isnan(l[i]) || std::isnan(h[i])) return false;
+        }
+        return true;
+    }
+
     static Tensor forward(AutogradContext* ctx, const Tensor& coef, const Tensor& lo, const Tensor& hi, bool acts,
                           const at::TensorList& ns) {
+        const int64_t k = coef.size(0);
+        if (scalar_form(coef, lo, hi, ns) && (int64_t)ns.size() == (acts ? 2 * k : k)) {
+            const float *cf = coef.data_ptr<float>(), *l = lo.data_ptr<float>(), *h = hi.data_ptr<float>();
+            std::vector<double> keep;   // per layer: coef, x = coef * b_w, b_a (acts); then every width's inside flag
+            Tensor terms = at::empty({k}, coef.options());
+            float* tp = terms.data_ptr<float>();
+            const auto clamped = [&](int64_t i) { return std::min(std::max(fval(ns[i]), l[i]), h[i]); };
+            for (int64_t i = 0; i < k; i++) {
+                const float x = cf[i] * clamped(i);
+                const float ba = acts ? clamped(k + i) : 0.0f;
+                keep.insert(keep.end(), {cf[i], x, ba});
+                tp[i] = acts ? x * ba : x;
+            }
+            for (size_t i = 0; i < ns.size(); i++) {
+                const float v = fval(ns[i]);
+                keep.push_back(double(v >= l[i] && v <= h[i]));
+            }
+            ctx->saved_data["s"] = keep;
+            ctx->saved_data["a"] = acts;
+            ctx->saved_data["k"] = k;
+            return terms.sum();
+        }
         const Tensor n = at::stack(ns);
         const Tensor c = at::clamp(n, lo, hi);
-        const int64_t k = coef.size(0);
         const Tensor x = coef * c.slice(0, 0, k);
         const Tensor ba = acts ? c.slice(0, k) : Tensor();
         ctx->save_for_backward({coef, x, ba, at::logical_and(at::ge(n, lo), at::le(n, hi))});
@@ -910,12 +952,32 @@ struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        variable_list out = {Tensor(), Tensor(), Tensor(), Tensor()};
+        if (ctx->saved_data.count("s")) {
+            // SumBackward's expand, MulBackward0's g * other ((g * b_a) * coef, g * x), the where: on the values
+            const auto keep = ctx->saved_data["s"].toDoubleVector();
+            const Tensor g0 = scalar_f32(grads[0]) ? grads[0] : grads[0].to(at::kFloat).cpu().reshape({});
+            const float g = fval(g0);
+            const bool acts = ctx->saved_data["a"].toBool();
+            const int64_t layers = ctx->saved_data["k"].toInt();
+            const double* inside = keep.data() + 3 * layers;
+            for (int64_t i = 0; i < layers; i++) {
+                const float coef = keep[3 * i], ba = keep[3 * i + 2];
+                const float v = acts ? (g * ba) * coef : g * coef;
+                out.push_back(scalar_of(inside[i] != 0.0 ? v : 0.0f, g0));
+            }
+            if (acts)
+                for (int64_t i = 0; i < layers; i++) {
+                    const float v = g * (float)keep[3 * i + 1];
+                    out.push_back(scalar_of(inside[layers + i] != 0.0 ? v : 0.0f, g0));
+                }
+            return out;
+        }
         const auto saved = ctx->get_saved_variables();
         const Tensor &coef = saved[0], &x = saved[1], &ba = saved[2], &inside = saved[3];
         const Tensor gl = grads[0].expand(x.sizes());
         Tensor grad = ba.defined() ? at::cat({(gl * ba) * coef, gl * x}) : gl * coef;
         grad = at::where(inside, grad, at::zeros({}, grad.options()));
-        variable_list out = {Tensor(), Tensor(), Tensor(), Tensor()};
         for (const Tensor& t : grad.unbind()) out.push_back(t);
         return out;
     }
