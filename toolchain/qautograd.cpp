@@ -778,6 +778,25 @@ Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tenso
 // clamp_min's mask, MaxBackward1's share to the maximum, AbsBackward0's sgn) in the passes of qkernels.c and one
 // torch sum. Where the maximum is not unique or a value is NaN, or the tensors do not suit the passes: the
 // operations themselves, under autograd (this node then only wraps them).
+// How ATen's tanh_backward computes a * (1 - t * t) on this machine: 1 with 1 - t * t as one fused multiply-add
+// (its kernels compiled with contraction for a CPU with FMA), 0 with two roundings, -1 neither (then ATen's own
+// call runs) - read once by comparing its results with both forms on values whose roundings tell them apart.
+int tanh_backward_form() {
+    static const int form = [] {
+        const int64_t n = 4099;   // vector blocks and a scalar tail
+        const Tensor t = at::tanh(at::linspace(-3.0, 3.0, n, at::kFloat) * 1.37);
+        const Tensor a = at::sin(at::linspace(-50.0, 50.0, n, at::kFloat)) * 3.1;
+        const Tensor ref = at::tanh_backward(a, t);
+        Tensor mine = at::empty_like(t);
+        for (int fused = 1; fused >= 0; fused--) {
+            bfq_tanh_backward(a.data_ptr<float>(), t.data_ptr<float>(), n, fused, mine.data_ptr<float>());
+            if (at::equal(mine, ref)) return fused;
+        }
+        return -1;
+    }();
+    return form;
+}
+
 struct TanhNorm : public torch::autograd::Function<TanhNorm> {
     static Tensor forward(AutogradContext* ctx, const Tensor& w, double min_val) {
         const Tensor t = at::tanh(w);
@@ -816,6 +835,12 @@ struct TanhNorm : public torch::autograd::Function<TanhNorm> {
         const float gd = fval(at::sum_to(p, c10::IntArrayRef{}));       // d's gradient (0-dim: the sum)
         const float gm = mx >= mf ? gd : 0.0f;                          // clamp_min's mask
         const float share = gm / 1.0f;                                  // the max's gradient over its one element
+        const int slope = tanh_backward_form();
+        if (slope >= 0) {   // t's gradient and tanh's backward in one pass
+            Tensor gw = at::empty_like(t);
+            bfq_tanhnorm_grad_w(gp, tp, n, d, first, share, slope, gw.data_ptr<float>());
+            return {gw, Tensor()};
+        }
         Tensor gt = at::empty_like(t);
         bfq_tanhnorm_grad(gp, tp, n, d, first, share, gt.data_ptr<float>());
         return {at::tanh_backward(gt, t), Tensor()};

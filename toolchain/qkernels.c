@@ -475,3 +475,23 @@ void bfq_tanhnorm_grad(const float *restrict g, const float *restrict t, int64_t
     for (int64_t j = 0; j < n; j++) gt[j] = g[j] / d + 0.0f * sgn_of(t[j]);
     if (first >= 0) gt[first] = g[first] / d + share * sgn_of(t[first]);
 }
+
+/* bfq_tanhnorm_grad followed by tanh's backward, gt * (1 - t * t), in the same pass: w's gradient. ``fused``:
+ * 1 - t * t with one rounding (fmaf), as torch's kernel computes it where its compiler contracted it into a
+ * fused multiply-add, else two roundings - the caller picks the one torch's tanh_backward gives on this
+ * machine (bfq_tanh_backward below, compared once). */
+static inline float tanh_slope(float t, int fused) { return fused ? fmaf(-t, t, 1.0f) : 1.0f - t * t; }
+
+void bfq_tanhnorm_grad_w(const float *restrict g, const float *restrict t, int64_t n, float d, int64_t first,
+                         float share, int fused, float *restrict gw) {
+    if (fused)
+        for (int64_t j = 0; j < n; j++) gw[j] = (g[j] / d + 0.0f * sgn_of(t[j])) * tanh_slope(t[j], 1);
+    else
+        for (int64_t j = 0; j < n; j++) gw[j] = (g[j] / d + 0.0f * sgn_of(t[j])) * tanh_slope(t[j], 0);
+    if (first >= 0) gw[first] = (g[first] / d + share * sgn_of(t[first])) * tanh_slope(t[first], fused);
+}
+
+/* tanh's backward alone, a * (1 - t * t), for that comparison */
+void bfq_tanh_backward(const float *restrict a, const float *restrict t, int64_t n, int fused, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) out[j] = a[j] * tanh_slope(t[j], fused);
+}
