@@ -1,7 +1,7 @@
 """Training-step time: float vs Brevitas fixed-bit QAT vs each adaptive method, measured side by side.
 
     python benchmarks/qat_overhead.py [--steps 20] [--threads 1 2] [--models mlp cnn resnet20]
-        [--device cpu|cuda] [--compile]
+        [--device cpu|cuda] [--compile] [--adam trainer|foreach]
 
 Models as the benchmarks train them: the TFC-style MLP and the CNN at 28x28 (Fashion-MNIST's shape),
 ResNet-20 at 32x32, batch 64 (ResNet-20: 32), on random batches. Per model and thread count, one
@@ -46,10 +46,12 @@ OPS = {"fixed ops", "adaqat ops"}
 PYNODE = {"fixed pynode"}
 
 
-def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False, pynode=False):
+def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=None, ops=False, pynode=False,
+            adam="trainer"):
     """(one training step, tasks per step) of a freshly built model; ``ops``: the fused quantizers run
     their tensor operations instead of the compiled passes; ``pynode``: their autograd nodes are the
-    Python Functions, not the C++ ones."""
+    Python Functions, not the C++ ones; ``adam``: "trainer" (the trainer's, train.make_optimizer) or
+    "foreach" (torch's multi-tensor Adam, the trainer's before it took the fused one)."""
     from bitfold.toolchain import qkernels
     from bitfold.toolchain.fastquant import fast_quant
     from bitfold.toolchain.describe import describe_layers
@@ -70,7 +72,7 @@ def step_fn(name, method, opts, shape, batch, fast=True, device="cpu", compile_=
     m.train()
     # the trainer's Adam over the method's parameter groups (AdaQAT's widths are stepped by the method)
     groups = qm.param_groups(m, 1e-3, 0.0) if qm is not None else [{"params": list(m.parameters()), "lr": 1e-3}]
-    opt = make_optimizer(groups)
+    opt = make_optimizer(groups) if adam == "trainer" else torch.optim.Adam(groups, foreach=True)
     state = {"s": 0, "fused": fused if qm is not None else None}
     fwd = torch.compile(m, backend=compile_) if compile_ else m
     kernels = not ops
@@ -102,13 +104,17 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--compile", action="store_true", help="add float and fixed W4A4 under torch.compile")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of those rows")
+    ap.add_argument("--adam", choices=["trainer", "foreach"], default="trainer",
+                    help="every row's optimizer: the trainer's (fused Adam) or torch's multi-tensor Adam")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device; run with --device cpu")
     rows = METHODS + ([("float compiled", "float", {}), ("fixed compiled", "fixed", {})] if args.compile else [])
     dev = f" on {torch.cuda.get_device_name()}" if cuda else ""
-    print(f"torch {torch.__version__}{dev}; median step time over {args.rounds} interleaved rounds of {args.steps} steps")
+    adam = "the trainer's (fused)" if args.adam == "trainer" else "multi-tensor (foreach)"
+    print(f"torch {torch.__version__}{dev}; median step time over {args.rounds} interleaved rounds of {args.steps} steps; "
+          f"Adam: {adam}")
     widths = [max(12, len(n) + 2) for n, _, _ in rows]
     print(f"{'model':<22}{'thr':>4}  " + "".join(f"{n:>{w}}" for (n, _, _), w in zip(rows, widths)) + "   ratios")
     for name in args.models:
@@ -121,7 +127,7 @@ def main():
                 try:
                     fns[label], tasks[label] = step_fn(name, method, opts, shape, batch, fast=not label.endswith("brevitas"),
                                                        device=args.device, compile_=args.compile_backend if comp else None,
-                                                       ops=label in OPS, pynode=label in PYNODE)
+                                                       ops=label in OPS, pynode=label in PYNODE, adam=args.adam)
                     if comp:   # compilation happens on the first call: a failure is reported, not fatal
                         fns[label]()
                 except Exception as e:  # noqa: BLE001 - only the compiled rows may fail; others re-raise
