@@ -498,17 +498,31 @@ def test_compiled_learned_range_kernel_equals_the_tensor_operations(relu, unsign
         assert a[3] is not None and float(a[4].abs()) > 0     # the bounds' gradients are there (and not 0)
 
 
-@pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300])
+@pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300, "post 126", "post 14", "zero mid"])
 def test_compiled_bucketize_equals_torch(nb):
     """ADQ's nearest-entry search at every width (bitfold.toolchain.qkernels.bucketize) gives
-    torch.bucketize's index: values on a midpoint (ties go left), just below one, +-inf."""
+    torch.bucketize's index: values on a midpoint (ties go left), just below and above one, +-inf, +-0;
+    random mids, ASQ's POST levels' (sqrt(2) spacing, 8 and 4 bits: mids across 30 binades), a mid at 0."""
+    import math
     from bitfold.toolchain import qkernels
-    torch.manual_seed(nb)
-    mids = torch.randn(nb).sort().values
+    if isinstance(nb, str):
+        if nb == "zero mid":
+            mids = torch.tensor([-3.0, -1e-30, 0.0, 1e-38, 2.5])
+        else:
+            k = (int(nb.split()[1]) + 2) // 4
+            mags = torch.tensor([math.sqrt(2) ** -i for i in range(k)])
+            lv = torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values * 0.37
+            mids = (lv[1:] + lv[:-1]) / 2
+        nb = mids.numel()
+        torch.manual_seed(nb)
+    else:
+        torch.manual_seed(nb)
+        mids = torch.randn(nb).sort().values
     w = torch.randn(4000)
     w[:nb] = mids
     w[nb:2 * nb] = torch.nextafter(mids, torch.tensor(-10.0))
-    w[-2:] = torch.tensor([float("inf"), -float("inf")])
+    w[2 * nb:3 * nb] = torch.nextafter(mids, torch.tensor(10.0))
+    w[-4:] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
     got = qkernels.bucketize(w.view(40, 100), mids)
     assert got is not None and torch.equal(got, torch.bucketize(w.view(40, 100), mids))
 
