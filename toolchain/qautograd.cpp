@@ -712,6 +712,8 @@ struct LearnedScale : public torch::autograd::Function<LearnedScale> {
 std::vector<Tensor> learned_scale(const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
                                   double const_scale, std::optional<double> min_val, double lo_b, double hi_b,
                                   double frozen) {
+    TORCH_CHECK(scalar_f32(n) && (!value || scalar_f32(*value)),
+                "bitfold_q.learned_scale: the width and the value must be 0-dim float32 CPU tensors");
     // (no value: n stands in, not read - an undefined input has no device for autograd's checks)
     return LearnedScale::apply(n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val, lo_b,
                                hi_b, frozen);
@@ -766,6 +768,8 @@ struct QuantLearned : public torch::autograd::Function<QuantLearned> {
 Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
                      double const_scale, std::optional<double> min_val, double lo_b, double hi_b, double frozen, bool relu,
                      bool ste_clamp) {
+    TORCH_CHECK(scalar_f32(n) && (!value || scalar_f32(*value)),
+                "bitfold_q.quant_learned: the width and the value must be 0-dim float32 CPU tensors");
     if (layout(x, n).ok)   // (n: a 0-dim float32 CPU tensor, as the scale is)
         return QuantLearned::apply(x, n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val,
                                    lo_b, hi_b, frozen, relu, ste_clamp);

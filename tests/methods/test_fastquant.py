@@ -437,6 +437,8 @@ def test_cpp_quant_learned_equals_the_two_nodes(case, layout):
     for p, q in zip(*res):
         assert (p is None and q is None) or (torch.equal(p, q) and p.stride() == q.stride()), (p, q)
     assert (res[0][2] is not None) == (n_trains and frozen == 0.0)
+    with pytest.raises(RuntimeError, match="0-dim float32 CPU"):
+        ops.quant_learned(x, torch.tensor([4.0]), None, *consts, relu, ste)   # a width of shape (1,)
     if res[0][2] is not None:
         assert float(res[0][2].abs()) > 0
 
