@@ -40,7 +40,7 @@ def _dist_info():
 
 def make_optimizer(params) -> torch.optim.Adam:
     """The trainer's Adam: torch's fused implementation (``fused=True``: one compiled kernel per
-    parameter, on CPU and CUDA), where the parameters allow it, else the multi-tensor ("foreach") one.
+    parameter) for floating-point parameters on CPU or CUDA, else the multi-tensor ("foreach") one.
     A small model's step carries ~20 us per parameter of the multi-tensor path's separate operations
     (~8 per parameter, each a dispatch) and ~8 us of the fused kernel's (measured, 34 parameters of
     an MLP with ASQ's adapters, 1 thread: 755 -> 296 us a step); methods with many small parameters
@@ -48,10 +48,11 @@ def make_optimizer(params) -> torch.optim.Adam:
     rounding (a few 1-ulp differences: tested), and every path of a method - fused quantizers or
     Brevitas's modules, a run or its resume - steps with this same optimizer."""
     params = list(params)
-    try:
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    # (torch checks the fused kernel's devices and dtypes only at the first step: decided here)
+    if all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors):
         return torch.optim.Adam(params, fused=True)
-    except RuntimeError:   # parameters of a kind the fused kernel does not take (device, dtype)
-        return torch.optim.Adam(params, foreach=True)
+    return torch.optim.Adam(params, foreach=True)
 
 
 def choose_threads(world: int = 1) -> tuple[int, str]:

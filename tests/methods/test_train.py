@@ -185,3 +185,6 @@ def test_trainers_adam_is_fused_and_follows_the_single_tensor_loop():
             torch.testing.assert_close(sa[k][n], sb[k][n], rtol=1e-5, atol=1e-9)
     other = run(lambda groups: torch.optim.Adam(groups, foreach=False, eps=1e-6))[0][0]
     assert not torch.allclose(a[0], other, rtol=1e-6, atol=1e-7)
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))   # a device the fused kernel does not take
+    opt = make_optimizer([{"params": [meta], "lr": 1e-3}])
+    assert not opt.defaults["fused"] and opt.defaults["foreach"]
