@@ -47,7 +47,11 @@ def make_optimizer(params) -> torch.optim.Adam:
     (ASQ's adapters, scales) gain the most. Its arithmetic is the single-tensor loop's within float
     rounding (a few 1-ulp differences: tested), and every path of a method - fused quantizers or
     Brevitas's modules, a run or its resume - steps with this same optimizer."""
+    def as_list(ps):
+        return [ps] if isinstance(ps, torch.Tensor) else list(ps)
+
     params = list(params)
+    params = [{**g, "params": as_list(g["params"])} if isinstance(g, dict) else g for g in params]
     tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
     # (torch checks the fused kernel's devices and dtypes only at the first step: decided here)
     if all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors):
