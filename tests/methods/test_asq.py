@@ -175,8 +175,9 @@ def test_adapter_statistics_node_equals_the_tensor_operations(threads):
 
 
 def test_adapter_direct_operations_equal_the_module_path():
-    """In training on the CPU the adapter runs its layers' operations directly (no module calls):
-    beta and the adapter's gradients equal the module path's (taken when a hook is registered) bit for bit."""
+    """In training on the CPU the adapter runs as one C++ node (bitfold_q.asq_adapter, no module calls):
+    beta, the adapter's gradients and the input's equal the module path's (taken when a hook is
+    registered) bit for bit."""
     import copy
     from bitfold.toolchain import qkernels
     from bitfold.toolchain.asq import ASQAct
@@ -187,10 +188,14 @@ def test_adapter_direct_operations_equal_the_module_path():
     b = copy.deepcopy(a)
     calls = []
     b.adapter.register_forward_hook(lambda *args: calls.append(1))
-    x = torch.randn(64, 300).relu()
-    oa, ob = a.beta(x), b.beta(x)
-    g = torch.randn_like(oa)
-    oa.backward(g)
-    ob.backward(g)
-    assert calls == [1] and torch.equal(oa, ob)
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.adapter.parameters(), b.adapter.parameters()))
+    x0 = torch.randn(64, 300).relu()
+    for x_grad in (False, True):
+        xa, xb = x0.clone().requires_grad_(x_grad), x0.clone().requires_grad_(x_grad)
+        oa, ob = a.beta(xa), b.beta(xb)
+        g = torch.randn_like(oa)
+        oa.backward(g)
+        ob.backward(g)
+        assert calls == [1] * (1 + x_grad) and torch.equal(oa, ob)
+        assert "ASQAdapter" in oa.grad_fn.next_functions[0][0].name()   # the C++ node ran
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.adapter.parameters(), b.adapter.parameters()))
+        assert not x_grad or torch.equal(xa.grad, xb.grad)
