@@ -98,14 +98,16 @@ class LearnedBitWidth(nn.Module):
 
 
 class TanhNormalize(nn.Module):
-    """DoReFa's weight normalisation onto [-1, 1]: tanh(w) / max|tanh(w)|."""
+    """DoReFa's weight normalisation onto [-1, 1]: tanh(w) / max(max|tanh(w)|, min_val)."""
+
+    min_val = 1e-8
 
     def forward(self, w):
         ops = None if torch.jit.is_tracing() else qkernels.ops_for(w)
         if ops is not None and w.requires_grad and torch.is_grad_enabled():
-            return ops.tanh_normalize(w, 1e-8)   # one C++ node, bit for bit (tests)
+            return ops.tanh_normalize(w, self.min_val)   # one C++ node, bit for bit (tests)
         t = torch.tanh(w)
-        return t / t.abs().max().clamp_min(1e-8)
+        return t / t.abs().max().clamp_min(self.min_val)
 
 
 def _quantizers(lo, hi, estimator):

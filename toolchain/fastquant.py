@@ -398,6 +398,9 @@ class LearnedPlan:
     ste_clamp: bool
     chain: LearnedChain | None = None
     width: nn.Module | None = None    # tq's bit-width module (LearnedBitWidth)
+    #: the minimum of the weight's tanh normalisation where that is the layer's one weight
+    #: parametrization (AdaQAT's), run with the quantizer as one node (:func:`fused_tanh_learned`)
+    tanh: float | None = None
     #: the width's frozen value as last read, with the buffer and its version counter it was read
     #: from (:func:`frozen_value`): a frozen width changes only through an in-place write or a new buffer
     seen: dict = field(default_factory=dict, compare=False, repr=False)
@@ -546,7 +549,8 @@ def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
     if switchable is None:
-        return LearnedPlan(tq, False, ste, _learned_chain(tq, False, ste), tq.msb_clamp_bit_width_impl)
+        return LearnedPlan(tq, False, ste, _learned_chain(tq, False, ste), tq.msb_clamp_bit_width_impl,
+                           _tanh_min(layer))
     sc = tq.scaling_impl
     learned = _is(sc, "ParameterFromStatsFromParameterScaling")
     if not (_is(sc, "StatsFromParameterScaling") or learned and not sc.local_loss_mode):
@@ -582,6 +586,15 @@ def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
         raise _NotFusable("two different scale minima")
     return WeightPlan(_Range(tq, pre, switchable), per_channel, tuple(pls.stats.stats_output_shape),
                       next(iter(mins), None), ste, learned, sc)
+
+
+def _tanh_min(layer) -> float | None:
+    """The minimum of the layer's weight normalisation when its weight has exactly one parametrization
+    and that is the tanh normalisation (AdaQAT's ``TanhNormalize``), else None."""
+    plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+    if plist is None or len(plist) != 1 or not _is(plist[0], "TanhNormalize"):
+        return None
+    return float(plist[0].min_val)
 
 
 def act_plan(site) -> ActPlan:
@@ -657,6 +670,20 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
 
 
+def fused_tanh_learned(layer, p: LearnedPlan) -> torch.Tensor | None:
+    """The quantized weight of a layer whose weight is tanh-normalised (``p.tanh``) and has a learned
+    width: the normalisation and the quantizer as one C++ node (``bitfold_q.tanh_learned``: the
+    ``tanh_normalize`` and ``quant_learned`` nodes' operations, one pass each way), or None where the
+    quantizer is not in the node's form (the caller then runs the two)."""
+    w = layer.parametrizations.weight.original
+    ops = _native(w, w)
+    args = _learned_args(p) if ops is not None and p.chain is not None else None
+    if args is None or args[1] is not None or args[5] is not None or not p.ste_clamp:
+        return None
+    n, _, signed, narrow, const, _, lo, hi, frozen = args
+    return ops.tanh_learned(w, n, p.tanh, signed, narrow, const, lo, hi, frozen)
+
+
 def _scalar_f32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.dim() == 0 and t.is_cpu
 
@@ -704,7 +731,9 @@ def _fast_layer_forward(self, x):
     if plan is DIRECT:
         w = self.weight
     elif isinstance(plan, LearnedPlan):
-        w = fused_learned(self.weight, plan)
+        w = fused_tanh_learned(self, plan) if plan.tanh is not None else None
+        if w is None:
+            w = fused_learned(self.weight, plan)
     else:
         sc = plan.scaling
         if plan.learned_scale and not sc.init_done:

@@ -17,7 +17,7 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / asq_adapter / learned_scale / quant_learned / tanh_normalize / post_snap / product_cost / width_step.
+// row_stats / asq_adapter / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -777,6 +777,8 @@ Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tenso
     return QuantTensorRange::apply(x, r[0], r[1], r[2], relu, ste_clamp, !is_signed);
 }
 
+
+
 // adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
 // one pass (bfq_absmax, with its unique arg-max), the rest of autograd's graph (DivBackward0 for both operands,
 // clamp_min's mask, MaxBackward1's share to the maximum, AbsBackward0's sgn) in the passes of qkernels.c and one
@@ -852,6 +854,99 @@ struct TanhNorm : public torch::autograd::Function<TanhNorm> {
 };
 
 Tensor tanh_normalize(const Tensor& w, double min_val) { return TanhNorm::apply(w, min_val); }
+
+// tanh_normalize then quant_learned for an AdaQAT weight (a tanh-normalised weight, a constant scale, a straight-
+// through clamp) as one node with one pass each way (bfq_tanhq_*): the normalised weight is neither written nor
+// read back, and in the backward its gradient gx feeds the normalisation's products and tanh's slope in the same
+// pass. Every expression is the two nodes' (the passes compute the same float operations element by element,
+// the three sums are torch's on the same products, the width's gradient learned_grads' and the maximum's share
+// TanhNorm's), so outputs and gradients are theirs bit for bit. t = tanh(w) and the maximum's index come in
+// computed (tanh_learned checks the maximum is unique); a gradient in another layout recomputes the two nodes
+// under autograd.
+struct TanhLearned : public torch::autograd::Function<TanhLearned> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& w, const Tensor& n, const Tensor& t, double mx,
+                          int64_t first, double min_val, bool is_signed, bool narrow, double const_scale, double lo_b,
+                          double hi_b, double frozen) {
+        const float mf = (float)min_val, mxf = (float)mx;
+        const float d = mxf < mf ? mf : mxf;   // clamp_min: max(m, min) in float
+        const LearnedValues lv = learned_values(fval(n), 0.0f, false, is_signed, narrow, const_scale, std::nullopt,
+                                                lo_b, hi_b, frozen);
+        ctx->saved_data["f"] = lv.f;
+        ctx->saved_data["c"] = std::vector<double>{d, mxf, min_val, double(first), lv.s, lv.lo, lv.hi, double(is_signed),
+                                                   double(narrow), const_scale, lo_b, hi_b, frozen};
+        ctx->save_for_backward({w, n, t});
+        Tensor out = at::empty_like(t);
+        bfq_tanhq_forward(t.data_ptr<float>(), t.numel(), d, lv.s, lv.lo, lv.hi, out.data_ptr<float>());
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto f = ctx->saved_data["f"].toDoubleVector();
+        const auto c = ctx->saved_data["c"].toDoubleVector();
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &w = saved[0], &n = saved[1], &t = saved[2];
+        const bool need_w = ctx->needs_input_grad(0), need_n = ctx->needs_input_grad(1);
+        variable_list out(12);
+        if (!grad_fits(g, t)) {   // the two nodes under autograd, recomputed from w
+            Tensor wv = w.detach().requires_grad_(true), nv = n.detach().requires_grad_(need_n), o;
+            {
+                at::AutoGradMode on(true);
+                const Tensor x = TanhNorm::apply(wv, c[2]);
+                o = QuantLearned::apply(x, nv, nv, false, c[7] != 0.0, c[8] != 0.0, c[9], std::nullopt, c[10], c[11],
+                                        c[12], false, true);
+            }
+            std::vector<Tensor> inputs{wv};
+            if (need_n) inputs.push_back(nv);
+            const auto r = torch::autograd::grad({o}, inputs, {g}, std::nullopt, false, true);
+            if (need_w) out[0] = r[0];
+            if (need_n) out[1] = r[1];
+            return out;
+        }
+        const float d = c[0], mx = c[1], mf = c[2], sv = c[4], lo = c[5], hi = c[6];
+        const int64_t first = (int64_t)c[3], numel = t.numel();
+        const int form = tanh_backward_form();   // >= 0: tanh_learned checked it
+        Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
+        Tensor p3 = at::empty_like(t), gw = at::empty_like(t);
+        const float *tp = t.data_ptr<float>(), *gp = g.data_ptr<float>();
+        bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
+                           gw.data_ptr<float>());
+        if (need_w) {   // the maximum's share (TanhNorm's backward), at its one element
+            const float gd = fval(at::sum_to(p3, c10::IntArrayRef{}));
+            const float share = (mx >= mf ? gd : 0.0f) / 1.0f;
+            const float gc = gp[first] * sv, gx = gc / sv;
+            gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
+            out[0] = gw;
+        }
+        if (need_n) {   // the scale's gradient (sum of p1 - sum of p2, in float), then the width's
+            const float gs = fval(p1.sum()) - fval(p2.sum());
+            const LearnedGrads r = learned_grads(f, true, false, gs, 0.0f, 0.0f);
+            if (r.n) out[1] = scalar_of(*r.n, n);
+        }
+        return out;
+    }
+};
+
+// TanhLearned where its pass applies (a row-major float32 CPU weight, a unique maximum of |tanh(w)|, tanh's
+// backward in a known form), else tanh_normalize then quant_learned.
+Tensor tanh_learned(const Tensor& w, const Tensor& n, double min_val, bool is_signed, bool narrow, double const_scale,
+                    double lo_b, double hi_b, double frozen) {
+    TORCH_CHECK(scalar_f32(n), "bitfold_q.tanh_learned: the width must be a 0-dim float32 CPU tensor");
+    if (w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
+        tanh_backward_form() >= 0) {
+        Tensor t;
+        {
+            at::NoGradGuard no_grad;
+            t = at::tanh(w);
+        }
+        float mx = 0.0f;
+        int64_t ties = 0, first = -1;
+        if (standard(t) && bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1)
+            return TanhLearned::apply(w, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen);
+    }
+    return quant_learned(TanhNorm::apply(w, min_val), n, std::nullopt, is_signed, narrow, const_scale, std::nullopt,
+                         lo_b, hi_b, frozen, false, true);
+}
 
 // asq.POSTWeight's snap: levels[i] + (w - w.detach()), i the nearest level of each weight (assign: the number of
 // midpoints of the ascending levels strictly below it); w's gradient passes through, the levels' is the
@@ -1143,6 +1238,9 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_learned(Tensor x, Tensor n, Tensor? value, bool is_signed, bool narrow, float const_scale, "
           "float? min_val, float lo_b, float hi_b, float frozen, bool relu, bool ste_clamp) -> Tensor",
           &quant_learned);
+    m.def("tanh_learned(Tensor w, Tensor n, float min_val, bool is_signed, bool narrow, float const_scale, "
+          "float lo_b, float hi_b, float frozen) -> Tensor",
+          &tanh_learned);
     m.def("product_cost(Tensor coef, Tensor lo, Tensor hi, bool acts, Tensor[] ns) -> Tensor", &product_cost);
     m.def("width_step(Tensor(a!)[] live, Tensor[] grads, float lr, float max_step, Tensor(b!)[] widths, float lo, "
           "float hi) -> ()",

@@ -491,6 +491,40 @@ void bfq_tanhnorm_grad_w(const float *restrict g, const float *restrict t, int64
     if (first >= 0) gw[first] = (g[first] / d + share * sgn_of(t[first])) * tanh_slope(t[first], fused);
 }
 
+/* AdaQAT's tanh-normalised weight and its learned-width quantizer in one pass each way (the two nodes
+ * tanh_normalize and quant_learned, whose passes are bfq_forward / bfq_backward at mask 0 - a weight's
+ * straight-through clamp - and bfq_tanhnorm_*): forward x = t / d, out = clamp(rint(x / s), lo, hi) * s;
+ * backward, with gx = (g * s) / s the normalised weight's gradient: p1 = g * clamp(q), p2 = (g * s) * (y / s)
+ * (the scale's products, want_s), p3 = -gx * ((t / d) / d) (d's products) and gw = (gx / d + 0 * sgn(t)) *
+ * tanh's slope - the element at the maximum is finished by the caller once d's gradient is summed. */
+void bfq_tanhq_forward(const float *restrict t, int64_t n, float d, float s, float lo, float hi, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) out[j] = clamp_to(__builtin_rintf((t[j] / d) / s), lo, hi) * s;
+}
+
+static inline __attribute__((always_inline)) void tanhq_backward(
+        const float *restrict t, const float *restrict g, int64_t n, float d, float s, float lo, float hi, int want_s,
+        int fused, float *restrict p1, float *restrict p2, float *restrict p3, float *restrict gw) {
+    for (int64_t j = 0; j < n; j++) {
+        const float x = t[j] / d, y = x / s, q = __builtin_rintf(y);
+        const float gc = g[j] * s, gx = gc / s;
+        if (want_s) {
+            p1[j] = g[j] * clamp_to(q, lo, hi);
+            p2[j] = gc * (y / s);
+        }
+        p3[j] = -gx * ((t[j] / d) / d);
+        gw[j] = (gx / d + 0.0f * sgn_of(t[j])) * tanh_slope(t[j], fused);
+    }
+}
+
+void bfq_tanhq_backward(const float *restrict t, const float *restrict g, int64_t n, float d, float s, float lo,
+                        float hi, int want_s, int fused, float *restrict p1, float *restrict p2, float *restrict p3,
+                        float *restrict gw) {
+    if (want_s && fused) tanhq_backward(t, g, n, d, s, lo, hi, 1, 1, p1, p2, p3, gw);
+    else if (want_s) tanhq_backward(t, g, n, d, s, lo, hi, 1, 0, p1, p2, p3, gw);
+    else if (fused) tanhq_backward(t, g, n, d, s, lo, hi, 0, 1, p1, p2, p3, gw);
+    else tanhq_backward(t, g, n, d, s, lo, hi, 0, 0, p1, p2, p3, gw);
+}
+
 /* tanh's backward alone, a * (1 - t * t), for that comparison */
 void bfq_tanh_backward(const float *restrict a, const float *restrict t, int64_t n, int fused, float *restrict out) {
     for (int64_t j = 0; j < n; j++) out[j] = a[j] * tanh_slope(t[j], fused);
