@@ -709,11 +709,16 @@ struct LearnedScale : public torch::autograd::Function<LearnedScale> {
     }
 };
 
+// The learned-width nodes read the width and the value as floats: one error for tensors of another kind.
+void check_width(const char* op, const Tensor& n, const std::optional<Tensor>& value) {
+    TORCH_CHECK(scalar_f32(n) && (!value || scalar_f32(*value)), "bitfold_q.", op,
+                ": the width and the value must be 0-dim float32 CPU tensors");
+}
+
 std::vector<Tensor> learned_scale(const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
                                   double const_scale, std::optional<double> min_val, double lo_b, double hi_b,
                                   double frozen) {
-    TORCH_CHECK(scalar_f32(n) && (!value || scalar_f32(*value)),
-                "bitfold_q.learned_scale: the width and the value must be 0-dim float32 CPU tensors");
+    check_width("learned_scale", n, value);
     // (no value: n stands in, not read - an undefined input has no device for autograd's checks)
     return LearnedScale::apply(n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val, lo_b,
                                hi_b, frozen);
@@ -768,8 +773,7 @@ struct QuantLearned : public torch::autograd::Function<QuantLearned> {
 Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tensor>& value, bool is_signed, bool narrow,
                      double const_scale, std::optional<double> min_val, double lo_b, double hi_b, double frozen, bool relu,
                      bool ste_clamp) {
-    TORCH_CHECK(scalar_f32(n) && (!value || scalar_f32(*value)),
-                "bitfold_q.quant_learned: the width and the value must be 0-dim float32 CPU tensors");
+    check_width("quant_learned", n, value);
     if (layout(x, n).ok)   // (n: a 0-dim float32 CPU tensor, as the scale is)
         return QuantLearned::apply(x, n, value ? *value : n, value.has_value(), is_signed, narrow, const_scale, min_val,
                                    lo_b, hi_b, frozen, relu, ste_clamp);
@@ -777,13 +781,6 @@ Tensor quant_learned(const Tensor& x, const Tensor& n, const std::optional<Tenso
     return QuantTensorRange::apply(x, r[0], r[1], r[2], relu, ste_clamp, !is_signed);
 }
 
-
-
-// adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
-// one pass (bfq_absmax, with its unique arg-max), the rest of autograd's graph (DivBackward0 for both operands,
-// clamp_min's mask, MaxBackward1's share to the maximum, AbsBackward0's sgn) in the passes of qkernels.c and one
-// torch sum. Where the maximum is not unique or a value is NaN, or the tensors do not suit the passes: the
-// operations themselves, under autograd (this node then only wraps them).
 // How ATen's tanh_backward computes a * (1 - t * t) on this machine: 1 with 1 - t * t as one fused multiply-add
 // (its kernels compiled with contraction for a CPU with FMA), 0 with two roundings, -1 neither (then ATen's own
 // call runs) - read once by comparing its results with both forms on values whose roundings tell them apart.
@@ -803,6 +800,18 @@ int tanh_backward_form() {
     return form;
 }
 
+// The normalisation's gradient at its one maximum: d's gradient (the sum of the products p, summed to 0-dim),
+// through clamp_min's mask, shared over the one element.
+float max_share(const Tensor& p, float mx, float mf) {
+    const float gd = fval(at::sum_to(p, c10::IntArrayRef{}));
+    return (mx >= mf ? gd : 0.0f) / 1.0f;
+}
+
+// adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
+// one pass (bfq_absmax, with its unique arg-max), the rest of autograd's graph (DivBackward0 for both operands,
+// clamp_min's mask, MaxBackward1's share to the maximum, AbsBackward0's sgn) in the passes of qkernels.c and one
+// torch sum. Where the maximum is not unique or a value is NaN, or the tensors do not suit the passes: the
+// operations themselves, under autograd (this node then only wraps them).
 struct TanhNorm : public torch::autograd::Function<TanhNorm> {
     static Tensor forward(AutogradContext* ctx, const Tensor& w, double min_val) {
         const Tensor t = at::tanh(w);
@@ -838,9 +847,7 @@ struct TanhNorm : public torch::autograd::Function<TanhNorm> {
         const float *gp = g.data_ptr<float>(), *tp = t.data_ptr<float>();
         Tensor p = at::empty_like(t);
         bfq_tanhnorm_prods(gp, tp, n, d, p.data_ptr<float>());
-        const float gd = fval(at::sum_to(p, c10::IntArrayRef{}));       // d's gradient (0-dim: the sum)
-        const float gm = mx >= mf ? gd : 0.0f;                          // clamp_min's mask
-        const float share = gm / 1.0f;                                  // the max's gradient over its one element
+        const float share = max_share(p, mx, mf);
         const int slope = tanh_backward_form();
         if (slope >= 0) {   // t's gradient and tanh's backward in one pass
             Tensor gw = at::empty_like(t);
@@ -912,8 +919,7 @@ struct TanhLearned : public torch::autograd::Function<TanhLearned> {
         bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
                            gw.data_ptr<float>());
         if (need_w) {   // the maximum's share (TanhNorm's backward), at its one element
-            const float gd = fval(at::sum_to(p3, c10::IntArrayRef{}));
-            const float share = (mx >= mf ? gd : 0.0f) / 1.0f;
+            const float share = max_share(p3, mx, mf);
             const float gc = gp[first] * sv, gx = gc / sv;
             gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
             out[0] = gw;
@@ -931,7 +937,7 @@ struct TanhLearned : public torch::autograd::Function<TanhLearned> {
 // backward in a known form), else tanh_normalize then quant_learned.
 Tensor tanh_learned(const Tensor& w, const Tensor& n, double min_val, bool is_signed, bool narrow, double const_scale,
                     double lo_b, double hi_b, double frozen) {
-    TORCH_CHECK(scalar_f32(n), "bitfold_q.tanh_learned: the width must be a 0-dim float32 CPU tensor");
+    check_width("tanh_learned", n, std::nullopt);
     if (w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
         tanh_backward_form() >= 0) {
         Tensor t;
@@ -1113,7 +1119,6 @@ struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
             }
             ctx->saved_data["s"] = keep;
             ctx->saved_data["a"] = acts;
-            ctx->saved_data["k"] = k;
             return terms.sum();
         }
         const Tensor n = at::stack(ns);
@@ -1132,7 +1137,7 @@ struct ProductCostNode : public torch::autograd::Function<ProductCostNode> {
             const Tensor g0 = scalar_f32(grads[0]) ? grads[0] : grads[0].to(at::kFloat).cpu().reshape({});
             const float g = fval(g0);
             const bool acts = ctx->saved_data["a"].toBool();
-            const int64_t layers = ctx->saved_data["k"].toInt();
+            const int64_t layers = (int64_t)keep.size() / (acts ? 5 : 4);   // 3 values a layer + 1 or 2 flags
             const double* inside = keep.data() + 3 * layers;
             for (int64_t i = 0; i < layers; i++) {
                 const float coef = keep[3 * i], ba = keep[3 * i + 2];
