@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -189,9 +190,59 @@ Products kernel_backward(const Tensor& x, const Tensor& g, const Tensor& sd, con
     return o;
 }
 
-// kernel_backward and an integer quantizer's scale gradient: the difference of the products' sums.
+// torch's vector width for a float sum (bfq_sum_ordered: the order of ATen's CPU sum), found once by
+// comparing the two on values whose sum depends on the order, at lengths that reach every case of that
+// order up to torch's grain (longer sums split over threads); 0 where no width matches - the
+// products are then written out and summed by torch, as everywhere before.
+int sum_width() {
+    static const int width = [] {
+        const int64_t lens[] = {1,    7,    8,    9,    15,   16,   17,   31,   32,   33,    63,    64,   65,
+                                 127,  128,  129,  255,  256,  257,  511,  512,  513,  1000,  1023,  1024, 1025,
+                                 2047, 2048, 2049, 4095, 4096, 4097, 8191, 8192, 8193, 16385, 20000, 32767};
+        std::vector<float> v(32767);
+        uint64_t u = 0x9E3779B97F4A7C15ull;
+        for (float& f : v) {   // signs and magnitudes over 2^-12 .. 2^12: the sum's order shows
+            u = u * 6364136223846793005ull + 1442695040888963407ull;
+            const float m = (float)((u >> 40) & 0xFFFFFF) / 16777216.0f;
+            f = ldexpf((u >> 39) & 1 ? -m : m, (int)((u >> 32) % 25) - 12);
+        }
+        for (int w : {8, 16, 4, 32}) {
+            bool ok = true;
+            for (int64_t n : lens) {
+                const float ref = at::sum(at::from_blob(v.data(), {n}, at::kFloat)).item<float>();
+                const float got = bfq_sum_ordered(v.data(), n, w);
+                if (n >= w && memcmp(&ref, &got, sizeof ref) != 0) {
+                    ok = false;
+                    break;
+                }
+            }
+            if (ok) return w;
+        }
+        return 0;
+    }();
+    return width;
+}
+
+// Whether a pass may sum n of its values itself (bfq_backward_sums) and have torch's sum of them: a
+// width found, n at least one vector, and torch's sum of n values on one thread (up to its grain of
+// 32768 values - above it torch splits a sum over its threads, tested - or one thread set).
+bool sums_fit(int64_t n) {
+    const int w = sum_width();
+    return w > 0 && n >= w && (n <= 32768 || at::get_num_threads() == 1);
+}
+
+// kernel_backward and an integer quantizer's scale gradient: the difference of the products' sums -
+// summed inside the pass where the scale is one value and the sums fit (sums_fit), else by torch.
 void grads_kernel(const Tensor& x, const Tensor& g, const Tensor& s, const Layout& lay, double lo, double hi,
                   bool relu, int mask, bool need_x, bool need_s, Tensor& grad_x, Tensor& grad_s) {
+    if (need_s && scalar_f32(s) && !lay.per_row && sums_fit(x.numel())) {
+        grad_x = need_x ? at::empty_like(x) : Tensor();
+        float r[2];
+        bfq_backward_sums(x.data_ptr<float>(), g.data_ptr<float>(), x.numel(), fval(s), (float)lo, (float)hi, relu,
+                          mask, sum_width(), fptr(grad_x), r);
+        grad_s = scalar_of(r[0] - r[1], s);
+        return;
+    }
     const Products o = kernel_backward(x, g, s, lay, lo, hi, relu, mask, need_x, need_s);
     grad_x = o.gx;
     if (!need_s) return;
@@ -1223,6 +1274,15 @@ void width_step(at::TensorList live, at::TensorList grads, double lr, double max
 
 }  // namespace
 
+// For the tests: bfq_sum_ordered of a contiguous float tensor at the probed width, and that width.
+Tensor ordered_sum(const Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu() && x.is_contiguous(), "ordered_sum: a contiguous float32 CPU tensor");
+    TORCH_CHECK(sum_width() > 0, "ordered_sum: no vector width reproduces torch's sum here");
+    return scalar_of(bfq_sum_ordered(x.data_ptr<float>(), x.numel(), sum_width()), x);
+}
+
+int64_t ordered_sum_width() { return sum_width(); }
+
 TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_value(Tensor x, Tensor value, bool relu, float? min_val, Tensor thr, float lo, float hi, "
           "bool ste_clamp) -> Tensor",
@@ -1250,4 +1310,6 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("width_step(Tensor(a!)[] live, Tensor[] grads, float lr, float max_step, Tensor(b!)[] widths, float lo, "
           "float hi) -> ()",
           &width_step);
+    m.def("ordered_sum(Tensor x) -> Tensor", &ordered_sum);
+    m.def("ordered_sum_width() -> int", &ordered_sum_width);
 }

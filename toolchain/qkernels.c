@@ -90,6 +90,95 @@ void bfq_backward(const float *x, const float *g, int64_t rows, int64_t inner, c
 
 static inline float sgn_of(float w) { return w > 0.0f ? 1.0f : (w < 0.0f ? -1.0f : 0.0f); }
 
+/* The sum of n contiguous floats in the order torch's CPU sum takes on one thread (ATen's cascade sum:
+ * vectors of w floats in four interleaved rows, a partial sum per row and lane, those partials summed
+ * in four levels - one level up after every 2^lp vectors of a row - then the vectors left over, the rows,
+ * the single floats at the end and the lanes, in that order), so that a pass can sum what it computes
+ * without writing it out and have torch's result bit for bit. w is torch's vector width for float,
+ * found by comparison with torch (bfq_sum_w in qautograd.cpp); a caller feeds whole blocks of 4 * w
+ * values (sum_block) and then the < 4 * w values left (sum_finish). */
+#define BFQ_SUM_WMAX 32
+
+typedef struct {
+    float acc[4][4 * BFQ_SUM_WMAX];
+    int64_t blocks, done, mask;
+    int lp, w;
+} bfq_sum;
+
+static void sum_init(bfq_sum *s, int64_t n, int w) {
+    __builtin_memset(s->acc, 0, sizeof s->acc);
+    s->w = w;
+    s->blocks = (n / w) / 4;
+    s->done = 0;
+    const int cl = s->blocks <= 2 ? 1 : 64 - __builtin_clzll((unsigned long long)(s->blocks - 1));
+    s->lp = cl / 4 > 4 ? cl / 4 : 4;
+    s->mask = ((int64_t)1 << s->lp) - 1;
+}
+
+static inline void sum_block(bfq_sum *restrict s, const float *restrict b) {
+    const int bl = 4 * s->w;
+    for (int t = 0; t < bl; t++) s->acc[0][t] += b[t];
+    if ((++s->done & s->mask) != 0) return;
+    for (int j = 1; j < 4; j++) {   /* a run of 2^lp vectors per row done: one level up */
+        for (int t = 0; t < bl; t++) {
+            s->acc[j][t] += s->acc[j - 1][t];
+            s->acc[j - 1][t] = 0.0f;
+        }
+        if ((s->done & (s->mask << (j * s->lp))) != 0) break;
+    }
+}
+
+static float sum_finish(bfq_sum *restrict s, const float *restrict rest, int64_t nrest) {
+    const int w = s->w, bl = 4 * w;
+    for (int j = 1; j < 4; j++)
+        for (int t = 0; t < bl; t++) s->acc[0][t] += s->acc[j][t];
+    const int64_t nv = nrest / w;   /* whole vectors left (< 4): into the first row */
+    for (int64_t v = 0; v < nv; v++)
+        for (int l = 0; l < w; l++) s->acc[0][l] += rest[v * w + l];
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < w; l++) s->acc[0][l] += s->acc[0][k * w + l];
+    float f = 0.0f;
+    for (int64_t k = nv * w; k < nrest; k++) f += rest[k];
+    for (int l = 0; l < w; l++) f += s->acc[0][l];
+    return 0.0f + f;   /* torch adds the sum to its zero-filled output */
+}
+
+/* The sum of n floats in torch's order (for the probe and the tests). */
+float bfq_sum_ordered(const float *restrict x, int64_t n, int w) {
+    bfq_sum s;
+    sum_init(&s, n, w);
+    const int64_t full = s.blocks * 4 * w;
+    for (int64_t j = 0; j < full; j += 4 * w) sum_block(&s, x + j);
+    return sum_finish(&s, x + full, n - full);
+}
+
+/* bfq_backward for one scale (sd = sm) with the sums of p1 and p2 (out[0], out[1]) in torch's order
+ * instead of p1 and p2 themselves: the values are computed block by block into two small buffers and
+ * summed there. gx as bfq_backward (NULL: not wanted). */
+void bfq_backward_sums(const float *x, const float *g, int64_t n, float sv, float lo, float hi, int relu, int mask,
+                       int w, float *gx, float *out) {
+    bfq_sum s1, s2;
+    float b1[4 * BFQ_SUM_WMAX], b2[4 * BFQ_SUM_WMAX];
+    sum_init(&s1, n, w);
+    sum_init(&s2, n, w);
+    const int64_t bl = 4 * w, full = s1.blocks * bl;
+    int64_t j = 0;
+    for (; j < full; j += bl) {
+        if (gx)
+            backward_row(x + j, g + j, bl, sv, sv, lo, hi, relu, mask, 1, 1, gx + j, b1, b2);
+        else
+            backward_row(x + j, g + j, bl, sv, sv, lo, hi, relu, mask, 0, 1, 0, b1, b2);
+        sum_block(&s1, b1);
+        sum_block(&s2, b2);
+    }
+    if (gx)
+        backward_row(x + j, g + j, n - j, sv, sv, lo, hi, relu, mask, 1, 1, gx + j, b1, b2);
+    else
+        backward_row(x + j, g + j, n - j, sv, sv, lo, hi, relu, mask, 0, 1, 0, b1, b2);
+    out[0] = sum_finish(&s1, b1, n - j);
+    out[1] = sum_finish(&s2, b2, n - j);
+}
+
 /* ASQ's adapter statistics of each row of a rows x n matrix: mean |x| and the sample standard deviation
  * (n - 1) as two passes - the mean, then the squared deviations (x - mean, in float) - summed in double
  * over BFQ_LANES interleaved partial sums, added up in a fixed order, so the values do not depend on how
@@ -298,24 +387,99 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
 #include <stdlib.h>
 
 #define BFQ_BLOCK 256
+/* up to this many padded mids (a 5-bit codebook's) the search counts the mids below each value instead */
+#define BFQ_COUNT_MAX 32
+/* more mids: a table of BFQ_CELLS equal cells over [first mid, last mid] gives each value the number of
+ * mids in the cells below its own, and at most BFQ_CELL_K mids share a cell (else the binary search) */
+#define BFQ_CELLS 4096
+#define BFQ_CELL_K 4
 
-/* The binary search of a block of values over mids padded to p2 - 1 entries (m): pos[j] = the number
- * of mids strictly below v[j]. */
+struct bfq_cells {
+    float m0, inv;
+    int32_t first[BFQ_CELLS];   /* the number of mids whose cell is below t */
+};
+
+/* A value's cell: monotone in v (a rounded difference and product, then floor, clamped), so every mid in
+ * a cell below v's is below v, and every mid in a cell above it is above v. NaN: cell 0 (no mid is below). */
+static inline int32_t cell_of(float v, float m0, float inv) {
+    const float f = (v - m0) * inv;
+    if (!(f >= 0.0f)) return 0;
+    if (f >= (float)(BFQ_CELLS - 1)) return BFQ_CELLS - 1;
+    return (int32_t)f;
+}
+
+/* 0 where the mids do not suit a table (no finite positive span, or a cell holding more than K mids) */
+static int cells_build(struct bfq_cells *t, const float *m, int64_t nb) {
+    const float span = m[nb - 1] - m[0];
+    t->m0 = m[0];
+    t->inv = (float)BFQ_CELLS / span;
+    if (!(span > 0.0f) || !(t->inv > 0.0f) || t->inv == INFINITY || t->m0 != t->m0) return 0;
+    int32_t cnt[BFQ_CELLS] = {0};
+    for (int64_t i = 0; i < nb; i++)
+        if (++cnt[cell_of(m[i], t->m0, t->inv)] > BFQ_CELL_K) return 0;
+    t->first[0] = 0;
+    for (int k = 1; k < BFQ_CELLS; k++) t->first[k] = t->first[k - 1] + cnt[k - 1];
+    return 1;
+}
+
+/* pos[j] = the mids below v[j]: those of the cells below its cell, plus those of the K mids from there
+ * on that are below it (the ones of its own cell; the later ones are in cells above, so not below) -
+ * the same number as the search; val[j] = c[pos[j]] when c is given. */
+__attribute__((optimize("no-tree-vectorize"))) static void cells_block(const struct bfq_cells *restrict t, const float *restrict m, const float *restrict v,
+                        int64_t len, const float *restrict c, int32_t *restrict pos, float *restrict val) {
+    for (int64_t j = 0; j < len; j++) {
+        const float x = v[j];
+        const int32_t lo = t->first[cell_of(x, t->m0, t->inv)];
+        int32_t k = lo;
+        for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
+        pos[j] = k;
+    }
+    if (c)
+        for (int64_t j = 0; j < len; j++) val[j] = c[pos[j]];
+}
+
+/* The search of a block of values over mids padded to p2 - 1 entries (m): pos[j] = the number of mids
+ * strictly below v[j], and with the entries c (one more than the mids; NULL: not wanted) val[j] = c[pos[j]].
+ * Up to BFQ_COUNT_MAX padded mids they are counted - one comparison per mid, each entry taken by a select
+ * as its mid is passed (ascending mids: the last one below v decides) - else a binary search: the same
+ * numbers; the count has no indexed loads, which some CPUs run slowly as vector gathers. */
 static void search_block(const float *restrict m, int64_t p2, const float *restrict v, int64_t len,
-                         int32_t *restrict pos) {
+                         const float *restrict c, int32_t *restrict pos, float *restrict val) {
     for (int64_t j = 0; j < len; j++) pos[j] = 0;
+    if (p2 <= BFQ_COUNT_MAX) {
+        if (c)
+            for (int64_t j = 0; j < len; j++) val[j] = c[0];
+        /* a mid at +inf is below no value, nor is any after it */
+        for (int64_t i = 0; i < p2 - 1 && m[i] != INFINITY; i++) {
+            const float mi = m[i];
+            if (c) {
+                const float ci = c[i + 1];
+                for (int64_t j = 0; j < len; j++) {
+                    const int below = mi < v[j];
+                    pos[j] += below;
+                    val[j] = below ? ci : val[j];
+                }
+            } else {
+                for (int64_t j = 0; j < len; j++) pos[j] += mi < v[j];
+            }
+        }
+        return;
+    }
     for (int64_t step = p2 >> 1; step >= 1; step >>= 1)
         for (int64_t j = 0; j < len; j++)
             pos[j] += (m[pos[j] + step - 1] < v[j]) ? (int32_t)step : 0;
+    if (c)
+        for (int64_t j = 0; j < len; j++) val[j] = c[pos[j]];
 }
 
-/* mids padded with +inf to 2^k - 1 entries (*p2 = 2^k, the smallest above nb); NULL when out of memory */
+/* mids padded with +inf to 2^k - 1 entries (*p2 = 2^k, the smallest above nb) and BFQ_CELL_K more (read by
+ * cells_count); NULL when out of memory */
 static float *padded(const float *mids, int64_t nb, int64_t *p2) {
     int64_t n2 = 1;
     while (n2 < nb + 1) n2 <<= 1;
-    float *m = (float *)malloc(sizeof(float) * (size_t)n2);
+    float *m = (float *)malloc(sizeof(float) * (size_t)(n2 + BFQ_CELL_K));
     if (m)
-        for (int64_t i = 0; i < n2; i++) m[i] = i < nb ? mids[i] : INFINITY;
+        for (int64_t i = 0; i < n2 + BFQ_CELL_K; i++) m[i] = i < nb ? mids[i] : INFINITY;
     *p2 = n2;
     return m;
 }
@@ -323,31 +487,49 @@ static float *padded(const float *mids, int64_t nb, int64_t *p2) {
 /* Every w searched over ascending mids (nb of them), block by block: pos[j] is the number of mids strictly
  * below w[b + j] (torch.bucketize's index, ties left); visit(ctx, b, len, pos) is called for each block.
  * Returns -1 out of memory, else 0. */
-typedef void (*bfq_visit)(void *ctx, int64_t b, int64_t len, const int32_t *pos);
+typedef void (*bfq_visit)(void *ctx, int64_t b, int64_t len, const int32_t *pos, const float *val);
 
-static int mids_search(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb, bfq_visit visit,
-                       void *ctx) {
+static int mids_search(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
+                       const float *restrict c, bfq_visit visit, void *ctx) {
     int64_t p2;
     float *m = padded(mids, nb, &p2);
     if (!m) return -1;
+    struct bfq_cells *cells = 0;
+    if (p2 > BFQ_COUNT_MAX && n >= BFQ_CELLS) {   /* the table pays for itself over many values */
+        cells = (struct bfq_cells *)malloc(sizeof *cells);
+        if (cells && !cells_build(cells, m, nb)) {
+            free(cells);
+            cells = 0;
+        }
+    }
     int32_t pos[BFQ_BLOCK];
+    float val[BFQ_BLOCK];
     for (int64_t b = 0; b < n; b += BFQ_BLOCK) {
         const int64_t len = n - b < BFQ_BLOCK ? n - b : BFQ_BLOCK;
-        search_block(m, p2, w + b, len, pos);
-        visit(ctx, b, len, pos);
+        if (cells)
+            cells_block(cells, m, w + b, len, c, pos, val);
+        else
+            search_block(m, p2, w + b, len, c, pos, val);
+        for (int64_t j = 0; j < len; j++)   /* NaN: after every mid, as torch.bucketize places it */
+            if (w[b + j] != w[b + j]) {
+                pos[j] = (int32_t)nb;
+                if (c) val[j] = c[nb];
+            }
+        visit(ctx, b, len, pos, val);
     }
+    free(cells);
     free(m);
     return 0;
 }
 
-static void index_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+static void index_block(void *p, int64_t b, int64_t len, const int32_t *pos, const float *val) {
     int64_t *out = (int64_t *)p;
     for (int64_t j = 0; j < len; j++) out[b + j] = pos[j];
 }
 
 int bfq_bucketize(const float *restrict w, int64_t n, const float *restrict mids, int64_t nb,
                   int64_t *restrict out) {
-    return mids_search(w, n, mids, nb, index_block, out);
+    return mids_search(w, n, mids, nb, 0, index_block, out);
 }
 
 #define BFQ_MAX_CODEBOOK 4096   /* entries (ADQ: 2^8); larger codebooks run torch's operations */
@@ -364,12 +546,12 @@ static int codebook_mids(const float *c, int64_t k, float *mids) {
 
 /* The nearest-entry search of every w against a codebook c of k entries (mids_search over its midpoints).
  * Returns 1 when c is not ascending (or k is outside 2..BFQ_MAX_CODEBOOK), -1 out of memory, else 0. */
-static int codebook_search(const float *restrict w, int64_t n, const float *restrict c, int64_t k, bfq_visit visit,
-                           void *ctx) {
+static int codebook_search(const float *restrict w, int64_t n, const float *restrict c, int64_t k, int want_val,
+                           bfq_visit visit, void *ctx) {
     if (k < 2 || k > BFQ_MAX_CODEBOOK) return 1;
     float mids[BFQ_MAX_CODEBOOK];
     if (codebook_mids(c, k, mids)) return 1;
-    return mids_search(w, n, mids, k - 1, visit, ctx);
+    return mids_search(w, n, mids, k - 1, want_val ? c : 0, visit, ctx);
 }
 
 struct snap_ctx {
@@ -378,16 +560,16 @@ struct snap_ctx {
     uint16_t *idx;
 };
 
-static void delta_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+static void delta_block(void *p, int64_t b, int64_t len, const int32_t *pos, const float *val) {
     const struct snap_ctx *x = (const struct snap_ctx *)p;
-    for (int64_t j = 0; j < len; j++) x->out[b + j] = x->c[pos[j]] - x->w[b + j];
+    for (int64_t j = 0; j < len; j++) x->out[b + j] = val[j] - x->w[b + j];
 }
 
 /* ADQ's codebook weight (CodebookWeight.forward): delta = c[i] - w, i the nearest entry's index; the caller
  * adds w + delta under autograd. Returns as codebook_search (nothing written unless 0). */
 int bfq_codebook_delta(const float *restrict w, int64_t n, const float *restrict c, int64_t k, float *restrict delta) {
     struct snap_ctx x = {w, c, delta, 0};
-    return codebook_search(w, n, c, k, delta_block, &x);
+    return codebook_search(w, n, c, k, 1, delta_block, &x);
 }
 
 struct ema_ctx {
@@ -395,7 +577,7 @@ struct ema_ctx {
     float *sums, *cnt;
 };
 
-static void sums_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+static void sums_block(void *p, int64_t b, int64_t len, const int32_t *pos, const float *val) {
     const struct ema_ctx *x = (const struct ema_ctx *)p;
     for (int64_t j = 0; j < len; j++) {
         x->sums[pos[j]] = x->sums[pos[j]] + x->w[b + j] * 1.0f;
@@ -420,7 +602,7 @@ int bfq_codebook_ema(const float *restrict w, int64_t n, float *restrict c, int6
     float *acc = (float *)calloc((size_t)(2 * k), sizeof(float));
     if (!acc) return -1;
     struct ema_ctx x = {w, acc, acc + k};
-    const int rc = codebook_search(w, n, c, k, sums_block, &x);
+    const int rc = codebook_search(w, n, c, k, 0, sums_block, &x);
     if (rc) {
         free(acc);
         return rc;
@@ -439,10 +621,10 @@ int bfq_codebook_ema(const float *restrict w, int64_t n, float *restrict c, int6
     return 0;
 }
 
-static void snap_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
+static void snap_block(void *p, int64_t b, int64_t len, const int32_t *pos, const float *val) {
     const struct snap_ctx *x = (const struct snap_ctx *)p;
     for (int64_t j = 0; j < len; j++) {
-        x->out[b + j] = x->c[pos[j]] + (x->w[b + j] - x->w[b + j]);
+        x->out[b + j] = val[j] + (x->w[b + j] - x->w[b + j]);
         x->idx[b + j] = (uint16_t)pos[j];
     }
 }
@@ -453,7 +635,7 @@ static void snap_block(void *p, int64_t b, int64_t len, const int32_t *pos) {
 int bfq_snap_levels(const float *restrict w, int64_t n, const float *restrict lv, int64_t k, float *restrict out,
                     uint16_t *restrict idx) {
     struct snap_ctx x = {w, lv, out, idx};
-    return codebook_search(w, n, lv, k, snap_block, &x);
+    return codebook_search(w, n, lv, k, 1, snap_block, &x);
 }
 
 /* The gather's backward (index_put_ with accumulate): acc[idx[j]] += g[j] in element order; acc zeroed by

@@ -367,6 +367,54 @@ def test_cpp_nodes_split_over_threads_equal_the_python_functions(per_channel):
         torch.set_num_threads(prev)
 
 
+def test_ordered_sum_is_torchs_sum():
+    """The C++ nodes sum a quantizer's scale products inside their backward pass, in the order of torch's
+    CPU sum (qautograd.cpp: bfq_sum_ordered at the vector width found by comparison with torch): a width
+    is found here, and the ordered sum equals torch.sum bit for bit at lengths across that order's cases
+    (vector tails, whole blocks, the level steps at 16, 256 and 4096 blocks) - below torch's grain on 1
+    and 2 threads, above it on 1 (where torch's sum does not split)."""
+    from bitfold.toolchain import qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    assert ops.ordered_sum_width() in (4, 8, 16, 32)
+    prev = torch.get_num_threads()
+    torch.manual_seed(11)
+    try:
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            lens = [8, 9, 31, 32, 33, 100, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 8193, 32767, 32768]
+            lens += [32769, 50176, 131072 * 2 + 77, 600_000] if th == 1 else []
+            for n in lens:
+                x = torch.randn(n) * torch.exp(torch.randn(n) * 3)   # magnitudes over ~25 binades
+                assert torch.equal(ops.ordered_sum(x), x.sum()), (th, n)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads,shape", [(1, (64, 784)), (2, (63, 520)), (2, (64, 512)), (2, (64, 520))])
+def test_cpp_nodes_with_sums_in_the_pass_equal_the_python_functions(threads, shape):
+    """The scale products summed inside the backward pass (one scale; on one thread at any size, on two
+    up to torch's grain: 63 x 520 = 32,760 and 64 x 512 = 32,768 values) or written and summed by torch
+    (two threads at 64 x 520 = 33,280: torch's sum splits there): the Python Functions' gradients bit for bit."""
+    from bitfold.toolchain import fastquant as fq, qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(sum(shape))
+        x, value, thr = torch.randn(*shape) * 3, torch.tensor(0.9), torch.tensor(7.0)
+        g = torch.randn_like(x) * torch.exp(torch.randn_like(x) * 2)
+        a, b = _native_and_python(lambda x_, v_: ops.quant_value(x_, v_, False, 1e-8, thr, -7.0, 7.0, False),
+                                  lambda x_, v_: fq._QuantFromValue.apply(x_, v_, False, 1e-8, thr, -7.0, 7.0, False), x, value, g)
+        assert all(torch.equal(p, q) for p, q in zip(a, b)) and float(a[2].abs()) > 0
+        a, b = _native_and_python(lambda w_: ops.quant_absmax(w_, False, (), 1e-8, thr, -7.0, 7.0, True),
+                                  lambda w_: fq._QuantFromAbsMax.apply(w_, False, (), 1e-8, thr, -7.0, 7.0, True), x, g)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("relu,unsigned,ste", [(True, True, False), (False, False, False), (False, False, True)])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last gradient", "channels-last input"])
 def test_cpp_learned_range_node_equals_the_python_function(relu, unsigned, ste, layout):
@@ -562,13 +610,14 @@ def test_compiled_bucketize_equals_torch(nb):
     else:
         torch.manual_seed(nb)
         mids = torch.randn(nb).sort().values
-    w = torch.randn(4000)
-    w[:nb] = mids
-    w[nb:2 * nb] = torch.nextafter(mids, torch.tensor(-10.0))
-    w[2 * nb:3 * nb] = torch.nextafter(mids, torch.tensor(10.0))
-    w[-4:] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
-    got = qkernels.bucketize(w.view(40, 100), mids)
-    assert got is not None and torch.equal(got, torch.bucketize(w.view(40, 100), mids))
+    for n in (4000, 5000):   # the search; from 4096 values on, with more than 31 mids, the cell table
+        w = torch.randn(n)
+        w[:nb] = mids
+        w[nb:2 * nb] = torch.nextafter(mids, torch.tensor(-10.0))
+        w[2 * nb:3 * nb] = torch.nextafter(mids, torch.tensor(10.0))
+        w[-5:] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, float("nan")])
+        got = qkernels.bucketize(w.view(n // 100, 100), mids)
+        assert got is not None and torch.equal(got, torch.bucketize(w.view(n // 100, 100), mids))
 
 
 @pytest.mark.parametrize("bits,init", [(2, "quantile"), (4, "signed"), (8, "uniform")])
