@@ -445,6 +445,19 @@ variable_list range_grads(const Tensor& g, const variable_list& saved, const Ran
                 out[1] = grad_s;
                 return out;
             }
+            // one scale and one pair of bounds: the four products summed inside the pass (sums_fit)
+            if (scalar_f32(s) && lo.numel() == 1 && hi.numel() == 1 && lo.scalar_type() == at::kFloat &&
+                hi.scalar_type() == at::kFloat && !lay.per_row && sums_fit(x.numel())) {
+                Tensor gx = need_x ? at::empty_like(x) : Tensor();
+                float r[4];
+                bfq_backward_range_sums(x.data_ptr<float>(), g.data_ptr<float>(), x.numel(), fval(s), lof, hif, relu,
+                                        sum_width(), fptr(gx), r);
+                if (need_x) out[0] = gx;
+                if (need_s) out[1] = scalar_of(r[0] - r[1], s);
+                if (need_lo) out[2] = none_below ? at::zeros_like(lo) : scalar_of(r[3], lo).reshape(lo.sizes());
+                if (need_hi) out[3] = scalar_of(r[2], hi).reshape(hi.sizes());
+                return out;
+            }
             // only the gradients needed (none of ``below`` where nothing can be below lo)
             const bool want_lo = need_lo && !none_below;
             const auto alloc = [&](bool want) { return want ? at::empty_like(x) : Tensor(); };
@@ -561,8 +574,23 @@ struct ASQStep : public torch::autograd::Function<ASQStep> {
             d = saved[1];
             s = saved[2];
             beta = saved[3];
+            const Layout lay = layout(x, d);
+            if (grad_fits(g, x) && lay.per_row && d.numel() == lay.rows && lay.inner >= sum_width() &&
+                sums_fit(x.numel())) {   // the sums of p1 (to s) and of p2 per sample (to d) inside the pass
+                Tensor gx = need_x ? at::empty_like(x) : Tensor();
+                Tensor p2 = at::empty(d.sizes(), d.options());
+                float p1;
+                bfq_backward_rows_sums(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner,
+                                       d.contiguous().data_ptr<float>(), fval(s), (float)n, (float)p, 2, sum_width(),
+                                       fptr(gx), &p1, p2.data_ptr<float>());
+                out[0] = gx;
+                const Tensor grad_d = -p2;
+                if (need_s) out[1] = scalar_of(p1, s) + at::sum_to(grad_d * beta, s.sizes());
+                if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+                return out;
+            }
             if (grad_fits(g, x)) {
-                const Products o = kernel_backward(x, g, d, layout(x, d), n, p, false, 2, need_x, true, s);
+                const Products o = kernel_backward(x, g, d, lay, n, p, false, 2, need_x, true, s);
                 out[0] = o.gx;
                 const Tensor grad_d = -at::sum_to(o.p2, d.sizes());
                 if (need_s) out[1] = at::sum_to(o.p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());

@@ -380,6 +380,90 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
 }
 #undef BFQ_RANGE_CASE
 
+/* bfq_backward_range for one scale and one pair of bounds, with the sums of p1, p2, above and below
+ * (out[0..3], in torch's order, bfq_sum) instead of those products; gx written when not NULL. */
+void bfq_backward_range_sums(const float *x, const float *g, int64_t n, float sv, float lo, float hi, int relu, int w,
+                             float *gx, float *out) {
+    bfq_sum s[4];
+    float b[4][4 * BFQ_SUM_WMAX];
+    for (int k = 0; k < 4; k++) sum_init(&s[k], n, w);
+    const int64_t bl = 4 * w, full = s[0].blocks * bl;
+    int64_t j = 0;
+    for (; j < full; j += bl) {
+        if (gx)
+            range_row(x + j, g + j, bl, sv, lo, hi, relu, 1, 1, 1, 1, gx + j, b[0], b[1], b[2], b[3]);
+        else
+            range_row(x + j, g + j, bl, sv, lo, hi, relu, 0, 1, 1, 1, 0, b[0], b[1], b[2], b[3]);
+        for (int k = 0; k < 4; k++) sum_block(&s[k], b[k]);
+    }
+    if (gx)
+        range_row(x + j, g + j, n - j, sv, lo, hi, relu, 1, 1, 1, 1, gx + j, b[0], b[1], b[2], b[3]);
+    else
+        range_row(x + j, g + j, n - j, sv, lo, hi, relu, 0, 1, 1, 1, 0, b[0], b[1], b[2], b[3]);
+    for (int k = 0; k < 4; k++) out[k] = sum_finish(&s[k], b[k], n - j);
+}
+
+/* bfq_backward with a scale per row to divide by (sd) and one to multiply by (sm; ASQ's s * beta and s), and
+ * the sums in torch's order of p1 over the whole tensor (out1) and of p2 over each row (out2[row]) - the
+ * shapes of s and of s * beta - instead of the products. A block of the whole tensor's sum may span rows:
+ * its values are gathered in a buffer (feed). */
+typedef struct {
+    bfq_sum s;
+    float buf[4 * BFQ_SUM_WMAX];
+    int fill;
+    int64_t left;   /* values still to come as whole blocks */
+} bfq_feed;
+
+static void feed_init(bfq_feed *f, int64_t n, int w) {
+    sum_init(&f->s, n, w);
+    f->fill = 0;
+    f->left = f->s.blocks * 4 * w;
+}
+
+static void feed(bfq_feed *restrict f, const float *restrict v, int64_t len) {
+    const int bl = 4 * f->s.w;
+    for (int64_t j = 0; j < len; j++) {
+        f->buf[f->fill++] = v[j];
+        if (f->left > 0 && f->fill == bl) {
+            sum_block(&f->s, f->buf);
+            f->left -= bl;
+            f->fill = 0;
+        }
+    }
+}
+
+void bfq_backward_rows_sums(const float *x, const float *g, int64_t rows, int64_t inner, const float *sd, float mv,
+                            float lo, float hi, int mask, int w, float *gx, float *out1, float *out2) {
+    bfq_feed f1;
+    bfq_sum s2;
+    float b1[4 * BFQ_SUM_WMAX], b2[4 * BFQ_SUM_WMAX];
+    feed_init(&f1, rows * inner, w);
+    const int64_t bl = 4 * w;
+    for (int64_t i = 0; i < rows; i++) {
+        const float sv = sd[i];
+        const float *xr = x + i * inner, *gr = g + i * inner;
+        float *gxr = gx ? gx + i * inner : 0;
+        sum_init(&s2, inner, w);
+        const int64_t full = s2.blocks * bl;
+        int64_t j = 0;
+        for (; j < full; j += bl) {
+            if (gxr)
+                backward_row(xr + j, gr + j, bl, sv, mv, lo, hi, 0, mask, 1, 1, gxr + j, b1, b2);
+            else
+                backward_row(xr + j, gr + j, bl, sv, mv, lo, hi, 0, mask, 0, 1, 0, b1, b2);
+            sum_block(&s2, b2);
+            feed(&f1, b1, bl);
+        }
+        if (gxr)
+            backward_row(xr + j, gr + j, inner - j, sv, mv, lo, hi, 0, mask, 1, 1, gxr + j, b1, b2);
+        else
+            backward_row(xr + j, gr + j, inner - j, sv, mv, lo, hi, 0, mask, 0, 1, 0, b1, b2);
+        out2[i] = sum_finish(&s2, b2, inner - j);
+        feed(&f1, b1, inner - j);
+    }
+    *out1 = sum_finish(&f1.s, f1.buf, f1.fill);
+}
+
 /* torch.bucketize(w, mids) (right=False) for ascending mids: the number of mids strictly below each
  * value (ADQ's nearest codebook entry at 5-8 bits). A binary search over the mids padded with +inf to
  * 2^k - 1 entries, one level at a time over a block of values, so that the blocks' searches overlap
