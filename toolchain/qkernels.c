@@ -473,37 +473,61 @@ void bfq_backward_rows_sums(const float *x, const float *g, int64_t rows, int64_
 #define BFQ_BLOCK 256
 /* up to this many padded mids (a 5-bit codebook's) the search counts the mids below each value instead */
 #define BFQ_COUNT_MAX 32
-/* more mids: a table of BFQ_CELLS equal cells over [first mid, last mid] gives each value the number of
- * mids in the cells below its own, and at most BFQ_CELL_K mids share a cell (else the binary search) */
+/* more mids: a table of BFQ_CELLS cells - equal ones over [first mid, last mid], or by the floats' leading
+ * bits for log-spaced mids - gives each value the number of mids in the cells below its own, and at most
+ * BFQ_CELL_K mids share a cell (else the binary search) */
 #define BFQ_CELLS 4096
 #define BFQ_CELL_K 4
 
 struct bfq_cells {
     float m0, inv;
+    int log;                    /* cells by the float's leading bits (log-spaced mids, e.g. ASQ's POST levels) */
     int32_t first[BFQ_CELLS];   /* the number of mids whose cell is below t */
 };
 
 /* A value's cell: monotone in v (a rounded difference and product, then floor, clamped), so every mid in
  * a cell below v's is below v, and every mid in a cell above it is above v. NaN: cell 0 (no mid is below). */
 static inline int32_t cell_of(float v, float m0, float inv) {
-    const float f = (v - m0) * inv;
-    if (!(f >= 0.0f)) return 0;
-    if (f >= (float)(BFQ_CELLS - 1)) return BFQ_CELLS - 1;
+    float f = (v - m0) * inv;
+    f = f >= 0.0f ? f : 0.0f;   /* NaN: 0 */
+    f = f < (float)(BFQ_CELLS - 1) ? f : (float)(BFQ_CELLS - 1);
     return (int32_t)f;
 }
 
-/* 0 where the mids do not suit a table (no finite positive span, or a cell holding more than K mids) */
+/* The cell of v by its float's 12 leading bits, as an unsigned key that orders floats as their values
+ * (negatives' bits flipped, -0 taken as +0): also monotone - 1/8 of a binade a cell. */
+static inline int32_t log_cell_of(float v) {
+    uint32_t u;
+    const float z = v + 0.0f;   /* -0 + 0 is +0; any other value unchanged */
+    __builtin_memcpy(&u, &z, sizeof u);
+    u ^= (uint32_t)((int32_t)u >> 31) | 0x80000000u;   /* without a branch on the sign */
+    return (int32_t)(u >> 20);
+}
+
+static inline int32_t any_cell_of(const struct bfq_cells *t, float v) {
+    return t->log ? log_cell_of(v) : cell_of(v, t->m0, t->inv);
+}
+
+static int cells_fill(struct bfq_cells *t, const float *m, int64_t nb) {
+    int32_t cnt[BFQ_CELLS] = {0};
+    for (int64_t i = 0; i < nb; i++)
+        if (++cnt[any_cell_of(t, m[i])] > BFQ_CELL_K) return 0;
+    t->first[0] = 0;
+    for (int k = 1; k < BFQ_CELLS; k++) t->first[k] = t->first[k - 1] + cnt[k - 1];
+    return 1;
+}
+
+/* Equal cells over the mids' span, else cells by leading bits; 0 where neither keeps every cell to at
+ * most K mids (or the span is not finite and positive): the binary search then. */
 static int cells_build(struct bfq_cells *t, const float *m, int64_t nb) {
     const float span = m[nb - 1] - m[0];
     t->m0 = m[0];
     t->inv = (float)BFQ_CELLS / span;
     if (!(span > 0.0f) || !(t->inv > 0.0f) || t->inv == INFINITY || t->m0 != t->m0) return 0;
-    int32_t cnt[BFQ_CELLS] = {0};
-    for (int64_t i = 0; i < nb; i++)
-        if (++cnt[cell_of(m[i], t->m0, t->inv)] > BFQ_CELL_K) return 0;
-    t->first[0] = 0;
-    for (int k = 1; k < BFQ_CELLS; k++) t->first[k] = t->first[k - 1] + cnt[k - 1];
-    return 1;
+    t->log = 0;
+    if (cells_fill(t, m, nb)) return 1;
+    t->log = 1;
+    return cells_fill(t, m, nb);
 }
 
 /* pos[j] = the mids below v[j]: those of the cells below its cell, plus those of the K mids from there
@@ -511,12 +535,22 @@ static int cells_build(struct bfq_cells *t, const float *m, int64_t nb) {
  * the same number as the search; val[j] = c[pos[j]] when c is given. */
 __attribute__((optimize("no-tree-vectorize"))) static void cells_block(const struct bfq_cells *restrict t, const float *restrict m, const float *restrict v,
                         int64_t len, const float *restrict c, int32_t *restrict pos, float *restrict val) {
-    for (int64_t j = 0; j < len; j++) {
-        const float x = v[j];
-        const int32_t lo = t->first[cell_of(x, t->m0, t->inv)];
-        int32_t k = lo;
-        for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
-        pos[j] = k;
+    if (t->log) {
+        for (int64_t j = 0; j < len; j++) {
+            const float x = v[j];
+            const int32_t lo = t->first[log_cell_of(x)];
+            int32_t k = lo;
+            for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
+            pos[j] = k;
+        }
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            const float x = v[j];
+            const int32_t lo = t->first[cell_of(x, t->m0, t->inv)];
+            int32_t k = lo;
+            for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
+            pos[j] = k;
+        }
     }
     if (c)
         for (int64_t j = 0; j < len; j++) val[j] = c[pos[j]];
