@@ -482,7 +482,9 @@ void bfq_backward_rows_sums(const float *x, const float *g, int64_t rows, int64_
 struct bfq_cells {
     float m0, inv;
     int log;                    /* cells by the float's leading bits (log-spaced mids, e.g. ASQ's POST levels) */
+    int one;                    /* no cell holds more than one mid */
     int32_t first[BFQ_CELLS];   /* the number of mids whose cell is below t */
+    struct { int32_t first; float mid; } pair[BFQ_CELLS];   /* first[t] and m[first[t]], for ``one`` */
 };
 
 /* A value's cell: monotone in v (a rounded difference and product, then floor, clamped), so every mid in
@@ -510,10 +512,18 @@ static inline int32_t any_cell_of(const struct bfq_cells *t, float v) {
 
 static int cells_fill(struct bfq_cells *t, const float *m, int64_t nb) {
     int32_t cnt[BFQ_CELLS] = {0};
-    for (int64_t i = 0; i < nb; i++)
-        if (++cnt[any_cell_of(t, m[i])] > BFQ_CELL_K) return 0;
+    t->one = 1;
+    for (int64_t i = 0; i < nb; i++) {
+        const int32_t c = ++cnt[any_cell_of(t, m[i])];
+        if (c > BFQ_CELL_K) return 0;
+        t->one &= c == 1;
+    }
     t->first[0] = 0;
     for (int k = 1; k < BFQ_CELLS; k++) t->first[k] = t->first[k - 1] + cnt[k - 1];
+    for (int k = 0; k < BFQ_CELLS; k++) {   /* (m is padded with +inf past the mids) */
+        t->pair[k].first = t->first[k];
+        t->pair[k].mid = m[t->first[k]];
+    }
     return 1;
 }
 
@@ -535,7 +545,20 @@ static int cells_build(struct bfq_cells *t, const float *m, int64_t nb) {
  * the same number as the search; val[j] = c[pos[j]] when c is given. */
 __attribute__((optimize("no-tree-vectorize"))) static void cells_block(const struct bfq_cells *restrict t, const float *restrict m, const float *restrict v,
                         int64_t len, const float *restrict c, int32_t *restrict pos, float *restrict val) {
-    if (t->log) {
+    if (t->one) {   /* one mid at most per cell: the count below it and that mid, in one load */
+        if (t->log)
+            for (int64_t j = 0; j < len; j++) {
+                const float x = v[j];
+                const int32_t cell = log_cell_of(x);
+                pos[j] = t->pair[cell].first + (t->pair[cell].mid < x);
+            }
+        else
+            for (int64_t j = 0; j < len; j++) {
+                const float x = v[j];
+                const int32_t cell = cell_of(x, t->m0, t->inv);
+                pos[j] = t->pair[cell].first + (t->pair[cell].mid < x);
+            }
+    } else if (t->log) {
         for (int64_t j = 0; j < len; j++) {
             const float x = v[j];
             const int32_t lo = t->first[log_cell_of(x)];

@@ -590,16 +590,19 @@ def test_compiled_learned_range_kernel_equals_the_tensor_operations(relu, unsign
         assert a[3] is not None and float(a[4].abs()) > 0     # the bounds' gradients are there (and not 0)
 
 
-@pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300, "post 126", "post 14", "zero mid"])
+@pytest.mark.parametrize("nb", [1, 3, 15, 16, 255, 300, "even 255", "post 126", "post 14", "zero mid"])
 def test_compiled_bucketize_equals_torch(nb):
     """ADQ's nearest-entry search at every width (bitfold.toolchain.qkernels.bucketize) gives
-    torch.bucketize's index: values on a midpoint (ties go left), just below and above one, +-inf, +-0;
-    random mids, ASQ's POST levels' (sqrt(2) spacing, 8 and 4 bits: mids across 30 binades), a mid at 0."""
+    torch.bucketize's index: values on a midpoint (ties go left), just below and above one, +-inf, +-0,
+    NaN; random mids, evenly spaced ones (one per cell of the search's table), ASQ's POST levels' (sqrt(2)
+    spacing, 8 and 4 bits: mids across 30 binades), a mid at 0."""
     import math
     from bitfold.toolchain import qkernels
     if isinstance(nb, str):
         if nb == "zero mid":
             mids = torch.tensor([-3.0, -1e-30, 0.0, 1e-38, 2.5])
+        elif nb == "even 255":
+            mids = torch.linspace(-2.0, 2.0, 255)
         else:
             k = (int(nb.split()[1]) + 2) // 4
             mags = torch.tensor([math.sqrt(2) ** -i for i in range(k)])
