@@ -332,9 +332,10 @@ class AdaQATMethod(QuantMethod):
                 "lo": torch.tensor([m.lo for m in order], dtype=torch.float32),
                 "hi": torch.tensor([m.hi for m in order], dtype=torch.float32)}
 
-    def cost_loss(self, model) -> torch.Tensor:
+    def cost_loss(self, model, flags: list[float] | None = None) -> torch.Tensor:
+        """The cost penalty; ``flags``: :meth:`_frozen_flags` when the caller has just read them."""
         plan = self._cached(model, "product", lambda: self._product_plan(model)) if self.fuse_penalty else None
-        if plan is not None and not any(f > 0 for f in self._frozen_flags(model)):
+        if plan is not None and not any(f > 0 for f in (self._frozen_flags(model) if flags is None else flags)):
             ns = [m.n for m in plan["widths"]]
             ops = qkernels.ops_for(plan["coef"])   # the same node in C++ (bitfold_q.product_cost)
             c = ops.product_cost(plan["coef"], plan["lo"], plan["hi"], plan["acts"], ns) if ops is not None \
@@ -356,14 +357,15 @@ class AdaQATMethod(QuantMethod):
         return [frozen_value(m.frozen, d) for m, d in zip(widths, memos)]
 
     def extra_loss(self, model, step, batch=None, task_loss=None):
-        if self.frozen(model):
+        flags = self._frozen_flags(model)   # (read once a step: ~1.5 us a width)
+        if all(f > 0 for f in flags):
             return None
         learn = self._cached(model, "learn", lambda: self._learnable(model))
         if step % 5 == 0:
             for key, m in list(self.weight_widths(model).items()) + list(self.site_widths(model).items()):
                 name = "+".join(key) if isinstance(key, tuple) else key
                 self.trajectory.append([step, name, "a" if isinstance(key, tuple) else "w", float(m.clamped().detach())])
-        loss = self.cost_loss(model)
+        loss = self.cost_loss(model, flags)
         if self.estimator == "fd" and batch is not None and learn:
             loss = loss + self._fd_surrogate(model, learn, batch, step)
         return loss
