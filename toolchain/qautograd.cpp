@@ -17,7 +17,8 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / asq_adapter / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step.
+// row_stats / asq_adapter / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step,
+// and ordered_sum / ordered_sum_width (torch's summation order as the passes reproduce it; for the tests).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -881,9 +882,10 @@ int tanh_backward_form() {
 
 // The normalisation's gradient at its one maximum: d's gradient (the sum of the products p, summed to 0-dim),
 // through clamp_min's mask, shared over the one element.
+float max_share_of(float gd, float mx, float mf) { return (mx >= mf ? gd : 0.0f) / 1.0f; }
+
 float max_share(const Tensor& p, float mx, float mf) {
-    const float gd = fval(at::sum_to(p, c10::IntArrayRef{}));
-    return (mx >= mf ? gd : 0.0f) / 1.0f;
+    return max_share_of(fval(at::sum_to(p, c10::IntArrayRef{})), mx, mf);
 }
 
 // adaqat.TanhNormalize: tanh(w) / max(max|tanh(w)|, min_val) - tanh and its backward by ATen, the maximum in
@@ -992,6 +994,24 @@ struct TanhLearned : public torch::autograd::Function<TanhLearned> {
         const float d = c[0], mx = c[1], mf = c[2], sv = c[4], lo = c[5], hi = c[6];
         const int64_t first = (int64_t)c[3], numel = t.numel();
         const int form = tanh_backward_form();   // >= 0: tanh_learned checked it
+        if (sums_fit(numel)) {   // the products summed inside the pass
+            Tensor gw = at::empty_like(t);
+            const float* tp = t.data_ptr<float>();
+            float r[3];
+            bfq_tanhq_backward_sums(tp, g.data_ptr<float>(), numel, d, sv, lo, hi, need_n, form, sum_width(),
+                                    gw.data_ptr<float>(), r);
+            if (need_w) {
+                const float share = max_share_of(r[2], mx, mf);
+                const float gc = g.data_ptr<float>()[first] * sv, gx = gc / sv;
+                gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
+                out[0] = gw;
+            }
+            if (need_n) {
+                const LearnedGrads lg = learned_grads(f, true, false, r[0] - r[1], 0.0f, 0.0f);
+                if (lg.n) out[1] = scalar_of(*lg.n, n);
+            }
+            return out;
+        }
         Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
         Tensor p3 = at::empty_like(t), gw = at::empty_like(t);
         const float *tp = t.data_ptr<float>(), *gp = g.data_ptr<float>();

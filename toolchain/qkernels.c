@@ -848,6 +848,29 @@ void bfq_tanhq_backward(const float *restrict t, const float *restrict g, int64_
     else tanhq_backward(t, g, n, d, s, lo, hi, 0, 0, p1, p2, p3, gw);
 }
 
+/* bfq_tanhq_backward with the sums of p1, p2 (want_s) and p3 in torch's order (out[0..2], bfq_sum) instead
+ * of those products; gw written. */
+void bfq_tanhq_backward_sums(const float *t, const float *g, int64_t n, float d, float s, float lo, float hi,
+                             int want_s, int fused, int w, float *gw, float *out) {
+    bfq_sum sm[3];
+    float b[3][4 * BFQ_SUM_WMAX];
+    for (int k = 0; k < 3; k++) sum_init(&sm[k], n, w);
+    const int64_t bl = 4 * w, full = sm[0].blocks * bl;
+    int64_t j = 0;
+    for (; j <= full; j += bl) {
+        const int64_t len = j < full ? bl : n - j;
+        if (want_s && fused) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 1, 1, b[0], b[1], b[2], gw + j);
+        else if (want_s) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 1, 0, b[0], b[1], b[2], gw + j);
+        else if (fused) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 0, 1, b[0], b[1], b[2], gw + j);
+        else tanhq_backward(t + j, g + j, len, d, s, lo, hi, 0, 0, b[0], b[1], b[2], gw + j);
+        if (j < full) {
+            for (int k = want_s ? 0 : 2; k < 3; k++) sum_block(&sm[k], b[k]);
+        } else {
+            for (int k = 0; k < 3; k++) out[k] = (k < 2 && !want_s) ? 0.0f : sum_finish(&sm[k], b[k], len);
+        }
+    }
+}
+
 /* tanh's backward alone, a * (1 - t * t), for that comparison */
 void bfq_tanh_backward(const float *restrict a, const float *restrict t, int64_t n, int fused, float *restrict out) {
     for (int64_t j = 0; j < n; j++) out[j] = a[j] * tanh_slope(t[j], fused);
