@@ -3,8 +3,9 @@
  * six to twelve separate tensor operations (each a pass over memory and a dispatch) that compute the
  * same values. Every element is computed with the same IEEE single-precision operations in the same
  * order as those tensor operations (division, round-half-to-even, comparisons, products), so the
- * results are bit-identical; the reductions (the scale's gradient) stay with torch, on the products
- * written here. Compile without -ffast-math and with -ffp-contract=off.
+ * results are bit-identical; the reductions (the scale's gradient) are torch's, on the products written
+ * here - or, where the caller has found torch's summation order (bfq_sum below), summed in the pass in
+ * that order without writing the products. Compile without -ffast-math and with -ffp-contract=off.
  *
  * Layout: ``rows`` x ``inner`` contiguous floats; ``s`` holds one scale per row (per_row = 1,
  * a per-output-channel weight scale) or one for the whole tensor (per_row = 0).
@@ -41,8 +42,8 @@ void bfq_forward(const float *restrict x, float *restrict out, int64_t rows, int
  *   gc = g * sm, set to 0 where q = rint(r / sd) is above hi (mask >= 1) or below lo (mask == 2);
  *   gx = gc / sd, set to 0 where x <= 0 (relu);                written when gx != 0
  *   p1 = g * clamp(q, lo, hi), p2 = gc * ((r / sd) / sd);     written when p1 != 0
- * (an integer quantizer's scale gradient is sum(p1) - sum(p2), each summed by torch to the scale's
- * shape; ASQ's combines them with beta).
+ * (an integer quantizer's scale gradient is sum(p1) - sum(p2), each summed to the scale's shape - by
+ * torch, or in the pass: bfq_backward_sums; ASQ's combines them with beta).
  * One loop per case, without branches on the pointers, so that each vectorizes. */
 static inline float masked_gc(float g, float q, float mv, float lo, float hi, int mask) {
     float gc = g * mv;
