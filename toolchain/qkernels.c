@@ -96,7 +96,7 @@ static inline float sgn_of(float w) { return w > 0.0f ? 1.0f : (w < 0.0f ? -1.0f
  * in four levels - one level up after every 2^lp vectors of a row - then the vectors left over, the rows,
  * the single floats at the end and the lanes, in that order), so that a pass can sum what it computes
  * without writing it out and have torch's result bit for bit. w is torch's vector width for float,
- * found by comparison with torch (bfq_sum_w in qautograd.cpp); a caller feeds whole blocks of 4 * w
+ * found by comparison with torch (sum_width in qautograd.cpp); a caller feeds whole blocks of 4 * w
  * values (sum_block) and then the < 4 * w values left (sum_finish). */
 #define BFQ_SUM_WMAX 32
 
@@ -543,9 +543,11 @@ static int cells_build(struct bfq_cells *t, const float *m, int64_t nb) {
 
 /* pos[j] = the mids below v[j]: those of the cells below its cell, plus those of the K mids from there
  * on that are below it (the ones of its own cell; the later ones are in cells above, so not below) -
- * the same number as the search; val[j] = c[pos[j]] when c is given. */
-__attribute__((optimize("no-tree-vectorize"))) static void cells_block(const struct bfq_cells *restrict t, const float *restrict m, const float *restrict v,
-                        int64_t len, const float *restrict c, int32_t *restrict pos, float *restrict val) {
+ * the same number as the search; val[j] = c[pos[j]] when c is given. Scalar loads: vectorized, these
+ * loops are gathers, slower here than the scalar loop (measured: 185 vs 144 us over 50 k values). */
+__attribute__((optimize("no-tree-vectorize"))) static void cells_block(
+        const struct bfq_cells *restrict t, const float *restrict m, const float *restrict v, int64_t len,
+        const float *restrict c, int32_t *restrict pos, float *restrict val) {
     if (t->one) {   /* one mid at most per cell: the count below it and that mid, in one load */
         if (t->log)
             for (int64_t j = 0; j < len; j++) {
