@@ -994,39 +994,29 @@ struct TanhLearned : public torch::autograd::Function<TanhLearned> {
         const float d = c[0], mx = c[1], mf = c[2], sv = c[4], lo = c[5], hi = c[6];
         const int64_t first = (int64_t)c[3], numel = t.numel();
         const int form = tanh_backward_form();   // >= 0: tanh_learned checked it
-        if (sums_fit(numel)) {   // the products summed inside the pass
-            Tensor gw = at::empty_like(t);
-            const float* tp = t.data_ptr<float>();
-            float r[3];
-            bfq_tanhq_backward_sums(tp, g.data_ptr<float>(), numel, d, sv, lo, hi, need_n, form, sum_width(),
-                                    gw.data_ptr<float>(), r);
-            if (need_w) {
-                const float share = max_share_of(r[2], mx, mf);
-                const float gc = g.data_ptr<float>()[first] * sv, gx = gc / sv;
-                gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
-                out[0] = gw;
-            }
-            if (need_n) {
-                const LearnedGrads lg = learned_grads(f, true, false, r[0] - r[1], 0.0f, 0.0f);
-                if (lg.n) out[1] = scalar_of(*lg.n, n);
-            }
-            return out;
-        }
-        Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
-        Tensor p3 = at::empty_like(t), gw = at::empty_like(t);
         const float *tp = t.data_ptr<float>(), *gp = g.data_ptr<float>();
-        bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
-                           gw.data_ptr<float>());
+        Tensor gw = at::empty_like(t);
+        float r[3];   // the sums of p1, p2 (the scale's products) and p3 (the normalisation's)
+        if (sums_fit(numel)) {   // summed inside the pass
+            bfq_tanhq_backward_sums(tp, gp, numel, d, sv, lo, hi, need_n, form, sum_width(), gw.data_ptr<float>(), r);
+        } else {   // written out and summed by torch
+            Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
+            Tensor p3 = at::empty_like(t);
+            bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
+                               gw.data_ptr<float>());
+            r[0] = need_n ? fval(p1.sum()) : 0.0f;
+            r[1] = need_n ? fval(p2.sum()) : 0.0f;
+            r[2] = need_w ? fval(at::sum_to(p3, c10::IntArrayRef{})) : 0.0f;
+        }
         if (need_w) {   // the maximum's share (TanhNorm's backward), at its one element
-            const float share = max_share(p3, mx, mf);
+            const float share = max_share_of(r[2], mx, mf);
             const float gc = gp[first] * sv, gx = gc / sv;
             gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
             out[0] = gw;
         }
         if (need_n) {   // the scale's gradient (sum of p1 - sum of p2, in float), then the width's
-            const float gs = fval(p1.sum()) - fval(p2.sum());
-            const LearnedGrads r = learned_grads(f, true, false, gs, 0.0f, 0.0f);
-            if (r.n) out[1] = scalar_of(*r.n, n);
+            const LearnedGrads lg = learned_grads(f, true, false, r[0] - r[1], 0.0f, 0.0f);
+            if (lg.n) out[1] = scalar_of(*lg.n, n);
         }
         return out;
     }

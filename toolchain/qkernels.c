@@ -155,7 +155,7 @@ float bfq_sum_ordered(const float *restrict x, int64_t n, int w) {
 
 /* bfq_backward for one scale (sd = sm) with the sums of p1 and p2 (out[0], out[1]) in torch's order
  * instead of p1 and p2 themselves: the values are computed block by block into two small buffers and
- * summed there. gx as bfq_backward (NULL: not wanted). */
+ * summed there (whole blocks, then the values left). gx as bfq_backward (NULL: not wanted). */
 void bfq_backward_sums(const float *x, const float *g, int64_t n, float sv, float lo, float hi, int relu, int mask,
                        int w, float *gx, float *out) {
     bfq_sum s1, s2;
@@ -163,21 +163,17 @@ void bfq_backward_sums(const float *x, const float *g, int64_t n, float sv, floa
     sum_init(&s1, n, w);
     sum_init(&s2, n, w);
     const int64_t bl = 4 * w, full = s1.blocks * bl;
-    int64_t j = 0;
-    for (; j < full; j += bl) {
-        if (gx)
-            backward_row(x + j, g + j, bl, sv, sv, lo, hi, relu, mask, 1, 1, gx + j, b1, b2);
-        else
-            backward_row(x + j, g + j, bl, sv, sv, lo, hi, relu, mask, 0, 1, 0, b1, b2);
-        sum_block(&s1, b1);
-        sum_block(&s2, b2);
+    for (int64_t j = 0; j <= full; j += bl) {
+        const int64_t len = j < full ? bl : n - j;
+        bfq_backward(x + j, g + j, 1, len, &sv, 0, &sv, 0, lo, hi, relu, mask, gx ? gx + j : 0, b1, b2);
+        if (j < full) {
+            sum_block(&s1, b1);
+            sum_block(&s2, b2);
+        } else {
+            out[0] = sum_finish(&s1, b1, len);
+            out[1] = sum_finish(&s2, b2, len);
+        }
     }
-    if (gx)
-        backward_row(x + j, g + j, n - j, sv, sv, lo, hi, relu, mask, 1, 1, gx + j, b1, b2);
-    else
-        backward_row(x + j, g + j, n - j, sv, sv, lo, hi, relu, mask, 0, 1, 0, b1, b2);
-    out[0] = sum_finish(&s1, b1, n - j);
-    out[1] = sum_finish(&s2, b2, n - j);
 }
 
 /* ASQ's adapter statistics of each row of a rows x n matrix: mean |x| and the sample standard deviation
@@ -389,19 +385,16 @@ void bfq_backward_range_sums(const float *x, const float *g, int64_t n, float sv
     float b[4][4 * BFQ_SUM_WMAX];
     for (int k = 0; k < 4; k++) sum_init(&s[k], n, w);
     const int64_t bl = 4 * w, full = s[0].blocks * bl;
-    int64_t j = 0;
-    for (; j < full; j += bl) {
-        if (gx)
-            range_row(x + j, g + j, bl, sv, lo, hi, relu, 1, 1, 1, 1, gx + j, b[0], b[1], b[2], b[3]);
-        else
-            range_row(x + j, g + j, bl, sv, lo, hi, relu, 0, 1, 1, 1, 0, b[0], b[1], b[2], b[3]);
-        for (int k = 0; k < 4; k++) sum_block(&s[k], b[k]);
+    for (int64_t j = 0; j <= full; j += bl) {
+        const int64_t len = j < full ? bl : n - j;
+        bfq_backward_range(x + j, g + j, 1, len, &sv, 0, lo, hi, relu, gx ? gx + j : 0, b[0], b[1], b[2], b[3]);
+        for (int k = 0; k < 4; k++) {
+            if (j < full)
+                sum_block(&s[k], b[k]);
+            else
+                out[k] = sum_finish(&s[k], b[k], len);
+        }
     }
-    if (gx)
-        range_row(x + j, g + j, n - j, sv, lo, hi, relu, 1, 1, 1, 1, gx + j, b[0], b[1], b[2], b[3]);
-    else
-        range_row(x + j, g + j, n - j, sv, lo, hi, relu, 0, 1, 1, 1, 0, b[0], b[1], b[2], b[3]);
-    for (int k = 0; k < 4; k++) out[k] = sum_finish(&s[k], b[k], n - j);
 }
 
 /* bfq_backward with a scale per row to divide by (sd) and one to multiply by (sm; ASQ's s * beta and s), and
@@ -446,21 +439,15 @@ void bfq_backward_rows_sums(const float *x, const float *g, int64_t rows, int64_
         float *gxr = gx ? gx + i * inner : 0;
         sum_init(&s2, inner, w);
         const int64_t full = s2.blocks * bl;
-        int64_t j = 0;
-        for (; j < full; j += bl) {
-            if (gxr)
-                backward_row(xr + j, gr + j, bl, sv, mv, lo, hi, 0, mask, 1, 1, gxr + j, b1, b2);
+        for (int64_t j = 0; j <= full; j += bl) {
+            const int64_t len = j < full ? bl : inner - j;
+            bfq_backward(xr + j, gr + j, 1, len, &sv, 0, &mv, 0, lo, hi, 0, mask, gxr ? gxr + j : 0, b1, b2);
+            if (j < full)
+                sum_block(&s2, b2);
             else
-                backward_row(xr + j, gr + j, bl, sv, mv, lo, hi, 0, mask, 0, 1, 0, b1, b2);
-            sum_block(&s2, b2);
-            feed(&f1, b1, bl);
+                out2[i] = sum_finish(&s2, b2, len);
+            feed(&f1, b1, len);
         }
-        if (gxr)
-            backward_row(xr + j, gr + j, inner - j, sv, mv, lo, hi, 0, mask, 1, 1, gxr + j, b1, b2);
-        else
-            backward_row(xr + j, gr + j, inner - j, sv, mv, lo, hi, 0, mask, 0, 1, 0, b1, b2);
-        out2[i] = sum_finish(&s2, b2, inner - j);
-        feed(&f1, b1, inner - j);
     }
     *out1 = sum_finish(&f1.s, f1.buf, f1.fill);
 }
@@ -484,8 +471,10 @@ struct bfq_cells {
     float m0, inv;
     int log;                    /* cells by the float's leading bits (log-spaced mids, e.g. ASQ's POST levels) */
     int one;                    /* no cell holds more than one mid */
-    int32_t first[BFQ_CELLS];   /* the number of mids whose cell is below t */
-    struct { int32_t first; float mid; } pair[BFQ_CELLS];   /* first[t] and m[first[t]], for ``one`` */
+    struct {
+        int32_t first;          /* the number of mids whose cell is below this one */
+        float mid;              /* m[first]: the cell's one mid (with ``one``), or one above the cell */
+    } cell[BFQ_CELLS];
 };
 
 /* A value's cell: monotone in v (a rounded difference and product, then floor, clamped), so every mid in
@@ -519,11 +508,11 @@ static int cells_fill(struct bfq_cells *t, const float *m, int64_t nb) {
         if (c > BFQ_CELL_K) return 0;
         t->one &= c == 1;
     }
-    t->first[0] = 0;
-    for (int k = 1; k < BFQ_CELLS; k++) t->first[k] = t->first[k - 1] + cnt[k - 1];
+    int32_t below = 0;
     for (int k = 0; k < BFQ_CELLS; k++) {   /* (m is padded with +inf past the mids) */
-        t->pair[k].first = t->first[k];
-        t->pair[k].mid = m[t->first[k]];
+        t->cell[k].first = below;
+        t->cell[k].mid = m[below];
+        below += cnt[k];
     }
     return 1;
 }
@@ -553,18 +542,18 @@ __attribute__((optimize("no-tree-vectorize"))) static void cells_block(
             for (int64_t j = 0; j < len; j++) {
                 const float x = v[j];
                 const int32_t cell = log_cell_of(x);
-                pos[j] = t->pair[cell].first + (t->pair[cell].mid < x);
+                pos[j] = t->cell[cell].first + (t->cell[cell].mid < x);
             }
         else
             for (int64_t j = 0; j < len; j++) {
                 const float x = v[j];
                 const int32_t cell = cell_of(x, t->m0, t->inv);
-                pos[j] = t->pair[cell].first + (t->pair[cell].mid < x);
+                pos[j] = t->cell[cell].first + (t->cell[cell].mid < x);
             }
     } else if (t->log) {
         for (int64_t j = 0; j < len; j++) {
             const float x = v[j];
-            const int32_t lo = t->first[log_cell_of(x)];
+            const int32_t lo = t->cell[log_cell_of(x)].first;
             int32_t k = lo;
             for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
             pos[j] = k;
@@ -572,7 +561,7 @@ __attribute__((optimize("no-tree-vectorize"))) static void cells_block(
     } else {
         for (int64_t j = 0; j < len; j++) {
             const float x = v[j];
-            const int32_t lo = t->first[cell_of(x, t->m0, t->inv)];
+            const int32_t lo = t->cell[cell_of(x, t->m0, t->inv)].first;
             int32_t k = lo;
             for (int i = 0; i < BFQ_CELL_K; i++) k += m[lo + i] < x;
             pos[j] = k;
@@ -617,7 +606,7 @@ static void search_block(const float *restrict m, int64_t p2, const float *restr
 }
 
 /* mids padded with +inf to 2^k - 1 entries (*p2 = 2^k, the smallest above nb) and BFQ_CELL_K more (read by
- * cells_count); NULL when out of memory */
+ * cells_block); NULL when out of memory */
 static float *padded(const float *mids, int64_t nb, int64_t *p2) {
     int64_t n2 = 1;
     while (n2 < nb + 1) n2 <<= 1;
@@ -859,13 +848,9 @@ void bfq_tanhq_backward_sums(const float *t, const float *g, int64_t n, float d,
     float b[3][4 * BFQ_SUM_WMAX];
     for (int k = 0; k < 3; k++) sum_init(&sm[k], n, w);
     const int64_t bl = 4 * w, full = sm[0].blocks * bl;
-    int64_t j = 0;
-    for (; j <= full; j += bl) {
+    for (int64_t j = 0; j <= full; j += bl) {
         const int64_t len = j < full ? bl : n - j;
-        if (want_s && fused) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 1, 1, b[0], b[1], b[2], gw + j);
-        else if (want_s) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 1, 0, b[0], b[1], b[2], gw + j);
-        else if (fused) tanhq_backward(t + j, g + j, len, d, s, lo, hi, 0, 1, b[0], b[1], b[2], gw + j);
-        else tanhq_backward(t + j, g + j, len, d, s, lo, hi, 0, 0, b[0], b[1], b[2], gw + j);
+        bfq_tanhq_backward(t + j, g + j, len, d, s, lo, hi, want_s, fused, b[0], b[1], b[2], gw + j);
         if (j < full) {
             for (int k = want_s ? 0 : 2; k < 3; k++) sum_block(&sm[k], b[k]);
         } else {

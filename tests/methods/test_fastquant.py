@@ -492,39 +492,48 @@ def test_cpp_quant_learned_equals_the_two_nodes(case, layout):
 
 
 @pytest.mark.parametrize("case", ["learned", "frozen", "width fixed", "tied maximum", "channels-last gradient",
-                                  "channels-last weight"])
+                                  "channels-last weight", "sums by torch"])
 def test_cpp_tanh_learned_equals_the_two_nodes(case):
     """AdaQAT's weight - tanh normalisation, then the learned-width quantizer - as one C++ node
     (bitfold_q.tanh_learned, one pass each way) gives the two nodes it merges (tanh_normalize, then
     quant_learned) bit for bit: the output and the gradients of the weight and the width; a tied
     maximum or a weight in another layout runs the two nodes, a gradient in another layout recomputes
-    them under autograd."""
+    them under autograd; "sums by torch": 33,280 values on two threads, where the node's products are
+    written out and summed by torch rather than in its pass."""
     from bitfold.toolchain import qkernels
     ops = qkernels.ops()
     assert ops is not None, qkernels.status()
     torch.manual_seed(7)
-    w0 = torch.randn(16, 8, 3, 3) * 0.8
+    shape = (64, 520) if case == "sums by torch" else (16, 8, 3, 3)
+    prev = torch.get_num_threads()
+    if case == "sums by torch":
+        torch.set_num_threads(2)
+    w0 = torch.randn(*shape) * 0.8
     if case == "tied maximum":
         w0.view(-1)[5] = w0.abs().max() + 1.0
         w0.view(-1)[9] = -w0.view(-1)[5]
     if case == "channels-last weight":
         w0 = w0.contiguous(memory_format=torch.channels_last)
-    g = torch.randn(16, 8, 3, 3)
+    g = torch.randn(*shape)
     if case == "channels-last gradient":
         g = g.contiguous(memory_format=torch.channels_last)
     frozen = 3.0 if case == "frozen" else 0.0
     consts = (True, True, 1.0)
     res, names = [], []
-    for merged in (True, False):
-        w = w0.clone().requires_grad_(True)
-        n = torch.tensor(4.3).requires_grad_(case != "width fixed")
-        if merged:
-            out = ops.tanh_learned(w, n, 1e-8, *consts, 2.0, 8.0, frozen)
-        else:
-            out = ops.quant_learned(ops.tanh_normalize(w, 1e-8), n, None, *consts, None, 2.0, 8.0, frozen, False, True)
-        names.append(out.grad_fn.name())
-        out.backward(g)
-        res.append([out.detach(), w.grad, n.grad])
+    try:
+        for merged in (True, False):
+            w = w0.clone().requires_grad_(True)
+            n = torch.tensor(4.3).requires_grad_(case != "width fixed")
+            if merged:
+                out = ops.tanh_learned(w, n, 1e-8, *consts, 2.0, 8.0, frozen)
+            else:
+                out = ops.quant_learned(ops.tanh_normalize(w, 1e-8), n, None, *consts, None, 2.0, 8.0, frozen, False,
+                                        True)
+            names.append(out.grad_fn.name())
+            out.backward(g)
+            res.append([out.detach(), w.grad, n.grad])
+    finally:
+        torch.set_num_threads(prev)
     for p, q in zip(*res):
         assert (p is None and q is None) or torch.equal(p, q), (case, p, q)
     one_node = case not in ("tied maximum", "channels-last weight")
