@@ -153,26 +153,32 @@ float bfq_sum_ordered(const float *restrict x, int64_t n, int w) {
     return sum_finish(&s, x + full, n - full);
 }
 
+/* A pass that sums its products instead of writing them runs block by block: its products of a block in
+ * b[k] (k < m), then each added to its sum (k >= k0; the others are not wanted) - a whole block, or, at the
+ * end, the values left, the sum going to out[k]. */
+typedef float bfq_block[4 * BFQ_SUM_WMAX];
+
+static inline void sums_take(bfq_sum *s, bfq_block *b, int k0, int m, int last, int64_t len, float *out) {
+    for (int k = k0; k < m; k++) {
+        if (last)
+            out[k] = sum_finish(&s[k], b[k], len);
+        else
+            sum_block(&s[k], b[k]);
+    }
+}
+
 /* bfq_backward for one scale (sd = sm) with the sums of p1 and p2 (out[0], out[1]) in torch's order
- * instead of p1 and p2 themselves: the values are computed block by block into two small buffers and
- * summed there (whole blocks, then the values left). gx as bfq_backward (NULL: not wanted). */
+ * instead of p1 and p2 themselves (sums_take). gx as bfq_backward (NULL: not wanted). */
 void bfq_backward_sums(const float *x, const float *g, int64_t n, float sv, float lo, float hi, int relu, int mask,
                        int w, float *gx, float *out) {
-    bfq_sum s1, s2;
-    float b1[4 * BFQ_SUM_WMAX], b2[4 * BFQ_SUM_WMAX];
-    sum_init(&s1, n, w);
-    sum_init(&s2, n, w);
-    const int64_t bl = 4 * w, full = s1.blocks * bl;
+    bfq_sum s[2];
+    bfq_block b[2];
+    for (int k = 0; k < 2; k++) sum_init(&s[k], n, w);
+    const int64_t bl = 4 * w, full = s[0].blocks * bl;
     for (int64_t j = 0; j <= full; j += bl) {
         const int64_t len = j < full ? bl : n - j;
-        bfq_backward(x + j, g + j, 1, len, &sv, 0, &sv, 0, lo, hi, relu, mask, gx ? gx + j : 0, b1, b2);
-        if (j < full) {
-            sum_block(&s1, b1);
-            sum_block(&s2, b2);
-        } else {
-            out[0] = sum_finish(&s1, b1, len);
-            out[1] = sum_finish(&s2, b2, len);
-        }
+        bfq_backward(x + j, g + j, 1, len, &sv, 0, &sv, 0, lo, hi, relu, mask, gx ? gx + j : 0, b[0], b[1]);
+        sums_take(s, b, 0, 2, j == full, len, out);
     }
 }
 
@@ -382,18 +388,13 @@ void bfq_backward_range(const float *x, const float *g, int64_t rows, int64_t in
 void bfq_backward_range_sums(const float *x, const float *g, int64_t n, float sv, float lo, float hi, int relu, int w,
                              float *gx, float *out) {
     bfq_sum s[4];
-    float b[4][4 * BFQ_SUM_WMAX];
+    bfq_block b[4];
     for (int k = 0; k < 4; k++) sum_init(&s[k], n, w);
     const int64_t bl = 4 * w, full = s[0].blocks * bl;
     for (int64_t j = 0; j <= full; j += bl) {
         const int64_t len = j < full ? bl : n - j;
         bfq_backward_range(x + j, g + j, 1, len, &sv, 0, lo, hi, relu, gx ? gx + j : 0, b[0], b[1], b[2], b[3]);
-        for (int k = 0; k < 4; k++) {
-            if (j < full)
-                sum_block(&s[k], b[k]);
-            else
-                out[k] = sum_finish(&s[k], b[k], len);
-        }
+        sums_take(s, b, 0, 4, j == full, len, out);
     }
 }
 
@@ -845,17 +846,14 @@ void bfq_tanhq_backward(const float *restrict t, const float *restrict g, int64_
 void bfq_tanhq_backward_sums(const float *t, const float *g, int64_t n, float d, float s, float lo, float hi,
                              int want_s, int fused, int w, float *gw, float *out) {
     bfq_sum sm[3];
-    float b[3][4 * BFQ_SUM_WMAX];
+    bfq_block b[3];
     for (int k = 0; k < 3; k++) sum_init(&sm[k], n, w);
+    out[0] = out[1] = 0.0f;   /* (not summed without want_s) */
     const int64_t bl = 4 * w, full = sm[0].blocks * bl;
     for (int64_t j = 0; j <= full; j += bl) {
         const int64_t len = j < full ? bl : n - j;
         bfq_tanhq_backward(t + j, g + j, len, d, s, lo, hi, want_s, fused, b[0], b[1], b[2], gw + j);
-        if (j < full) {
-            for (int k = want_s ? 0 : 2; k < 3; k++) sum_block(&sm[k], b[k]);
-        } else {
-            for (int k = 0; k < 3; k++) out[k] = (k < 2 && !want_s) ? 0.0f : sum_finish(&sm[k], b[k], len);
-        }
+        sums_take(sm, b, want_s ? 0 : 2, 3, j == full, len, out);
     }
 }
 
