@@ -632,6 +632,45 @@ def test_compiled_bucketize_equals_torch(nb):
         assert got is not None and torch.equal(got, torch.bucketize(w.view(n // 100, 100), mids))
 
 
+@pytest.mark.parametrize("k", [16, 128, "post 127", "triples", "post 511", "crowded 200"])
+def test_compiled_codebook_delta_takes_torchs_entry_at_ties(k):
+    """The snap that takes the entry in the same pass (qkernels.codebook_delta: ADQ's codebook, ASQ's POST
+    snap) gives ``c[bucketize(w, mids)] - w`` for weights on a midpoint, one ulp either side of it, +-0 and
+    NaN, through each search: counted (16 entries), the cell table with one mid per cell (equal cells:
+    random entries; log cells: POST's sqrt(2) levels), with 2 or 3 mids in a cell (entries in close
+    triples: equal cells; 2^(1/16) levels: log cells), and the binary search (entries crowded at 0)."""
+    import math
+    from bitfold.toolchain import qkernels
+
+    def post(base, k):
+        mags = torch.tensor([base ** -i for i in range(k)])
+        return torch.cat([-mags, torch.zeros(1), mags.flip(0)]).sort().values * 0.41
+
+    torch.manual_seed(7)
+    if k == "post 127":
+        c = post(math.sqrt(2), 63)
+    elif k == "post 511":
+        c = post(2 ** (1 / 16), 255)
+    elif k == "triples":
+        c = torch.cat([torch.linspace(-1, 1, 60) + d for d in (0.0, 1e-4, 2e-4)]).sort().values
+    elif k == "crowded 200":
+        c = torch.cat([torch.randn(100) * 1e-3, torch.randn(100)]).sort().values
+    else:
+        c = torch.randn(k).sort().values
+    mids = (c[1:] + c[:-1]) / 2
+    nb = mids.numel()
+    w = torch.randn(6000) * float(c.abs().max()) / 2
+    w[:nb] = mids
+    w[nb:2 * nb] = torch.nextafter(mids, torch.tensor(-10.0))
+    w[2 * nb:3 * nb] = torch.nextafter(mids, torch.tensor(10.0))
+    w[-4:] = torch.tensor([0.0, -0.0, float("nan"), float("inf")])
+    w = w.view(60, 100)
+    got = qkernels.codebook_delta(w, c)
+    assert got is not None
+    ref = c[torch.bucketize(w, mids)] - w
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
 @pytest.mark.parametrize("bits,init", [(2, "quantile"), (4, "signed"), (8, "uniform")])
 def test_compiled_codebook_passes_equal_the_tensor_operations(bits, init):
     """ADQ's codebook weight and its update (bitfold.toolchain.qkernels.codebook_delta / codebook_ema)
