@@ -219,10 +219,10 @@ class POSTWeight(nn.Module):
             with torch.no_grad():
                 self.alpha.fill_(float(w.detach().abs().max().clamp_min(1e-8)))
                 self.initialized.fill_(True)
-        levels = self.alpha * self.unit_levels
         ops = None if torch.jit.is_tracing() else qkernels.ops_for(w)
-        if ops is not None:   # the same in one C++ node (bitfold_q.post_snap), bit for bit
-            return ops.post_snap(w, levels)
+        if ops is not None:   # the same in one C++ node (bitfold_q.post_snap: the levels too), bit for bit
+            return ops.post_snap(w, self.alpha, self.unit_levels)
+        levels = self.alpha * self.unit_levels
         q = levels[assign(w, levels.detach())]
         return q + (w - w.detach())
 

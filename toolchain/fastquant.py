@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as _parametrize
+from torch.nn.modules import module as _module
 
 from bitfold.toolchain import qkernels
 
@@ -421,10 +423,40 @@ class DirectPlan:
     """A layer without a quantizer of its own (its weight quantization off - ADQ's and ASQ's codebook
     weights are parametrizations - and no input, output or bias quantizer): its training forward is
     ``F.linear`` / ``F.conv*`` of the (parametrized) weight, what Brevitas's forward computes for it,
-    without Brevitas's per-call work."""
+    without Brevitas's per-call work. ``parametrization``: the weight's one parametrization, called on
+    the original weight as torch's parametrization property calls it (:func:`direct_weight`)."""
+    parametrization: nn.Module | None = None
 
 
 DIRECT = DirectPlan()
+
+
+def _one_parametrization(layer) -> nn.Module | None:
+    """The parametrization of the layer's weight where it has exactly one (ADQ's codebook, ASQ's POST levels)
+    on a plain tensor, else None."""
+    plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+    if plist is None or len(plist) != 1 or not plist.is_tensor:
+        return None
+    return plist[0]
+
+
+def direct_weight(layer, plan: DirectPlan) -> torch.Tensor:
+    """A direct layer's weight: its one parametrization called on the original weight - what
+    ``ParametrizationList.forward`` computes for one parametrization, without the property's and the
+    list's per-call work (~6 us a layer) - where the list has no hooks and torch's parametrization
+    cache is off; else the weight attribute."""
+    plists = getattr(layer, "parametrizations", None) if plan.parametrization is not None else None
+    plist = getattr(plists, "weight", None)
+    if plist is None or plist._forward_hooks or plist._forward_pre_hooks or _global_hooks() \
+            or _parametrize._cache_enabled:
+        return layer.weight
+    return plan.parametrization(plist.original)
+
+
+def _global_hooks() -> bool:
+    """Whether global module hooks are registered (they would see the parametrization list's call)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 @dataclass
@@ -545,7 +577,8 @@ def weight_plan(layer) -> WeightPlan | LearnedPlan | DirectPlan:
     if getattr(wq, "export_mode", False):
         raise _NotFusable("weight quantizer in export mode")
     if not wq.is_quant_enabled:
-        return DIRECT
+        one = _one_parametrization(layer)
+        return DirectPlan(one) if one is not None else DIRECT
     tq = wq.tensor_quant
     switchable, ste = _int_quant_parts(tq)
     if switchable is None:
@@ -728,8 +761,8 @@ def _fast_layer_forward(self, x):
     plan = _ACTIVE.get(self)
     if plan is None or not self.training or type(x) is not torch.Tensor:
         return super(type(self), self).forward(x)
-    if plan is DIRECT:
-        w = self.weight
+    if isinstance(plan, DirectPlan):
+        w = direct_weight(self, plan)
     elif isinstance(plan, LearnedPlan):
         w = fused_tanh_learned(self, plan) if plan.tanh is not None else None
         if w is None:
@@ -834,7 +867,7 @@ def fast_quant(model: nn.Module, enabled: bool = True, learned: bool = True):
             _ACTIVE[m] = plan
             swapped.append((m, type(m)))
             m.__class__ = fast
-            (report.direct if plan is DIRECT else report.fused).append(name)
+            (report.direct if isinstance(plan, DirectPlan) else report.fused).append(name)
         if report.fused:
             report.kernels = qkernels.status()
         yield report

@@ -1043,13 +1043,16 @@ Tensor tanh_learned(const Tensor& w, const Tensor& n, double min_val, bool is_si
                          lo_b, hi_b, frozen, false, true);
 }
 
-// asq.POSTWeight's snap: levels[i] + (w - w.detach()), i the nearest level of each weight (assign: the number of
-// midpoints of the ascending levels strictly below it); w's gradient passes through, the levels' is the
-// gather's backward (index_put_ with accumulate). The passes of qkernels.c where the levels are ascending and
-// the tensors suit them, else ATen's operations (assign's sort, bucketize, index).
+// asq.POSTWeight's snap: levels = alpha * unit_levels, then levels[i] + (w - w.detach()), i the nearest level of
+// each weight (assign: the number of midpoints of the ascending levels strictly below it); w's gradient passes
+// through, the levels' is the gather's backward (index_put_ with accumulate) and alpha's MulBackward0's (the
+// levels' gradient times unit_levels, summed to alpha's shape) - the product and its gradient in the node, one
+// autograd node less a weight. The passes of qkernels.c where the levels are ascending and the tensors suit
+// them, else ATen's operations (assign's sort, bucketize, index).
 struct PostSnap : public torch::autograd::Function<PostSnap> {
-    static Tensor forward(AutogradContext* ctx, const Tensor& w, const Tensor& levels) {
-        const Tensor lv = levels.detach();
+    static Tensor forward(AutogradContext* ctx, const Tensor& w, const Tensor& alpha, const Tensor& unit) {
+        const Tensor lv = at::mul(alpha, unit).detach();
+        ctx->saved_data["k"] = lv.numel();
         if (w.scalar_type() == at::kFloat && lv.scalar_type() == at::kFloat && w.device().is_cpu() &&
             lv.device().is_cpu() && standard(w) && lv.dim() == 1 && lv.is_contiguous() && lv.numel() <= 65535) {
             Tensor out = at::empty_like(w);
@@ -1057,8 +1060,7 @@ struct PostSnap : public torch::autograd::Function<PostSnap> {
             const int rc = bfq_snap_levels(w.data_ptr<float>(), w.numel(), lv.data_ptr<float>(), lv.numel(),
                                            out.data_ptr<float>(), reinterpret_cast<uint16_t*>(idx.data_ptr<int16_t>()));
             if (rc == 0) {
-                ctx->save_for_backward({idx});
-                ctx->saved_data["k"] = lv.numel();
+                ctx->save_for_backward({alpha, unit, idx});
                 ctx->saved_data["fast"] = true;
                 return out;
             }
@@ -1067,29 +1069,37 @@ struct PostSnap : public torch::autograd::Function<PostSnap> {
         const Tensor c = sorted ? lv : std::get<0>(at::sort(lv));
         const Tensor mids = (c.slice(0, 1) + c.slice(0, 0, -1)) / 2;
         const Tensor idx = at::bucketize(w.detach(), mids);
-        ctx->save_for_backward({idx});
-        ctx->saved_data["k"] = lv.numel();
+        ctx->save_for_backward({alpha, unit, idx});
         ctx->saved_data["fast"] = false;
         return lv.index({idx}) + (w - w.detach());
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const Tensor& g = grads[0];
-        const Tensor idx = ctx->get_saved_variables()[0];
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &alpha = saved[0], &unit = saved[1], &idx = saved[2];
         const int64_t k = ctx->saved_data["k"].toInt();
-        Tensor grad_lv = at::zeros({k}, g.options());
-        if (ctx->saved_data["fast"].toBool() && g.scalar_type() == at::kFloat && standard(g) && g.sizes() == idx.sizes()) {
-            bfq_scatter_add(g.data_ptr<float>(), reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>()), g.numel(),
-                            grad_lv.data_ptr<float>());
-        } else {
-            const Tensor i64 = ctx->saved_data["fast"].toBool() ? at::bitwise_and(idx.to(at::kInt), 0xffff).to(at::kLong) : idx;
-            grad_lv.index_put_({i64}, g, true);
+        Tensor grad_alpha;
+        if (ctx->needs_input_grad(1)) {
+            Tensor grad_lv = at::zeros({k}, g.options());
+            if (ctx->saved_data["fast"].toBool() && g.scalar_type() == at::kFloat && standard(g) &&
+                g.sizes() == idx.sizes()) {
+                bfq_scatter_add(g.data_ptr<float>(), reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>()),
+                                g.numel(), grad_lv.data_ptr<float>());
+            } else {
+                const Tensor i64 =
+                    ctx->saved_data["fast"].toBool() ? at::bitwise_and(idx.to(at::kInt), 0xffff).to(at::kLong) : idx;
+                grad_lv.index_put_({i64}, g, true);
+            }
+            grad_alpha = at::sum_to(at::mul(grad_lv, unit), alpha.sizes());
         }
-        return {g, grad_lv};
+        return {g, grad_alpha, Tensor()};
     }
 };
 
-Tensor post_snap(const Tensor& w, const Tensor& levels) { return PostSnap::apply(w, levels); }
+Tensor post_snap(const Tensor& w, const Tensor& alpha, const Tensor& unit_levels) {
+    return PostSnap::apply(w, alpha, unit_levels);
+}
 
 // autograd's gradient of mat1 and mat2 in mm/addmm (mm_mat1_backward / mm_mat2_backward, alpha 1): the same
 // products, chosen by the operand's strides as autograd chooses them (a column-major operand gets its
@@ -1331,7 +1341,7 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
     m.def("asq_adapter(Tensor stats, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", &asq_adapter);
-    m.def("post_snap(Tensor w, Tensor levels) -> Tensor", &post_snap);
+    m.def("post_snap(Tensor w, Tensor alpha, Tensor unit_levels) -> Tensor", &post_snap);
     m.def("tanh_normalize(Tensor w, float min_val) -> Tensor", &tanh_normalize);
     m.def("learned_scale(Tensor n, Tensor? value, bool is_signed, bool narrow, float const_scale, float? min_val, "
           "float lo_b, float hi_b, float frozen) -> Tensor[]",

@@ -116,6 +116,37 @@ def test_every_method_trains_and_exports_identically(tmp_path, method):
     assert open(pa, "rb").read() == open(pb, "rb").read()
 
 
+@pytest.mark.parametrize("method", ["adq", "asq"])
+def test_direct_layers_call_their_parametrization_as_torch_does(method):
+    """A direct layer's weight is its one parametrization called on the original (not the property): the
+    same output and gradients as Brevitas's path; hooks on the parametrization itself still run, and a
+    hook on the parametrization list or torch's parametrization cache sends the layer through the
+    property (the hook runs, the cached weight is used)."""
+    import torch.nn.utils.parametrize as P
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    m = build_model("mlp", (1, 8, 8), 10, bits="w4a4", method=method)
+    init_activation_stats(m, x, 16)
+    m.train()
+    ref = m(x)
+    gref = torch.autograd.grad(ref.sum(), list(m.parameters()), allow_unused=True)
+    layer = m.fcs[0]
+    calls = {"param": 0, "list": 0}
+    layer.parametrizations.weight[0].register_forward_hook(lambda *a: calls.__setitem__("param", calls["param"] + 1))
+    with fast_quant(m) as rep:
+        assert len(rep.direct) == 4, rep
+        out = m(x)
+        g = torch.autograd.grad(out.sum(), list(m.parameters()), allow_unused=True)
+        assert torch.equal(out, ref) and all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g, gref))
+        assert calls["param"] == 1
+        h = layer.parametrizations.weight.register_forward_hook(lambda *a: calls.__setitem__("list", calls["list"] + 1))
+        assert torch.equal(m(x), ref) and calls == {"param": 2, "list": 1}
+        h.remove()
+        with P.cached():
+            assert torch.equal(m(x), ref) and torch.equal(m(x), ref)
+        assert calls == {"param": 3, "list": 1}    # the cache: one call for both forwards
+
+
 def test_compiled_steps_forward_equals_eager_and_report_counts_graphs(tmp_path):
     """--compile inductor: the first training-mode forward equals the eager fused one bit for bit (the
     backward is where inductor rounds differently - not asserted equal); a run records its graphs."""
