@@ -167,6 +167,14 @@ class ASQAct(nn.Module):
             beta = 2 * torch.sigmoid(self.adapter(stats))
         return beta.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
+    def _site_ops(self, x):
+        """The C++ operators where the whole training step runs as one node: the adapter on, as built (a
+        plain Sequential without hooks), x a CPU float tensor of samples."""
+        if not self.use_adapter or x.dim() < 2 or type(self.adapter) is not nn.Sequential or self.adapter._forward_hooks \
+                or torch.jit.is_tracing():
+            return None
+        return qkernels.ops_for(x)
+
     @property
     def quant_step(self) -> torch.Tensor:
         """The dequantized output's step (x_hat = x_int * s): one rounding-boundary flip moves an
@@ -182,6 +190,11 @@ class ASQAct(nn.Module):
             with torch.no_grad():
                 self.log_s.fill_(first)
                 self.initialized.fill_(True)
+        if self.training and torch.is_grad_enabled():
+            ops = self._site_ops(x)
+            if ops is not None:   # statistics, adapter and step as one C++ node (bitfold_q.asq_site), bit for bit
+                a0, a2 = self.adapter[0], self.adapter[2]
+                return ops.asq_site(x, self.log_s, a0.weight, a0.bias, a2.weight, a2.bias, float(self.n), float(self.p))
         s = self.log_s.exp()
         if self.training and torch.is_grad_enabled():
             beta = self.beta(x)

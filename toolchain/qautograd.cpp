@@ -17,7 +17,7 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
-// row_stats / asq_adapter / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step,
+// row_stats / asq_adapter / asq_site / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step,
 // and ordered_sum / ordered_sum_width (torch's summation order as the passes reproduce it; for the tests).
 #include <math.h>
 #include <stdint.h>
@@ -548,75 +548,95 @@ struct QuantTensorRange : public torch::autograd::Function<QuantTensorRange> {
 
 // asq._ASQQuantStep: clamp(round(x / (s * beta)), n, p) * s - ASQ's activation step, beta one value per sample
 // (its adapter's); the clamp cuts the gradient outside [n, p]; s gets both uses' gradients, beta its own.
+// step_forward / step_backward: the node's two halves with what the backward reads passed explicitly (also the
+// last part of the whole site's node, ASQSite).
+struct StepSaved {
+    std::vector<Tensor> t;   // kernel: x, d, s, beta; else y, d, q, c, s, beta
+    bool kernel;
+};
+
+Tensor step_forward(const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p, StepSaved& keep) {
+    const Tensor d = s * beta;
+    const Layout lay = s.numel() == 1 && scalar_f32(s) ? layout(x, d) : Layout{false, 0, 0, 0};
+    keep.kernel = lay.ok;
+    if (lay.ok) {   // one pass dividing by d (per sample) and multiplying by s; the backward recomputes from x
+        keep.t = {x, d, s, beta};
+        return kernel_forward(x, d, lay, n, p, false, s);
+    }
+    const Quantized o = quantize_ops(x, d, n, p, false);
+    keep.t = {o.y, d, o.q, o.c, s, beta};
+    return o.c * s;
+}
+
+// The gradients of x, s and beta (each undefined unless wanted).
+variable_list step_backward(const Tensor& g, const std::vector<Tensor>& saved, bool kernel, double n, double p,
+                            bool need_x, bool need_s, bool need_b) {
+    variable_list out(3);
+    Tensor y, d, q, c, s, beta;
+    if (kernel) {
+        const Tensor& x = saved[0];
+        d = saved[1];
+        s = saved[2];
+        beta = saved[3];
+        const Layout lay = layout(x, d);
+        if (grad_fits(g, x) && lay.per_row && d.numel() == lay.rows && lay.inner >= sum_width() &&
+            sums_fit(x.numel())) {   // the sums of p1 (to s) and of p2 per sample (to d) inside the pass
+            Tensor gx = need_x ? at::empty_like(x) : Tensor();
+            Tensor p2 = at::empty(d.sizes(), d.options());
+            float p1;
+            bfq_backward_rows_sums(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner,
+                                   d.contiguous().data_ptr<float>(), fval(s), (float)n, (float)p, 2, sum_width(),
+                                   fptr(gx), &p1, p2.data_ptr<float>());
+            out[0] = gx;
+            const Tensor grad_d = -p2;
+            if (need_s) out[1] = scalar_of(p1, s) + at::sum_to(grad_d * beta, s.sizes());
+            if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+            return out;
+        }
+        if (grad_fits(g, x)) {
+            const Products o = kernel_backward(x, g, d, lay, n, p, false, 2, need_x, true, s);
+            out[0] = o.gx;
+            const Tensor grad_d = -at::sum_to(o.p2, d.sizes());
+            if (need_s) out[1] = at::sum_to(o.p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
+            if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+            return out;
+        }
+        const Quantized o = quantize_ops(x, d, n, p, false);   // a gradient in another layout: the operations
+        y = o.y;
+        q = o.q;
+        c = o.c;
+    } else {
+        y = saved[0];
+        d = saved[1];
+        q = saved[2];
+        c = saved[3];
+        s = saved[4];
+        beta = saved[5];
+    }
+    Tensor grad_q = g * s;   // keep_in_range: the clamp's backward, read as (p + 1/2) - q > 0 and q - (n - 1/2) > 0
+    grad_q = at::threshold_backward(grad_q, at::rsub(q, p + 0.5), 0);
+    grad_q = at::threshold_backward(grad_q, at::sub(q, n - 0.5), 0);
+    if (need_x) out[0] = grad_q / d;
+    const Tensor grad_d = -at::sum_to(grad_q * (y / d), d.sizes());
+    if (need_s) out[1] = at::sum_to(g * c, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
+    if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+    return out;
+}
+
 struct ASQStep : public torch::autograd::Function<ASQStep> {
     static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
-        const Tensor d = s * beta;
-        const Layout lay = s.numel() == 1 && scalar_f32(s) ? layout(x, d) : Layout{false, 0, 0, 0};
-        ctx->saved_data["c"] = std::vector<double>{n, p, double(lay.ok)};
-        if (lay.ok) {   // one pass dividing by d (per sample) and multiplying by s; the backward recomputes from x
-            ctx->save_for_backward({x, d, s, beta});
-            return kernel_forward(x, d, lay, n, p, false, s);
-        }
-        const Quantized o = quantize_ops(x, d, n, p, false);
-        ctx->save_for_backward({o.y, d, o.q, o.c, s, beta});
-        return o.c * s;
+        StepSaved keep;
+        const Tensor out = step_forward(x, s, beta, n, p, keep);
+        ctx->saved_data["c"] = std::vector<double>{n, p, double(keep.kernel)};
+        ctx->save_for_backward(keep.t);
+        return out;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const Tensor& g = grads[0];
         const auto cfg = ctx->saved_data["c"].toDoubleVector();
-        const double n = cfg[0], p = cfg[1];
-        const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
-        const auto saved = ctx->get_saved_variables();
-        variable_list out(5);
-        Tensor y, d, q, c, s, beta;
-        if (cfg[2] != 0.0) {
-            const Tensor& x = saved[0];
-            d = saved[1];
-            s = saved[2];
-            beta = saved[3];
-            const Layout lay = layout(x, d);
-            if (grad_fits(g, x) && lay.per_row && d.numel() == lay.rows && lay.inner >= sum_width() &&
-                sums_fit(x.numel())) {   // the sums of p1 (to s) and of p2 per sample (to d) inside the pass
-                Tensor gx = need_x ? at::empty_like(x) : Tensor();
-                Tensor p2 = at::empty(d.sizes(), d.options());
-                float p1;
-                bfq_backward_rows_sums(x.data_ptr<float>(), g.data_ptr<float>(), lay.rows, lay.inner,
-                                       d.contiguous().data_ptr<float>(), fval(s), (float)n, (float)p, 2, sum_width(),
-                                       fptr(gx), &p1, p2.data_ptr<float>());
-                out[0] = gx;
-                const Tensor grad_d = -p2;
-                if (need_s) out[1] = scalar_of(p1, s) + at::sum_to(grad_d * beta, s.sizes());
-                if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
-                return out;
-            }
-            if (grad_fits(g, x)) {
-                const Products o = kernel_backward(x, g, d, lay, n, p, false, 2, need_x, true, s);
-                out[0] = o.gx;
-                const Tensor grad_d = -at::sum_to(o.p2, d.sizes());
-                if (need_s) out[1] = at::sum_to(o.p1, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
-                if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
-                return out;
-            }
-            const Quantized o = quantize_ops(x, d, n, p, false);   // a gradient in another layout: the operations
-            y = o.y;
-            q = o.q;
-            c = o.c;
-        } else {
-            y = saved[0];
-            d = saved[1];
-            q = saved[2];
-            c = saved[3];
-            s = saved[4];
-            beta = saved[5];
-        }
-        Tensor grad_q = g * s;   // keep_in_range: the clamp's backward, read as (p + 1/2) - q > 0 and q - (n - 1/2) > 0
-        grad_q = at::threshold_backward(grad_q, at::rsub(q, p + 0.5), 0);
-        grad_q = at::threshold_backward(grad_q, at::sub(q, n - 0.5), 0);
-        if (need_x) out[0] = grad_q / d;
-        const Tensor grad_d = -at::sum_to(grad_q * (y / d), d.sizes());
-        if (need_s) out[1] = at::sum_to(g * c, s.sizes()) + at::sum_to(grad_d * beta, s.sizes());
-        if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
+        variable_list out = step_backward(grads[0], ctx->get_saved_variables(), cfg[2] != 0.0, cfg[0], cfg[1],
+                                          ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+        out.resize(5);
         return out;
     }
 };
@@ -624,35 +644,46 @@ struct ASQStep : public torch::autograd::Function<ASQStep> {
 // asq.ASQAct's adapter statistics: (mean |x|, std) of each row of a 2-d float32 CPU tensor, one pass for the
 // sums and one for the squared deviations (bfq_row_stats); the backward one pass (bfq_row_stats_backward)
 // where autograd would run the abs, mean, stack and std backwards, each a pass and an allocation.
+// stats_forward / stats_backward: the node's halves (also parts of ASQSite); x contiguous, aux per row.
+Tensor stats_forward(const Tensor& x, Tensor& aux) {
+    const int64_t rows = x.size(0), n = x.size(1);
+    Tensor out = at::empty({rows, 2}, x.options());
+    aux = at::empty({rows, 2}, x.options());
+    const float* xp = x.data_ptr<float>();
+    float *op = out.data_ptr<float>(), *ap = aux.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+        bfq_row_stats(xp + b * n, e - b, n, op + 2 * b, ap + 2 * b);
+    });
+    return out;
+}
+
+Tensor stats_backward(const Tensor& grad, const Tensor& x, const Tensor& aux) {
+    const Tensor g = grad.to(at::kFloat).contiguous();
+    const int64_t rows = x.size(0), n = x.size(1);
+    Tensor gx = at::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *ap = aux.data_ptr<float>();
+    float* gxp = gx.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+        bfq_row_stats_backward(xp + b * n, gp + 2 * b, ap + 2 * b, e - b, n, gxp + b * n);
+    });
+    return gx;
+}
+
 struct RowStats : public torch::autograd::Function<RowStats> {
     static Tensor forward(AutogradContext* ctx, const Tensor& flat) {
         TORCH_CHECK(flat.dim() == 2 && flat.scalar_type() == at::kFloat && flat.device().is_cpu(),
                     "row_stats takes a 2-d float32 CPU tensor");
         const Tensor x = flat.contiguous();
-        const int64_t rows = x.size(0), n = x.size(1);
-        Tensor out = at::empty({rows, 2}, x.options()), aux = at::empty({rows, 2}, x.options());
-        const float* xp = x.data_ptr<float>();
-        float *op = out.data_ptr<float>(), *ap = aux.data_ptr<float>();
-        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
-            bfq_row_stats(xp + b * n, e - b, n, op + 2 * b, ap + 2 * b);
-        });
+        Tensor aux;
+        const Tensor out = stats_forward(x, aux);
         ctx->save_for_backward({x, aux});
         return out;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &aux = saved[1];
         if (!grads[0].defined()) return {Tensor()};
-        const Tensor g = grads[0].to(at::kFloat).contiguous();
-        const int64_t rows = x.size(0), n = x.size(1);
-        Tensor gx = at::empty_like(x);
-        const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *ap = aux.data_ptr<float>();
-        float* gxp = gx.data_ptr<float>();
-        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
-            bfq_row_stats_backward(xp + b * n, gp + 2 * b, ap + 2 * b, e - b, n, gxp + b * n);
-        });
-        return {gx};
+        return {stats_backward(grads[0], saved[0], saved[1])};
     }
 };
 
@@ -1119,29 +1150,90 @@ Tensor mat2_grad(const Tensor& grad, const Tensor& mat1, const Tensor& mat2) {
 // by 2 - and in the backward autograd's formulas for each (MulBackward1, SigmoidBackward0, AddmmBackward0 with
 // the bias's gradient summed to its shape, TBackward0, ReluBackward0), the same ATen calls on the same tensors,
 // so beta and every gradient are the operations' bit for bit, without ~12 autograd nodes and ~6 Python calls.
+// adapter_forward / adapter_backward: the node's halves (also part of ASQSite); a = {stats, w1, b1, w2, b2, h, y}.
+Tensor adapter_forward(const Tensor& stats, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                       Tensor& h, Tensor& y) {
+    h = at::relu(at::addmm(b1, stats, w1.t()));
+    y = at::sigmoid(at::addmm(b2, h, w2.t()));
+    return at::mul(y, 2);
+}
+
+// The gradients of stats, w1, b1, w2, b2 where need[i].
+variable_list adapter_backward(const Tensor& grad, const std::vector<Tensor>& a, const bool need[5]) {
+    const Tensor &stats = a[0], &w1 = a[1], &b1 = a[2], &w2 = a[3], &b2 = a[4], &h = a[5], &y = a[6];
+    const Tensor go = at::sigmoid_backward(at::mul(grad, 2), y);
+    variable_list out(5);
+    if (need[4]) out[4] = at::sum_to(go, b2.sizes());
+    if (need[3]) out[3] = mat2_grad(go, h, w2.t()).t();
+    if (!(need[0] || need[1] || need[2])) return out;
+    const Tensor gh = at::threshold_backward(mat1_grad(go, w2.t(), h), h, 0);
+    if (need[2]) out[2] = at::sum_to(gh, b1.sizes());
+    if (need[1]) out[1] = mat2_grad(gh, stats, w1.t()).t();
+    if (need[0]) out[0] = mat1_grad(gh, w1.t(), stats);
+    return out;
+}
+
 struct ASQAdapter : public torch::autograd::Function<ASQAdapter> {
     static Tensor forward(AutogradContext* ctx, const Tensor& stats, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                           const Tensor& b2) {
-        const Tensor w1t = w1.t(), w2t = w2.t();
-        const Tensor h = at::relu(at::addmm(b1, stats, w1t));
-        const Tensor y = at::sigmoid(at::addmm(b2, h, w2t));
+        Tensor h, y;
+        const Tensor beta = adapter_forward(stats, w1, b1, w2, b2, h, y);
         ctx->save_for_backward({stats, w1, b1, w2, b2, h, y});
-        return at::mul(y, 2);
+        return beta;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        bool need[5];
+        for (int i = 0; i < 5; i++) need[i] = ctx->needs_input_grad(i);
+        return adapter_backward(grads[0], ctx->get_saved_variables(), need);
+    }
+};
+
+// asq.ASQAct's whole training step as one node: s = exp(log_s), the statistics of x's rows, the adapter's beta
+// (viewed as one value per sample), the activation step - RowStats, ASQAdapter and ASQStep's halves, and
+// ExpBackward0's grad * result for log_s; x's gradient is the step's plus the statistics' (the two uses autograd
+// would add). The same values and gradients as those nodes, bit for bit, as one node and one call.
+struct ASQSite : public torch::autograd::Function<ASQSite> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& log_s, const Tensor& w1,
+                          const Tensor& b1, const Tensor& w2, const Tensor& b2, double n, double p) {
+        const Tensor s = at::exp(log_s);
+        const Tensor flat = x.reshape({x.size(0), -1}).contiguous();
+        Tensor aux, h, y;
+        const Tensor stats = stats_forward(flat, aux);
+        std::vector<int64_t> bshape(x.dim(), 1);
+        bshape[0] = x.size(0);
+        const Tensor beta = adapter_forward(stats, w1, b1, w2, b2, h, y).view(bshape);
+        StepSaved keep;
+        const Tensor out = step_forward(x, s, beta, n, p, keep);
+        std::vector<Tensor> saved{flat, aux, stats, w1, b1, w2, b2, h, y, s};
+        saved.insert(saved.end(), keep.t.begin(), keep.t.end());
+        ctx->save_for_backward(saved);
+        ctx->saved_data["c"] = std::vector<double>{n, p, double(keep.kernel)};
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto cfg = ctx->saved_data["c"].toDoubleVector();
         const auto v = ctx->get_saved_variables();
-        const Tensor &stats = v[0], &w1 = v[1], &b1 = v[2], &w2 = v[3], &b2 = v[4], &h = v[5], &y = v[6];
-        const Tensor go = at::sigmoid_backward(at::mul(grads[0], 2), y);
-        variable_list out(5);
-        if (ctx->needs_input_grad(4)) out[4] = at::sum_to(go, b2.sizes());
-        if (ctx->needs_input_grad(3)) out[3] = mat2_grad(go, h, w2.t()).t();
-        const bool first = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-        if (!first) return out;
-        const Tensor gh = at::threshold_backward(mat1_grad(go, w2.t(), h), h, 0);
-        if (ctx->needs_input_grad(2)) out[2] = at::sum_to(gh, b1.sizes());
-        if (ctx->needs_input_grad(1)) out[1] = mat2_grad(gh, stats, w1.t()).t();
-        if (ctx->needs_input_grad(0)) out[0] = mat1_grad(gh, w1.t(), stats);
+        const Tensor &flat = v[0], &aux = v[1], &s = v[9];
+        bool need[5] = {ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+                        ctx->needs_input_grad(4), ctx->needs_input_grad(5)};   // stats (x), w1, b1, w2, b2
+        const bool need_b = need[0] || need[1] || need[2] || need[3] || need[4];
+        const variable_list st = step_backward(grads[0], std::vector<Tensor>(v.begin() + 10, v.end()), cfg[2] != 0.0,
+                                               cfg[0], cfg[1], need[0], ctx->needs_input_grad(1), need_b);
+        variable_list out(8);
+        if (st[1].defined()) out[1] = at::mul(st[1], s);   // ExpBackward0: grad * result
+        if (!need_b) {
+            out[0] = st[0];
+            return out;
+        }
+        const std::vector<Tensor> a(v.begin() + 2, v.begin() + 9);   // stats, w1, b1, w2, b2, h, y
+        const variable_list ga = adapter_backward(st[2].reshape({flat.size(0), 1}), a, need);
+        for (int i = 1; i < 5; i++) out[i + 1] = ga[i];
+        if (need[0]) {   // the engine adds the second gradient to the first (the step's, fresh) in place
+            Tensor gx = st[0];
+            out[0] = gx.add_(stats_backward(ga[0], flat, aux).view(gx.sizes()));
+        }
         return out;
     }
 };
@@ -1151,6 +1243,13 @@ Tensor asq_adapter(const Tensor& stats, const Tensor& w1, const Tensor& b1, cons
 }
 
 Tensor row_stats(const Tensor& flat) { return RowStats::apply(flat); }
+
+Tensor asq_site(const Tensor& x, const Tensor& log_s, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                const Tensor& b2, double n, double p) {
+    TORCH_CHECK(x.dim() >= 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                "asq_site takes a float32 CPU tensor of at least 2 dimensions");
+    return ASQSite::apply(x, log_s, w1, b1, w2, b2, n, p);
+}
 
 Tensor asq_step(const Tensor& x, const Tensor& s, const Tensor& beta, double n, double p) {
     return ASQStep::apply(x, s, beta, n, p);
@@ -1340,6 +1439,8 @@ TORCH_LIBRARY(bitfold_q, m) {
           &quant_absmax);
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
+    m.def("asq_site(Tensor x, Tensor log_s, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float n, float p) -> Tensor",
+          &asq_site);
     m.def("asq_adapter(Tensor stats, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", &asq_adapter);
     m.def("post_snap(Tensor w, Tensor alpha, Tensor unit_levels) -> Tensor", &post_snap);
     m.def("tanh_normalize(Tensor w, float min_val) -> Tensor", &tanh_normalize);

@@ -125,16 +125,23 @@ def test_fused_activation_step_equals_the_plain_expression(signed, shape, path, 
         a.adapter[2].weight.normal_()
         a.adapter[2].bias.normal_()
     b = copy.deepcopy(a)
-    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     g = torch.randn(*shape)
-    out = a(x1)
-    (out * g).sum().backward()
-    s = b.log_s.exp()
-    ref = torch.clamp(_RoundSTE.apply(x2 / (s * b.beta(x2))), b.n, b.p) * s
-    (ref * g).sum().backward()
-    assert torch.equal(out, ref) and torch.equal(x1.grad, x2.grad)
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
-    assert float(x1.grad.abs().sum()) > 0 and (ref == b.p * s).any()     # the clamp bites
+    for x_grad in (True, False):      # an activation, and the network's input (no gradient to it)
+        a.zero_grad()
+        b.zero_grad()
+        x1, x2 = x0.clone().requires_grad_(x_grad), x0.clone().requires_grad_(x_grad)
+        out = a(x1)
+        # the whole step as one C++ node (bitfold_q.asq_site) where the nodes are on
+        assert ("ASQSite" in out.grad_fn.name()) == (path == "c++ node"), out.grad_fn.name()
+        (out * g).sum().backward()
+        s = b.log_s.exp()
+        ref = torch.clamp(_RoundSTE.apply(x2 / (s * b.beta(x2))), b.n, b.p) * s
+        (ref * g).sum().backward()
+        assert torch.equal(out, ref)
+        assert torch.equal(x1.grad, x2.grad) if x_grad else x1.grad is None and x2.grad is None
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+        assert (ref == b.p * s).any() and all(float(p.grad.abs().sum()) > 0 for p in a.parameters())
+        assert not x_grad or float(x1.grad.abs().sum()) > 0     # the clamp bites; every gradient is there
 
 
 
