@@ -448,8 +448,8 @@ def direct_weight(layer, plan: DirectPlan) -> torch.Tensor:
     plists = getattr(layer, "parametrizations", None) if plan.parametrization is not None else None
     plist = getattr(plists, "weight", None)
     if plist is None or plist._forward_hooks or plist._forward_pre_hooks or _global_hooks() \
-            or _parametrize._cache_enabled:
-        return layer.weight
+            or _parametrize._cache_enabled or len(plist) != 1 or plist[0] is not plan.parametrization:
+        return layer.weight   # (also a parametrization added or replaced inside the block)
     return plan.parametrization(plist.original)
 
 

@@ -145,6 +145,13 @@ def test_direct_layers_call_their_parametrization_as_torch_does(method):
         with P.cached():
             assert torch.equal(m(x), ref) and torch.equal(m(x), ref)
         assert calls == {"param": 3, "list": 1}    # the cache: one call for both forwards
+        class Roll(torch.nn.Module):
+            def forward(self, w):
+                return w.roll(1, -1)
+
+        P.register_parametrization(layer, "weight", Roll())      # a second one: the property (inputs moved by one)
+        calls["param"] = 0                                        # (registering computed the weight)
+        assert not torch.equal(m(x), ref) and calls == {"param": 1, "list": 1}
 
 
 def test_compiled_steps_forward_equals_eager_and_report_counts_graphs(tmp_path):
