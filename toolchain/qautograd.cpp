@@ -588,6 +588,23 @@ variable_list step_backward(const Tensor& g, const std::vector<Tensor>& saved, b
                                    d.contiguous().data_ptr<float>(), fval(s), (float)n, (float)p, 2, sum_width(),
                                    fptr(gx), &p1, p2.data_ptr<float>());
             out[0] = gx;
+            const int64_t rows = d.numel();
+            if (scalar_f32(s) && beta.scalar_type() == at::kFloat && beta.is_contiguous() && beta.sizes() == d.sizes() &&
+                sums_fit(rows)) {   // the per-sample products below in float, their sum in torch's order
+                const float *pp = p2.data_ptr<float>(), *bp = beta.data_ptr<float>();
+                const float sv = fval(s);
+                std::vector<float> prod(rows);
+                Tensor gb = need_b ? at::empty(beta.sizes(), beta.options()) : Tensor();
+                float* gbp = fptr(gb);
+                for (int64_t i = 0; i < rows; i++) {   // grad_d = -p2; grad_d * beta; grad_d * s
+                    const float gd = -pp[i];
+                    prod[i] = gd * bp[i];
+                    if (gbp) gbp[i] = gd * sv;
+                }
+                if (need_s) out[1] = scalar_of(p1 + bfq_sum_ordered(prod.data(), rows, sum_width()), s);
+                out[2] = gb;
+                return out;
+            }
             const Tensor grad_d = -p2;
             if (need_s) out[1] = scalar_of(p1, s) + at::sum_to(grad_d * beta, s.sizes());
             if (need_b) out[2] = at::sum_to(grad_d * s, beta.sizes());
