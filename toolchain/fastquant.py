@@ -681,6 +681,17 @@ def fused_weight(w: torch.Tensor, p: WeightPlan, value: torch.Tensor | None = No
     return int_quant_ste(w, stats / thr, lo, hi, p.ste_clamp)
 
 
+def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: WeightPlan) -> torch.Tensor | None:
+    """``F.linear(x, fused_weight(w, p), bias)`` of a 2-d input as one C++ node (``bitfold_q.quant_linear``: the
+    quantizer's and the product's operations and autograd's formulas for them, bit for bit), or None where it
+    does not run (the caller then runs the two)."""
+    lo, hi, thr = p.range()
+    ops = _native(w, thr)
+    if ops is None or x.dtype != torch.float32 or not x.is_cpu:
+        return None
+    return ops.quant_linear(x, w, bias, p.per_channel, p.stats_shape, p.min_val, thr, lo, hi, p.ste_clamp)
+
+
 def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     """The quantized tensor of a learned-width quantizer: the scale, the bounds and the quantized tensor
     from one C++ node (``bitfold_q.quant_learned``: ``learned_scale``'s and ``quant_range``'s
@@ -771,6 +782,10 @@ def _fast_layer_forward(self, x):
         sc = plan.scaling
         if plan.learned_scale and not sc.init_done:
             return super(type(self), self).forward(x)
+        if not plan.learned_scale and x.dim() == 2 and isinstance(self, _LINEAR):
+            y = fused_linear(x, self.weight, self.bias, plan)
+            if y is not None:
+                return y
         w = fused_weight(self.weight, plan, sc.value if plan.learned_scale else None)
     if isinstance(self, _LINEAR):
         return F.linear(x, w, self.bias)

@@ -16,7 +16,7 @@
 // (post_snap) - each tested against those operations.
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
-// torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_range / asq_step /
+// torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_linear / quant_range / asq_step /
 // row_stats / asq_adapter / asq_site / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step,
 // and ordered_sum / ordered_sum_width (torch's summation order as the passes reproduce it; for the tests).
 #include <math.h>
@@ -323,98 +323,115 @@ struct QuantValue : public torch::autograd::Function<QuantValue> {
 
 // fastquant._QuantFromAbsMax: s = max(max|w|, min_val) / thr per tensor or per output channel; the
 // statistic's gradient to each channel's arg-max, or spread over the ties of the tensor's maximum.
+// absmax_forward / absmax_backward: the node's halves with what the backward reads passed explicitly (also
+// the weight's part of QuantLinear).
+struct AbsMaxSaved {
+    std::vector<Tensor> t;    // kernel: w, s, at_max, thr; else y, s, c, q, w, at_max, thr
+    std::vector<double> c;    // lo, hi, per_channel, ste, kernel, first
+};
+
+Tensor absmax_forward(const Tensor& w, bool per_channel, const std::vector<int64_t>& stats_shape,
+                      std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste, AbsMaxSaved& keep) {
+    Tensor stats, at_max;
+    float mx = 0.0f;
+    int64_t ties = 0, first = -1;   // first: the unique arg-max (bfq_absmax), or -1
+    if (!per_channel && w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
+        bfq_absmax(w.data_ptr<float>(), w.numel(), &mx, &ties, &first) == 0) {
+        stats = scalar_of(mx, w);   // torch.max(torch.abs(w)) in one pass (a 0-dim tensor, as torch's)
+        at_max = stats;
+        if (ties != 1) first = -1;
+    } else if (per_channel) {
+        auto mx = at::max(at::abs(w.reshape({w.size(0), -1})), 1);
+        stats = std::get<0>(mx);
+        at_max = std::get<1>(mx);
+    } else {
+        stats = at::max(at::abs(w.reshape(-1)));
+        at_max = stats;
+    }
+    const Tensor s = scale_tensor(stats.view(stats_shape), false, min_val, thr);
+    const Layout lay = layout(w, s);
+    keep.c = {lo, hi, double(per_channel), double(ste), double(lay.ok), double(first)};
+    if (lay.ok) {
+        keep.t = {w, s, at_max, thr};
+        return kernel_forward(w, s, lay, lo, hi, false);
+    }
+    const Quantized o = quantize_ops(w, s, lo, hi, false);
+    keep.t = {o.y, s, o.c, o.q, w, at_max, thr};
+    return o.c * s;
+}
+
+Tensor absmax_backward(const Tensor& g, const std::vector<Tensor>& saved, const std::vector<double>& cfg) {
+    const double lo = cfg[0], hi = cfg[1];
+    const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0, kernel = cfg[4] != 0.0;
+    const int64_t first = (int64_t)cfg[5];
+    Tensor grad_x, grad_s, w, at_max, thr;
+    if (kernel) {
+        const Tensor& s = saved[1];
+        w = saved[0];
+        at_max = saved[2];
+        thr = saved[3];
+        if (grad_fits(g, w)) {
+            grads_kernel(w, g, s, layout(w, s), lo, hi, false, ste ? 0 : 2, true, true, grad_x, grad_s);
+        } else {
+            const Quantized o = quantize_ops(w, s, lo, hi, false);
+            grads_ops(g, o.y, s, o.c, o.q, !ste, lo, hi, false, true, true, grad_x, grad_s);
+        }
+    } else {
+        grads_ops(g, saved[0], saved[1], saved[2], saved[3], !ste, lo, hi, false, true, true, grad_x, grad_s);
+        w = saved[4];
+        at_max = saved[5];
+        thr = saved[6];
+    }
+    // div; the clamp is straight-through; then the view
+    const Tensor grad_stats = scalar_f32(grad_s) && scalar_f32(thr) ? scalar_of(fval(grad_s) / fval(thr), grad_s)
+                                                                    : grad_s / thr;
+    const int64_t rows = w.size(0);
+    if (kernel && standard(grad_x) && grad_x.scalar_type() == at::kFloat && grad_stats.scalar_type() == at::kFloat &&
+        grad_x.sizes() == w.sizes() && grad_x.device().is_cpu()) {   // w: taken by the kernels
+        if (per_channel) {
+            const Tensor at = at_max.contiguous(), gs = grad_stats.reshape(-1).contiguous();
+            bfq_add_at_rows(grad_x.data_ptr<float>(), w.data_ptr<float>(), rows, w.numel() / rows,
+                            at.data_ptr<int64_t>(), gs.data_ptr<float>());
+        } else if (first >= 0) {   // one element at the maximum: bfq_add_ties' sum with ties = 1, at it
+            float* gx = grad_x.data_ptr<float>();
+            const float share = grad_stats.reshape({}).item<float>() / 1.0f;
+            gx[first] = gx[first] + share * 1.0f * sgn_of(w.data_ptr<float>()[first]);
+        } else {
+            bfq_add_ties(grad_x.data_ptr<float>(), w.data_ptr<float>(), w.numel(), at_max.item<float>(),
+                         grad_stats.reshape({}).item<float>());
+        }
+    } else if (per_channel) {   // to the index torch.max returned, in each channel (autograd's scatter)
+        using at::indexing::TensorIndex;
+        const Tensor idx_rows = at::arange(rows, w.options().dtype(at::kLong));
+        Tensor gw = grad_x.reshape({rows, -1});   // grad_x may be in another layout than w
+        const Tensor wf = w.reshape({rows, -1});
+        const std::vector<TensorIndex> idx{TensorIndex(idx_rows), TensorIndex(at_max)};
+        Tensor part = gw.index(idx);
+        part += grad_stats.reshape(-1) * wf.index(idx).sgn();
+        gw.index_put_(idx, part);
+        grad_x = gw.reshape(w.sizes());
+    } else {   // spread evenly over the elements equal to the maximum (autograd's masked fill)
+        const Tensor ties = at::rsub(at::threshold_backward(at::ones_like(w), at_max - at::abs(w), 0), 1.0);
+        const Tensor share = grad_stats.reshape({}) / ties.sum();
+        grad_x = grad_x.addcmul(ties, w.sgn(), share.item());
+    }
+    return grad_x;
+}
+
 struct QuantAbsMax : public torch::autograd::Function<QuantAbsMax> {
     static Tensor forward(AutogradContext* ctx, const Tensor& w, bool per_channel, std::vector<int64_t> stats_shape,
                           std::optional<double> min_val, const Tensor& thr, double lo, double hi, bool ste) {
-        Tensor stats, at_max;
-        float mx = 0.0f;
-        int64_t ties = 0, first = -1;   // first: the unique arg-max (bfq_absmax), or -1
-        if (!per_channel && w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
-            bfq_absmax(w.data_ptr<float>(), w.numel(), &mx, &ties, &first) == 0) {
-            stats = scalar_of(mx, w);   // torch.max(torch.abs(w)) in one pass (a 0-dim tensor, as torch's)
-            at_max = stats;
-            if (ties != 1) first = -1;
-        } else if (per_channel) {
-            auto mx = at::max(at::abs(w.reshape({w.size(0), -1})), 1);
-            stats = std::get<0>(mx);
-            at_max = std::get<1>(mx);
-        } else {
-            stats = at::max(at::abs(w.reshape(-1)));
-            at_max = stats;
-        }
-        const Tensor s = scale_tensor(stats.view(stats_shape), false, min_val, thr);
-        const Layout lay = layout(w, s);
-        ctx->saved_data["c"] = std::vector<double>{lo, hi, double(per_channel), double(ste), double(lay.ok), double(first)};
-        if (lay.ok) {
-            ctx->save_for_backward({w, s, at_max, thr});
-            return kernel_forward(w, s, lay, lo, hi, false);
-        }
-        const Quantized o = quantize_ops(w, s, lo, hi, false);
-        ctx->save_for_backward({o.y, s, o.c, o.q, w, at_max, thr});
-        return o.c * s;
+        AbsMaxSaved keep;
+        const Tensor out = absmax_forward(w, per_channel, stats_shape, min_val, thr, lo, hi, ste, keep);
+        ctx->saved_data["c"] = keep.c;
+        ctx->save_for_backward(keep.t);
+        return out;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         variable_list out(8);
         if (!ctx->needs_input_grad(0)) return out;
-        const Tensor& g = grads[0];
-        const auto cfg = ctx->saved_data["c"].toDoubleVector();
-        const double lo = cfg[0], hi = cfg[1];
-        const bool per_channel = cfg[2] != 0.0, ste = cfg[3] != 0.0, kernel = cfg[4] != 0.0;
-        const int64_t first = (int64_t)cfg[5];
-        const auto saved = ctx->get_saved_variables();
-        Tensor grad_x, grad_s, w, at_max, thr;
-        if (kernel) {
-            const Tensor& s = saved[1];
-            w = saved[0];
-            at_max = saved[2];
-            thr = saved[3];
-            if (grad_fits(g, w)) {
-                grads_kernel(w, g, s, layout(w, s), lo, hi, false, ste ? 0 : 2, true, true, grad_x, grad_s);
-            } else {
-                const Quantized o = quantize_ops(w, s, lo, hi, false);
-                grads_ops(g, o.y, s, o.c, o.q, !ste, lo, hi, false, true, true, grad_x, grad_s);
-            }
-        } else {
-            grads_ops(g, saved[0], saved[1], saved[2], saved[3], !ste, lo, hi, false, true, true, grad_x, grad_s);
-            w = saved[4];
-            at_max = saved[5];
-            thr = saved[6];
-        }
-        // div; the clamp is straight-through; then the view
-        const Tensor grad_stats = scalar_f32(grad_s) && scalar_f32(thr) ? scalar_of(fval(grad_s) / fval(thr), grad_s)
-                                                                        : grad_s / thr;
-        const int64_t rows = w.size(0);
-        if (kernel && standard(grad_x) && grad_x.scalar_type() == at::kFloat && grad_stats.scalar_type() == at::kFloat &&
-            grad_x.sizes() == w.sizes() && grad_x.device().is_cpu()) {   // w: taken by the kernels
-            if (per_channel) {
-                const Tensor at = at_max.contiguous(), gs = grad_stats.reshape(-1).contiguous();
-                bfq_add_at_rows(grad_x.data_ptr<float>(), w.data_ptr<float>(), rows, w.numel() / rows,
-                                at.data_ptr<int64_t>(), gs.data_ptr<float>());
-            } else if (first >= 0) {   // one element at the maximum: bfq_add_ties' sum with ties = 1, at it
-                float* gx = grad_x.data_ptr<float>();
-                const float share = grad_stats.reshape({}).item<float>() / 1.0f;
-                gx[first] = gx[first] + share * 1.0f * sgn_of(w.data_ptr<float>()[first]);
-            } else {
-                bfq_add_ties(grad_x.data_ptr<float>(), w.data_ptr<float>(), w.numel(), at_max.item<float>(),
-                             grad_stats.reshape({}).item<float>());
-            }
-        } else if (per_channel) {   // to the index torch.max returned, in each channel (autograd's scatter)
-            using at::indexing::TensorIndex;
-            const Tensor idx_rows = at::arange(rows, w.options().dtype(at::kLong));
-            Tensor gw = grad_x.reshape({rows, -1});   // grad_x may be in another layout than w
-            const Tensor wf = w.reshape({rows, -1});
-            const std::vector<TensorIndex> idx{TensorIndex(idx_rows), TensorIndex(at_max)};
-            Tensor part = gw.index(idx);
-            part += grad_stats.reshape(-1) * wf.index(idx).sgn();
-            gw.index_put_(idx, part);
-            grad_x = gw.reshape(w.sizes());
-        } else {   // spread evenly over the elements equal to the maximum (autograd's masked fill)
-            const Tensor ties = at::rsub(at::threshold_backward(at::ones_like(w), at_max - at::abs(w), 0), 1.0);
-            const Tensor share = grad_stats.reshape({}) / ties.sum();
-            grad_x = grad_x.addcmul(ties, w.sgn(), share.item());
-        }
-        out[0] = grad_x;
+        out[0] = absmax_backward(grads[0], ctx->get_saved_variables(), ctx->saved_data["c"].toDoubleVector());
         return out;
     }
 };
@@ -1162,6 +1179,41 @@ Tensor mat2_grad(const Tensor& grad, const Tensor& mat1, const Tensor& mat2) {
     return mat1.t().mm(grad);
 }
 
+// fastquant's fused max-abs weight quantizer and F.linear of a 2-d input as one node: wq = QuantAbsMax's forward,
+// then at::linear(x, wq, bias) (an addmm with the bias, else an mm); the backward autograd's formulas for that
+// product (AddmmBackward0 / MmBackward0: mat1_grad, mat2_grad and the transpose's, the bias's gradient summed to
+// its shape) and then QuantAbsMax's backward of the weight's gradient - the same ATen products and passes, bit
+// for bit, as one node and one operator call where there were three nodes and two calls.
+struct QuantLinear : public torch::autograd::Function<QuantLinear> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                          bool per_channel, std::vector<int64_t> stats_shape, std::optional<double> min_val,
+                          const Tensor& thr, double lo, double hi, bool ste) {
+        AbsMaxSaved keep;
+        const Tensor wq = absmax_forward(w, per_channel, stats_shape, min_val, thr, lo, hi, ste, keep);
+        const Tensor b = bias.has_value() ? *bias : Tensor();
+        const Tensor out = at::linear(x, wq, b);
+        ctx->saved_data["c"] = keep.c;
+        ctx->saved_data["n"] = (int64_t)keep.t.size();
+        std::vector<Tensor> saved{x, wq, b};
+        saved.insert(saved.end(), keep.t.begin(), keep.t.end());
+        ctx->save_for_backward(saved);
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const Tensor& g = grads[0];
+        const auto v = ctx->get_saved_variables();
+        const Tensor &x = v[0], &wq = v[1], &b = v[2];
+        variable_list out(10);
+        if (ctx->needs_input_grad(0)) out[0] = mat1_grad(g, wq.t(), x);
+        if (ctx->needs_input_grad(1))
+            out[1] = absmax_backward(mat2_grad(g, x, wq.t()).t(), std::vector<Tensor>(v.begin() + 3, v.end()),
+                                     ctx->saved_data["c"].toDoubleVector());
+        if (ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
+        return out;
+    }
+};
+
 // asq.ASQAct's adapter as one node: beta = 2 * sigmoid(linear(relu(linear(stats, w1, b1)), w2, b2)) - the ATen
 // calls F.linear makes (addmm of the bias, the input and the weight's transpose), relu, sigmoid and the product
 // by 2 - and in the backward autograd's formulas for each (MulBackward1, SigmoidBackward0, AddmmBackward0 with
@@ -1280,6 +1332,13 @@ Tensor quant_range(const Tensor& x, const Tensor& s, const Tensor& lo, const Ten
 Tensor quant_value(const Tensor& x, const Tensor& value, bool relu, std::optional<double> min_val, const Tensor& thr,
                    double lo, double hi, bool ste_clamp) {
     return QuantValue::apply(x, value, relu, min_val, thr, lo, hi, ste_clamp);
+}
+
+Tensor quant_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, bool per_channel,
+                    at::IntArrayRef stats_shape, std::optional<double> min_val, const Tensor& thr, double lo, double hi,
+                    bool ste_clamp) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "quant_linear takes a 2-d input and weight");
+    return QuantLinear::apply(x, w, bias, per_channel, stats_shape.vec(), min_val, thr, lo, hi, ste_clamp);
 }
 
 Tensor quant_absmax(const Tensor& w, bool per_channel, at::IntArrayRef stats_shape, std::optional<double> min_val,
@@ -1454,6 +1513,9 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("quant_absmax(Tensor w, bool per_channel, int[] stats_shape, float? min_val, Tensor thr, float lo, "
           "float hi, bool ste_clamp) -> Tensor",
           &quant_absmax);
+    m.def("quant_linear(Tensor x, Tensor w, Tensor? bias, bool per_channel, int[] stats_shape, float? min_val, "
+          "Tensor thr, float lo, float hi, bool ste_clamp) -> Tensor",
+          &quant_linear);
     m.def("asq_step(Tensor x, Tensor s, Tensor beta, float n, float p) -> Tensor", &asq_step);
     m.def("row_stats(Tensor flat) -> Tensor", &row_stats);
     m.def("asq_site(Tensor x, Tensor log_s, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float n, float p) -> Tensor",

@@ -381,6 +381,40 @@ def test_cpp_weight_node_equals_the_python_function(per_channel, layout, ties):
         assert torch.equal(p, q) and p.stride() == q.stride()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("x_layout", ["row-major", "column-major", "no gradient"])
+def test_cpp_quant_linear_equals_the_weight_node_and_linear(bias, per_channel, x_layout):
+    """The weight quantizer and F.linear as one C++ node (bitfold_q.quant_linear) equal the weight's node
+    followed by F.linear under autograd: output and the gradients of the input (row- or column-major, or
+    none), the weight and the bias."""
+    from bitfold.toolchain import qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(4)
+    x0 = torch.randn(24, 40) if x_layout != "column-major" else torch.randn(40, 24)
+    w0, b0, g = torch.randn(12, 40), torch.randn(12), torch.randn(24, 12)
+    shape, thr = ((12, 1) if per_channel else ()), torch.tensor(7.0)
+    res = []
+    for fused in (True, False):
+        leaf = x0.clone().requires_grad_(x_layout != "no gradient")
+        x = leaf.t() if x_layout == "column-major" else leaf[:]    # a view: its gradient as the node returns it
+        seen = []
+        if leaf.requires_grad:
+            x.register_hook(seen.append)
+        w, b = w0.clone().requires_grad_(), (b0.clone().requires_grad_() if bias else None)
+        if fused:
+            out = ops.quant_linear(x, w, b, per_channel, shape, 1e-8, thr, -8.0, 7.0, True)
+            assert "QuantLinear" in out.grad_fn.name()
+        else:
+            out = F.linear(x, ops.quant_absmax(w, per_channel, shape, 1e-8, thr, -8.0, 7.0, True), b)
+        out.backward(g)
+        res.append([out.detach(), seen[0] if seen else None, w.grad, b.grad if bias else None])
+    for p, q in zip(*res):
+        assert (p is None and q is None) or (torch.equal(p, q) and p.stride() == q.stride())
+    assert (res[0][1] is None) == (x_layout == "no gradient") and float(res[0][2].abs().sum()) > 0
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_cpp_nodes_split_over_threads_equal_the_python_functions(per_channel):
     """Tensors large enough that the C++ nodes split their passes over torch's threads (2 here) give
