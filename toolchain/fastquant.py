@@ -714,17 +714,22 @@ def fused_learned(x: torch.Tensor, p: LearnedPlan) -> torch.Tensor:
     return _QuantTensorRange.apply(x, s, lo, hi, p.relu, p.ste_clamp, not tq.int_quant.signed)
 
 
-def fused_tanh_learned(layer, p: LearnedPlan) -> torch.Tensor | None:
+def fused_tanh_learned(layer, p: LearnedPlan, x: torch.Tensor | None = None) -> torch.Tensor | None:
     """The quantized weight of a layer whose weight is tanh-normalised (``p.tanh``) and has a learned
     width: the normalisation and the quantizer as one C++ node (``bitfold_q.tanh_learned``: the
     ``tanh_normalize`` and ``quant_learned`` nodes' operations, one pass each way), or None where the
-    quantizer is not in the node's form (the caller then runs the two)."""
+    quantizer is not in the node's form (the caller then runs the two). With a 2-d input ``x`` (a Linear):
+    ``F.linear(x, that weight, bias)`` as one node (``bitfold_q.tanh_learned_linear``)."""
     w = layer.parametrizations.weight.original
     ops = _native(w, w)
     args = _learned_args(p) if ops is not None and p.chain is not None else None
     if args is None or args[1] is not None or args[5] is not None or not p.ste_clamp:
         return None
     n, _, signed, narrow, const, _, lo, hi, frozen = args
+    if x is not None:
+        if x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        return ops.tanh_learned_linear(x, w, layer.bias, n, p.tanh, signed, narrow, const, lo, hi, frozen)
     return ops.tanh_learned(w, n, p.tanh, signed, narrow, const, lo, hi, frozen)
 
 
@@ -775,6 +780,10 @@ def _fast_layer_forward(self, x):
     if isinstance(plan, DirectPlan):
         w = direct_weight(self, plan)
     elif isinstance(plan, LearnedPlan):
+        if plan.tanh is not None and x.dim() == 2 and isinstance(self, _LINEAR):
+            y = fused_tanh_learned(self, plan, x)
+            if y is not None:
+                return y
         w = fused_tanh_learned(self, plan) if plan.tanh is not None else None
         if w is None:
             w = fused_learned(self.weight, plan)

@@ -17,7 +17,7 @@
 //
 // Built on first use by bitfold.toolchain.qkernels against the installed torch; loaded with
 // torch.ops.load_library; operators torch.ops.bitfold_q.quant_value / quant_absmax / quant_linear / quant_range / asq_step /
-// row_stats / asq_adapter / asq_site / learned_scale / quant_learned / tanh_learned / tanh_normalize / post_snap / product_cost / width_step,
+// row_stats / asq_adapter / asq_site / learned_scale / quant_learned / tanh_learned / tanh_learned_linear / tanh_normalize / post_snap / product_cost / width_step,
 // and ordered_sum / ordered_sum_width (torch's summation order as the passes reproduce it; for the tests).
 #include <math.h>
 #include <stdint.h>
@@ -74,6 +74,19 @@ Layout layout(const Tensor& x, const Tensor& s) {
     if (x.size(0) > 0 && s.dim() == x.dim() && s.size(0) == x.size(0) && s.numel() == x.size(0) && s.is_contiguous())
         return {true, x.size(0), n / x.size(0), 1};
     return no;
+}
+
+// autograd's gradient of mat1 and mat2 in mm/addmm (mm_mat1_backward / mm_mat2_backward, alpha 1): the same
+// products, chosen by the operand's strides as autograd chooses them (a column-major operand gets its
+// gradient computed transposed).
+Tensor mat1_grad(const Tensor& grad, const Tensor& mat2, const Tensor& mat1) {
+    if (mat1.stride(0) == 1 && mat1.stride(1) == mat1.size(0)) return mat2.mm(grad.t()).t();
+    return grad.mm(mat2.t());
+}
+
+Tensor mat2_grad(const Tensor& grad, const Tensor& mat1, const Tensor& mat2) {
+    if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
+    return mat1.t().mm(grad);
 }
 
 // qkernels.grad_fits
@@ -1016,73 +1029,131 @@ Tensor tanh_normalize(const Tensor& w, double min_val) { return TanhNorm::apply(
 // TanhNorm's), so outputs and gradients are theirs bit for bit. t = tanh(w) and the maximum's index come in
 // computed (tanh_learned checks the maximum is unique); a gradient in another layout recomputes the two nodes
 // under autograd.
+// TanhLearned's halves (also the weight's part of TanhLearnedLinear): the forward's settings (c), values (f) and
+// quantized weight; the backward's gradients of w and n (undefined unless wanted).
+struct TanhSaved {
+    std::vector<double> f, c;
+};
+
+Tensor tanh_learned_forward(const Tensor& t, double mx, int64_t first, double min_val, bool is_signed, bool narrow,
+                            double const_scale, double lo_b, double hi_b, double frozen, const Tensor& n, TanhSaved& keep) {
+    const float mf = (float)min_val, mxf = (float)mx;
+    const float d = mxf < mf ? mf : mxf;   // clamp_min: max(m, min) in float
+    const LearnedValues lv = learned_values(fval(n), 0.0f, false, is_signed, narrow, const_scale, std::nullopt,
+                                            lo_b, hi_b, frozen);
+    keep.f = lv.f;
+    keep.c = std::vector<double>{d, mxf, min_val, double(first), lv.s, lv.lo, lv.hi, double(is_signed),
+                                 double(narrow), const_scale, lo_b, hi_b, frozen};
+    Tensor out = at::empty_like(t);
+    bfq_tanhq_forward(t.data_ptr<float>(), t.numel(), d, lv.s, lv.lo, lv.hi, out.data_ptr<float>());
+    return out;
+}
+
+variable_list tanh_learned_backward(const Tensor& g, const Tensor& w, const Tensor& n, const Tensor& t,
+                                    const std::vector<double>& f, const std::vector<double>& c, bool need_w, bool need_n) {
+    variable_list out(2);
+    if (!grad_fits(g, t)) {   // the two nodes under autograd, recomputed from w
+        Tensor wv = w.detach().requires_grad_(true), nv = n.detach().requires_grad_(need_n), o;
+        {
+            at::AutoGradMode on(true);
+            const Tensor x = TanhNorm::apply(wv, c[2]);
+            o = QuantLearned::apply(x, nv, nv, false, c[7] != 0.0, c[8] != 0.0, c[9], std::nullopt, c[10], c[11],
+                                    c[12], false, true);
+        }
+        std::vector<Tensor> inputs{wv};
+        if (need_n) inputs.push_back(nv);
+        const auto r = torch::autograd::grad({o}, inputs, {g}, std::nullopt, false, true);
+        if (need_w) out[0] = r[0];
+        if (need_n) out[1] = r[1];
+        return out;
+    }
+    const float d = c[0], mx = c[1], mf = c[2], sv = c[4], lo = c[5], hi = c[6];
+    const int64_t first = (int64_t)c[3], numel = t.numel();
+    const int form = tanh_backward_form();   // >= 0: tanh_learned checked it
+    const float *tp = t.data_ptr<float>(), *gp = g.data_ptr<float>();
+    Tensor gw = at::empty_like(t);
+    float r[3];   // the sums of p1, p2 (the scale's products) and p3 (the normalisation's)
+    if (sums_fit(numel)) {   // summed inside the pass
+        bfq_tanhq_backward_sums(tp, gp, numel, d, sv, lo, hi, need_n, form, sum_width(), gw.data_ptr<float>(), r);
+    } else {   // written out and summed by torch
+        Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
+        Tensor p3 = at::empty_like(t);
+        bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
+                           gw.data_ptr<float>());
+        r[0] = need_n ? fval(p1.sum()) : 0.0f;
+        r[1] = need_n ? fval(p2.sum()) : 0.0f;
+        r[2] = need_w ? fval(at::sum_to(p3, c10::IntArrayRef{})) : 0.0f;
+    }
+    if (need_w) {   // the maximum's share (TanhNorm's backward), at its one element
+        const float share = max_share_of(r[2], mx, mf);
+        const float gc = gp[first] * sv, gx = gc / sv;
+        gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
+        out[0] = gw;
+    }
+    if (need_n) {   // the scale's gradient (sum of p1 - sum of p2, in float), then the width's
+        const LearnedGrads lg = learned_grads(f, true, false, r[0] - r[1], 0.0f, 0.0f);
+        if (lg.n) out[1] = scalar_of(*lg.n, n);
+    }
+    return out;
+}
+
 struct TanhLearned : public torch::autograd::Function<TanhLearned> {
     static Tensor forward(AutogradContext* ctx, const Tensor& w, const Tensor& n, const Tensor& t, double mx,
                           int64_t first, double min_val, bool is_signed, bool narrow, double const_scale, double lo_b,
                           double hi_b, double frozen) {
-        const float mf = (float)min_val, mxf = (float)mx;
-        const float d = mxf < mf ? mf : mxf;   // clamp_min: max(m, min) in float
-        const LearnedValues lv = learned_values(fval(n), 0.0f, false, is_signed, narrow, const_scale, std::nullopt,
-                                                lo_b, hi_b, frozen);
-        ctx->saved_data["f"] = lv.f;
-        ctx->saved_data["c"] = std::vector<double>{d, mxf, min_val, double(first), lv.s, lv.lo, lv.hi, double(is_signed),
-                                                   double(narrow), const_scale, lo_b, hi_b, frozen};
+        TanhSaved keep;
+        const Tensor out =
+            tanh_learned_forward(t, mx, first, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen, n, keep);
+        ctx->saved_data["f"] = keep.f;
+        ctx->saved_data["c"] = keep.c;
         ctx->save_for_backward({w, n, t});
-        Tensor out = at::empty_like(t);
-        bfq_tanhq_forward(t.data_ptr<float>(), t.numel(), d, lv.s, lv.lo, lv.hi, out.data_ptr<float>());
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        variable_list out = tanh_learned_backward(grads[0], saved[0], saved[1], saved[2],
+                                                  ctx->saved_data["f"].toDoubleVector(),
+                                                  ctx->saved_data["c"].toDoubleVector(), ctx->needs_input_grad(0),
+                                                  ctx->needs_input_grad(1));
+        out.resize(12);
+        return out;
+    }
+};
+
+// TanhLearned and F.linear of a 2-d input as one node (AdaQAT's weights; QuantLinear's form): wq = TanhLearned's
+// forward, then at::linear(x, wq, bias); the backward the product's formulas (mat1_grad, mat2_grad and the
+// transpose's, the bias summed to its shape) and then TanhLearned's backward of the weight's gradient.
+struct TanhLearnedLinear : public torch::autograd::Function<TanhLearnedLinear> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                          const Tensor& n, const Tensor& t, double mx, int64_t first, double min_val, bool is_signed,
+                          bool narrow, double const_scale, double lo_b, double hi_b, double frozen) {
+        TanhSaved keep;
+        const Tensor wq =
+            tanh_learned_forward(t, mx, first, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen, n, keep);
+        const Tensor b = bias.has_value() ? *bias : Tensor();
+        const Tensor out = at::linear(x, wq, b);
+        ctx->saved_data["f"] = keep.f;
+        ctx->saved_data["c"] = keep.c;
+        ctx->save_for_backward({x, wq, b, w, n, t});
         return out;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const Tensor& g = grads[0];
-        const auto f = ctx->saved_data["f"].toDoubleVector();
-        const auto c = ctx->saved_data["c"].toDoubleVector();
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &w = saved[0], &n = saved[1], &t = saved[2];
-        const bool need_w = ctx->needs_input_grad(0), need_n = ctx->needs_input_grad(1);
-        variable_list out(12);
-        if (!grad_fits(g, t)) {   // the two nodes under autograd, recomputed from w
-            Tensor wv = w.detach().requires_grad_(true), nv = n.detach().requires_grad_(need_n), o;
-            {
-                at::AutoGradMode on(true);
-                const Tensor x = TanhNorm::apply(wv, c[2]);
-                o = QuantLearned::apply(x, nv, nv, false, c[7] != 0.0, c[8] != 0.0, c[9], std::nullopt, c[10], c[11],
-                                        c[12], false, true);
-            }
-            std::vector<Tensor> inputs{wv};
-            if (need_n) inputs.push_back(nv);
-            const auto r = torch::autograd::grad({o}, inputs, {g}, std::nullopt, false, true);
-            if (need_w) out[0] = r[0];
-            if (need_n) out[1] = r[1];
-            return out;
+        const auto v = ctx->get_saved_variables();
+        const Tensor &x = v[0], &wq = v[1], &b = v[2];
+        variable_list out(14);   // (needs_input_grad counts the tensors given: a bias only when there is one)
+        if (ctx->needs_input_grad(0)) out[0] = mat1_grad(g, wq.t(), x);
+        const bool need_w = ctx->needs_input_grad(1), need_n = ctx->needs_input_grad(b.defined() ? 3 : 2);
+        if (need_w || need_n) {
+            const variable_list r = tanh_learned_backward(mat2_grad(g, x, wq.t()).t(), v[3], v[4], v[5],
+                                                          ctx->saved_data["f"].toDoubleVector(),
+                                                          ctx->saved_data["c"].toDoubleVector(), need_w, need_n);
+            out[1] = r[0];
+            out[3] = r[1];
         }
-        const float d = c[0], mx = c[1], mf = c[2], sv = c[4], lo = c[5], hi = c[6];
-        const int64_t first = (int64_t)c[3], numel = t.numel();
-        const int form = tanh_backward_form();   // >= 0: tanh_learned checked it
-        const float *tp = t.data_ptr<float>(), *gp = g.data_ptr<float>();
-        Tensor gw = at::empty_like(t);
-        float r[3];   // the sums of p1, p2 (the scale's products) and p3 (the normalisation's)
-        if (sums_fit(numel)) {   // summed inside the pass
-            bfq_tanhq_backward_sums(tp, gp, numel, d, sv, lo, hi, need_n, form, sum_width(), gw.data_ptr<float>(), r);
-        } else {   // written out and summed by torch
-            Tensor p1 = need_n ? at::empty_like(t) : Tensor(), p2 = need_n ? at::empty_like(t) : Tensor();
-            Tensor p3 = at::empty_like(t);
-            bfq_tanhq_backward(tp, gp, numel, d, sv, lo, hi, need_n, form, fptr(p1), fptr(p2), p3.data_ptr<float>(),
-                               gw.data_ptr<float>());
-            r[0] = need_n ? fval(p1.sum()) : 0.0f;
-            r[1] = need_n ? fval(p2.sum()) : 0.0f;
-            r[2] = need_w ? fval(at::sum_to(p3, c10::IntArrayRef{})) : 0.0f;
-        }
-        if (need_w) {   // the maximum's share (TanhNorm's backward), at its one element
-            const float share = max_share_of(r[2], mx, mf);
-            const float gc = gp[first] * sv, gx = gc / sv;
-            gw.data_ptr<float>()[first] = (gx / d + share * sgn_of(tp[first])) * tanh_slope(tp[first], form);
-            out[0] = gw;
-        }
-        if (need_n) {   // the scale's gradient (sum of p1 - sum of p2, in float), then the width's
-            const LearnedGrads lg = learned_grads(f, true, false, r[0] - r[1], 0.0f, 0.0f);
-            if (lg.n) out[1] = scalar_of(*lg.n, n);
-        }
+        if (b.defined() && ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
         return out;
     }
 };
@@ -1106,6 +1177,28 @@ Tensor tanh_learned(const Tensor& w, const Tensor& n, double min_val, bool is_si
     }
     return quant_learned(TanhNorm::apply(w, min_val), n, std::nullopt, is_signed, narrow, const_scale, std::nullopt,
                          lo_b, hi_b, frozen, false, true);
+}
+
+// TanhLearnedLinear where TanhLearned's pass applies and x is 2-d, else F.linear of tanh_learned's weight.
+Tensor tanh_learned_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& n,
+                           double min_val, bool is_signed, bool narrow, double const_scale, double lo_b, double hi_b,
+                           double frozen) {
+    check_width("tanh_learned_linear", n, std::nullopt);
+    if (x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) &&
+        w.numel() > 0 && tanh_backward_form() >= 0) {
+        Tensor t;
+        {
+            at::NoGradGuard no_grad;
+            t = at::tanh(w);
+        }
+        float mx = 0.0f;
+        int64_t ties = 0, first = -1;
+        if (standard(t) && bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1)
+            return TanhLearnedLinear::apply(x, w, bias, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b,
+                                            hi_b, frozen);
+    }
+    return at::linear(x, tanh_learned(w, n, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen),
+                      bias.has_value() ? *bias : Tensor());
 }
 
 // asq.POSTWeight's snap: levels = alpha * unit_levels, then levels[i] + (w - w.detach()), i the nearest level of
@@ -1166,18 +1259,6 @@ Tensor post_snap(const Tensor& w, const Tensor& alpha, const Tensor& unit_levels
     return PostSnap::apply(w, alpha, unit_levels);
 }
 
-// autograd's gradient of mat1 and mat2 in mm/addmm (mm_mat1_backward / mm_mat2_backward, alpha 1): the same
-// products, chosen by the operand's strides as autograd chooses them (a column-major operand gets its
-// gradient computed transposed).
-Tensor mat1_grad(const Tensor& grad, const Tensor& mat2, const Tensor& mat1) {
-    if (mat1.stride(0) == 1 && mat1.stride(1) == mat1.size(0)) return mat2.mm(grad.t()).t();
-    return grad.mm(mat2.t());
-}
-
-Tensor mat2_grad(const Tensor& grad, const Tensor& mat1, const Tensor& mat2) {
-    if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
-    return mat1.t().mm(grad);
-}
 
 // fastquant's fused max-abs weight quantizer and F.linear of a 2-d input as one node: wq = QuantAbsMax's forward,
 // then at::linear(x, wq, bias) (an addmm with the bias, else an mm); the backward autograd's formulas for that
@@ -1204,12 +1285,12 @@ struct QuantLinear : public torch::autograd::Function<QuantLinear> {
         const Tensor& g = grads[0];
         const auto v = ctx->get_saved_variables();
         const Tensor &x = v[0], &wq = v[1], &b = v[2];
-        variable_list out(10);
+        variable_list out(10);   // (needs_input_grad counts the tensors given: a bias only when there is one)
         if (ctx->needs_input_grad(0)) out[0] = mat1_grad(g, wq.t(), x);
         if (ctx->needs_input_grad(1))
             out[1] = absmax_backward(mat2_grad(g, x, wq.t()).t(), std::vector<Tensor>(v.begin() + 3, v.end()),
                                      ctx->saved_data["c"].toDoubleVector());
-        if (ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
+        if (b.defined() && ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
         return out;
     }
 };
@@ -1534,6 +1615,9 @@ TORCH_LIBRARY(bitfold_q, m) {
     m.def("tanh_learned(Tensor w, Tensor n, float min_val, bool is_signed, bool narrow, float const_scale, "
           "float lo_b, float hi_b, float frozen) -> Tensor",
           &tanh_learned);
+    m.def("tanh_learned_linear(Tensor x, Tensor w, Tensor? bias, Tensor n, float min_val, bool is_signed, bool narrow, "
+          "float const_scale, float lo_b, float hi_b, float frozen) -> Tensor",
+          &tanh_learned_linear);
     m.def("product_cost(Tensor coef, Tensor lo, Tensor hi, bool acts, Tensor[] ns) -> Tensor", &product_cost);
     m.def("width_step(Tensor(a!)[] live, Tensor[] grads, float lr, float max_step, Tensor(b!)[] widths, float lo, "
           "float hi) -> ()",

@@ -614,6 +614,43 @@ def test_cpp_tanh_learned_equals_the_two_nodes(case):
     assert res[0][2] is None or float(res[0][2].abs()) > 0
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", ["row-major", "column-major input", "no input gradient", "width fixed", "tied maximum"])
+def test_cpp_tanh_learned_linear_equals_the_node_and_linear(bias, case):
+    """AdaQAT's weight node and F.linear as one C++ node (bitfold_q.tanh_learned_linear) equal
+    tanh_learned followed by F.linear under autograd: output and the gradients of the input (as the node
+    returns it, through a hook), the weight, the width and the bias; a tied maximum runs the two."""
+    from bitfold.toolchain import qkernels
+    ops = qkernels.ops()
+    assert ops is not None, qkernels.status()
+    torch.manual_seed(8)
+    x0 = torch.randn(40, 24) if case == "column-major input" else torch.randn(24, 40)
+    w0, b0, g = torch.randn(12, 40) * 0.8, torch.randn(12), torch.randn(24, 12)
+    if case == "tied maximum":
+        w0[3, 5] = w0.abs().max() + 1.0
+        w0[7, 9] = -w0[3, 5]
+    res, names = [], []
+    for merged in (True, False):
+        leaf = x0.clone().requires_grad_(case != "no input gradient")
+        x = leaf.t() if case == "column-major input" else leaf[:]
+        seen = []
+        if leaf.requires_grad:
+            x.register_hook(seen.append)
+        w, b = w0.clone().requires_grad_(), (b0.clone().requires_grad_() if bias else None)
+        n = torch.tensor(4.3).requires_grad_(case != "width fixed")
+        if merged:
+            out = ops.tanh_learned_linear(x, w, b, n, 1e-8, True, True, 1.0, 2.0, 8.0, 0.0)
+        else:
+            out = F.linear(x, ops.tanh_learned(w, n, 1e-8, True, True, 1.0, 2.0, 8.0, 0.0), b)
+        names.append(out.grad_fn.name())
+        out.backward(g)
+        res.append([out.detach(), seen[0] if seen else None, w.grad, n.grad, b.grad if bias else None])
+    for p, q in zip(*res):
+        assert (p is None and q is None) or (torch.equal(p, q) and p.stride() == q.stride()), case
+    assert ("TanhLearnedLinear" in names[0]) == (case != "tied maximum")
+    assert (res[0][3] is None) == (case == "width fixed") and float(res[0][2].abs().sum()) > 0
+
+
 @pytest.mark.parametrize("layout", ["channels-last gradient", "channels-last input", "one step per tensor (1,)"])
 def test_cpp_asq_step_equals_the_python_node_in_other_layouts(layout):
     """ASQ's activation step in C++ (bitfold_q.asq_step) equals the Python node where the compiled
