@@ -89,6 +89,24 @@ Tensor mat2_grad(const Tensor& grad, const Tensor& mat1, const Tensor& mat2) {
     return mat1.t().mm(grad);
 }
 
+// The product half of a quantized weight's node with F.linear of a 2-d input (QuantLinear, TanhLearnedLinear):
+// the gradients of x, of the quantized weight wq (for the quantizer's backward) and of the bias, each where
+// wanted - at::linear's addmm / mm under autograd (mat1_grad; mat2_grad and the transpose's; the bias's summed
+// to its shape). The saved tensors' first three: x, wq, the bias (undefined without one); needs_input_grad
+// counts the tensors given, so the bias's index only when there is one.
+struct LinearGrads {
+    Tensor x, wq, b;
+};
+
+LinearGrads linear_grads(AutogradContext* ctx, const Tensor& g, const variable_list& v, bool need_wq) {
+    const Tensor &x = v[0], &wq = v[1], &b = v[2];
+    LinearGrads r;
+    if (ctx->needs_input_grad(0)) r.x = mat1_grad(g, wq.t(), x);
+    if (need_wq) r.wq = mat2_grad(g, x, wq.t()).t();
+    if (b.defined() && ctx->needs_input_grad(2)) r.b = at::sum_to(g, b.sizes());
+    return r;
+}
+
 // qkernels.grad_fits
 bool grad_fits(const Tensor& g, const Tensor& x) {
     return g.scalar_type() == at::kFloat && g.sizes() == x.sizes() && standard(g);
@@ -1140,41 +1158,45 @@ struct TanhLearnedLinear : public torch::autograd::Function<TanhLearnedLinear> {
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const Tensor& g = grads[0];
         const auto v = ctx->get_saved_variables();
-        const Tensor &x = v[0], &wq = v[1], &b = v[2];
-        variable_list out(14);   // (needs_input_grad counts the tensors given: a bias only when there is one)
-        if (ctx->needs_input_grad(0)) out[0] = mat1_grad(g, wq.t(), x);
-        const bool need_w = ctx->needs_input_grad(1), need_n = ctx->needs_input_grad(b.defined() ? 3 : 2);
+        const bool need_w = ctx->needs_input_grad(1), need_n = ctx->needs_input_grad(v[2].defined() ? 3 : 2);
+        const LinearGrads lg = linear_grads(ctx, grads[0], v, need_w || need_n);
+        variable_list out(14);
+        out[0] = lg.x;
+        out[2] = lg.b;
         if (need_w || need_n) {
-            const variable_list r = tanh_learned_backward(mat2_grad(g, x, wq.t()).t(), v[3], v[4], v[5],
-                                                          ctx->saved_data["f"].toDoubleVector(),
+            const variable_list r = tanh_learned_backward(lg.wq, v[3], v[4], v[5], ctx->saved_data["f"].toDoubleVector(),
                                                           ctx->saved_data["c"].toDoubleVector(), need_w, need_n);
             out[1] = r[0];
             out[3] = r[1];
         }
-        if (b.defined() && ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
         return out;
     }
 };
 
-// TanhLearned where its pass applies (a row-major float32 CPU weight, a unique maximum of |tanh(w)|, tanh's
-// backward in a known form), else tanh_normalize then quant_learned.
+// Whether TanhLearned's pass applies to w (a row-major float32 CPU weight, a unique maximum of |tanh(w)|, tanh's
+// backward in a known form): then t = tanh(w), its maximum and where it is.
+bool tanh_pass(const Tensor& w, Tensor& t, float& mx, int64_t& first) {
+    if (!(w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
+          tanh_backward_form() >= 0))
+        return false;
+    {
+        at::NoGradGuard no_grad;
+        t = at::tanh(w);
+    }
+    int64_t ties = 0;
+    return standard(t) && bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1;
+}
+
+// TanhLearned where its pass applies, else tanh_normalize then quant_learned.
 Tensor tanh_learned(const Tensor& w, const Tensor& n, double min_val, bool is_signed, bool narrow, double const_scale,
                     double lo_b, double hi_b, double frozen) {
     check_width("tanh_learned", n, std::nullopt);
-    if (w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) && w.numel() > 0 &&
-        tanh_backward_form() >= 0) {
-        Tensor t;
-        {
-            at::NoGradGuard no_grad;
-            t = at::tanh(w);
-        }
-        float mx = 0.0f;
-        int64_t ties = 0, first = -1;
-        if (standard(t) && bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1)
-            return TanhLearned::apply(w, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen);
-    }
+    Tensor t;
+    float mx = 0.0f;
+    int64_t first = -1;
+    if (tanh_pass(w, t, mx, first))
+        return TanhLearned::apply(w, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen);
     return quant_learned(TanhNorm::apply(w, min_val), n, std::nullopt, is_signed, narrow, const_scale, std::nullopt,
                          lo_b, hi_b, frozen, false, true);
 }
@@ -1184,19 +1206,12 @@ Tensor tanh_learned_linear(const Tensor& x, const Tensor& w, const std::optional
                            double min_val, bool is_signed, bool narrow, double const_scale, double lo_b, double hi_b,
                            double frozen) {
     check_width("tanh_learned_linear", n, std::nullopt);
-    if (x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu() && standard(w) &&
-        w.numel() > 0 && tanh_backward_form() >= 0) {
-        Tensor t;
-        {
-            at::NoGradGuard no_grad;
-            t = at::tanh(w);
-        }
-        float mx = 0.0f;
-        int64_t ties = 0, first = -1;
-        if (standard(t) && bfq_absmax(t.data_ptr<float>(), t.numel(), &mx, &ties, &first) == 0 && ties == 1)
-            return TanhLearnedLinear::apply(x, w, bias, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b,
-                                            hi_b, frozen);
-    }
+    Tensor t;
+    float mx = 0.0f;
+    int64_t first = -1;
+    if (x.dim() == 2 && w.dim() == 2 && tanh_pass(w, t, mx, first))
+        return TanhLearnedLinear::apply(x, w, bias, n, t, mx, first, min_val, is_signed, narrow, const_scale, lo_b,
+                                        hi_b, frozen);
     return at::linear(x, tanh_learned(w, n, min_val, is_signed, narrow, const_scale, lo_b, hi_b, frozen),
                       bias.has_value() ? *bias : Tensor());
 }
@@ -1274,7 +1289,6 @@ struct QuantLinear : public torch::autograd::Function<QuantLinear> {
         const Tensor b = bias.has_value() ? *bias : Tensor();
         const Tensor out = at::linear(x, wq, b);
         ctx->saved_data["c"] = keep.c;
-        ctx->saved_data["n"] = (int64_t)keep.t.size();
         std::vector<Tensor> saved{x, wq, b};
         saved.insert(saved.end(), keep.t.begin(), keep.t.end());
         ctx->save_for_backward(saved);
@@ -1282,15 +1296,13 @@ struct QuantLinear : public torch::autograd::Function<QuantLinear> {
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const Tensor& g = grads[0];
         const auto v = ctx->get_saved_variables();
-        const Tensor &x = v[0], &wq = v[1], &b = v[2];
-        variable_list out(10);   // (needs_input_grad counts the tensors given: a bias only when there is one)
-        if (ctx->needs_input_grad(0)) out[0] = mat1_grad(g, wq.t(), x);
-        if (ctx->needs_input_grad(1))
-            out[1] = absmax_backward(mat2_grad(g, x, wq.t()).t(), std::vector<Tensor>(v.begin() + 3, v.end()),
-                                     ctx->saved_data["c"].toDoubleVector());
-        if (b.defined() && ctx->needs_input_grad(2)) out[2] = at::sum_to(g, b.sizes());
+        const LinearGrads lg = linear_grads(ctx, grads[0], v, ctx->needs_input_grad(1));
+        variable_list out(10);
+        out[0] = lg.x;
+        out[2] = lg.b;
+        if (lg.wq.defined())
+            out[1] = absmax_backward(lg.wq, std::vector<Tensor>(v.begin() + 3, v.end()), ctx->saved_data["c"].toDoubleVector());
         return out;
     }
 };
