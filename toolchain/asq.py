@@ -157,7 +157,7 @@ class ASQAct(nn.Module):
         # (mean |x|, std) per sample: one C++ node (bitfold_q.row_stats: two passes, sums in double) where
         # it runs, else the tensor operations (equal within float rounding; the export traces these)
         stats = ops.row_stats(flat) if ops is not None else torch.stack([flat.abs().mean(1), row_std(flat)], 1)
-        if ops is not None and type(self.adapter) is nn.Sequential and not self.adapter._forward_hooks:
+        if ops is not None and self._plain_adapter():
             # the adapter's operations themselves (Linear, ReLU, Linear, 2 * sigmoid) as one C++ node
             # (bitfold_q.asq_adapter: the same ATen calls, and autograd's formulas for their gradients),
             # without three module calls and a dozen autograd nodes
@@ -167,11 +167,14 @@ class ASQAct(nn.Module):
             beta = 2 * torch.sigmoid(self.adapter(stats))
         return beta.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
+    def _plain_adapter(self) -> bool:
+        """The adapter as built (a plain Sequential without hooks): its operations may run in C++ nodes."""
+        return type(self.adapter) is nn.Sequential and not self.adapter._forward_hooks
+
     def _site_ops(self, x):
-        """The C++ operators where the whole training step runs as one node: the adapter on, as built (a
-        plain Sequential without hooks), x a CPU float tensor of samples."""
-        if not self.use_adapter or x.dim() < 2 or type(self.adapter) is not nn.Sequential or self.adapter._forward_hooks \
-                or torch.jit.is_tracing():
+        """The C++ operators where the whole training step runs as one node: the adapter on and plain, x a
+        CPU float tensor of samples."""
+        if not self.use_adapter or x.dim() < 2 or not self._plain_adapter() or torch.jit.is_tracing():
             return None
         return qkernels.ops_for(x)
 
@@ -195,13 +198,13 @@ class ASQAct(nn.Module):
             if ops is not None:   # statistics, adapter and step as one C++ node (bitfold_q.asq_site), bit for bit
                 a0, a2 = self.adapter[0], self.adapter[2]
                 return ops.asq_site(x, self.log_s, a0.weight, a0.bias, a2.weight, a2.bias, float(self.n), float(self.p))
-        s = self.log_s.exp()
-        if self.training and torch.is_grad_enabled():
+            s = self.log_s.exp()
             beta = self.beta(x)
             ops = qkernels.ops_for(x)   # the same node in C++ (bitfold_q.asq_step), else the Python one
             if ops is not None:
                 return ops.asq_step(x, s, beta, float(self.n), float(self.p))
             return _ASQQuantStep.apply(x, s, beta, float(self.n), float(self.p))
+        s = self.log_s.exp()
         x_int = torch.clamp(_RoundSTE.apply(x / (s * self.beta(x))), self.n, self.p)
         return x_int * s
 

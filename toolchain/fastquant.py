@@ -687,7 +687,7 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p:
     does not run (the caller then runs the two)."""
     lo, hi, thr = p.range()
     ops = _native(w, thr)
-    if ops is None or x.dtype != torch.float32 or not x.is_cpu:
+    if ops is None:
         return None
     return ops.quant_linear(x, w, bias, p.per_channel, p.stats_shape, p.min_val, thr, lo, hi, p.ste_clamp)
 
@@ -727,8 +727,6 @@ def fused_tanh_learned(layer, p: LearnedPlan, x: torch.Tensor | None = None) -> 
         return None
     n, _, signed, narrow, const, _, lo, hi, frozen = args
     if x is not None:
-        if x.dtype != torch.float32 or not x.is_cpu:
-            return None
         return ops.tanh_learned_linear(x, w, layer.bias, n, p.tanh, signed, narrow, const, lo, hi, frozen)
     return ops.tanh_learned(w, n, p.tanh, signed, narrow, const, lo, hi, frozen)
 
@@ -780,18 +778,17 @@ def _fast_layer_forward(self, x):
     if isinstance(plan, DirectPlan):
         w = direct_weight(self, plan)
     elif isinstance(plan, LearnedPlan):
-        if plan.tanh is not None and x.dim() == 2 and isinstance(self, _LINEAR):
-            y = fused_tanh_learned(self, plan, x)
-            if y is not None:
-                return y
-        w = fused_tanh_learned(self, plan) if plan.tanh is not None else None
+        x2 = x if plan.tanh is not None and _linear_input(self, x) else None
+        w = fused_tanh_learned(self, plan, x2) if plan.tanh is not None else None
+        if w is not None and x2 is not None:
+            return w   # the layer's output: the weight and the product in one node
         if w is None:
             w = fused_learned(self.weight, plan)
     else:
         sc = plan.scaling
         if plan.learned_scale and not sc.init_done:
             return super(type(self), self).forward(x)
-        if not plan.learned_scale and x.dim() == 2 and isinstance(self, _LINEAR):
+        if not plan.learned_scale and _linear_input(self, x):
             y = fused_linear(x, self.weight, self.bias, plan)
             if y is not None:
                 return y
@@ -800,6 +797,11 @@ def _fast_layer_forward(self, x):
         return F.linear(x, w, self.bias)
     conv = F.conv2d if isinstance(self, _CONV2D) else F.conv1d
     return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _linear_input(layer, x: torch.Tensor) -> bool:
+    """A Linear layer's 2-d CPU float32 input: its weight node and product may run as one node."""
+    return isinstance(layer, _LINEAR) and x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu
 
 
 def _fast_act_forward(self, x):

@@ -1385,10 +1385,7 @@ struct ASQSite : public torch::autograd::Function<ASQSite> {
                                                cfg[0], cfg[1], need[0], ctx->needs_input_grad(1), need_b);
         variable_list out(8);
         if (st[1].defined()) out[1] = at::mul(st[1], s);   // ExpBackward0: grad * result
-        if (!need_b) {
-            out[0] = st[0];
-            return out;
-        }
+        if (!need_b) return out;   // (then x needs no gradient either)
         const std::vector<Tensor> a(v.begin() + 2, v.begin() + 9);   // stats, w1, b1, w2, b2, h, y
         const variable_list ga = adapter_backward(st[2].reshape({flat.size(0), 1}), a, need);
         for (int i = 1; i < 5; i++) out[i + 1] = ga[i];
